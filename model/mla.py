@@ -1,0 +1,102 @@
+"""Multi-head Latent Attention over a latent KV cache (the absorbed decode path).
+
+Per token the cache holds only the normalised KV latent `c` (`kv_lora_rank`) and the rotated
+shared RoPE key `k_pe` (`qk_rope_head_dim`). `kv_b_proj` is absorbed into the query (for keys)
+and applied after attention (for values), so no per-head K/V is ever materialised:
+
+    score[h, s] = (q_nope[h] · W_uk[h]) · c[s] + q_pe[h] · k_pe[s]
+    out[h]      = W_uv[h] · Σ_s softmax(score)[h, s] c[s]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from model.args import ModelArgs
+from model.parallel import ColumnParallelLinear, Linear, ParallelContext, RMSNorm, RowParallelLinear
+from model.rope import apply_rope
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with heads split over ranks (names follow the HF checkpoint)."""
+
+    def __init__(self, args: ModelArgs, ctx: ParallelContext, dtype: torch.dtype, fp8_block: int | None) -> None:
+        super().__init__()
+        self.n_local_heads = args.n_heads // ctx.world_size
+        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        self.softmax_scale = args.softmax_scale
+        q_out = args.n_heads * args.qk_head_dim
+        if args.q_lora_rank == 0:
+            self.q_proj = ColumnParallelLinear(args.dim, q_out, ctx, dtype, fp8_block, "num_attention_heads*qk_head_dim")
+        else:
+            self.q_a_proj = Linear(args.dim, args.q_lora_rank, dtype, fp8_block)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dtype)
+            self.q_b_proj = ColumnParallelLinear(args.q_lora_rank, q_out, ctx, dtype, fp8_block, "num_attention_heads*qk_head_dim")
+        self.kv_a_proj_with_mqa = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, dtype, fp8_block)
+        self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dtype)
+        self.kv_b_proj = ColumnParallelLinear(
+            args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), ctx, dtype, fp8_block,
+            "num_attention_heads*(qk_nope_head_dim+v_head_dim)",
+        )
+        self.o_proj = RowParallelLinear(args.n_heads * args.v_head_dim, args.dim, ctx, dtype, fp8_block,
+                                        "num_attention_heads*v_head_dim")
+
+    def _kv_b(self) -> torch.Tensor:
+        """kv_b_proj weight as `[local_heads, nope_dim + v_dim, kv_lora_rank]` in the compute dtype."""
+        w = self.kv_b_proj.weight
+        if self.kv_b_proj.weight_scale_inv is not None:
+            w = kernels.weight_dequant(w, self.kv_b_proj.weight_scale_inv, out_dtype=self.compute_dtype())
+        return w.view(self.n_local_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+
+    def compute_dtype(self) -> torch.dtype:
+        """Compute dtype of this layer (the dtype of its norm weights)."""
+        return self.kv_a_layernorm.weight.dtype
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        pe_cache: torch.Tensor,
+        write_slots: torch.Tensor,
+        attn_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attend new tokens to the cache, writing their latents first.
+
+        Args:
+            x: `[B, T, dim]` normed hidden states of the new tokens.
+            cos, sin: `[B, T, rope_dim/2]` rotary tables at each token's position.
+            kv_cache: `[B, S, kv_lora_rank]` latent cache rows of these B sequences (written in place).
+            pe_cache: `[B, S, rope_dim]` rotated RoPE-key cache (written in place).
+            write_slots: `[B, T]` int64 cache slot for each new token's latent.
+            attn_mask: `[B, T, S_kv]` bool, True where token t may attend to slot s (S_kv ≤ S).
+        Returns:
+            `[B, T, dim]` attention output (summed over ranks).
+        """
+        bsz, seqlen, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(bsz, seqlen, self.n_local_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+
+        rows = torch.arange(bsz, device=x.device).unsqueeze(1)
+        kv_cache[rows, write_slots] = self.kv_a_layernorm(latent).to(kv_cache.dtype)
+        pe_cache[rows, write_slots] = k_pe.to(pe_cache.dtype)
+
+        kv_len = attn_mask.shape[-1]
+        w_kv_b = self._kv_b()
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_kv_b[:, : self.nope_dim])
+        out_latent = kernels.mla_attention(
+            q_latent, q_pe, kv_cache[:, :kv_len], pe_cache[:, :kv_len], attn_mask, self.softmax_scale
+        )
+        out = torch.einsum("bthc,hdc->bthd", out_latent, w_kv_b[:, self.nope_dim :])
+        return self.o_proj(out.flatten(2))

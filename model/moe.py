@@ -1,0 +1,117 @@
+"""Feed-forward layers: the dense SwiGLU MLP and DeepSeekMoE (router, routed and shared experts).
+
+Routed experts are split whole over ranks (expert parallelism): each rank holds
+`n_routed_experts / world_size` of them, computes their contribution for every token routed to
+them, and the partial sums are added over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import ModelArgs
+from model.parallel import ColumnParallelLinear, Linear, ParallelContext, RowParallelLinear
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP, tensor-parallel over the intermediate dim: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, inter_dim: int, ctx: ParallelContext, dtype: torch.dtype, fp8_block: int | None) -> None:
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(dim, inter_dim, ctx, dtype, fp8_block, "intermediate_size")
+        self.up_proj = ColumnParallelLinear(dim, inter_dim, ctx, dtype, fp8_block, "intermediate_size")
+        self.down_proj = RowParallelLinear(inter_dim, dim, ctx, dtype, fp8_block, "intermediate_size")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One routed expert: an unsharded SwiGLU MLP living entirely on one rank."""
+
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, fp8_block: int | None) -> None:
+        super().__init__()
+        self.gate_proj = Linear(dim, inter_dim, dtype, fp8_block)
+        self.up_proj = Linear(dim, inter_dim, dtype, fp8_block)
+        self.down_proj = Linear(inter_dim, dim, dtype, fp8_block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: scores experts, restricts to the best groups, picks top-k, returns their weights.
+
+    `e_score_correction_bias` (V3) shifts the scores used for *selection* only; the weights come
+    from the unbiased scores (normalised over the chosen k when `norm_topk_prob`), times
+    `routed_scaling_factor`.
+    """
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.score_func, self.route_scale, self.norm_topk_prob = args.score_func, args.route_scale, args.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype), requires_grad=False)
+        if args.has_score_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts), requires_grad=False)
+        else:
+            self.register_parameter("e_score_correction_bias", None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[N, dim]` → (weights `[N, topk]` float32, expert indices `[N, topk]` int64)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_groups > 1:
+            grouped = choice.view(x.shape[0], self.n_groups, -1)
+            if self.e_score_correction_bias is None:
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.topk, dim=-1)[1]
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts for every token plus top-k routed experts (whole experts per rank)."""
+
+    def __init__(self, args: ModelArgs, ctx: ParallelContext, dtype: torch.dtype, fp8_block: int | None) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.n_routed_experts = args.n_routed_experts
+        start, n_local = ctx.split(args.n_routed_experts, "n_routed_experts")
+        self.local_experts = range(start, start + n_local)
+        self.gate = Gate(args, dtype)
+        self.experts = nn.ModuleDict(
+            {str(i): Expert(args.dim, args.moe_inter_dim, dtype, fp8_block) for i in self.local_experts}
+        )
+        self.shared_experts = (
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, ctx, dtype, fp8_block)
+            if args.n_shared_experts > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[..., dim]` → `[..., dim]`."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(flat)
+        routed = torch.zeros_like(flat)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts).tolist()
+        for i in self.local_experts:
+            if counts[i] == 0:
+                continue
+            token, slot = torch.where(indices == i)
+            out = self.experts[str(i)](flat[token]) * weights[token, slot, None].to(flat.dtype)
+            routed.index_add_(0, token, out)
+        self.ctx.all_reduce(routed)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(flat)
+        return routed.view(shape)

@@ -1,0 +1,43 @@
+"""The shared MLA latent cache: one preallocated pool for the verifier's layers and the MTP layer.
+
+Per layer and token it stores the normalised KV latent (`kv_lora_rank`) and the rotated RoPE key
+(`qk_rope_head_dim`); per row, how many tokens are committed. Rolling back is only a length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.args import ModelArgs
+
+
+class LatentCache:
+    """Preallocated latent + RoPE-key cache for `n_layers` layers × `batch` rows × `seq_len` slots.
+
+    Attributes:
+        kv: `[n_layers, batch, seq_len, kv_lora_rank]` latents.
+        pe: `[n_layers, batch, seq_len, qk_rope_head_dim]` rotated RoPE keys.
+        lengths: `[batch]` int64 committed tokens per row.
+    """
+
+    def __init__(self, args: ModelArgs, n_layers: int, batch: int, seq_len: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.batch, self.seq_len = batch, seq_len
+        self.kv = torch.zeros(n_layers, batch, seq_len, args.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(n_layers, batch, seq_len, args.qk_rope_head_dim, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @staticmethod
+    def bytes_per_token(args: ModelArgs, n_layers: int, dtype: torch.dtype) -> int:
+        """Cache bytes one token costs over `n_layers` layers."""
+        return (args.kv_lora_rank + args.qk_rope_head_dim) * n_layers * torch.empty((), dtype=dtype).element_size()
+
+    def fits(self, batch: int, seq_len: int) -> bool:
+        return batch <= self.batch and seq_len <= self.seq_len
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` (its committed slots) into row `dst`, e.g. to keep active rows in a prefix."""
+        n = int(self.lengths[src])
+        self.kv[:, dst, :n] = self.kv[:, src, :n]
+        self.pe[:, dst, :n] = self.pe[:, src, :n]
+        self.lengths[dst] = n

@@ -1,0 +1,269 @@
+"""`Engine`: load a checkpoint once, then generate for batches of prompts.
+
+Plain decoding reads top-down in `_generate_plain`: prefill the ragged batch → loop
+(sample → append → retire finished rows → one verifier step). Speculative decoding (MTP drafting)
+is not built yet; asking for it raises a clear error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from model.errors import ConfigError, SpecdecError
+from model.load import load_verifier
+from model.parallel import ParallelContext
+from model.transformer import Transformer
+from specdec.cache import LatentCache
+from specdec.defaults import default_model_path
+from specdec.distributed import default_device, init_parallel
+from specdec.sampling import sample
+from specdec.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Shape of the MTP draft: `depth` tokens per step, `topk` branches per node, `nodes` tree nodes."""
+
+    depth: int = 3
+    topk: int = 1
+    nodes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ConfigError(f"draft depth must be >= 1, got {self.depth}")
+        if self.topk < 1:
+            raise ConfigError(f"tree topk must be >= 1, got {self.topk}")
+        if self.nodes is not None and self.nodes < self.depth:
+            raise ConfigError(f"tree nodes ({self.nodes}) must be >= draft depth ({self.depth})")
+
+
+@dataclass
+class GenerationStats:
+    """Metrics of one `generate` call (names as in vLLM/SGLang so numbers compare).
+
+    tokens: new tokens emitted over all rows. verify_steps: verifier forwards after prefill.
+    tau: tokens emitted per verifier forward (1 for plain decoding, bonus included for spec).
+    acceptance_per_position: share of steps whose first i+1 drafted tokens were accepted ([] when plain).
+    tokens_per_s: tokens / wall_s. wall_s: seconds for the whole call (prefill included).
+    prefill_s: seconds of the prefill forward; decode_s: seconds after it.
+    """
+
+    tokens: int = 0
+    verify_steps: int = 0
+    tau: float = 0.0
+    acceptance_per_position: list[float] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    batch_size: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationOutput:
+    """token_ids[i]: new tokens of prompt i (EOS included when it ended the row); texts[i]: their text."""
+
+    token_ids: list[list[int]]
+    texts: list[str]
+    stats: GenerationStats
+
+
+class Engine:
+    """A loaded verifier (+ tokenizer) on this rank, ready to generate.
+
+    Build with `Engine.from_pretrained`; `generate` and `logits` are the API of DESIGN.md §5.
+    """
+
+    def __init__(self, model: Transformer, tokenizer, ctx: ParallelContext, device: torch.device,
+                 checkpoint: Path, notice: str | None = None) -> None:
+        self.model, self.tokenizer, self.ctx, self.device = model, tokenizer, ctx, device
+        self.args = model.args
+        self.checkpoint = checkpoint
+        self.notice = notice  # said once to the user (e.g. "random weights")
+        self.max_seq_len = model.max_seq_len
+        eos = set(self.args.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_ids = frozenset(eos)
+        self._cache: LatentCache | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_seq_len: int = 4096,
+        keep_fp8: bool | None = None,
+        show_progress: bool = False,
+    ) -> "Engine":
+        """Load the checkpoint at `path` (None: the embedded default model) for this rank.
+
+        Under torchrun the process group is joined here (gloo on CPU, nccl on CUDA) and each rank
+        reads only its slices. `dtype` defaults to float32 on CPU and bfloat16 on CUDA.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        ctx = init_parallel(device)
+        notice = None
+        if path is None:
+            path, notice = default_model_path(ctx)
+        path = Path(path)
+        if max_seq_len < 2:
+            raise ConfigError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        model, _reader = load_verifier(path, ctx, device, dtype, max_seq_len, keep_fp8, show_progress)
+        tokenizer = load_tokenizer(path)
+        return cls(model, tokenizer, ctx, device, path, notice)
+
+    # ------------------------------------------------------------------ inputs
+
+    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        """Token ids of each prompt (strings tokenized as given, no chat template, no BOS added)."""
+        if isinstance(prompts, (str, bytes)) or not len(prompts):
+            raise ConfigError("prompts must be a non-empty list of strings or of token-id lists")
+        out = []
+        for i, p in enumerate(prompts):
+            ids = self.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else [int(t) for t in p]
+            if not ids:
+                raise ConfigError(f"prompt {i} is empty")
+            if min(ids) < 0 or max(ids) >= self.args.vocab_size:
+                raise ConfigError(f"prompt {i} has token ids outside [0, {self.args.vocab_size})")
+            out.append(ids)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _cache_for(self, batch: int, seq_len: int) -> LatentCache:
+        """The shared latent cache, grown (reallocated) only when a call needs more rows or slots."""
+        if self._cache is None or not self._cache.fits(batch, seq_len):
+            old = self._cache
+            rows = max(batch, old.batch if old else 0)
+            slots = max(seq_len, old.seq_len if old else 0)
+            self._cache = None
+            self._cache = LatentCache(self.args, self.args.n_layers + self.args.n_mtp_layers, rows, slots,
+                                      self.model.dtype, self.device)
+        return self._cache
+
+    # ------------------------------------------------------------------ API
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Verifier logits `[B, T, vocab]` float32 for every position (ragged rows right-padded with zeros)."""
+        ids = self.encode(token_ids)
+        longest = max(map(len, ids))
+        self._check_length(longest, 0)
+        cache = self._cache_for(len(ids), longest)
+        tokens, lengths = self._pad(ids)
+        out = self._prefill(cache, tokens, lengths, all_logits=True)
+        valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
+        return out.masked_fill(~valid.unsqueeze(-1), 0.0)
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        spec: SpecConfig | None = None,
+    ) -> GenerationOutput:
+        """Generate up to `max_new_tokens` per prompt; greedy at temperature 0, else sampled (seeded)."""
+        if spec is not None:
+            raise ConfigError("MTP speculative decoding is not available in this version of specdec; use spec=None")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+        ids = self.encode(prompts)
+        for i, p in enumerate(ids):
+            self._check_length(len(p), max_new_tokens, i)
+        return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed)
+
+    # ------------------------------------------------------------------ plain decoding
+
+    @torch.inference_mode()
+    def _generate_plain(self, ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                        seed: int) -> GenerationOutput:
+        start = time.perf_counter()
+        generator = torch.Generator(self.device).manual_seed(seed)
+        batch = len(ids)
+        cache = self._cache_for(batch, max(map(len, ids)) + max_new_tokens)
+        tokens, lengths = self._pad(ids)
+        logits = self._prefill(cache, tokens, lengths)
+        prefill_s = time.perf_counter() - start
+
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        row_of = list(range(batch))  # cache row r holds prompt row_of[r]; active rows are a prefix
+        steps = 0
+        while True:
+            next_tokens = sample(logits, temperature, top_p, generator).tolist()
+            finished = []
+            for r, tok in enumerate(next_tokens):
+                out = outputs[row_of[r]]
+                out.append(tok)
+                if tok in self.eos_ids or len(out) >= max_new_tokens:
+                    finished.append(r)
+            live = [r for r in range(len(row_of)) if r not in finished]
+            if not live:
+                break
+            for dst, src in enumerate(live):  # keep active rows in a prefix of the cache
+                if dst != src:
+                    cache.move_row(src, dst)
+            row_of = [row_of[r] for r in live]
+            next_col = torch.tensor([next_tokens[r] for r in live], device=self.device)
+            logits = self._decode_step(cache, next_col, len(live))
+            steps += 1
+
+        wall = time.perf_counter() - start
+        n_tokens = sum(map(len, outputs))
+        stats = GenerationStats(tokens=n_tokens, verify_steps=steps, tau=1.0, tokens_per_s=n_tokens / wall,
+                                wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch)
+        return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
+
+    def _prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,
+                 all_logits: bool = False) -> torch.Tensor:
+        """Run right-padded prompts `[B, T]` through the verifier from slot 0.
+
+        Returns the last prompt token's logits `[B, V]` (or all `[B, T, V]` when `all_logits`).
+        """
+        batch, width = tokens.shape
+        pos = torch.arange(width, device=self.device).expand(batch, width)
+        causal = pos.unsqueeze(-1) >= pos.unsqueeze(1)  # [B, T, T]: token t sees slots ≤ t
+        logits_at = None if all_logits else (lengths - 1).unsqueeze(1)
+        out = self.model(tokens, pos, cache.kv, cache.pe, pos, causal, logits_at)
+        cache.lengths[:batch] = lengths
+        return out.logits if all_logits else out.logits[:, 0]
+
+    def _decode_step(self, cache: LatentCache, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+        """Append one token per active row (rows 0..batch-1) and return next-token logits `[batch, V]`."""
+        lengths = cache.lengths[:batch]
+        slots = lengths.unsqueeze(1)  # [B, 1]: the new token's slot (= its position)
+        kv_len = int(lengths.max()) + 1
+        mask = (torch.arange(kv_len, device=self.device)[None, :] <= lengths[:, None]).unsqueeze(1)
+        out = self.model(tokens.unsqueeze(1), slots, cache.kv[:, :batch], cache.pe[:, :batch], slots, mask)
+        cache.lengths[:batch] += 1
+        return out.logits[:, -1]
+
+    def _pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, ids))
+        tokens = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, p in enumerate(ids):
+            tokens[i, : len(p)] = torch.tensor(p)
+        return tokens.to(self.device), torch.tensor([len(p) for p in ids], device=self.device)
+
+    def _check_length(self, prompt_len: int, max_new_tokens: int, index: int = 0) -> None:
+        if prompt_len + max_new_tokens > self.max_seq_len:
+            raise ConfigError(
+                f"prompt {index} has {prompt_len} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                f"the maximum sequence length {self.max_seq_len}")

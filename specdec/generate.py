@@ -1,0 +1,195 @@
+"""`python -m specdec.generate` / `torchrun -m specdec.generate`: the command-line front end.
+
+Prompts come from `--prompt`, `--input-file` (one per line) or `--interactive`; results print on
+rank 0 and optionally go to `--json FILE` (written atomically). Bad input ends with one line on
+stderr and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from model.errors import ConfigError, SpecdecError
+from specdec.engine import Engine, GenerationOutput, SpecConfig
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags in one line and exits 2 (its default) without usage spam."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="specdec.generate", description="Generate with a DeepSeek-V3 checkpoint (specdec).")
+    p.add_argument("--ckpt-path", help="checkpoint directory (HF layout); default: the embedded model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    src.add_argument("--input-file", help="UTF-8 text file, one prompt per line")
+    src.add_argument("--interactive", action="store_true", help="chat on the terminal (/exit, /clear)")
+    p.add_argument("--spec", choices=["mtp", "none"], default="none",
+                   help="speculative decoding: mtp (not built yet) or none (plain decoding)")
+    p.add_argument("--draft-depth", type=int, default=3)
+    p.add_argument("--tree-topk", type=int, default=1)
+    p.add_argument("--tree-nodes", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt + generation")
+    p.add_argument("--compare", action="store_true", help="also decode plainly and report the speedup")
+    p.add_argument("--json", dest="json_path", help="write results and stats to this JSON file (atomically)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    return p
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Range checks argparse cannot express; raise ConfigError naming the flag."""
+    if a.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if a.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {a.temperature}")
+    if not 0.0 < a.top_p <= 1.0:
+        raise ConfigError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.draft_depth < 1:
+        raise ConfigError(f"--draft-depth must be >= 1, got {a.draft_depth}")
+    if a.tree_topk < 1:
+        raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
+    if a.tree_nodes is not None and a.tree_nodes < a.draft_depth:
+        raise ConfigError(f"--tree-nodes ({a.tree_nodes}) must be >= --draft-depth ({a.draft_depth})")
+    if a.spec == "mtp":
+        raise ConfigError("--spec mtp: MTP speculative decoding is not available in this version; use --spec none")
+    if a.compare:
+        raise ConfigError("--compare needs --spec mtp, which is not available in this version")
+
+
+def read_prompts(path: str) -> list[str]:
+    """Non-blank lines of a UTF-8 file."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--input-file {path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--input-file {path}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"--input-file {path}: cannot read ({e.strerror})") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--input-file {path}: no prompts (file is empty)")
+    return prompts
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Write JSON to a temp file beside `path`, then rename it into place."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ConfigError(f"--json {path}: directory {target.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, ensure_ascii=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def report(prompts: list[str], out: GenerationOutput) -> None:
+    for prompt, text in zip(prompts, out.texts):
+        print(f">>> {prompt}\n{text}\n")
+    s = out.stats
+    print(f"[{s.tokens} tokens in {s.wall_s:.2f} s: {s.tokens_per_s:.1f} tok/s; "
+          f"prefill {s.prefill_s * 1000:.0f} ms; {s.verify_steps} decode steps; batch {s.batch_size}]")
+
+
+def run_batch(engine: Engine, a: argparse.Namespace, prompts: list[str]) -> None:
+    out = engine.generate(prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                          seed=a.seed, spec=None)
+    if engine.ctx.rank != 0:
+        return
+    report(prompts, out)
+    if a.json_path:
+        results = [{"prompt": p, "completion": t, "token_ids": ids}
+                   for p, t, ids in zip(prompts, out.texts, out.token_ids)]
+        write_json_atomic(a.json_path, {"results": results, "stats": out.stats.as_dict()})
+
+
+def run_interactive(engine: Engine, a: argparse.Namespace) -> None:
+    """Multi-turn chat; the chat template is used when the tokenizer has one. /exit quits, /clear resets."""
+    tok = engine.tokenizer
+    messages: list[dict] = []
+    while True:
+        line = _read_line(engine, ">>> ")
+        if line is None or line.strip() == "/exit":
+            return
+        if line.strip() == "/clear":
+            messages.clear()
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
+        else:
+            ids = tok.encode("\n".join(m["content"] for m in messages), add_special_tokens=False)
+        out = engine.generate([ids], max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                              seed=a.seed)
+        reply = out.texts[0]
+        if engine.ctx.rank == 0:
+            print(reply)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _read_line(engine: Engine, prompt: str) -> str | None:
+    """Rank 0 reads a line (None on EOF) and shares it with the other ranks."""
+    line: str | None = None
+    if engine.ctx.rank == 0:
+        try:
+            line = input(prompt)
+        except EOFError:
+            line = None
+    if engine.ctx.world_size > 1:
+        import torch.distributed as dist
+
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        check_args(a)
+        prompts = a.prompt or (read_prompts(a.input_file) if a.input_file else [])
+        engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
+                                        show_progress=True)
+        if engine.notice and engine.ctx.rank == 0:
+            print(engine.notice, file=sys.stderr)
+        if a.interactive:
+            run_interactive(engine, a)
+        else:
+            run_batch(engine, a, prompts)
+    except SpecdecError as e:
+        print(f"specdec.generate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("specdec.generate: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        from specdec.distributed import shutdown
+
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Turning verifier logits into tokens: greedy, temperature, top-p; exact categorical draws.
+
+Every rank holds identical logits and the same seeded generator, so all ranks draw the same
+tokens in lockstep without a broadcast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """Sampling distribution `[..., V]` float32 from logits at temperature > 0, restricted to the top-p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches `top_p` (ties broken
+    by token id); its mass is renormalised to 1.
+    """
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+    nucleus = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return nucleus / nucleus.sum(dim=-1, keepdim=True)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens `[B]` from logits `[B, V]`: argmax at temperature 0, else an exact categorical draw."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, temperature, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
