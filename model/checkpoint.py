@@ -183,7 +183,7 @@ def _load_param(model: nn.Module, reader: CheckpointReader, prefix: str, name: s
     start, length = (owner.shard_start, target.shape[dim]) if sharded else (0, None)
     data = reader.read(full_name, dim if sharded else None, start, length)
     if dtype == torch.float8_e4m3fn:
-        data = _fp8_into(owner, attr, target, data, reader, full_name, dim if sharded else None, start, block)
+        data = _fp8_into(owner, attr, target, data, reader, full_name, dim if sharded else None, start, block, device)
     elif target.dtype == torch.float8_e4m3fn:
         raise CheckpointError(f"{reader.path}: tensor {full_name} is {dtype}, expected float8_e4m3fn")
     elif dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -192,7 +192,7 @@ def _load_param(model: nn.Module, reader: CheckpointReader, prefix: str, name: s
 
 
 def _fp8_into(owner: nn.Module, attr: str, target: torch.Tensor, data: torch.Tensor, reader: CheckpointReader,
-              full_name: str, dim: int | None, start: int, block: int) -> torch.Tensor:
+              full_name: str, dim: int | None, start: int, block: int, device) -> torch.Tensor:
     """Return the FP8 window `data` as FP8 (setting the owner's scale) or dequantised to target's dtype."""
     scale_name = full_name + SCALE_SUFFIX
     if not reader.has(scale_name):
@@ -217,7 +217,7 @@ def _fp8_into(owner: nn.Module, attr: str, target: torch.Tensor, data: torch.Ten
         raise CheckpointError(
             f"{reader.path}: cannot keep {full_name} in FP8 on this rank: its shard starts at {start}, "
             f"not a multiple of the {block}-block (use a world size that splits it on block boundaries)")
-    owner.weight_scale_inv = nn.Parameter(window.contiguous().to(target.device), requires_grad=False)
+    owner.weight_scale_inv = nn.Parameter(window.contiguous().to(device), requires_grad=False)
     return data
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import kernels
 
 # Projections inside decoder blocks are FP8 in the release; eh_proj, embeddings, heads, norms, router stay BF16.
-_FP8_NAME = re.compile(r"^model\.layers\.\d+\.(?!eh_proj).*_proj\.weight$")
+_FP8_NAME = re.compile(r"^model\.layers\.\d+\.(?!eh_proj).*_proj(_with_mqa)?\.weight$")
 
 
 def is_fp8_tensor(name: str) -> bool:

@@ -17,23 +17,28 @@ from model.args import from_hf_config
 from model.export import quantize_state, write_checkpoint
 from model.parallel import ParallelContext
 from model.tokenizer_build import train_bpe, tokenizer_files
-from model.transformer import Block, Transformer
+from model.mtp_layer import MTPLayer
+from model.transformer import Transformer
 
 
 def small_config(vocab_size: int = 512, **overrides) -> dict:
-    """A small HF `config.json` with every DeepSeek-V3 feature: q-LoRA, groups, YaRN, MoE, dense layer, MTP."""
+    """A small HF `config.json` with every DeepSeek-V3 feature: q-LoRA, groups, YaRN, MoE, dense layer, MTP.
+
+    Sharded dims split on 128-blocks at 2 ranks (so FP8 stays FP8 when pre-sharded), while
+    `q_lora_rank` 192 and `kv_a_proj` 160 rows exercise partial FP8 blocks.
+    """
     cfg = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
         "vocab_size": vocab_size,
         "hidden_size": 256,
-        "intermediate_size": 384,
+        "intermediate_size": 512,
         "moe_intermediate_size": 128,
         "num_hidden_layers": 3,
         "num_nextn_predict_layers": 1,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "n_shared_experts": 1,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "n_shared_experts": 2,
         "n_routed_experts": 8,
         "num_experts_per_tok": 2,
         "n_group": 4,
@@ -45,8 +50,8 @@ def small_config(vocab_size: int = 512, **overrides) -> dict:
         "first_k_dense_replace": 1,
         "q_lora_rank": 192,
         "kv_lora_rank": 128,
-        "qk_nope_head_dim": 48,
-        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 32,
         "v_head_dim": 64,
         "hidden_act": "silu",
         "max_position_embeddings": 2048,
@@ -73,16 +78,10 @@ def random_tensors(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         main = Transformer(args, ParallelContext(), torch.float32, None, 8)
-        mtp_block = Block(args.n_layers, args, ParallelContext(), torch.float32, None)
+        mtp = MTPLayer(args.n_layers, args, ParallelContext(), torch.float32, None)
     shapes = {n: tuple(p.shape) for n, p in main.named_parameters()}
     for i in range(args.n_layers, args.n_layers + args.n_mtp_layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + n: tuple(t.shape) for n, t in mtp_block.named_parameters()})
-        shapes.update({p + "enorm.weight": (args.dim,), p + "hnorm.weight": (args.dim,),
-                       p + "eh_proj.weight": (args.dim, 2 * args.dim),
-                       p + "shared_head.norm.weight": (args.dim,),
-                       p + "shared_head.head.weight": (args.vocab_size, args.dim),
-                       p + "embed_tokens.weight": (args.vocab_size, args.dim)})
+        shapes.update({f"model.layers.{i}.{n}": tuple(t.shape) for n, t in mtp.named_parameters()})
     out = {name: _init(name, shape, gen) for name, shape in shapes.items()}
     for i in range(args.n_layers, args.n_layers + args.n_mtp_layers):  # the release duplicates these
         out[f"model.layers.{i}.embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()

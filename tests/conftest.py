@@ -1,0 +1,36 @@
+"""Shared fixtures: small synthetic checkpoints in the exact HF layout, written once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.synthetic import small_config, write_random_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def fp8_ckpt(tmp_path_factory) -> Path:
+    """FP8 checkpoint (block projections in float8_e4m3fn + scales, MTP layer), several shards."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "fp8", small_config(), fp8=True,
+                                   shard_bytes=300_000)
+
+
+@pytest.fixture(scope="session")
+def f32_ckpt(tmp_path_factory) -> Path:
+    """Float32 checkpoint of the same random weights (for exact peer checks)."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "f32", small_config(), fp8=False,
+                                   shard_bytes=1_000_000)
+
+
+def run_cli(args: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run `python <args>` in the repo with a clean, offline environment; capture text output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.update(kw.pop("env", {}))
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)

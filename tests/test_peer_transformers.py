@@ -1,0 +1,65 @@
+"""Peer check: transformers' DeepseekV3ForCausalLM and specdec on the same random float32 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import Engine
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pair(f32_ckpt):
+    from transformers import DeepseekV3ForCausalLM
+
+    hf = DeepseekV3ForCausalLM.from_pretrained(str(f32_ckpt), dtype=torch.float32).eval()
+    eng = Engine.from_pretrained(f32_ckpt, device="cpu", dtype=torch.float32, max_seq_len=128)
+    return hf, eng
+
+
+def test_project_kernels_package_does_not_fool_transformers(pair):
+    import kernels  # noqa: F401  (the project's package is importable ...)
+    from transformers.utils.import_utils import is_kernels_available
+
+    assert not is_kernels_available()  # ... yet transformers does not take it for the hub-kernels package
+
+
+def test_prefill_logits_match(pair):
+    hf, eng = pair
+    ids = torch.randint(3, eng.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours = eng.logits(ids.tolist())
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_decode_logits_match_for_16_steps(pair):
+    """Feed HF's greedy tokens one by one through specdec's cached decode path; compare every step."""
+    hf, eng = pair
+    prompt = torch.randint(3, eng.args.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hf_out = hf.generate(prompt, max_new_tokens=17, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=2, eos_token_id=None)
+    hf_logits = torch.stack(hf_out.logits, dim=1)[0]  # [17, V]
+    hf_tokens = hf_out.sequences[0, prompt.shape[1]:]
+    cache = eng._cache_for(1, 64)
+    tokens, lengths = eng._pad(prompt.tolist())
+    with torch.inference_mode():
+        logits = [eng._prefill(cache, tokens, lengths)[0]]
+        for t in hf_tokens[:-1]:
+            logits.append(eng._decode_step(cache, t.view(1), 1)[0])
+    ours = torch.stack(logits)
+    assert len(ours) == 17  # prefill + 16 cached decode steps
+    torch.testing.assert_close(ours, hf_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_tokens_match_generate(pair):
+    hf, eng = pair
+    prompt = torch.randint(3, eng.args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=2, eos_token_id=None)
+    out = eng.generate([prompt[0].tolist()], max_new_tokens=24)
+    assert out.token_ids[0] == ref[0, prompt.shape[1]:].tolist()
