@@ -38,8 +38,8 @@ class CheckpointReader:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: checkpoint directory not found")
         self.presharded = (self.path / SHARDING_FILE).is_file()
-        self.weight_map = self._read_weight_map(rank, world_size)
         self._open: dict[str, object] = {}
+        self.weight_map = self._read_weight_map(rank, world_size)
 
     def _read_weight_map(self, rank: int, world_size: int) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"

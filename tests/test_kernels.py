@@ -86,7 +86,7 @@ def loop_weight_dequant(w: torch.Tensor, s: torch.Tensor, block: int) -> torch.T
 def fp8_error_bound(x: torch.Tensor, s_full: torch.Tensor) -> torch.Tensor:
     """Max |dequant(quant(x)) - x| for e4m3 with scale s: half an ulp, i.e. 2**-4 relative for normal
     codes and 2**-10 * s absolute in the subnormal range (plus float32 slack)."""
-    return torch.maximum(x.abs() * 2.0**-4, s_full * 2.0**-10) * (1 + 1e-6)
+    return torch.maximum(x.abs() * 2.0**-4, s_full * 2.0**-10) * (1 + 1e-5)
 
 
 # ------------------------------------------------------------- 1. reference correctness
@@ -135,7 +135,7 @@ def test_act_quant_ue8m0_rounds_up_exactly() -> None:
     x[3, 0] = 448.0 * 3.0  # s = 3 -> 4
     y, s = ref.act_quant(x, scale_fmt="ue8m0")
     assert s[:, 0].tolist() == [2.0**-3, 2.0**-2, 2.0 ** math.ceil(math.log2(1e-4 / 448)), 4.0]
-    assert y[0, 5].float() == 448.0 and y[1, 7].float() == -256.0 and y[3, 0].float() == 320.0
+    assert y[0, 5].float() == 448.0 and y[1, 7].float() == -224.0 and y[3, 0].float() == 320.0
 
 
 @pytest.mark.parametrize("shape", [(200, 300), (256, 128), (1, 129)])
@@ -295,7 +295,9 @@ def _run_interpreter_checks() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, str]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    """Run the interpreter checks once, in a fresh process with TRITON_INTERPRET=1."""
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
     proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])

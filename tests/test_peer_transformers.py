@@ -63,3 +63,21 @@ def test_greedy_tokens_match_generate(pair):
         ref = hf.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=2, eos_token_id=None)
     out = eng.generate([prompt[0].tolist()], max_new_tokens=24)
     assert out.token_ids[0] == ref[0, prompt.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"q_lora_rank": None},  # plain q projection
+    {"rope_scaling": None, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0},  # no YaRN, no groups
+])
+def test_config_variants_match(tmp_path, overrides):
+    from transformers import DeepseekV3ForCausalLM
+
+    from model.synthetic import small_config, write_random_checkpoint
+
+    ckpt = write_random_checkpoint(tmp_path / "v", small_config(**overrides), fp8=False, seed=5)
+    hf = DeepseekV3ForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    eng = Engine.from_pretrained(ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
+    ids = torch.randint(3, eng.args.vocab_size, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    torch.testing.assert_close(eng.logits(ids.tolist()), ref, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,62 @@
+"""torchrun with 2 ranks (gloo, CPU) gives the same logits and tokens as one process; so does a pre-sharded copy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.convert import convert
+from tests.conftest import run_cli
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _dump(ckpt, out, ranks: int) -> dict:
+    args = (TORCHRUN if ranks == 2 else []) + ["tests/dist_logits.py", str(ckpt), str(out)]
+    proc = run_cli(args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def single(fp8_ckpt, tmp_path_factory):
+    return _dump(fp8_ckpt, tmp_path_factory.mktemp("d") / "one.json", 1)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    torch.testing.assert_close(torch.tensor(a["logits"]), torch.tensor(b["logits"]), rtol=1e-4, atol=1e-4)
+    assert a["greedy"] == b["greedy"]
+    assert a["sampled"] == b["sampled"]
+
+
+def test_two_ranks_match_one_process(fp8_ckpt, single, tmp_path):
+    two = _dump(fp8_ckpt, tmp_path / "two.json", 2)
+    assert two["world_size"] == 2 and single["world_size"] == 1
+    _assert_same(single, two)
+
+
+def test_presharded_checkpoint_matches(fp8_ckpt, single, tmp_path):
+    sharded = convert(fp8_ckpt, tmp_path / "mp2", 2)
+    assert sorted(p.name for p in sharded.glob("*.safetensors")) == ["model0-mp2.safetensors",
+                                                                     "model1-mp2.safetensors"]
+    _assert_same(single, _dump(sharded, tmp_path / "conv.json", 2))
+
+
+def test_presharded_checkpoint_refuses_other_world_size(fp8_ckpt, tmp_path):
+    sharded = convert(fp8_ckpt, tmp_path / "mp2", 2)
+    proc = run_cli(["-m", "specdec.generate", "--ckpt-path", str(sharded), "--prompt", "x"])
+    assert proc.returncode == 2 and "pre-sharded for world size 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_under_torchrun_prints_once_and_matches(fp8_ckpt, tmp_path):
+    common = ["--ckpt-path", str(fp8_ckpt), "--prompt", "def f(x):", "--prompt", "import os",
+              "--max-new-tokens", "10"]
+    one = run_cli(["-m", "specdec.generate", *common, "--json", str(tmp_path / "1.json")])
+    two = run_cli([*TORCHRUN, "-m", "specdec.generate", *common, "--json", str(tmp_path / "2.json")], timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count(">>> def f(x):") == 1  # only rank 0 prints
+    r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ("1.json", "2.json"))
+    assert [r["token_ids"] for r in r1["results"]] == [r["token_ids"] for r in r2["results"]]
