@@ -145,7 +145,7 @@ def _owner(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
 
 
 def load_state(model: nn.Module, reader: CheckpointReader, prefix: str, device: torch.device | str,
-               show_progress: bool, fp8_block: int = 128, skip: tuple[str, ...] = ()) -> None:
+               show_progress: bool, fp8_block: int = 128) -> None:
     """Fill every parameter of `model` (built on the meta device) from `reader`.
 
     Parameter `p` of `model` is tensor `prefix + p` in the checkpoint (the module tree mirrors HF
@@ -154,8 +154,7 @@ def load_state(model: nn.Module, reader: CheckpointReader, prefix: str, device: 
     dtype where the module holds a float weight. Raises CheckpointError naming the tensor on any
     missing tensor, missing scale, or shape/dtype mismatch.
     """
-    names = [n for n, _ in model.named_parameters() if not n.endswith(SCALE_SUFFIX)
-             and not any(n.startswith(s) for s in skip)]
+    names = [n for n, _ in model.named_parameters() if not n.endswith(SCALE_SUFFIX)]
     by_shard: dict[str, list[str]] = defaultdict(list)
     for n in names:
         full = prefix + n

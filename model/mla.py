@@ -78,6 +78,8 @@ class MLA(nn.Module):
             `[B, T, dim]` attention output (summed over ranks).
         """
         bsz, seqlen, _ = x.shape
+        if kv_cache.shape[0] != bsz:
+            raise ValueError(f"cache rows ({kv_cache.shape[0]}) != batch rows ({bsz}); pass the batch's rows")
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:

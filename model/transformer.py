@@ -76,6 +76,7 @@ class Transformer(nn.Module):
                  max_seq_len: int) -> None:
         super().__init__()
         self.args, self.ctx, self.dtype, self.max_seq_len = args, ctx, dtype, max_seq_len
+        self.fp8_block = fp8_block
         self.model = DecoderStack(args, ctx, dtype, fp8_block)
         self.lm_head = ColumnParallelLinear(args.dim, args.vocab_size, ctx, dtype, None, "vocab_size")
         self.init_rope(torch.get_default_device())

@@ -1,8 +1,8 @@
 """`Engine`: load a checkpoint once, then generate for batches of prompts.
 
 Plain decoding reads top-down in `_generate_plain`: prefill the ragged batch → loop
-(sample → append → retire finished rows → one verifier step). Speculative decoding (MTP drafting)
-is not built yet; asking for it raises a clear error.
+(sample → append → retire finished rows → one verifier step). MTP speculative decoding lives in
+`specdec.speculative` (draft → verify → accept → commit).
 """
 
 from __future__ import annotations
@@ -18,28 +18,51 @@ from model.errors import ConfigError, SpecdecError
 from model.load import load_verifier
 from model.parallel import ParallelContext
 from model.transformer import Transformer
+from mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
 from specdec.cache import LatentCache
 from specdec.defaults import default_model_path
 from specdec.distributed import default_device, init_parallel
 from specdec.sampling import sample
+from specdec.speculative import SpeculativeDecoder
 from specdec.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """Shape of the MTP draft: `depth` tokens per step, `topk` branches per node, `nodes` tree nodes."""
+    """How the MTP drafter drafts.
+
+    depth: drafted tokens per step (chain length K).
+    topk / nodes: tree shape (topk branches per node, nodes in the tree); trees are not built yet,
+        so only topk = 1 (a chain) is accepted.
+    draft_mode: "onehot" drafts the MTP argmax; "sample" draws drafts from the MTP distribution q
+        (temperature > 0 only; greedy decoding always drafts the argmax).
+    verifier_hidden: which verifier state feeds the MTP layer: "normed" (after model.norm, the
+        head's input) or "prenorm" (the last block's output).
+    draft_hidden: which MTP state feeds the next depth: "normed" (after shared_head.norm) or "prenorm".
+    """
 
     depth: int = 3
     topk: int = 1
     nodes: int | None = None
+    draft_mode: str = "onehot"
+    verifier_hidden: str = "normed"
+    draft_hidden: str = "normed"
 
     def __post_init__(self) -> None:
-        if self.depth < 1:
-            raise ConfigError(f"draft depth must be >= 1, got {self.depth}")
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ConfigError(f"draft depth must be an integer >= 1, got {self.depth}")
         if self.topk < 1:
             raise ConfigError(f"tree topk must be >= 1, got {self.topk}")
         if self.nodes is not None and self.nodes < self.depth:
             raise ConfigError(f"tree nodes ({self.nodes}) must be >= draft depth ({self.depth})")
+        if self.topk != 1 or (self.nodes is not None and self.nodes != self.depth):
+            raise ConfigError("tree drafts (tree topk > 1 or tree nodes > draft depth) are not available "
+                              "in this version; use a chain (topk 1)")
+        for name, value, allowed in (("draft mode", self.draft_mode, ("onehot", "sample")),
+                                     ("verifier hidden", self.verifier_hidden, ("normed", "prenorm")),
+                                     ("draft hidden", self.draft_hidden, ("normed", "prenorm"))):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass
@@ -47,8 +70,9 @@ class GenerationStats:
     """Metrics of one `generate` call (names as in vLLM/SGLang so numbers compare).
 
     tokens: new tokens emitted over all rows. verify_steps: verifier forwards after prefill.
-    tau: tokens emitted per verifier forward (1 for plain decoding, bonus included for spec).
-    acceptance_per_position: share of steps whose first i+1 drafted tokens were accepted ([] when plain).
+    tau: tokens per verifier forward and row (accepted drafts + 1, before EOS/budget cuts; 1 when plain).
+    acceptance_per_position: share of row-steps whose first i+1 drafted tokens were all accepted ([] plain).
+    draft_acceptance_rate: accepted drafts / drafted tokens. row_steps: verify steps summed over rows.
     tokens_per_s: tokens / wall_s. wall_s: seconds for the whole call (prefill included).
     prefill_s: seconds of the prefill forward; decode_s: seconds after it.
     """
@@ -62,6 +86,8 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     batch_size: int = 0
+    draft_acceptance_rate: float = 0.0
+    row_steps: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,9 +108,9 @@ class Engine:
     Build with `Engine.from_pretrained`; `generate` and `logits` are the API of DESIGN.md §5.
     """
 
-    def __init__(self, model: Transformer, tokenizer, ctx: ParallelContext, device: torch.device,
-                 checkpoint: Path, notice: str | None = None) -> None:
-        self.model, self.tokenizer, self.ctx, self.device = model, tokenizer, ctx, device
+    def __init__(self, model: Transformer, drafter: MTPDrafter | None, tokenizer, ctx: ParallelContext,
+                 device: torch.device, checkpoint: Path, notice: str | None = None) -> None:
+        self.model, self.drafter, self.tokenizer, self.ctx, self.device = model, drafter, tokenizer, ctx, device
         self.args = model.args
         self.checkpoint = checkpoint
         self.notice = notice  # said once to the user (e.g. "random weights")
@@ -119,9 +145,12 @@ class Engine:
         path = Path(path)
         if max_seq_len < 2:
             raise ConfigError(f"max_seq_len must be >= 2, got {max_seq_len}")
-        model, _reader = load_verifier(path, ctx, device, dtype, max_seq_len, keep_fp8, show_progress)
+        model, reader = load_verifier(path, ctx, device, dtype, max_seq_len, keep_fp8, show_progress)
+        drafter = None
+        if has_mtp_layer(reader, model.args.n_layers):
+            drafter = load_drafter(model, reader, device, model.fp8_block, show_progress)
         tokenizer = load_tokenizer(path)
-        return cls(model, tokenizer, ctx, device, path, notice)
+        return cls(model, drafter, tokenizer, ctx, device, path, notice)
 
     # ------------------------------------------------------------------ inputs
 
@@ -176,9 +205,14 @@ class Engine:
         seed: int = 0,
         spec: SpecConfig | None = None,
     ) -> GenerationOutput:
-        """Generate up to `max_new_tokens` per prompt; greedy at temperature 0, else sampled (seeded)."""
-        if spec is not None:
-            raise ConfigError("MTP speculative decoding is not available in this version of specdec; use spec=None")
+        """Generate up to `max_new_tokens` per prompt; greedy at temperature 0, else sampled (seeded).
+
+        `spec`: MTP speculative decoding with this draft shape (None: plain decoding). Output is the
+        same as plain decoding's: token for token when greedy, in distribution when sampled.
+        """
+        if spec is not None and self.drafter is None:
+            raise ConfigError(f"{self.checkpoint}: checkpoint has no MTP layer "
+                              f"(model.layers.{self.args.n_layers}.*), so MTP speculative decoding is unavailable")
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
@@ -186,9 +220,13 @@ class Engine:
         if not 0.0 < top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
         ids = self.encode(prompts)
+        draft_slots = spec.depth + 1 if spec is not None else 0  # verify writes beyond the last token
         for i, p in enumerate(ids):
-            self._check_length(len(p), max_new_tokens, i)
-        return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed)
+            self._check_length(len(p), max_new_tokens, i, draft_slots)
+        if spec is None:
+            return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed)
+        outputs, stats = SpeculativeDecoder(self, spec, temperature, top_p, seed).generate(ids, max_new_tokens)
+        return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
 
     # ------------------------------------------------------------------ plain decoding
 
@@ -241,7 +279,7 @@ class Engine:
         pos = torch.arange(width, device=self.device).expand(batch, width)
         causal = pos.unsqueeze(-1) >= pos.unsqueeze(1)  # [B, T, T]: token t sees slots ≤ t
         logits_at = None if all_logits else (lengths - 1).unsqueeze(1)
-        out = self.model(tokens, pos, cache.kv, cache.pe, pos, causal, logits_at)
+        out = self.model(tokens, pos, cache.kv[:, :batch], cache.pe[:, :batch], pos, causal, logits_at)
         cache.lengths[:batch] = lengths
         return out.logits if all_logits else out.logits[:, 0]
 
@@ -262,8 +300,9 @@ class Engine:
             tokens[i, : len(p)] = torch.tensor(p)
         return tokens.to(self.device), torch.tensor([len(p) for p in ids], device=self.device)
 
-    def _check_length(self, prompt_len: int, max_new_tokens: int, index: int = 0) -> None:
-        if prompt_len + max_new_tokens > self.max_seq_len:
+    def _check_length(self, prompt_len: int, max_new_tokens: int, index: int = 0, draft_slots: int = 0) -> None:
+        if prompt_len + max_new_tokens + draft_slots > self.max_seq_len:
+            drafts = f" + {draft_slots} draft slots" if draft_slots else ""
             raise ConfigError(
-                f"prompt {index} has {prompt_len} tokens; with max_new_tokens={max_new_tokens} that exceeds "
-                f"the maximum sequence length {self.max_seq_len}")
+                f"prompt {index} has {prompt_len} tokens; with max_new_tokens={max_new_tokens}{drafts} that "
+                f"exceeds the maximum sequence length {self.max_seq_len}")

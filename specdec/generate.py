@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from model.errors import ConfigError, SpecdecError
-from specdec.engine import Engine, GenerationOutput, SpecConfig
+from specdec.engine import Engine, SpecConfig
 
 EXIT_USAGE = 2
 
@@ -34,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     src.add_argument("--input-file", help="UTF-8 text file, one prompt per line")
     src.add_argument("--interactive", action="store_true", help="chat on the terminal (/exit, /clear)")
-    p.add_argument("--spec", choices=["mtp", "none"], default="none",
-                   help="speculative decoding: mtp (not built yet) or none (plain decoding)")
-    p.add_argument("--draft-depth", type=int, default=3)
-    p.add_argument("--tree-topk", type=int, default=1)
-    p.add_argument("--tree-nodes", type=int, default=None)
+    p.add_argument("--spec", choices=["mtp", "none"], default=None,
+                   help="mtp: MTP speculative decoding (default when the checkpoint has an MTP layer); none: plain")
+    p.add_argument("--draft-depth", type=int, default=3, help="drafted tokens per step (K)")
+    p.add_argument("--draft-mode", choices=["onehot", "sample"], default="onehot",
+                   help="sampling: draft the MTP argmax (onehot) or draw drafts from the MTP distribution")
+    p.add_argument("--tree-topk", type=int, default=1, help="branches per draft node (trees: not available yet)")
+    p.add_argument("--tree-nodes", type=int, default=None, help="draft tree size (trees: not available yet)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -64,10 +66,24 @@ def check_args(a: argparse.Namespace) -> None:
         raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
     if a.tree_nodes is not None and a.tree_nodes < a.draft_depth:
         raise ConfigError(f"--tree-nodes ({a.tree_nodes}) must be >= --draft-depth ({a.draft_depth})")
-    if a.spec == "mtp":
-        raise ConfigError("--spec mtp: MTP speculative decoding is not available in this version; use --spec none")
-    if a.compare:
-        raise ConfigError("--compare needs --spec mtp, which is not available in this version")
+    if a.tree_topk != 1 or (a.tree_nodes is not None and a.tree_nodes != a.draft_depth):
+        raise ConfigError("--tree-topk/--tree-nodes: tree drafts are not available in this version; "
+                          "use a chain (--tree-topk 1)")
+    if a.compare and a.spec == "none":
+        raise ConfigError("--compare compares MTP speculative decoding with plain decoding; it needs --spec mtp")
+
+
+def spec_config(engine: Engine, a: argparse.Namespace) -> SpecConfig | None:
+    """The SpecConfig the flags ask for (None: plain), after checking the checkpoint can draft."""
+    spec = a.spec or ("mtp" if engine.drafter is not None else "none")
+    if spec == "none":
+        if a.compare:
+            raise ConfigError(f"--compare: {engine.checkpoint} has no MTP layer to draft with")
+        return None
+    if engine.drafter is None:
+        raise ConfigError(f"--spec mtp: {engine.checkpoint} has no MTP layer "
+                          f"(model.layers.{engine.args.n_layers}.* is absent)")
+    return SpecConfig(depth=a.draft_depth, draft_mode=a.draft_mode)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -101,24 +117,36 @@ def write_json_atomic(path: str, payload: dict) -> None:
         raise
 
 
-def report(prompts: list[str], out: GenerationOutput) -> None:
-    for prompt, text in zip(prompts, out.texts):
-        print(f">>> {prompt}\n{text}\n")
-    s = out.stats
-    print(f"[{s.tokens} tokens in {s.wall_s:.2f} s: {s.tokens_per_s:.1f} tok/s; "
-          f"prefill {s.prefill_s * 1000:.0f} ms; {s.verify_steps} decode steps; batch {s.batch_size}]")
+def stats_line(label: str, s) -> str:
+    line = (f"[{label}: {s.tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.1f} tok/s; "
+            f"{s.verify_steps} verify steps; batch {s.batch_size}")
+    if s.acceptance_per_position:
+        accept = " ".join(f"{x:.2f}" for x in s.acceptance_per_position)
+        line += f"; tau {s.tau:.2f}; acceptance per position {accept}"
+    return line + "]"
 
 
 def run_batch(engine: Engine, a: argparse.Namespace, prompts: list[str]) -> None:
-    out = engine.generate(prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                          seed=a.seed, spec=None)
+    spec = spec_config(engine, a)
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    out = engine.generate(prompts, spec=spec, **kw)
+    plain = engine.generate(prompts, spec=None, **kw) if a.compare else None
     if engine.ctx.rank != 0:
         return
-    report(prompts, out)
+    for prompt, text in zip(prompts, out.texts):
+        print(f">>> {prompt}\n{text}\n")
+    print(stats_line("mtp" if spec else "plain", out.stats))
+    payload = {"results": [{"prompt": p, "completion": t, "token_ids": ids}
+                           for p, t, ids in zip(prompts, out.texts, out.token_ids)],
+               "stats": out.stats.as_dict()}
+    if plain is not None:
+        speedup = out.stats.tokens_per_s / plain.stats.tokens_per_s
+        same = sum(x == y for x, y in zip(out.token_ids, plain.token_ids))
+        print(stats_line("plain", plain.stats))
+        print(f"speedup (tokens/s, mtp / plain): {speedup:.2f}x; identical outputs: {same}/{len(prompts)}")
+        payload.update(plain=plain.stats.as_dict(), speedup=speedup)
     if a.json_path:
-        results = [{"prompt": p, "completion": t, "token_ids": ids}
-                   for p, t, ids in zip(prompts, out.texts, out.token_ids)]
-        write_json_atomic(a.json_path, {"results": results, "stats": out.stats.as_dict()})
+        write_json_atomic(a.json_path, payload)
 
 
 def run_interactive(engine: Engine, a: argparse.Namespace) -> None:
@@ -141,7 +169,7 @@ def run_interactive(engine: Engine, a: argparse.Namespace) -> None:
         else:
             ids = tok.encode("\n".join(m["content"] for m in messages), add_special_tokens=False)
         out = engine.generate([ids], max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                              seed=a.seed)
+                              seed=a.seed, spec=spec_config(engine, a))
         reply = out.texts[0]
         if engine.ctx.rank == 0:
             print(reply)

@@ -34,3 +34,11 @@ def run_cli(args: list[str], timeout: float = 300, **kw) -> subprocess.Completed
     env.update(kw.pop("env", {}))
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_ckpt(tmp_path_factory) -> Path:
+    """Float32 checkpoint with an 8-token vocabulary: random drafts are often accepted, and joint
+    distributions of a few tokens have few enough cells for exact goodness-of-fit tests."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "v8", small_config(vocab_size=8), fp8=False,
+                                   seed=3)

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from specdec import Engine
+from specdec import Engine, SpecConfig
 
 ckpt, out_file = sys.argv[1], sys.argv[2]
 eng = Engine.from_pretrained(ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
@@ -13,7 +13,11 @@ ids = [[5, 17, 300, 42, 9, 77], [8, 100, 3]]
 logits = eng.logits(ids)
 gen = eng.generate(ids, max_new_tokens=12)
 sampled = eng.generate(ids, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+spec_greedy = eng.generate(ids, max_new_tokens=12, spec=SpecConfig(depth=3))
+spec_sampled = eng.generate(ids, max_new_tokens=12, temperature=1.0, seed=7,
+                            spec=SpecConfig(depth=2, draft_mode="sample"))
 if eng.ctx.rank == 0:
     with open(out_file, "w") as f:
         json.dump({"world_size": eng.ctx.world_size, "logits": logits.tolist(), "greedy": gen.token_ids,
-                   "sampled": sampled.token_ids}, f)
+                   "sampled": sampled.token_ids, "spec_greedy": spec_greedy.token_ids,
+                   "spec_sampled": spec_sampled.token_ids}, f)

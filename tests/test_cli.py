@@ -66,7 +66,9 @@ def test_interactive_ends_on_eof(fp8_ckpt):
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--draft-depth", "0"], "--draft-depth"),
     (["--tree-nodes", "1", "--draft-depth", "3"], "--tree-nodes"),
-    (["--spec", "mtp"], "--spec mtp"),
+    (["--tree-topk", "2"], "tree drafts are not available"),
+    (["--draft-mode", "greedy"], "--draft-mode"),
+    (["--compare", "--spec", "none"], "--compare"),
     (["--spec", "eagle"], "--spec"),
     (["--bogus"], "--bogus"),
 ])
@@ -94,3 +96,23 @@ def test_prompt_longer_than_max_seq_len(fp8_ckpt, tmp_path):
 def test_json_into_missing_directory(fp8_ckpt, tmp_path):
     proc = gen(fp8_ckpt, "--prompt", "x", "--max-new-tokens", "2", "--json", str(tmp_path / "no" / "r.json"))
     assert_one_line_error(proc, "does not exist")
+
+
+def test_compare_reports_both_and_the_speedup(fp8_ckpt, tmp_path):
+    out = tmp_path / "c.json"
+    proc = gen(fp8_ckpt, "--prompt", "def f(x):", "--compare", "--draft-depth", "2", "--max-new-tokens", "8",
+               "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "speedup" in proc.stdout and "identical outputs: 1/1" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["speedup"] > 0 and STATS_KEYS <= set(data["plain"])
+    assert len(data["stats"]["acceptance_per_position"]) == 2
+
+
+def test_spec_mtp_without_mtp_layer(tmp_path):
+    from model.synthetic import small_config, write_random_checkpoint
+
+    ckpt = write_random_checkpoint(tmp_path / "nomtp", small_config(num_nextn_predict_layers=0))
+    assert_one_line_error(gen(ckpt, "--prompt", "x", "--spec", "mtp"), "no MTP layer")
+    proc = gen(ckpt, "--prompt", "x", "--max-new-tokens", "2")  # default: plain when there is no MTP layer
+    assert proc.returncode == 0 and "[plain:" in proc.stdout

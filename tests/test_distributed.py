@@ -29,6 +29,8 @@ def _assert_same(a: dict, b: dict) -> None:
     torch.testing.assert_close(torch.tensor(a["logits"]), torch.tensor(b["logits"]), rtol=1e-4, atol=1e-4)
     assert a["greedy"] == b["greedy"]
     assert a["sampled"] == b["sampled"]
+    assert a["spec_greedy"] == b["spec_greedy"] == a["greedy"]  # lossless across ranks too
+    assert a["spec_sampled"] == b["spec_sampled"]  # lockstep draws: every rank decides the same
 
 
 def test_two_ranks_match_one_process(fp8_ckpt, single, tmp_path):

@@ -1,0 +1,226 @@
+"""MTP speculative decoding (chain drafts), one step top-down: draft → verify → accept → commit.
+
+State per active row b (cache rows are kept as a prefix 0..B-1 of the shared latent pool):
+  * `cache.lengths[b]` = L: verifier cache holds tokens x_0..x_{L-1};
+  * `pending[b]` = x_L: the last emitted token, not yet in the verifier cache;
+  * the MTP cache holds positions 0..L-1, each from a *verifier* hidden state (pair (h_i, x_{i+1}));
+  * `draft_logits[b]`, `draft_hidden[b]`: the MTP output at position L-1, i.e. the first draft's
+    distribution (for x_{L+1}) and the hidden state that seeds depth 2.
+
+One step:
+  1. Draft: d_1 from draft_logits; depth k ≥ 2 runs the MTP layer at position L+k-2 on
+     (its own previous hidden, d_{k-1}), writing scratch MTP rows.
+  2. Verify: one verifier forward over [x_L, d_1..d_K] at positions L..L+K (cache slots L..L+K).
+  3. Accept: a drafts survive plus one verifier token (bonus or correction), cut at EOS / budget.
+  4. Commit: the verifier rows L..L+a are already in place, so the new length L+a+1 is the commit
+     (rejected rows are rolled back by the length alone). The MTP layer then runs over the newly
+     committed pairs (h_{L+j}, x_{L+j+1}), j = 0..a, overwriting its scratch rows; its output at
+     the last one is the next step's first draft.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model.transformer import ForwardOutput
+from specdec.acceptance import Acceptance, accept_greedy, accept_onehot, accept_sampled, cut_run
+from specdec.cache import LatentCache
+from specdec.sampling import probabilities, sample
+
+
+@dataclass
+class DraftChain:
+    """tokens: `[B, K]` drafts; probs: `[B, K, V]` their distributions q (only for sampled drafts)."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None
+
+
+@dataclass
+class AcceptanceCounts:
+    """Running totals for the metrics: per-position accepts over row-steps."""
+
+    row_steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    per_position: list[int] | None = None
+
+    def add(self, n_accepted: list[int], depth: int) -> None:
+        if self.per_position is None:
+            self.per_position = [0] * depth
+        for a in n_accepted:
+            self.row_steps += 1
+            self.drafted += depth
+            self.accepted += a
+            self.emitted += a + 1
+            for i in range(a):
+                self.per_position[i] += 1
+
+
+def _causal_mask(start: torch.Tensor, width: int, kv_len: int) -> torch.Tensor:
+    """`[B, width, kv_len]` bool: query j of row b (at slot start_b + j) sees slots ≤ start_b + j."""
+    slots = torch.arange(kv_len, device=start.device)
+    last = start.view(-1, 1, 1) + torch.arange(width, device=start.device).view(1, -1, 1)
+    return slots.view(1, 1, -1) <= last
+
+
+def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x `[B, T, ...]` at per-row position index `[B]` → `[B, ...]`."""
+    return x[torch.arange(x.shape[0], device=x.device), index]
+
+
+class SpeculativeDecoder:
+    """Runs the MTP speculative loop for one `generate` call (engine, settings, RNG, metrics)."""
+
+    def __init__(self, engine, spec, temperature: float, top_p: float, seed: int) -> None:
+        self.eng, self.spec = engine, spec
+        self.model, self.drafter = engine.model, engine.drafter
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = torch.Generator(engine.device).manual_seed(seed)
+        self.counts = AcceptanceCounts()
+
+    # ------------------------------------------------------------------ the loop
+
+    @torch.inference_mode()
+    def generate(self, ids: list[list[int]], max_new_tokens: int):
+        """Decode every prompt; returns (new tokens per prompt, GenerationStats)."""
+        eng, depth = self.eng, self.spec.depth
+        start = time.perf_counter()
+        batch = len(ids)
+        cache = eng._cache_for(batch, max(map(len, ids)) + max_new_tokens + depth + 1)
+        self.outputs: list[list[int]] = [[] for _ in range(batch)]
+        self.row_of = list(range(batch))  # cache row r holds prompt row_of[r]; live rows are a prefix
+        pending, draft_logits, draft_hidden = self._prefill(cache, ids)
+        prefill_s = time.perf_counter() - start
+        live = self._emit([[t] for t in pending.tolist()], max_new_tokens)
+        steps = 0
+        while live:
+            pending, draft_logits, draft_hidden = self._compact(cache, live, pending, draft_logits, draft_hidden)
+            lengths = cache.lengths[: len(self.row_of)]
+            chain = self._draft(cache, lengths, draft_logits, draft_hidden)                  # 1. draft
+            verified = self._verify(cache, lengths, pending, chain.tokens)                   # 2. verify
+            acc = self._accept(chain, verified.logits)                                       # 3. accept
+            pending, draft_logits, draft_hidden = self._commit(cache, chain, verified, acc)  # 4. commit
+            n_acc = acc.n_accepted.tolist()
+            self.counts.add(n_acc, depth)
+            runs = [chain.tokens[r, :a].tolist() + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
+            live = self._emit(runs, max_new_tokens)
+            steps += 1
+        return self.outputs, self._stats(steps, start, prefill_s, batch)
+
+    # ------------------------------------------------------------------ steps
+
+    def _prefill(self, cache: LatentCache, ids: list[list[int]]):
+        """Verifier over the prompts, first token, then the MTP layer over (h_i, x_{i+1}) for i < P."""
+        eng = self.eng
+        tokens, lengths = eng._pad(ids)
+        batch, width = tokens.shape
+        pos = torch.arange(width, device=eng.device).expand(batch, width)
+        mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
+        kv, pe = cache.kv[:, :batch], cache.pe[:, :batch]
+        out = self.model(tokens, pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1))
+        cache.lengths[:batch] = lengths
+        first = sample(out.logits[:, 0], self.temperature, self.top_p, self.generator)
+        next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
+        next_tokens[torch.arange(batch), lengths - 1] = first
+        mtp = self.drafter(next_tokens, self._verifier_hidden(out), pos, kv, pe, pos, mask)
+        return first, _pick(mtp.logits, lengths - 1), _pick(mtp.hidden(self.spec.draft_hidden), lengths - 1)
+
+    def _draft(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
+               hidden: torch.Tensor) -> DraftChain:
+        """K draft tokens per row: d_1 from the committed MTP output, d_k (k ≥ 2) from MTP at position L+k-2."""
+        tokens, probs = [], []
+        for k in range(1, self.spec.depth + 1):
+            if k > 1:
+                pos = (lengths + k - 2).unsqueeze(1)
+                mask = _causal_mask(pos[:, 0], 1, int(pos.max()) + 1)
+                batch = pos.shape[0]
+                out = self.drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv[:, :batch],
+                                   cache.pe[:, :batch], pos, mask)
+                logits, hidden = out.logits[:, 0], out.hidden(self.spec.draft_hidden)[:, 0]
+            token, q = self._draft_token(logits)
+            tokens.append(token)
+            probs.append(q)
+        return DraftChain(torch.stack(tokens, 1), torch.stack(probs, 1) if probs[0] is not None else None)
+
+    def _draft_token(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MTP argmax (greedy / one-hot drafts) or a draw from q (sampled drafts, q returned)."""
+        if self.temperature == 0.0 or self.spec.draft_mode == "onehot":
+            return logits.argmax(dim=-1), None
+        q = probabilities(logits, self.temperature, self.top_p)
+        return torch.multinomial(q, 1, generator=self.generator).squeeze(1), q
+
+    def _verify(self, cache: LatentCache, lengths: torch.Tensor, pending: torch.Tensor,
+                drafts: torch.Tensor) -> ForwardOutput:
+        """One verifier forward over [x_L, d_1..d_K] at positions L..L+K, written to cache slots L..L+K."""
+        tokens = torch.cat([pending.unsqueeze(1), drafts], dim=1)
+        width = tokens.shape[1]
+        pos = lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)
+        mask = _causal_mask(lengths, width, int(lengths.max()) + width)
+        batch = tokens.shape[0]
+        return self.model(tokens, pos, cache.kv[:, :batch], cache.pe[:, :batch], pos, mask)
+
+    def _accept(self, chain: DraftChain, target_logits: torch.Tensor) -> Acceptance:
+        if self.temperature == 0.0:
+            return accept_greedy(chain.tokens, target_logits)
+        p = probabilities(target_logits, self.temperature, self.top_p)
+        if chain.probs is None:
+            return accept_onehot(chain.tokens, p, self.generator)
+        return accept_sampled(chain.tokens, chain.probs, p, self.generator)
+
+    def _commit(self, cache: LatentCache, chain: DraftChain, verified: ForwardOutput, acc: Acceptance):
+        """Set the new lengths, then refresh the MTP rows of the committed pairs from verifier states."""
+        batch, width = chain.tokens.shape[0], chain.tokens.shape[1] + 1
+        lengths = cache.lengths[:batch]
+        # pair j = (h_{L+j}, x_{L+j+1}): x_{L+j+1} = d_{j+1} for j < a, the verifier's token at j = a
+        next_tokens = torch.cat([chain.tokens, acc.next_token.unsqueeze(1)], dim=1)
+        next_tokens[torch.arange(batch), acc.n_accepted] = acc.next_token
+        pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)
+        mask = _causal_mask(lengths, width, int(lengths.max()) + width)
+        mtp = self.drafter(next_tokens, self._verifier_hidden(verified), pos, cache.kv[:, :batch],
+                           cache.pe[:, :batch], pos, mask)
+        cache.lengths[:batch] += acc.n_accepted + 1
+        return (acc.next_token, _pick(mtp.logits, acc.n_accepted),
+                _pick(mtp.hidden(self.spec.draft_hidden), acc.n_accepted))
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _verifier_hidden(self, out: ForwardOutput) -> torch.Tensor:
+        return out.hidden if self.spec.verifier_hidden == "normed" else out.hidden_prenorm
+
+    def _emit(self, runs: list[list[int]], max_new: int) -> list[int]:
+        """Append each live row's run, cut at EOS (kept) and at the budget; return the rows still live."""
+        live = []
+        for r, run in enumerate(runs):
+            out = self.outputs[self.row_of[r]]
+            kept, finished = cut_run(run, self.eng.eos_ids, max_new - len(out))
+            out.extend(kept)
+            if not finished:
+                live.append(r)
+        return live
+
+    def _compact(self, cache: LatentCache, live: list[int], *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Move live rows to the front of the cache, of `row_of` and of every per-row state tensor."""
+        for dst, src in enumerate(live):
+            if dst != src:
+                cache.move_row(src, dst)
+        self.row_of = [self.row_of[r] for r in live]
+        index = torch.tensor(live, device=state[0].device)
+        return tuple(s.index_select(0, index) for s in state)
+
+    def _stats(self, steps: int, start: float, prefill_s: float, batch: int):
+        from specdec.engine import GenerationStats
+
+        wall = time.perf_counter() - start
+        c = self.counts
+        n_tokens = sum(map(len, self.outputs))
+        per_pos = [n / c.row_steps for n in c.per_position] if c.row_steps else [0.0] * self.spec.depth
+        return GenerationStats(
+            tokens=n_tokens, verify_steps=steps, tau=c.emitted / c.row_steps if c.row_steps else 0.0,
+            acceptance_per_position=per_pos, tokens_per_s=n_tokens / wall, wall_s=wall, prefill_s=prefill_s,
+            decode_s=wall - prefill_s, batch_size=batch,
+            draft_acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0, row_steps=c.row_steps)

@@ -1,0 +1,65 @@
+"""The acceptance engine on hand-built logits and distributions."""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.acceptance import accept_greedy, accept_onehot, accept_sampled, cut_run, residual_distribution
+
+V = 6
+
+
+def one_hot_logits(tokens: list[int]) -> torch.Tensor:
+    """`[1, len, V]` logits whose argmax at position j is tokens[j]."""
+    out = torch.zeros(1, len(tokens), V)
+    out[0, torch.arange(len(tokens)), torch.tensor(tokens)] = 5.0
+    return out
+
+
+def test_greedy_all_accepted_plus_bonus():
+    acc = accept_greedy(torch.tensor([[2, 3, 4]]), one_hot_logits([2, 3, 4, 5]))
+    assert acc.n_accepted.tolist() == [3] and acc.next_token.tolist() == [5]
+
+
+def test_greedy_first_rejected_gives_the_correction():
+    acc = accept_greedy(torch.tensor([[2, 3, 4]]), one_hot_logits([1, 3, 4, 5]))
+    assert acc.n_accepted.tolist() == [0] and acc.next_token.tolist() == [1]
+
+
+def test_greedy_rows_accept_different_lengths():
+    drafts = torch.tensor([[2, 3, 4], [2, 3, 4]])
+    logits = torch.cat([one_hot_logits([2, 3, 0, 5]), one_hot_logits([2, 1, 4, 5])])
+    acc = accept_greedy(drafts, logits)
+    assert acc.n_accepted.tolist() == [2, 1] and acc.next_token.tolist() == [0, 1]
+
+
+def test_onehot_walks_while_draws_match():
+    # point-mass targets: the draws are determined, so the walk is too
+    probs = torch.nn.functional.one_hot(torch.tensor([[2, 3, 1, 5]]), V).float()
+    acc = accept_onehot(torch.tensor([[2, 3, 4]]), probs, torch.Generator().manual_seed(0))
+    assert acc.n_accepted.tolist() == [2] and acc.next_token.tolist() == [1]
+
+
+def test_sampled_accepts_when_p_dominates_q_and_uses_residual_on_reject():
+    q = torch.full((1, 2, V), 1.0 / V)
+    p_accept = torch.nn.functional.one_hot(torch.tensor([[2, 3, 4]]), V).float()
+    acc = accept_sampled(torch.tensor([[2, 3]]), q, p_accept, torch.Generator().manual_seed(0))
+    assert acc.n_accepted.tolist() == [2] and acc.next_token.tolist() == [4]  # bonus from p_K
+    p_reject = torch.nn.functional.one_hot(torch.tensor([[1, 3, 4]]), V).float()  # p(d_1 = 2) = 0
+    acc = accept_sampled(torch.tensor([[2, 3]]), q, p_reject, torch.Generator().manual_seed(0))
+    assert acc.n_accepted.tolist() == [0] and acc.next_token.tolist() == [1]  # residual = p here
+
+
+def test_residual_distribution():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.6, 0.2])
+    torch.testing.assert_close(residual_distribution(p, q), torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(residual_distribution(p, p), p)  # no mass left: fall back to p
+
+
+def test_cut_run_at_eos_and_budget():
+    assert cut_run([4, 1, 7], frozenset({1}), 10) == ([4, 1], True)  # EOS inside the run, kept
+    assert cut_run([4, 5, 7], frozenset({1}), 2) == ([4, 5], True)  # max_new_tokens inside the run
+    assert cut_run([4, 5], frozenset({1}), 2) == ([4, 5], True)  # budget reached exactly
+    assert cut_run([4, 5], frozenset({1}), 3) == ([4, 5], False)
+    assert cut_run([4, 1], frozenset({1}), 1) == ([4], True)  # budget before the EOS

@@ -1,0 +1,286 @@
+"""MTP speculative decoding (chain): lossless greedy and sampled output, the MTP forward, the cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import specdec.acceptance
+import specdec.speculative
+from model.errors import ConfigError
+from specdec import Engine, SpecConfig
+from specdec.sampling import probabilities
+from specdec.speculative import SpeculativeDecoder
+
+
+@pytest.fixture(scope="module")
+def eng(f32_ckpt):
+    return Engine.from_pretrained(f32_ckpt, device="cpu", dtype=torch.float32, max_seq_len=160)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_vocab_ckpt):
+    """8-token model; no end-of-sequence token, so every row runs to max_new_tokens."""
+    engine = Engine.from_pretrained(tiny_vocab_ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
+    engine.eos_ids = frozenset()
+    return engine
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3 if vocab > 8 else 0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_same_or_tie(engine: Engine, prompts, spec_out, plain_out) -> int:
+    """Spec == plain token for token, except at a proven numerical tie (plain's top-2 gap < 1e-4).
+
+    Returns the number of rows that diverged at a tie.
+    """
+    ties = 0
+    for p, s, q in zip(prompts, spec_out, plain_out):
+        if s == q:
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(s, q)) if a != b)
+        logits = engine.logits([p + q[:k]])[0, -1]
+        top2 = logits.topk(2).values
+        assert (top2[0] - top2[1]).item() < 1e-4, f"divergence at step {k} without a tie: {s[:k + 1]} vs {q[:k + 1]}"
+        ties += 1
+    return ties
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_equals_plain(eng, tiny, depth, batch):
+    ties = 0
+    for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
+        prompts = random_prompts(vocab, [7, 3, 11, 5][:batch], seed=depth * 10 + batch)
+        plain = engine.generate(prompts, max_new_tokens=24).token_ids
+        spec = engine.generate(prompts, max_new_tokens=24, spec=SpecConfig(depth=depth))
+        ties += assert_same_or_tie(engine, prompts, spec.token_ids, plain)
+        assert spec.stats.tokens == sum(map(len, spec.token_ids))
+        assert len(spec.stats.acceptance_per_position) == depth
+    assert ties <= 1
+
+
+def test_tiny_vocab_drafts_are_really_accepted(tiny):
+    """Guard for the test above: acceptance paths are exercised (random 8-token drafts often match)."""
+    prompts = random_prompts(8, [4, 6, 9, 5], seed=0)
+    out = tiny.generate(prompts, max_new_tokens=30, spec=SpecConfig(depth=2))
+    assert out.stats.acceptance_per_position[0] > 0.05 and out.stats.tau > 1.0
+
+
+def test_hidden_state_options_are_also_lossless(tiny):
+    prompts = random_prompts(8, [4, 6, 9], seed=1)
+    plain = tiny.generate(prompts, max_new_tokens=16).token_ids
+    for vh in ("normed", "prenorm"):
+        for dh in ("normed", "prenorm"):
+            spec = SpecConfig(depth=3, verifier_hidden=vh, draft_hidden=dh)
+            assert assert_same_or_tie(tiny, prompts, tiny.generate(prompts, max_new_tokens=16, spec=spec).token_ids,
+                                      plain) == 0
+
+
+class OracleDecoder(SpeculativeDecoder):
+    """Drafts the known plain continuation, corrupting every 3rd drafted position: long accepted runs,
+    rejections at every depth, and the real MTP layer still refreshed at every commit."""
+
+    def __init__(self, *a, truth: list[list[int]], **kw) -> None:
+        super().__init__(*a, **kw)
+        self.truth = truth
+        self.calls = 0
+
+    def _draft(self, cache, lengths, logits, hidden):
+        rows = []
+        for r, prompt_row in enumerate(self.row_of):
+            done = len(self.outputs[prompt_row])
+            future = self.truth[prompt_row][done:done + self.spec.depth]
+            future = future + [0] * (self.spec.depth - len(future))
+            self.calls += 1
+            if self.calls % 3 == 0:
+                j = self.calls % self.spec.depth
+                future[j] = (future[j] + 1) % 8
+            rows.append(future)
+        return specdec.speculative.DraftChain(torch.tensor(rows), None)
+
+
+def test_long_accepted_runs_stay_lossless(eng):
+    prompts = random_prompts(eng.args.vocab_size, [7, 3, 11, 5], seed=5)
+    plain = eng.generate(prompts, max_new_tokens=30).token_ids
+    dec = OracleDecoder(eng, SpecConfig(depth=4), 0.0, 1.0, 0, truth=plain)
+    out, stats = dec.generate(prompts, 30)
+    assert assert_same_or_tie(eng, prompts, out, plain) == 0
+    assert stats.tau > 2.0 and stats.acceptance_per_position[3] > 0.2
+
+
+def test_refreshed_mtp_cache_equals_from_scratch_pass(eng):
+    prompt = random_prompts(eng.args.vocab_size, [9], seed=7)
+    out = eng.generate(prompt, max_new_tokens=20, spec=SpecConfig(depth=3))
+    cache, n_layers = eng._cache, eng.args.n_layers
+    length = int(cache.lengths[0])
+    seq = prompt[0] + out.token_ids[0]
+    assert length == len(seq) - 1  # the last emitted token is pending, not yet in the verifier cache
+    kv_spec = cache.kv[:, 0, :length].clone()
+    pe_spec = cache.pe[:, 0, :length].clone()
+    # from scratch: one verifier prefill over the committed tokens, then one MTP pass over (h_i, x_{i+1})
+    tokens = torch.tensor([seq[:length]])
+    pos = torch.arange(length).unsqueeze(0)
+    mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
+    kv = torch.zeros(n_layers + 1, 1, length, eng.args.kv_lora_rank)
+    pe = torch.zeros(n_layers + 1, 1, length, eng.args.qk_rope_head_dim)
+    with torch.inference_mode():
+        ver = eng.model(tokens, pos, kv, pe, pos, mask)
+        eng.drafter(torch.tensor([seq[1:length + 1]]), ver.hidden, pos, kv, pe, pos, mask)
+    torch.testing.assert_close(kv_spec, kv[:, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pe_spec, pe[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_mtp_forward_matches_independent_implementation(eng, f32_ckpt):
+    """Straightforward MTP: concat order, norms, RoPE positions, with transformers' decoder layer as the block."""
+    from safetensors import safe_open
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (DeepseekV3DecoderLayer,
+                                                                      DeepseekV3RotaryEmbedding)
+    import json
+
+    cfg = json.loads((f32_ckpt / "config.json").read_text())
+    hf_cfg = DeepseekV3Config(**cfg)
+    L = cfg["num_hidden_layers"]
+    weights = {}
+    for shard in f32_ckpt.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            weights.update({k: f.get_tensor(k) for k in f.keys()})
+    block = DeepseekV3DecoderLayer(hf_cfg, layer_idx=L).eval()
+    prefix = f"model.layers.{L}."
+    own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    sd = {}
+    for k in block.state_dict():
+        if k == "mlp.experts.gate_up_proj":
+            sd[k] = torch.stack([torch.cat([own[f"mlp.experts.{e}.gate_proj.weight"],
+                                            own[f"mlp.experts.{e}.up_proj.weight"]]) for e in range(8)])
+        elif k == "mlp.experts.down_proj":
+            sd[k] = torch.stack([own[f"mlp.experts.{e}.down_proj.weight"] for e in range(8)])
+        else:
+            sd[k] = own[k]
+    block.load_state_dict(sd)
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    g = torch.Generator().manual_seed(0)
+    T = 6
+    hidden = torch.randn(1, T, 256, generator=g)
+    next_tokens = torch.randint(3, 512, (1, T), generator=g)
+    emb = weights["model.embed_tokens.weight"][next_tokens]
+    x = torch.cat([rms(emb, own["enorm.weight"]), rms(hidden, own["hnorm.weight"])], dim=-1) @ own["eh_proj.weight"].T
+    pos = torch.arange(3, 3 + T).unsqueeze(0)  # MTP positions need not start at 0
+    cos_sin = DeepseekV3RotaryEmbedding(hf_cfg)(x, pos)
+    causal = torch.full((T, T), float("-inf")).triu(1).view(1, 1, T, T)
+    with torch.no_grad():
+        g_ref = block(x, attention_mask=causal, position_embeddings=cos_sin, position_ids=pos)
+        g_ref = g_ref[0] if isinstance(g_ref, tuple) else g_ref
+    logits_ref = rms(g_ref, own["shared_head.norm.weight"]) @ own["shared_head.head.weight"].T
+
+    kv = torch.zeros(L + 1, 1, 16, 128)
+    pe = torch.zeros(L + 1, 1, 16, 32)
+    slots = pos - 3  # fresh cache: this test's positions live in slots 0..T-1
+    mask = slots.unsqueeze(-1) >= slots.unsqueeze(1)
+    with torch.inference_mode():
+        out = eng.drafter(next_tokens, hidden, pos, kv, pe, slots, mask)
+    torch.testing.assert_close(out.prenorm, g_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.logits, logits_ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- distribution (lossless sampling)
+
+def exact_joint(engine: Engine, prompt: list[int], n: int, temperature: float, top_p: float) -> torch.Tensor:
+    """P(first n tokens) under plain sampling, `[V] * n`, from the verifier's logits of every prefix."""
+    V = engine.args.vocab_size
+    joint = torch.ones([1])
+    prefixes = [[]]
+    for _ in range(n):
+        logits = engine.logits([prompt + p for p in prefixes])
+        last = logits[:, len(prompt) + len(prefixes[0]) - 1]
+        probs = probabilities(last, temperature, top_p)
+        joint = (joint.view(-1, 1) * probs).flatten()
+        prefixes = [p + [t] for p in prefixes for t in range(V)]
+    return joint.view([V] * n)
+
+
+def sample_joint(engine: Engine, prompt: list[int], n: int, rows: int, spec, temperature, top_p, seed) -> torch.Tensor:
+    out = engine.generate([prompt] * rows, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
+                          spec=spec)
+    V = engine.args.vocab_size
+    counts = torch.zeros([V] * n)
+    for toks in out.token_ids:
+        counts[tuple(toks)] += 1
+    return counts
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]:
+    """(statistic, p≈0.001 critical value); cells with expected < 5 are pooled into one."""
+    total = counts.sum()
+    expected = probs.flatten().double() * total
+    counts = counts.flatten().double()
+    assert counts[expected == 0].sum() == 0, "a sample fell where the verifier gives probability 0"
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum().item()
+    dof = int(keep.sum()) - 1
+    z = 3.09  # one-sided 0.001, Wilson–Hilferty
+    crit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    return stat, crit
+
+
+@pytest.mark.parametrize("mode, temperature, top_p", [("onehot", 1.0, 1.0), ("sample", 1.0, 1.0),
+                                                      ("onehot", 0.8, 0.85), ("sample", 1.0, 0.9)])
+def test_sampled_joint_distribution_matches_plain(tiny, mode, temperature, top_p):
+    prompt = [3, 5, 2, 7]
+    spec = SpecConfig(depth=2, draft_mode=mode)
+    counts = sample_joint(tiny, prompt, 3, 6000, spec, temperature, top_p, seed=11)
+    probs = exact_joint(tiny, prompt, 3, temperature, top_p)
+    stat, crit = chi_square(counts, probs)
+    assert stat < crit, (stat, crit)
+
+
+def test_biased_acceptance_rules_are_detected(tiny, monkeypatch):
+    """The same test fails for a deliberately wrong residual and for always-accept one-hot drafts."""
+    prompt = [3, 5, 2, 7]
+    probs = exact_joint(tiny, prompt, 3, 1.0, 1.0)
+    monkeypatch.setattr(specdec.acceptance, "residual_distribution", lambda p, q: p)  # ignores q
+    counts = sample_joint(tiny, prompt, 3, 6000, SpecConfig(depth=2, draft_mode="sample"), 1.0, 1.0, seed=11)
+    stat, crit = chi_square(counts, probs)
+    assert stat > crit, (stat, crit)
+    monkeypatch.undo()
+
+    def always_accept_first(drafts, target_probs, generator):
+        acc = specdec.acceptance.accept_onehot(drafts, target_probs, generator)
+        return specdec.acceptance.Acceptance(acc.n_accepted.clamp_min(1), acc.next_token)
+
+    monkeypatch.setattr(specdec.speculative, "accept_onehot", always_accept_first)
+    counts = sample_joint(tiny, prompt, 3, 6000, SpecConfig(depth=2, draft_mode="onehot"), 1.0, 1.0, seed=11)
+    stat, crit = chi_square(counts, probs)
+    assert stat > crit, (stat, crit)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_spec_configs():
+    with pytest.raises(ConfigError, match="depth"):
+        SpecConfig(depth=0)
+    with pytest.raises(ConfigError, match="draft mode"):
+        SpecConfig(draft_mode="greedy")
+    with pytest.raises(ConfigError, match="tree"):
+        SpecConfig(depth=2, topk=2)
+
+
+def test_spec_on_checkpoint_without_mtp_layer(tmp_path):
+    from model.synthetic import small_config, write_random_checkpoint
+
+    ckpt = write_random_checkpoint(tmp_path / "nomtp", small_config(num_nextn_predict_layers=0), fp8=False)
+    engine = Engine.from_pretrained(ckpt, device="cpu", max_seq_len=32)
+    assert engine.drafter is None
+    with pytest.raises(ConfigError, match="no MTP layer"):
+        engine.generate([[4, 5]], max_new_tokens=2, spec=SpecConfig(depth=1))
