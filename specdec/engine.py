@@ -152,6 +152,16 @@ class Engine:
         tokenizer = load_tokenizer(path)
         return cls(model, drafter, tokenizer, ctx, device, path, notice)
 
+    def describe_drafter(self) -> str:
+        """One line on the MTP drafter: present or not, and which tensors it shares with the verifier."""
+        if self.drafter is None:
+            return f"no MTP layer in {self.checkpoint}: plain decoding only"
+        shared = [name for name, same in (("embedding", self.drafter.shares_embedding),
+                                          ("head", self.drafter.shares_head)) if same]
+        reuse = (f"reusing the verifier's {' and '.join(shared)} (the checkpoint's copies are identical)"
+                 if shared else "with its own embedding and head")
+        return f"MTP drafter: layer {self.drafter.cache_layer}, {reuse}"
+
     # ------------------------------------------------------------------ inputs
 
     def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:

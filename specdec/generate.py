@@ -200,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         prompts = a.prompt or (read_prompts(a.input_file) if a.input_file else [])
         engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
                                         show_progress=True)
-        if engine.notice and engine.ctx.rank == 0:
-            print(engine.notice, file=sys.stderr)
+        if engine.ctx.rank == 0:
+            if engine.notice:
+                print(engine.notice, file=sys.stderr)
+            print(engine.describe_drafter(), file=sys.stderr)
         if a.interactive:
             run_interactive(engine, a)
         else:
