@@ -1,17 +1,20 @@
-"""The acceptance engine for a chain of K drafted tokens per row: which drafts survive, and the next token.
+"""The acceptance engine: which drafted nodes survive verification, and the token that follows them.
 
-Every rule returns, per row, how many drafts are accepted (`n_accepted` in 0..K) and the token
-that follows them (the verifier's bonus token after a full accept, or its correction after a
-rejection), so each step emits `n_accepted + 1` tokens. All rules are lossless:
+Drafts are trees (a chain is a tree whose nodes each have one child). Walking from the root, a
+rule either moves to one child or stops and emits one verifier token (the bonus after the last
+accepted node, or the correction at a rejection), so each step emits `len(path) + 1` tokens.
+Every rule is lossless:
 
-* greedy: accept while the draft equals the verifier's argmax; next = argmax there.
-* one-hot drafts (the draft is the MTP argmax, q is a point mass): draw y_j ~ p_j at every
-  position and accept while y_j equals the draft; next = the first y_j that differs (or y_K).
-  Each emitted token is a draw from p given the accepted prefix, so output ~ p exactly.
-* sampled drafts (d_j ~ q_j): accept with probability min(1, p_j(d)/q_j(d)); on rejection draw
-  from the residual (p_j − q_j)+ renormalised; after a full accept draw from p_K.
+* greedy: move to the child whose token is the verifier's argmax; stop with the argmax.
+* one-hot drafts (children are the draft's top-k, q is a point mass on each): draw y ~ p at the
+  node and move to the child whose token is y; stop with y. Each emitted token is a draw from p
+  given the accepted prefix, so the output follows p exactly, whatever the tree's shape.
+* sampled drafts (children drawn from q without replacement, in order): multi-candidate
+  speculative sampling: try the children in sampling order, accepting child c with probability
+  min(1, r(c)/q(c)); on rejection r ← norm((r − q)+) and c is removed from q; when no child is
+  accepted, draw from r (r starts as p).
 
-Random draws come from one seeded generator in a fixed order, identical on every rank.
+Draws come from one seeded generator in a fixed order, identical on every rank.
 """
 
 from __future__ import annotations
@@ -20,24 +23,48 @@ from typing import NamedTuple
 
 import torch
 
+from specdec.tree import DraftTree
+
 
 class Acceptance(NamedTuple):
-    """n_accepted: `[B]` int64 drafts accepted (0..K); next_token: `[B]` int64 token emitted after them."""
+    """n_accepted: `[B]` accepted nodes per row; path: `[B, max_depth]` their node indices in depth
+    order (0-padded); next_token: `[B]` the verifier token emitted after them."""
 
     n_accepted: torch.Tensor
+    path: torch.Tensor
     next_token: torch.Tensor
 
 
-def _accepted_prefix(matches: torch.Tensor) -> torch.Tensor:
-    """Length of the leading run of True in each row of `[B, K]` bools."""
-    return matches.long().cumprod(dim=1).sum(dim=1)
+def _walk(tree: DraftTree, choose) -> Acceptance:
+    """Follow `choose(b, node, children) -> (child or None, token)` from each row's root."""
+    children = tree.children()
+    batch, depth = tree.tokens.shape[0], int(tree.depths.max())
+    path = torch.zeros(batch, depth, dtype=torch.long)
+    n_accepted, next_token = [], []
+    for b in range(batch):
+        node, steps = 0, 0
+        while True:
+            child, token = choose(b, node, children[b][node])
+            if child is None:
+                break
+            path[b, steps] = child
+            steps += 1
+            node = child
+        n_accepted.append(steps)
+        next_token.append(token)
+    device = tree.tokens.device
+    return Acceptance(torch.tensor(n_accepted, device=device), path.to(device), torch.tensor(next_token, device=device))
 
 
-def accept_greedy(drafts: torch.Tensor, target_logits: torch.Tensor) -> Acceptance:
-    """drafts `[B, K]`, verifier logits `[B, K+1, V]` at the positions that predict each draft (and the bonus)."""
-    target = target_logits.argmax(dim=-1)
-    n = _accepted_prefix(drafts == target[:, :-1])
-    return Acceptance(n, target.gather(1, n.unsqueeze(1)).squeeze(1))
+def _child_with_token(tokens: list[int], kids: list[int], token: int) -> int | None:
+    return next((c for c in kids if tokens[c - 1] == token), None)
+
+
+def accept_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
+    """target_logits `[B, N+1, V]`: the verifier's logits at every node (root first)."""
+    best = target_logits.argmax(dim=-1).tolist()
+    tokens = tree.tokens.tolist()
+    return _walk(tree, lambda b, node, kids: (_child_with_token(tokens[b], kids, best[b][node]), best[b][node]))
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -46,11 +73,11 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
-def accept_onehot(drafts: torch.Tensor, target_probs: torch.Tensor, generator: torch.Generator | None) -> Acceptance:
-    """drafts `[B, K]` (MTP argmax), verifier sampling distributions `[B, K+1, V]`."""
-    y = _draw(target_probs, generator)  # [B, K+1]
-    n = _accepted_prefix(drafts == y[:, :-1])
-    return Acceptance(n, y.gather(1, n.unsqueeze(1)).squeeze(1))
+def accept_onehot(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None) -> Acceptance:
+    """target_probs `[B, N+1, V]`: the verifier's sampling distribution at every node."""
+    y = _draw(target_probs, generator).tolist()  # one draw per node, in a fixed order
+    tokens = tree.tokens.tolist()
+    return _walk(tree, lambda b, node, kids: (_child_with_token(tokens[b], kids, y[b][node]), y[b][node]))
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -60,17 +87,28 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, r / mass.clamp_min(1e-30), p)
 
 
-def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
-                   generator: torch.Generator | None) -> Acceptance:
-    """drafts `[B, K]` drawn from draft_probs `[B, K, V]`; verifier distributions `[B, K+1, V]`."""
-    k = drafts.shape[1]
-    p_d = target_probs[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-    q_d = draft_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-    u = torch.rand(drafts.shape, generator=generator, device=drafts.device)
-    n = _accepted_prefix(u * q_d < p_d)
-    fallback = torch.cat([residual_distribution(target_probs[:, :k], draft_probs), target_probs[:, k:]], dim=1)
-    chosen = fallback.gather(1, n.view(-1, 1, 1).expand(-1, 1, fallback.shape[-1])).squeeze(1)
-    return Acceptance(n, _draw(chosen, generator))
+def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None) -> Acceptance:
+    """Multi-candidate speculative sampling; `tree.child_probs` `[B, N+1, V]` holds each node's draft q."""
+    tokens = tree.tokens.tolist()
+    q_all = tree.child_probs
+
+    def choose(b: int, node: int, kids: list[int]):
+        r, q = target_probs[b, node], q_all[b, node]
+        for c in kids:
+            tok = tokens[b][c - 1]
+            q_tok = q[tok]
+            if q_tok <= 0:  # a child q could not have produced (fewer tokens than k in q's support)
+                continue
+            u = torch.rand((), generator=generator, device=q.device)
+            if u * q_tok < r[tok]:
+                return c, tok
+            r = residual_distribution(r, q)
+            q = q.clone()
+            q[tok] = 0.0
+            q = q / q.sum().clamp_min(1e-30)
+        return None, int(_draw(r, generator))
+
+    return _walk(tree, choose)
 
 
 def cut_run(run: list[int], eos_ids: frozenset[int], budget: int) -> tuple[list[int], bool]:

@@ -31,9 +31,9 @@ from specdec.tokenizer import load_tokenizer
 class SpecConfig:
     """How the MTP drafter drafts.
 
-    depth: drafted tokens per step (chain length K).
-    topk / nodes: tree shape (topk branches per node, nodes in the tree); trees are not built yet,
-        so only topk = 1 (a chain) is accepted.
+    depth: draft depth K (chain length, or tree depth).
+    topk: children per expanded node (1: a chain). nodes: draft nodes verified per step (trees;
+        default topk × depth; between depth and the full tree's topk + (depth-1)·topk²).
     draft_mode: "onehot" drafts the MTP argmax; "sample" draws drafts from the MTP distribution q
         (temperature > 0 only; greedy decoding always drafts the argmax).
     verifier_hidden: which verifier state feeds the MTP layer: "normed" (after model.norm, the
@@ -55,14 +55,27 @@ class SpecConfig:
             raise ConfigError(f"tree topk must be >= 1, got {self.topk}")
         if self.nodes is not None and self.nodes < self.depth:
             raise ConfigError(f"tree nodes ({self.nodes}) must be >= draft depth ({self.depth})")
-        if self.topk != 1 or (self.nodes is not None and self.nodes != self.depth):
-            raise ConfigError("tree drafts (tree topk > 1 or tree nodes > draft depth) are not available "
-                              "in this version; use a chain (topk 1)")
+        full = self.topk + (self.depth - 1) * self.topk * self.topk
+        if self.nodes is not None and self.nodes > full:
+            raise ConfigError(f"tree nodes ({self.nodes}) exceed the full tree of depth {self.depth} and topk "
+                              f"{self.topk} ({full} nodes)")
         for name, value, allowed in (("draft mode", self.draft_mode, ("onehot", "sample")),
                                      ("verifier hidden", self.verifier_hidden, ("normed", "prenorm")),
                                      ("draft hidden", self.draft_hidden, ("normed", "prenorm"))):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    @property
+    def n_nodes(self) -> int:
+        """Draft nodes verified per step (the chain's depth when topk is 1)."""
+        if self.topk == 1:
+            return self.depth
+        return self.nodes if self.nodes is not None else self.topk * self.depth
+
+    @property
+    def draft_slots(self) -> int:
+        """Cache slots a step may write beyond the committed length (verified nodes, MTP scratch rows)."""
+        return max(self.n_nodes + 1, (self.depth - 1) * self.topk + 1)
 
 
 @dataclass
@@ -230,7 +243,7 @@ class Engine:
         if not 0.0 < top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
         ids = self.encode(prompts)
-        draft_slots = spec.depth + 1 if spec is not None else 0  # verify writes beyond the last token
+        draft_slots = spec.draft_slots if spec is not None else 0  # a step writes beyond the last token
         for i, p in enumerate(ids):
             self._check_length(len(p), max_new_tokens, i, draft_slots)
         if spec is None:

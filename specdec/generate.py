@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-depth", type=int, default=3, help="drafted tokens per step (K)")
     p.add_argument("--draft-mode", choices=["onehot", "sample"], default="onehot",
                    help="sampling: draft the MTP argmax (onehot) or draw drafts from the MTP distribution")
-    p.add_argument("--tree-topk", type=int, default=1, help="branches per draft node (trees: not available yet)")
-    p.add_argument("--tree-nodes", type=int, default=None, help="draft tree size (trees: not available yet)")
+    p.add_argument("--tree-topk", type=int, default=1, help="children per expanded draft node (1: a chain)")
+    p.add_argument("--tree-nodes", type=int, default=None,
+                   help="draft nodes verified per step (default: tree-topk x draft-depth)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -66,9 +67,6 @@ def check_args(a: argparse.Namespace) -> None:
         raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
     if a.tree_nodes is not None and a.tree_nodes < a.draft_depth:
         raise ConfigError(f"--tree-nodes ({a.tree_nodes}) must be >= --draft-depth ({a.draft_depth})")
-    if a.tree_topk != 1 or (a.tree_nodes is not None and a.tree_nodes != a.draft_depth):
-        raise ConfigError("--tree-topk/--tree-nodes: tree drafts are not available in this version; "
-                          "use a chain (--tree-topk 1)")
     if a.compare and a.spec == "none":
         raise ConfigError("--compare compares MTP speculative decoding with plain decoding; it needs --spec mtp")
 
@@ -83,7 +81,10 @@ def spec_config(engine: Engine, a: argparse.Namespace) -> SpecConfig | None:
     if engine.drafter is None:
         raise ConfigError(f"--spec mtp: {engine.checkpoint} has no MTP layer "
                           f"(model.layers.{engine.args.n_layers}.* is absent)")
-    return SpecConfig(depth=a.draft_depth, draft_mode=a.draft_mode)
+    try:
+        return SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_mode=a.draft_mode)
+    except ConfigError as e:
+        raise ConfigError(f"--draft-depth/--tree-topk/--tree-nodes: {e}") from None
 
 
 def read_prompts(path: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""MTP speculative decoding (chain drafts), one step top-down: draft → verify → accept → commit.
+"""MTP speculative decoding, one step top-down: draft → verify → accept → commit.
 
 State per active row b (cache rows are kept as a prefix 0..B-1 of the shared latent pool):
   * `cache.lengths[b]` = L: verifier cache holds tokens x_0..x_{L-1};
@@ -8,14 +8,18 @@ State per active row b (cache rows are kept as a prefix 0..B-1 of the shared lat
     distribution (for x_{L+1}) and the hidden state that seeds depth 2.
 
 One step:
-  1. Draft: d_1 from draft_logits; depth k ≥ 2 runs the MTP layer at position L+k-2 on
-     (its own previous hidden, d_{k-1}), writing scratch MTP rows.
-  2. Verify: one verifier forward over [x_L, d_1..d_K] at positions L..L+K (cache slots L..L+K).
-  3. Accept: a drafts survive plus one verifier token (bonus or correction), cut at EOS / budget.
-  4. Commit: the verifier rows L..L+a are already in place, so the new length L+a+1 is the commit
-     (rejected rows are rolled back by the length alone). The MTP layer then runs over the newly
-     committed pairs (h_{L+j}, x_{L+j+1}), j = 0..a, overwriting its scratch rows; its output at
-     the last one is the next step's first draft.
+  1. Draft: a chain d_1..d_K (d_1 from draft_logits; depth k ≥ 2 runs the MTP layer at position
+     L+k-2 on its own previous hidden and d_{k-1}) or a tree (`mtp.tree_draft`), writing scratch
+     MTP rows only.
+  2. Verify: one verifier forward over the root x_L and the N draft nodes: node i at position
+     L + depth(i), cache slot L + i, attending to the committed prefix and its ancestors.
+  3. Accept: a path of a nodes survives plus one verifier token (bonus or correction), cut at EOS
+     and at the budget (`specdec.acceptance`).
+  4. Commit: the accepted path's verifier rows move to slots L+1..L+a (a chain is already in
+     place); the new length L+a+1 is the commit, so everything else is rolled back by the length
+     alone. The MTP layer then runs over the newly committed pairs (h_{L+j}, x_{L+j+1}),
+     j = 0..a, from the verifier's states, overwriting its scratch rows; its output at the last
+     pair is the next step's first-draft distribution.
 """
 
 from __future__ import annotations
@@ -26,17 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from model.transformer import ForwardOutput
+from mtp.tree_draft import expand_tree
 from specdec.acceptance import Acceptance, accept_greedy, accept_onehot, accept_sampled, cut_run
 from specdec.cache import LatentCache
 from specdec.sampling import probabilities, sample
-
-
-@dataclass
-class DraftChain:
-    """tokens: `[B, K]` drafts; probs: `[B, K, V]` their distributions q (only for sampled drafts)."""
-
-    tokens: torch.Tensor
-    probs: torch.Tensor | None
+from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask
 
 
 @dataclass
@@ -91,7 +89,7 @@ class SpeculativeDecoder:
         eng, depth = self.eng, self.spec.depth
         start = time.perf_counter()
         batch = len(ids)
-        cache = eng._cache_for(batch, max(map(len, ids)) + max_new_tokens + depth + 1)
+        cache = eng._cache_for(batch, max(map(len, ids)) + max_new_tokens + self.spec.draft_slots)
         self.outputs: list[list[int]] = [[] for _ in range(batch)]
         self.row_of = list(range(batch))  # cache row r holds prompt row_of[r]; live rows are a prefix
         pending, draft_logits, draft_hidden = self._prefill(cache, ids)
@@ -101,13 +99,14 @@ class SpeculativeDecoder:
         while live:
             pending, draft_logits, draft_hidden = self._compact(cache, live, pending, draft_logits, draft_hidden)
             lengths = cache.lengths[: len(self.row_of)]
-            chain = self._draft(cache, lengths, draft_logits, draft_hidden)                  # 1. draft
-            verified = self._verify(cache, lengths, pending, chain.tokens)                   # 2. verify
-            acc = self._accept(chain, verified.logits)                                       # 3. accept
-            pending, draft_logits, draft_hidden = self._commit(cache, chain, verified, acc)  # 4. commit
+            tree = self._draft(cache, lengths, draft_logits, draft_hidden)                  # 1. draft
+            verified = self._verify(cache, lengths, pending, tree)                          # 2. verify
+            acc = self._accept(tree, verified.logits)                                       # 3. accept
+            pending, draft_logits, draft_hidden = self._commit(cache, tree, verified, acc)  # 4. commit
             n_acc = acc.n_accepted.tolist()
             self.counts.add(n_acc, depth)
-            runs = [chain.tokens[r, :a].tolist() + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
+            path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
+            runs = [path_tokens[r][:a] + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
             live = self._emit(runs, max_new_tokens)
             steps += 1
         return self.outputs, self._stats(steps, start, prefill_s, batch)
@@ -131,21 +130,35 @@ class SpeculativeDecoder:
         return first, _pick(mtp.logits, lengths - 1), _pick(mtp.hidden(self.spec.draft_hidden), lengths - 1)
 
     def _draft(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
-               hidden: torch.Tensor) -> DraftChain:
-        """K draft tokens per row: d_1 from the committed MTP output, d_k (k ≥ 2) from MTP at position L+k-2."""
+               hidden: torch.Tensor) -> DraftTree:
+        """A chain (topk 1) or an MTP-expanded tree of drafts per row."""
+        batch = lengths.shape[0]
+        if self.spec.topk > 1:
+            sampled = self.temperature > 0 and self.spec.draft_mode == "sample"
+            return expand_tree(self.drafter, cache.kv[:, :batch], cache.pe[:, :batch], lengths, logits, hidden,
+                               self.spec.depth, self.spec.topk, self.spec.n_nodes, sampled, self.temperature,
+                               self.top_p, self.spec.draft_hidden, self.generator)
+        return self._draft_chain(cache, lengths, logits, hidden)
+
+    def _draft_chain(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
+                     hidden: torch.Tensor) -> DraftTree:
+        """K drafts per row: d_1 from the committed MTP output, d_k (k ≥ 2) from MTP at position L+k-2."""
+        batch = lengths.shape[0]
         tokens, probs = [], []
         for k in range(1, self.spec.depth + 1):
             if k > 1:
                 pos = (lengths + k - 2).unsqueeze(1)
                 mask = _causal_mask(pos[:, 0], 1, int(pos.max()) + 1)
-                batch = pos.shape[0]
                 out = self.drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv[:, :batch],
                                    cache.pe[:, :batch], pos, mask)
                 logits, hidden = out.logits[:, 0], out.hidden(self.spec.draft_hidden)[:, 0]
             token, q = self._draft_token(logits)
             tokens.append(token)
             probs.append(q)
-        return DraftChain(torch.stack(tokens, 1), torch.stack(probs, 1) if probs[0] is not None else None)
+        child_probs = None
+        if probs[0] is not None:  # node j's children were drawn from the q of depth j+1; leaves have none
+            child_probs = torch.stack(probs + [torch.zeros_like(probs[0])], dim=1)
+        return chain_tree(torch.stack(tokens, 1), child_probs)
 
     def _draft_token(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The MTP argmax (greedy / one-hot drafts) or a draw from q (sampled drafts, q returned)."""
@@ -155,34 +168,47 @@ class SpeculativeDecoder:
         return torch.multinomial(q, 1, generator=self.generator).squeeze(1), q
 
     def _verify(self, cache: LatentCache, lengths: torch.Tensor, pending: torch.Tensor,
-                drafts: torch.Tensor) -> ForwardOutput:
-        """One verifier forward over [x_L, d_1..d_K] at positions L..L+K, written to cache slots L..L+K."""
-        tokens = torch.cat([pending.unsqueeze(1), drafts], dim=1)
-        width = tokens.shape[1]
-        pos = lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)
-        mask = _causal_mask(lengths, width, int(lengths.max()) + width)
-        batch = tokens.shape[0]
-        return self.model(tokens, pos, cache.kv[:, :batch], cache.pe[:, :batch], pos, mask)
+                tree: DraftTree) -> ForwardOutput:
+        """One verifier forward over the root and the N nodes (positions L + depth, slots L..L+N, tree mask)."""
+        tokens = tree.all_tokens(pending)
+        batch, width = tokens.shape
+        pos = lengths.unsqueeze(1) + tree.all_depths()
+        slots = lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)
+        mask = tree_attention_mask(lengths, ancestor_matrix(tree.parents), int(lengths.max()) + width)
+        return self.model(tokens, pos, cache.kv[:, :batch], cache.pe[:, :batch], slots, mask)
 
-    def _accept(self, chain: DraftChain, target_logits: torch.Tensor) -> Acceptance:
+    def _accept(self, tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
         if self.temperature == 0.0:
-            return accept_greedy(chain.tokens, target_logits)
+            return accept_greedy(tree, target_logits)
         p = probabilities(target_logits, self.temperature, self.top_p)
-        if chain.probs is None:
-            return accept_onehot(chain.tokens, p, self.generator)
-        return accept_sampled(chain.tokens, chain.probs, p, self.generator)
+        if tree.child_probs is None:
+            return accept_onehot(tree, p, self.generator)
+        return accept_sampled(tree, p, self.generator)
 
-    def _commit(self, cache: LatentCache, chain: DraftChain, verified: ForwardOutput, acc: Acceptance):
-        """Set the new lengths, then refresh the MTP rows of the committed pairs from verifier states."""
-        batch, width = chain.tokens.shape[0], chain.tokens.shape[1] + 1
+    def _commit(self, cache: LatentCache, tree: DraftTree, verified: ForwardOutput, acc: Acceptance):
+        """Compact the accepted path, set the new lengths, refresh the MTP rows from verifier states."""
+        batch, depth = acc.path.shape
         lengths = cache.lengths[:batch]
-        # pair j = (h_{L+j}, x_{L+j+1}): x_{L+j+1} = d_{j+1} for j < a, the verifier's token at j = a
-        next_tokens = torch.cat([chain.tokens, acc.next_token.unsqueeze(1)], dim=1)
-        next_tokens[torch.arange(batch), acc.n_accepted] = acc.next_token
+        rows = torch.arange(batch, device=lengths.device)
+        for j in range(1, depth + 1):  # path node j → slot L+j; sources never precede their targets
+            live = acc.n_accepted >= j
+            src = lengths + acc.path[:, j - 1]
+            dst = lengths + j
+            move = live & (src != dst)
+            if move.any():
+                r, s, d = rows[move], src[move], dst[move]
+                cache.kv[:, r, d] = cache.kv[:, r, s]
+                cache.pe[:, r, d] = cache.pe[:, r, s]
+        # pair j = (h at path node j, token of path node j+1), j = 0..a; the verifier's token at j = a
+        nodes = torch.cat([torch.zeros_like(acc.path[:, :1]), acc.path], dim=1)  # [B, depth+1], root first
+        width = depth + 1
+        hidden = self._verifier_hidden(verified)
+        hidden = hidden.gather(1, nodes.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        next_tokens = torch.cat([tree.tokens.gather(1, (acc.path - 1).clamp_min(0)), acc.next_token.unsqueeze(1)], 1)
+        next_tokens[rows, acc.n_accepted] = acc.next_token
         pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)
         mask = _causal_mask(lengths, width, int(lengths.max()) + width)
-        mtp = self.drafter(next_tokens, self._verifier_hidden(verified), pos, cache.kv[:, :batch],
-                           cache.pe[:, :batch], pos, mask)
+        mtp = self.drafter(next_tokens, hidden, pos, cache.kv[:, :batch], cache.pe[:, :batch], pos, mask)
         cache.lengths[:batch] += acc.n_accepted + 1
         return (acc.next_token, _pick(mtp.logits, acc.n_accepted),
                 _pick(mtp.hidden(self.spec.draft_hidden), acc.n_accepted))

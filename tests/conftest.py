@@ -40,5 +40,7 @@ def run_cli(args: list[str], timeout: float = 300, **kw) -> subprocess.Completed
 def tiny_vocab_ckpt(tmp_path_factory) -> Path:
     """Float32 checkpoint with an 8-token vocabulary: random drafts are often accepted, and joint
     distributions of a few tokens have few enough cells for exact goodness-of-fit tests."""
-    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "v8", small_config(vocab_size=8), fp8=False,
-                                   seed=3)
+    cfg = small_config(vocab_size=8, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                       num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32,
+                       qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "v8", cfg, fp8=False, seed=3)

@@ -13,6 +13,7 @@ from model.errors import ConfigError
 from specdec import Engine, SpecConfig
 from specdec.sampling import probabilities
 from specdec.speculative import SpeculativeDecoder
+from specdec.tree import chain_tree
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ class OracleDecoder(SpeculativeDecoder):
                 j = self.calls % self.spec.depth
                 future[j] = (future[j] + 1) % 8
             rows.append(future)
-        return specdec.speculative.DraftChain(torch.tensor(rows), None)
+        return chain_tree(torch.tensor(rows))
 
 
 def test_long_accepted_runs_stay_lossless(eng):
@@ -255,9 +256,11 @@ def test_biased_acceptance_rules_are_detected(tiny, monkeypatch):
     assert stat > crit, (stat, crit)
     monkeypatch.undo()
 
-    def always_accept_first(drafts, target_probs, generator):
-        acc = specdec.acceptance.accept_onehot(drafts, target_probs, generator)
-        return specdec.acceptance.Acceptance(acc.n_accepted.clamp_min(1), acc.next_token)
+    def always_accept_first(tree, target_probs, generator):
+        acc = specdec.acceptance.accept_onehot(tree, target_probs, generator)
+        path = acc.path.clone()
+        path[:, 0] = 1
+        return specdec.acceptance.Acceptance(acc.n_accepted.clamp_min(1), path, acc.next_token)
 
     monkeypatch.setattr(specdec.speculative, "accept_onehot", always_accept_first)
     counts = sample_joint(tiny, prompt, 3, 6000, SpecConfig(depth=2, draft_mode="onehot"), 1.0, 1.0, seed=11)
@@ -272,8 +275,10 @@ def test_bad_spec_configs():
         SpecConfig(depth=0)
     with pytest.raises(ConfigError, match="draft mode"):
         SpecConfig(draft_mode="greedy")
-    with pytest.raises(ConfigError, match="tree"):
-        SpecConfig(depth=2, topk=2)
+    with pytest.raises(ConfigError, match="full tree"):
+        SpecConfig(depth=2, topk=2, nodes=7)
+    with pytest.raises(ConfigError, match="tree nodes"):
+        SpecConfig(depth=3, topk=2, nodes=2)
 
 
 def test_spec_on_checkpoint_without_mtp_layer(tmp_path):
