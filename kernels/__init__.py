@@ -5,7 +5,8 @@ dequantisation scales; partial blocks are supported, so no dimension has to be a
 Each op has a plain-torch reference (`kernels.reference`) and a Triton kernel
 (`kernels.triton_fp8`), chosen per call through `impl` (see `kernels.dispatch`). Importing this
 package does not import triton. `weight_quant` (for writing FP8 checkpoints) is torch-only.
-`mla_attention` is the masked latent attention of the absorbed MLA path (torch today).
+`mla_attention` is the masked latent attention of the absorbed MLA path (torch reference and a
+Triton kernel in `kernels.triton_attention`, chosen the same way through `impl`).
 """
 
 from .attention import mla_attention, mla_attention_reference

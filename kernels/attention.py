@@ -1,12 +1,31 @@
-"""Absorbed MLA attention over a latent cache with an arbitrary boolean mask (torch reference).
+"""Absorbed MLA attention over a latent cache with an arbitrary boolean mask.
 
 The mask is what makes one routine serve causal prefill, single-token decode, ragged batches
-and (later) draft trees: query t of row b sees cache slot s iff `mask[b, t, s]`.
+and draft trees: query t of row b sees cache slot s iff `mask[b, t, s]`. A query whose mask row
+is all False (a padding query) gets an all-zero output, not NaN, in every implementation.
+
+`mla_attention` picks the implementation per call through `impl` (no global switch), following
+the conventions of `kernels.dispatch`:
+
+* "torch": `mla_attention_reference` (any device).
+* "triton": `kernels.triton_attention`; CUDA tensors, or CPU tensors when TRITON_INTERPRET=1.
+* "auto": Triton for CUDA tensors when triton imports, otherwise the torch reference (so CPU
+  tensors always use the reference). Unlike the FP8 ops, no minimum compute capability.
+
+The Triton kernel has no backward, so when autograd has to track the call (grad mode on and an
+operand requires grad) "auto" takes the differentiable reference and "triton" is refused.
+
+Triton is imported lazily, only when the Triton path is taken.
 """
 
 from __future__ import annotations
 
+import os
+from types import ModuleType
+
 import torch
+
+from .dispatch import IMPLS, triton_available
 
 
 def mla_attention_reference(
@@ -17,23 +36,54 @@ def mla_attention_reference(
     mask: torch.Tensor,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """Softmax attention in latent space.
+    """Softmax attention in latent space (plain torch, any device).
 
     Args:
         q_latent: `[B, T, H, C]` queries projected into the latent space (C = kv_lora_rank).
-        q_pe: `[B, T, H, R]` rotated RoPE part of the queries.
+        q_pe: `[B, T, H, R]` rotated RoPE part of the queries (same dtype as q_latent).
         kv: `[B, S, C]` latent cache (values and, through the absorbed projection, keys).
         pe: `[B, S, R]` rotated RoPE keys.
-        mask: `[B, T, S]` bool; every query must see at least one slot.
+        mask: `[B, T, S]` bool; a query with no visible slot gets zeros.
         softmax_scale: multiplier on the logits.
     Returns:
-        `[B, T, H, C]` attention-weighted latents, in q_latent's dtype.
+        `[B, T, H, C]` attention-weighted latents, in q_latent's dtype. Logits are computed in
+        the input dtype, the softmax in float32, the weighted sum in kv's dtype.
     """
+    hidden = ~mask.unsqueeze(1)
     scores = torch.einsum("bthc,bsc->bhts", q_latent, kv) + torch.einsum("bthr,bsr->bhts", q_pe, pe)
     scores = scores.float() * softmax_scale
-    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    probs = scores.softmax(dim=-1).to(kv.dtype)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    # Hidden slots already have probability exactly 0, except in all-hidden rows, where the
+    # softmax is 0/0 = NaN: zeroing hidden slots again turns exactly those rows into zeros.
+    probs = scores.softmax(dim=-1).masked_fill(hidden, 0.0).to(kv.dtype)
     return torch.einsum("bhts,bsc->bthc", probs, kv).to(q_latent.dtype)
+
+
+def _use_triton(impl: str, t: torch.Tensor, needs_grad: bool) -> bool:
+    """Resolve `impl` for attention whose main operand is `t` (`needs_grad`: autograd must track
+    the call); raise ValueError if impossible."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "auto":
+        return t.is_cuda and not needs_grad and triton_available()
+    if needs_grad:
+        raise ValueError("impl='triton' has no backward; use impl='torch' or 'auto' when gradients are needed")
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"impl='triton' on a {t.device.type} tensor needs TRITON_INTERPRET=1; use impl='torch' or 'auto'"
+        )
+    if not triton_available():
+        raise ValueError("impl='triton' was requested but triton cannot be imported")
+    return True
+
+
+def _triton_impl() -> ModuleType:
+    """Import and return `kernels.triton_attention` (deferred so that importing kernels skips triton)."""
+    from . import triton_attention
+
+    return triton_attention
 
 
 def mla_attention(
@@ -43,9 +93,18 @@ def mla_attention(
     pe: torch.Tensor,
     mask: torch.Tensor,
     softmax_scale: float,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """Dispatch for masked latent attention; see `mla_attention_reference` for shapes.
+    """Masked latent attention; shapes as in `mla_attention_reference`.
 
-    Only the torch path exists today (it also runs on CUDA); a fused Triton kernel is not built yet.
+    Args:
+        q_latent, q_pe, kv, pe, mask, softmax_scale: see `mla_attention_reference`. Strided
+            views (e.g. `kv_cache[:, :kv_len]`) are read in place by the Triton kernel.
+        impl: "auto", "torch" or "triton" (see the module docstring).
+    Returns:
+        `[B, T, H, C]` in q_latent's dtype; zeros for queries whose mask row is all False.
     """
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_latent, q_pe, kv, pe))
+    if _use_triton(impl, q_latent, needs_grad):
+        return _triton_impl().mla_attention(q_latent, q_pe, kv, pe, mask, softmax_scale)
     return mla_attention_reference(q_latent, q_pe, kv, pe, mask, softmax_scale)

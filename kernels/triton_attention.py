@@ -1,0 +1,321 @@
+"""Triton kernel for masked latent attention (the absorbed MLA path); same maths as
+`kernels.attention.mla_attention_reference`.
+
+Design. All H heads of all T queries of a batch row share one latent cache row `kv[b]` and one
+RoPE-key row `pe[b]` (MLA is multi-query attention in latent space), so the kernel flattens
+(query, head) into M = T * H "query rows" (row m is query `m // H`, head `m % H`) and gives
+each program a block of BLOCK_M of them. A program streams the slots of `kv[b]` / `pe[b]` in
+BLOCK_S blocks and, per block, computes
+
+    logits = (q_latent @ kv^T + q_pe @ pe^T) * scale      [BLOCK_M, BLOCK_S]   (tl.dot, fp32 acc)
+    acc    = acc * alpha + softmax_numerator @ kv          [BLOCK_M, C]          (tl.dot, fp32 acc)
+
+with the online (flash) softmax in float32, base 2. Every cache block read is thus reused by
+BLOCK_M query rows: all heads of a decode token, or several tokens of a prefill chunk / draft
+tree. Before the main loop a program scans its rows' mask and narrows the slot range to
+[first visible slot, last visible slot], so padding beyond a short row's length, the future
+half of a causal mask and the unused tail of a tree row cost no cache reads.
+
+Flash-decoding split. When B * cdiv(M, BLOCK_M) programs cannot fill the GPU (e.g. decode with
+few local heads), the slot axis is cut into `num_splits` contiguous ranges, one program each;
+they write unnormalised float32 partials (accumulator, running max, running sum) and a second
+kernel merges them. With one split the main kernel normalises and writes the output itself.
+
+Grid: `(cdiv(M, BLOCK_M), num_splits, B)`; the merge kernel runs one program per `(b, m)`.
+
+Masking. A query row that sees no slot keeps acc = 0 and sum = 0 and its output is written as
+0 (not 0/0 = NaN), matching the reference; rows past M in the last block are never stored.
+
+Strides. q_latent, q_pe, kv, pe and mask are read through their strides (no copies), so
+`kv_cache[:, :kv_len]` slices, permuted query views and broadcast (stride-0) masks cost nothing.
+
+Precision. float32 inputs use IEEE fp32 dots (no TF32). For bf16/fp16 inputs the dots take the
+input dtype with float32 accumulation, and the softmax numerators are rounded to kv's dtype
+before the second dot (as the reference does). Under TRITON_INTERPRET=1 (fixed when this
+module is imported) the kernels write float32 and the host casts to the output dtype with
+torch, because the interpreter's float32 -> bf16/fp16 conversions are unreliable (see
+`kernels.triton_fp8`), and its dots upcast bf16/fp16 operands to float32 first (exact), because
+its bf16/fp16 `tl.dot` returns garbage in Triton 3.9.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+LOG2E = 1.4426950408889634
+"""log2(e): logits are scaled by `softmax_scale * LOG2E` so the kernel can use exp2."""
+MIN_BLOCKS_PER_SPLIT = 4
+"""A flash-decoding split covers at least this many BLOCK_S blocks (amortises the merge)."""
+
+
+@triton.jit
+def _query_rows(ptr, b, rows, H, M, cols, n_cols, stride_b, stride_t, stride_h, stride_c):
+    """Load query rows `rows` (flattened `t * H + h`) of batch row b as a `[BLOCK_M, BLOCK_COLS]`
+    tile of the input dtype; rows >= M and cols >= n_cols read as 0."""
+    t = rows // H
+    h = rows % H
+    offs = b.to(tl.int64) * stride_b + t[:, None] * stride_t + h[:, None] * stride_h + cols[None, :] * stride_c
+    return tl.load(ptr + offs, mask=(rows[:, None] < M) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _visible(mask_ptr, b, rows, H, M, slots, hi, stride_b, stride_t, stride_s):
+    """`[BLOCK_M, BLOCK_S]` bool: query row m may attend slot s (and m < M, s < hi)."""
+    t = rows // H
+    ok = (rows[:, None] < M) & (slots[None, :] < hi)
+    offs = b.to(tl.int64) * stride_b + t[:, None] * stride_t + slots[None, :] * stride_s
+    return tl.load(mask_ptr + offs, mask=ok, other=0) != 0
+
+
+@triton.jit
+def _visible_range(mask_ptr, b, rows, H, M, s_begin, s_end, stride_b, stride_t, stride_s,
+                   BLOCK_S: tl.constexpr):
+    """Smallest `[lo, hi)` inside `[s_begin, s_end)` holding every slot any of `rows` can see.
+
+    Returns `lo >= hi` when the rows see nothing in the range.
+    """
+    lo = s_end
+    hi = s_begin
+    for start in range(s_begin, s_end, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        vis = _visible(mask_ptr, b, rows, H, M, slots, s_end, stride_b, stride_t, stride_s)
+        seen = tl.max(vis.to(tl.int32), axis=0) > 0
+        lo = tl.minimum(lo, tl.min(tl.where(seen, slots, s_end), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(seen, slots + 1, s_begin), axis=0))
+    return lo, hi
+
+
+@triton.jit
+def _cache_block(ptr, b, slots, hi, cols, n_cols, stride_b, stride_s, stride_c):
+    """Load `[BLOCK_S, BLOCK_COLS]` cache entries of batch row b; slots >= hi or cols >= n_cols read 0."""
+    offs = b.to(tl.int64) * stride_b + slots[:, None] * stride_s + cols[None, :] * stride_c
+    return tl.load(ptr + offs, mask=(slots[:, None] < hi) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """`a @ b` with float32 accumulation (IEEE fp32 for fp32 operands, never TF32).
+
+    UPCAST converts bf16/fp16 operands to float32 first (exact); the interpreter needs it
+    because its bf16/fp16 `tl.dot` returns garbage in Triton 3.9.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _online_softmax_step(logits, vis, m_i, l_i, acc, kv, UPCAST: tl.constexpr):
+    """Fold one block into the running (max, sum, accumulator) of the base-2 online softmax.
+
+    logits: `[BLOCK_M, BLOCK_S]` fp32, already multiplied by scale * log2(e); vis: same-shape
+    bool; m_i, l_i: `[BLOCK_M]` fp32; acc: `[BLOCK_M, BLOCK_C]` fp32; kv: `[BLOCK_S, BLOCK_C]`
+    in the input dtype (the numerators are rounded to it before the dot, as in the reference).
+    Rows that have seen nothing keep m = -inf, l = 0 and acc = 0.
+    """
+    logits = tl.where(vis, logits, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(logits - m_safe[:, None])
+    l_new = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(kv.dtype), kv, UPCAST)
+    return m_new, l_new, acc
+
+
+@triton.jit
+def _mla_attention_kernel(
+    q_ptr, qpe_ptr, kv_ptr, pe_ptr, mask_ptr, out_ptr, ml_ptr,
+    H, M, C, R, S, blocks_per_split, num_splits, scale_log2,
+    sq_b, sq_t, sq_h, sq_c,
+    sqp_b, sqp_t, sqp_h, sqp_r,
+    skv_b, skv_s, skv_c,
+    spe_b, spe_s, spe_r,
+    sm_b, sm_t, sm_s,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Attention of BLOCK_M flattened (query, head) rows of batch row b over one slot range.
+
+    Program (i, k, b) handles rows `i*BLOCK_M ...` and slots `[k, k+1) * blocks_per_split * BLOCK_S`.
+    Without SPLIT it writes normalised rows of `out[B, M, C]` (contiguous); with SPLIT it writes
+    the unnormalised accumulator to `out[B, M, num_splits, C]` and (max, sum) to
+    `ml[B, M, num_splits, 2]` (float32, base-2 max) for `_merge_splits_kernel`.
+    UPCAST: do the dots in float32 (see `_dot`).
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    cols_c = tl.arange(0, BLOCK_C)
+    cols_r = tl.arange(0, BLOCK_R)
+    s_begin = split * blocks_per_split * BLOCK_S
+    s_end = tl.minimum(S, s_begin + blocks_per_split * BLOCK_S)
+    lo, hi = _visible_range(mask_ptr, b, rows, H, M, s_begin, s_end, sm_b, sm_t, sm_s, BLOCK_S)
+
+    q = _query_rows(q_ptr, b, rows, H, M, cols_c, C, sq_b, sq_t, sq_h, sq_c)
+    q_pe = _query_rows(qpe_ptr, b, rows, H, M, cols_r, R, sqp_b, sqp_t, sqp_h, sqp_r)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for start in range(lo, hi, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        kv = _cache_block(kv_ptr, b, slots, hi, cols_c, C, skv_b, skv_s, skv_c)
+        pe = _cache_block(pe_ptr, b, slots, hi, cols_r, R, spe_b, spe_s, spe_r)
+        logits = _dot(q, tl.trans(kv), UPCAST) + _dot(q_pe, tl.trans(pe), UPCAST)
+        vis = _visible(mask_ptr, b, rows, H, M, slots, hi, sm_b, sm_t, sm_s)
+        m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST)
+
+    row_ok = rows < M
+    out_rows = b.to(tl.int64) * M + rows
+    if SPLIT:
+        part = out_rows * num_splits + split
+        tl.store(out_ptr + part[:, None] * C + cols_c[None, :], acc, mask=row_ok[:, None] & (cols_c[None, :] < C))
+        tl.store(ml_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + out_rows[:, None] * C + cols_c[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols_c[None, :] < C))
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, C, num_splits,
+                         BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge the split partials of one flattened row `r = b * M + m` into `out[r, :C]`.
+
+    `part[R, num_splits, C]`, `ml[R, num_splits, 2]` float32 from `_mla_attention_kernel`.
+    Splits that saw nothing have max -inf and weight 0; a row that saw nothing becomes 0.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    cols = tl.arange(0, BLOCK_C)
+    ok = splits < num_splits
+    ml = ml_ptr + (r * num_splits + splits) * 2
+    m = tl.load(ml, mask=ok, other=float("-inf"))
+    l_i = tl.load(ml + 1, mask=ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    denom = tl.sum(w * l_i, axis=0)
+    part_offs = (r * num_splits + splits)[:, None] * C + cols[None, :]
+    part = tl.load(part_ptr + part_offs, mask=ok[:, None] & (cols[None, :] < C), other=0.0)
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + r * C + cols, out.to(out_ptr.dtype.element_ty), mask=cols < C)
+
+
+INTERPRETED: bool = isinstance(_mla_attention_kernel, InterpretedFunction)
+"""True when the kernels above were built for the interpreter (TRITON_INTERPRET=1 at import)."""
+
+
+def _check_operands(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+                    mask: torch.Tensor) -> None:
+    """Raise ValueError unless the operands have the shapes, dtypes and device the kernel needs."""
+    if q_latent.dim() != 4 or q_pe.dim() != 4 or kv.dim() != 3 or pe.dim() != 3 or mask.dim() != 3:
+        raise ValueError("mla_attention expects q_latent/q_pe [B, T, H, *], kv/pe [B, S, *], mask [B, T, S]")
+    b, t, h, c = q_latent.shape
+    s, r = kv.shape[1], pe.shape[2]
+    expected = {"q_pe": (b, t, h, r), "kv": (b, s, c), "pe": (b, s, r)}
+    for name, tensor in (("q_pe", q_pe), ("kv", kv), ("pe", pe)):
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} != {expected[name]}")
+    if any(m not in (1, n) for m, n in zip(mask.shape, (b, t, s))):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to {(b, t, s)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+    dtypes = {q_latent.dtype, q_pe.dtype, kv.dtype, pe.dtype}
+    if len(dtypes) != 1 or q_latent.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"q_latent, q_pe, kv and pe must share one float32/bf16/fp16 dtype, got {dtypes}")
+    if len({x.device for x in (q_latent, q_pe, kv, pe, mask)}) != 1:
+        raise ValueError("mla_attention operands live on different devices")
+    if not q_latent.is_cuda and not INTERPRETED:
+        raise ValueError(
+            f"Triton kernels got a {q_latent.device.type} tensor; set TRITON_INTERPRET=1 before importing "
+            "kernels.triton_attention to run them on CPU"
+        )
+
+
+def _block_config(m: int, c: int, r: int) -> dict[str, int]:
+    """Tile sizes and launch options for M flattened query rows and latent / RoPE widths C, R."""
+    block_c = triton.next_power_of_2(c)
+    block_r = max(16, triton.next_power_of_2(r))
+    if INTERPRETED:
+        return {"BLOCK_M": 16, "BLOCK_S": 32, "BLOCK_C": block_c, "BLOCK_R": block_r}
+    wide = block_c >= 512  # keep the [BLOCK_M, C] accumulator and query tile within registers
+    block_m = 16 if m <= 16 else 32 if wide else 64
+    return {"BLOCK_M": block_m, "BLOCK_S": 32 if wide else 64, "BLOCK_C": block_c, "BLOCK_R": block_r,
+            "num_warps": 4 if block_m == 16 else 8, "num_stages": 2}
+
+
+def _auto_splits(programs: int, n_blocks: int, device: torch.device) -> int:
+    """Number of slot ranges so that about one wave of programs covers the GPU (1 on CPU)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, programs), n_blocks // MIN_BLOCKS_PER_SPLIT))
+
+
+def _split_layout(n_blocks: int, num_splits: int) -> tuple[int, int]:
+    """(blocks per split, splits) covering n_blocks with no empty split and at most num_splits."""
+    per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks)))
+    return per_split, triton.cdiv(n_blocks, per_split)
+
+
+def mla_attention(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv: torch.Tensor,
+    pe: torch.Tensor,
+    mask: torch.Tensor,
+    softmax_scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton version of `kernels.attention.mla_attention_reference`.
+
+    Args:
+        q_latent: `[B, T, H, C]` float32/bf16/fp16 (any strides).
+        q_pe: `[B, T, H, R]`, same dtype.
+        kv: `[B, S, C]`, same dtype (any strides, e.g. a slice of a longer cache).
+        pe: `[B, S, R]`, same dtype.
+        mask: bool, `[B, T, S]` or broadcastable to it; query t of row b sees slot s iff True.
+        softmax_scale: multiplier on the logits.
+        num_splits: slot ranges processed in parallel and merged (flash decoding); None picks
+            one from the GPU's SM count (1 on CPU). Clamped to the number of BLOCK_S blocks.
+    Returns:
+        `[B, T, H, C]` contiguous tensor in q_latent's dtype; all-zero for queries whose mask
+        row is all False.
+    """
+    _check_operands(q_latent, q_pe, kv, pe, mask)
+    bsz, t, h, c = q_latent.shape
+    s, r = kv.shape[1], pe.shape[2]
+    mask = mask.expand(bsz, t, s).view(torch.uint8)
+    m = t * h
+    if q_latent.numel() == 0 or s == 0:
+        return torch.zeros(bsz, t, h, c, dtype=q_latent.dtype, device=q_latent.device)
+    store_dtype = torch.float32 if INTERPRETED else q_latent.dtype
+    out = torch.empty(bsz, t, h, c, dtype=store_dtype, device=q_latent.device)
+    cfg = _block_config(m, c, r)
+    m_blocks = triton.cdiv(m, cfg["BLOCK_M"])
+    n_blocks = triton.cdiv(s, cfg["BLOCK_S"])
+    if num_splits is None:
+        num_splits = _auto_splits(bsz * m_blocks, n_blocks, q_latent.device)
+    per_split, num_splits = _split_layout(n_blocks, num_splits)
+    split = num_splits > 1
+    part = torch.empty(bsz, m, num_splits, c, dtype=torch.float32, device=out.device) if split else out
+    ml = torch.empty(bsz, m, num_splits, 2, dtype=torch.float32, device=out.device) if split else out
+    _mla_attention_kernel[(m_blocks, num_splits, bsz)](
+        q_latent, q_pe, kv, pe, mask, part, ml,
+        h, m, c, r, s, per_split, num_splits, softmax_scale * LOG2E,
+        *q_latent.stride(), *q_pe.stride(), *kv.stride(), *pe.stride(), *mask.stride(),
+        SPLIT=split, UPCAST=INTERPRETED, **cfg,
+    )
+    if split:
+        _merge_splits_kernel[(bsz * m,)](
+            part, ml, out, c, num_splits,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_C=cfg["BLOCK_C"],
+        )
+    return out.to(q_latent.dtype)

@@ -1,0 +1,397 @@
+"""Tests for masked latent attention (`kernels.attention`, `kernels.triton_attention`).
+
+1. The torch reference against a plain float64 computation (explicit per-query loops over the
+   visible slots), including padding queries (all-False mask rows -> zeros), and a check that
+   the zeros fix left every other output bit-identical.
+2. The Triton kernel, run by the Triton interpreter on CPU, against the reference. The
+   interpreter must be on before any kernel is defined, so those checks run in one fresh
+   subprocess (`python tests/test_attention_kernel.py` with TRITON_INTERPRET=1) and report back
+   as JSON; each check is then asserted by its own test.
+3. Dispatch rules for `impl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import kernels
+from kernels import attention
+
+REPO = Path(__file__).resolve().parents[1]
+C, R = 128, 32  # kv_lora_rank and RoPE width of the test shapes (DeepSeek-V3: 512, 64)
+Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def operands(b: int, t: int, h: int, s: int, seed: int, c: int = C, r: int = R,
+             dtype: torch.dtype = torch.float32) -> Operands:
+    """Random q_latent `[b,t,h,c]`, q_pe `[b,t,h,r]`, kv `[b,s,c]`, pe `[b,s,r]` of `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(b, t, h, c), (b, t, h, r), (b, s, c), (b, s, r)]
+    q, qp, kv, pe = (torch.randn(shape, generator=g).to(dtype) for shape in shapes)
+    return q, qp, kv, pe
+
+
+def prefill_mask(prefix: list[int], n_queries: list[int], t: int, s: int) -> torch.Tensor:
+    """`[B, t, s]` causal mask for ragged rows: row b holds `prefix[b]` cached tokens and
+    `n_queries[b]` new ones at slots `prefix[b] + i`; queries past `n_queries[b]` are padding."""
+    mask = torch.zeros(len(prefix), t, s, dtype=torch.bool)
+    for b, (p, n) in enumerate(zip(prefix, n_queries)):
+        for i in range(n):
+            mask[b, i, : p + i + 1] = True
+    return mask
+
+
+def tree_mask(prefix: list[int], n_nodes: list[int], t: int, s: int, seed: int) -> torch.Tensor:
+    """`[B, t, s]` draft-tree mask: node i of row b sits at slot `prefix[b] + i` under a random
+    earlier parent (or the committed prefix) and sees the prefix, its ancestors and itself;
+    nodes past `n_nodes[b]` are padding."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(prefix), t, s, dtype=torch.bool)
+    for b, (p, n) in enumerate(zip(prefix, n_nodes)):
+        for i in range(n):
+            parent = int(torch.randint(-1, i, (), generator=g)) if i > 0 else -1
+            mask[b, i, :p] = True
+            mask[b, i, p + i] = True
+            if parent >= 0:
+                mask[b, i] |= mask[b, parent]
+    return mask
+
+
+def loop_attention(q: torch.Tensor, qp: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+                   mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Straightforward float64 attention: per (b, t, h), softmax over the visible slots only."""
+    bsz, t, h, c = q.shape
+    out = torch.zeros(bsz, t, h, c, dtype=torch.float64)
+    for b in range(bsz):
+        for i in range(t):
+            slots = mask[b, i].nonzero().flatten()
+            if slots.numel() == 0:
+                continue
+            keys, rope_keys = kv[b, slots].double(), pe[b, slots].double()
+            for j in range(h):
+                logits = (keys @ q[b, i, j].double() + rope_keys @ qp[b, i, j].double()) * scale
+                weights = torch.exp(logits - logits.max())
+                out[b, i, j] = (weights / weights.sum()) @ keys
+    return out
+
+
+def unfixed_reference(q: torch.Tensor, qp: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+                      mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reference as it was before all-masked queries were zeroed (NaN for those)."""
+    scores = torch.einsum("bthc,bsc->bhts", q, kv) + torch.einsum("bthr,bsr->bhts", qp, pe)
+    scores = scores.float() * scale
+    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    probs = scores.softmax(dim=-1).to(kv.dtype)
+    return torch.einsum("bhts,bsc->bthc", probs, kv).to(q.dtype)
+
+
+def mixed_case() -> tuple[Operands, torch.Tensor]:
+    """Small operands with a tree mask that has padding nodes, plus one all-False query."""
+    mask = tree_mask([7, 3], [6, 4], 6, 15, seed=1)
+    mask[0, 2] = False
+    return operands(2, 6, 3, 15, seed=2, c=16, r=8), mask
+
+
+# ------------------------------------------------------------- 1. reference correctness
+
+
+def test_reference_matches_plain_loop() -> None:
+    (q, qp, kv, pe), mask = mixed_case()
+    got = kernels.mla_attention_reference(q, qp, kv, pe, mask, 0.3)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got.double(), loop_attention(q, qp, kv, pe, mask, 0.3), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_zeros_for_all_masked_queries() -> None:
+    (q, qp, kv, pe), mask = mixed_case()
+    padding = ~mask.any(-1)
+    assert padding.sum() == 3  # node 2 of row 0 (cleared) and nodes 4, 5 of row 1 (4-node tree)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = kernels.mla_attention_reference(q.to(dtype), qp.to(dtype), kv.to(dtype), pe.to(dtype), mask, 0.3)
+        assert torch.isfinite(got).all()
+        assert (got[padding] == 0).all()
+        assert (got[~padding].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_unchanged_for_queries_that_see_slots(dtype: torch.dtype) -> None:
+    (q, qp, kv, pe), mask = mixed_case()
+    q, qp, kv, pe = (x.to(dtype) for x in (q, qp, kv, pe))
+    padding = ~mask.any(-1)
+    old = unfixed_reference(q, qp, kv, pe, mask, 0.3)
+    new = kernels.mla_attention_reference(q, qp, kv, pe, mask, 0.3)
+    assert old[padding].isnan().all()  # the behaviour being fixed
+    assert torch.equal(new[~padding], old[~padding])
+
+
+# ------------------------------------------- 2. Triton kernel (interpreter subprocess)
+
+FP32_TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _compare(ops: Operands, mask: torch.Tensor, scale: float, label: str, num_splits: int | None = None,
+             tol: dict[str, float] = FP32_TOL) -> None:
+    """Assert the Triton kernel matches the reference (and is exactly 0 on padding queries)."""
+    from kernels import triton_attention
+
+    want = kernels.mla_attention_reference(*ops, mask, scale)
+    got = triton_attention.mla_attention(*ops, mask, scale, num_splits=num_splits)
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{label}: {got.shape} {got.dtype}"
+    assert torch.isfinite(got).all(), f"{label}: non-finite output"
+    padding = ~mask.expand(ops[0].shape[0], -1, -1).any(-1)
+    assert (got[padding] == 0).all(), f"{label}: padding queries are not zero"
+    torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"{label}: {m}")
+
+
+def _check_causal_prefill() -> None:
+    ops = operands(2, 37, 2, 37, seed=10)
+    _compare(ops, prefill_mask([0, 0], [37, 37], 37, 37), 0.09, "fresh prefill, S=37")
+    ops = operands(2, 9, 3, 52, seed=11)
+    _compare(ops, prefill_mask([40, 23], [9, 9], 9, 52), 0.09, "prefill after a cached prefix")
+
+
+def _check_ragged_rows() -> None:
+    ops = operands(3, 6, 2, 61, seed=12)
+    mask = prefill_mask([0, 17, 55], [6, 3, 1], 6, 61)  # rows 1 and 2 have padding queries
+    _compare(ops, mask, 0.09, "ragged prefill")
+    lengths = torch.tensor([5, 33, 64, 100])
+    decode = (torch.arange(100) < lengths[:, None]).unsqueeze(1)  # [4, 1, 100]
+    _compare(operands(4, 1, 16, 100, seed=13), decode, 0.09, "ragged decode, 16 heads")
+
+
+def _check_tree_masks() -> None:
+    for seed, (prefix, nodes, t, h, s) in enumerate([([30, 7], [12, 9], 12, 4, 45),
+                                                      ([64, 0, 5], [5, 8, 1], 8, 3, 80)]):
+        mask = tree_mask(prefix, nodes, t, s, seed=20 + seed)
+        _compare(operands(len(prefix), t, h, s, seed=30 + seed), mask, 0.09, f"tree {seed}")
+
+
+def _check_padding_queries() -> None:
+    ops = operands(2, 4, 3, 40, seed=40)
+    mask = torch.zeros(2, 4, 40, dtype=torch.bool)
+    mask[0, 1, 39] = True  # one query sees only the very last slot
+    _compare(ops, mask, 0.09, "mostly padding")
+    _compare(ops, torch.zeros(2, 4, 40, dtype=torch.bool), 0.09, "all padding")
+    _compare(operands(2, 4, 3, 0, seed=41), torch.zeros(2, 4, 0, dtype=torch.bool), 0.09, "empty cache")
+
+
+def _check_short_caches() -> None:
+    for s in (1, 5, 32, 33):
+        mask = torch.rand(2, 3, s, generator=torch.Generator().manual_seed(s)) < 0.7
+        mask[:, :, 0] = True
+        _compare(operands(2, 3, 5, s, seed=50 + s), mask, 0.09, f"S={s}")
+        _compare(operands(2, 3, 5, s, seed=60 + s, c=96, r=24), mask, 0.09, f"S={s}, C=96, R=24 (padded tiles)")
+
+
+def _check_split_slots() -> None:
+    mask = tree_mask([70, 3], [10, 6], 10, 90, seed=60)
+    ops = operands(2, 10, 3, 90, seed=61)
+    for splits in (2, 3, 50):  # 50 is clamped to the 3 blocks of 32 slots
+        _compare(ops, mask, 0.09, f"tree, {splits} splits", num_splits=splits)
+    lengths = torch.tensor([3, 64, 90])  # row 0 sees nothing in its later splits
+    decode = (torch.arange(90) < lengths[:, None]).unsqueeze(1)
+    _compare(operands(3, 1, 16, 90, seed=62), decode, 0.09, "ragged decode, 3 splits", num_splits=3)
+    _compare(ops, torch.zeros(2, 10, 90, dtype=torch.bool), 0.09, "all padding, 3 splits", num_splits=3)
+
+
+def _check_exact(ops: Operands, mask: torch.Tensor, scale: float, label: str, tol: float) -> None:
+    """Assert the Triton kernel is within `tol` (relative and absolute) of float64 attention."""
+    from kernels import triton_attention
+
+    got = triton_attention.mla_attention(*ops, mask, scale).double()
+    torch.testing.assert_close(got, loop_attention(*ops, mask, scale), rtol=tol, atol=tol,
+                               msg=lambda m: f"{label} vs float64: {m}")
+
+
+def _check_low_precision() -> None:
+    mask = tree_mask([30, 7], [12, 9], 12, 45, seed=70)
+    for dtype, ulp in ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-10)):
+        ops = operands(2, 12, 4, 45, seed=71, dtype=dtype)
+        # The reference rounds the logits to the input dtype, the kernel keeps them in float32:
+        # a few output ulps apart, while the kernel stays within about one ulp of exact maths.
+        tol = {"rtol": 4 * ulp, "atol": 4 * ulp}
+        _compare(ops, mask, 0.09, f"{dtype}", tol=tol)
+        _compare(ops, mask, 0.09, f"{dtype}, 2 splits", num_splits=2, tol=tol)
+        _check_exact(ops, mask, 0.09, f"{dtype}", tol=ulp)
+
+
+def _check_strided_operands() -> None:
+    b, t, h, s, full = 2, 7, 3, 53, 80
+    q, qp, kv_cache, pe_cache = operands(b, t, h, full, seed=80)
+    q_bhtc = q.transpose(1, 2).contiguous()
+    q_view = q_bhtc.transpose(1, 2)  # [b, t, h, C] with permuted strides
+    qp_view = torch.cat([torch.randn(b, t, h, 16), qp], dim=-1)[..., 16:]  # like q.split(...)
+    kv, pe = kv_cache[:, :s], pe_cache[:, :s]
+    mask_full = prefill_mask([46, 46], [7, 7], t, full)
+    for mask, label in [(mask_full[:, :, :s], "sliced mask"), (mask_full[:1, :, :s], "broadcast mask")]:
+        ops = (q_view, qp_view, kv, pe)
+        assert not any(x.is_contiguous() for x in ops)
+        _compare(ops, mask, 0.09, f"strided operands, {label}")
+
+
+def _check_large_logits() -> None:
+    q, qp, kv, pe = operands(2, 9, 3, 52, seed=90)
+    mask = prefill_mask([40, 23], [9, 9], 9, 52)
+    # Without the running max, exp of these logits (~200) would overflow float32. Their float32
+    # rounding (ulp ~1.5e-5) alone moves the outputs by ~1e-5, hence the wider tolerance.
+    ops = (q * 30, qp * 30, kv, pe)
+    _compare(ops, mask, 0.5, "logits in the hundreds", tol={"rtol": 1e-4, "atol": 1e-4})
+    _check_exact(ops, mask, 0.5, "logits in the hundreds", tol=1e-5)
+
+
+def _check_dispatch_and_validation() -> None:
+    import kernels.triton_attention as ta
+
+    ops = operands(2, 3, 2, 20, seed=95)
+    mask = prefill_mask([10, 17], [3, 3], 3, 20)
+    torch.testing.assert_close(kernels.mla_attention(*ops, mask, 0.1, impl="triton"),
+                               ta.mla_attention(*ops, mask, 0.1), rtol=0, atol=0)
+    q, qp, kv, pe = ops
+    bad = [
+        ((q, qp, kv[:, :-1], pe, mask), "pe shape"),
+        ((q, qp[..., :-1], kv, pe, mask), "q_pe shape"),
+        ((q, qp, kv, pe, mask[:, :2]), "mask shape"),
+        ((q, qp, kv, pe, mask.float()), "mask must be bool"),
+        ((q.double(), qp.double(), kv.double(), pe.double(), mask), "dtype"),
+        ((q, qp, kv.bfloat16(), pe, mask), "dtype"),
+    ]
+    for args, message in bad:
+        try:
+            ta.mla_attention(*args, 0.1)
+        except ValueError as e:
+            assert message in str(e), f"wrong error for {message!r}: {e}"
+        else:
+            raise AssertionError(f"no ValueError for {message!r}")
+
+
+def _check_kernels_are_interpreted() -> None:
+    from kernels import triton_attention
+
+    assert triton_attention.INTERPRETED
+
+
+INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
+    "interpreted": _check_kernels_are_interpreted,
+    "causal_prefill": _check_causal_prefill,
+    "ragged_rows": _check_ragged_rows,
+    "tree_masks": _check_tree_masks,
+    "padding_queries": _check_padding_queries,
+    "short_caches": _check_short_caches,
+    "split_slots": _check_split_slots,
+    "low_precision": _check_low_precision,
+    "strided_operands": _check_strided_operands,
+    "large_logits": _check_large_logits,
+    "dispatch_and_validation": _check_dispatch_and_validation,
+}
+
+
+def _run_interpreter_checks() -> dict[str, str]:
+    """Run every check (in a process started with TRITON_INTERPRET=1); name -> "ok" or the error."""
+    results = {}
+    for name, check in INTERPRETER_CHECKS.items():
+        try:
+            check()
+            results[name] = "ok"
+        except Exception as e:  # report every failure, not only the first
+            results[name] = f"{type(e).__name__}: {e}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, str]:
+    """Run the interpreter checks once, in a fresh process with TRITON_INTERPRET=1."""
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(INTERPRETER_CHECKS))
+def test_triton_interpreter_matches_reference(interpreter_results: dict[str, str], name: str) -> None:
+    assert interpreter_results[name] == "ok", interpreter_results[name]
+
+
+# ----------------------------------------------------------------------------- 3. dispatch
+
+
+def test_auto_and_torch_on_cpu_use_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_triton() -> None:
+        raise AssertionError("the Triton path was taken for CPU tensors")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # even with the interpreter available
+    monkeypatch.setattr(attention, "_triton_impl", no_triton)
+    (q, qp, kv, pe), mask = mixed_case()
+    want = kernels.mla_attention_reference(q, qp, kv, pe, mask, 0.3)
+    assert torch.equal(kernels.mla_attention(q, qp, kv, pe, mask, 0.3), want)
+    assert torch.equal(kernels.mla_attention(q, qp, kv, pe, mask, 0.3, impl="torch"), want)
+
+
+def test_auto_picks_triton_for_cuda_tensors_only_when_triton_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda_tensor = SimpleNamespace(is_cuda=True)  # `_use_triton` only asks where the operand lives
+    monkeypatch.setattr(attention, "triton_available", lambda: True)
+    assert attention._use_triton("auto", cuda_tensor, needs_grad=False)
+    assert attention._use_triton("triton", cuda_tensor, needs_grad=False)
+    assert not attention._use_triton("torch", cuda_tensor, needs_grad=False)
+    assert not attention._use_triton("auto", torch.zeros(1), needs_grad=False)
+    assert not attention._use_triton("auto", cuda_tensor, needs_grad=True)  # no backward in Triton
+    with pytest.raises(ValueError, match="no backward"):
+        attention._use_triton("triton", cuda_tensor, needs_grad=True)
+    monkeypatch.setattr(attention, "triton_available", lambda: False)
+    assert not attention._use_triton("auto", cuda_tensor, needs_grad=False)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        attention._use_triton("triton", cuda_tensor, needs_grad=False)
+
+
+def test_gradients_flow_through_auto() -> None:
+    ops, mask = mixed_case()
+    for x in ops:
+        x.requires_grad_(True)
+    kernels.mla_attention(*ops, mask, 0.3).sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in ops)
+    assert (ops[0].grad[~mask.any(-1)] == 0).all()  # padding queries get zero gradient, not NaN
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (q, qp, kv, pe), mask = mixed_case()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.mla_attention(q, qp, kv, pe, mask, 0.3, impl="triton")
+
+
+def test_unknown_impl_raises() -> None:
+    (q, qp, kv, pe), mask = mixed_case()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.mla_attention(q, qp, kv, pe, mask, 0.3, impl="cuda")
+
+
+def test_cpu_attention_does_not_import_triton() -> None:
+    code = (
+        "import sys, torch, kernels; "
+        "m = torch.ones(1, 2, 3, dtype=torch.bool); "
+        "out = kernels.mla_attention(torch.ones(1, 2, 4, 8), torch.ones(1, 2, 4, 2), torch.ones(1, 3, 8), "
+        "torch.ones(1, 3, 2), m, 0.5); "
+        "assert out.shape == (1, 2, 4, 8); "
+        "assert 'triton' not in sys.modules, 'CPU attention imported triton'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1 (pytest does this through the interpreter_results fixture)")
+    print(json.dumps(_run_interpreter_checks()))

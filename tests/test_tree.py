@@ -1,0 +1,158 @@
+"""Draft trees: masks and positions against brute force, lossless tree decoding, compaction, chain equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec.acceptance
+from mtp.tree_draft import expand_tree
+from specdec import Engine, SpecConfig
+from specdec.speculative import SpeculativeDecoder
+from specdec.tree import DraftTree, ancestor_matrix, tree_attention_mask
+from tests.test_speculative import assert_same_or_tie, chi_square, exact_joint, random_prompts, sample_joint
+
+
+def random_tree(n: int, gen: torch.Generator) -> list[int]:
+    """Parents of nodes 1..n (each parent precedes its child)."""
+    return [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n + 1)]
+
+
+def test_masks_and_positions_match_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        batch, n = 3, int(torch.randint(1, 12, (1,), generator=gen))
+        parents = torch.tensor([random_tree(n, gen) for _ in range(batch)])
+        lengths = torch.randint(0, 9, (batch,), generator=gen)
+        kv_len = int(lengths.max()) + n + 1 + 2
+        depth = torch.zeros(batch, n + 1, dtype=torch.long)
+        for b in range(batch):
+            for i in range(1, n + 1):
+                depth[b, i] = depth[b, parents[b, i - 1]] + 1
+        tree = DraftTree(torch.zeros(batch, n, dtype=torch.long), parents, depth[:, 1:])
+        mask = tree_attention_mask(lengths, ancestor_matrix(parents), kv_len)
+        for b in range(batch):
+            for i in range(n + 1):
+                chain, node = {i}, i
+                while node:
+                    node = int(parents[b, node - 1])
+                    chain.add(node)
+                expected = [s < lengths[b] or (int(s - lengths[b]) in chain) for s in range(kv_len)]
+                assert mask[b, i].tolist() == expected
+        assert torch.equal(tree.all_depths(), depth)
+
+
+@pytest.fixture(scope="module")
+def eng(f32_ckpt):
+    return Engine.from_pretrained(f32_ckpt, device="cpu", dtype=torch.float32, max_seq_len=160)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_vocab_ckpt):
+    engine = Engine.from_pretrained(tiny_vocab_ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
+    engine.eos_ids = frozenset()
+    return engine
+
+
+SHAPES = [(2, 2, None), (3, 2, 6), (3, 3, 9), (4, 2, 8), (2, 4, 12)]
+
+
+@pytest.mark.parametrize("depth, topk, nodes", SHAPES)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_tree_greedy_equals_plain(eng, tiny, depth, topk, nodes, batch):
+    for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
+        prompts = random_prompts(vocab, [7, 3, 11, 5][:batch], seed=depth + 10 * topk + batch)
+        plain = engine.generate(prompts, max_new_tokens=20).token_ids
+        out = engine.generate(prompts, max_new_tokens=20, spec=SpecConfig(depth=depth, topk=topk, nodes=nodes))
+        assert assert_same_or_tie(engine, prompts, out.token_ids, plain) == 0
+
+
+def test_trees_accept_more_than_chains(tiny):
+    prompts = random_prompts(8, [4, 6, 9, 5], seed=2)
+    chain = tiny.generate(prompts, max_new_tokens=40, spec=SpecConfig(depth=3))
+    tree = tiny.generate(prompts, max_new_tokens=40, spec=SpecConfig(depth=3, topk=3, nodes=9))
+    assert tree.stats.tau > chain.stats.tau
+    assert tree.stats.acceptance_per_position[0] > chain.stats.acceptance_per_position[0]
+
+
+class TreeChainDecoder(SpeculativeDecoder):
+    """Drafts its chain through the tree expansion code with topk 1."""
+
+    def _draft(self, cache, lengths, logits, hidden):
+        batch = lengths.shape[0]
+        sampled = self.temperature > 0 and self.spec.draft_mode == "sample"
+        return expand_tree(self.drafter, cache.kv[:, :batch], cache.pe[:, :batch], lengths, logits, hidden,
+                           self.spec.depth, 1, self.spec.depth, sampled, self.temperature, self.top_p,
+                           self.spec.draft_hidden, self.generator)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_topk1_tree_expansion_reproduces_the_chain(eng, tiny, temperature):
+    for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
+        prompts = random_prompts(vocab, [7, 3, 11, 5], seed=9)
+        spec = SpecConfig(depth=3)
+        chain = SpeculativeDecoder(engine, spec, temperature, 1.0, 4).generate(prompts, 24)
+        tree = TreeChainDecoder(engine, spec, temperature, 1.0, 4).generate(prompts, 24)
+        assert tree[0] == chain[0]
+        assert tree[1].tau == chain[1].tau and tree[1].acceptance_per_position == chain[1].acceptance_per_position
+
+
+def test_compacted_cache_equals_plain_decoding_cache(eng):
+    """After tree steps with arbitrary accepted paths, verifier and MTP rows equal a from-scratch pass."""
+    prompt = random_prompts(eng.args.vocab_size, [9], seed=7)
+    out = eng.generate(prompt, max_new_tokens=24, spec=SpecConfig(depth=3, topk=3, nodes=9))
+    cache, n_layers = eng._cache, eng.args.n_layers
+    length = int(cache.lengths[0])
+    seq = prompt[0] + out.token_ids[0]
+    assert length == len(seq) - 1
+    tokens = torch.tensor([seq[:length]])
+    pos = torch.arange(length).unsqueeze(0)
+    mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
+    kv = torch.zeros(n_layers + 1, 1, length, eng.args.kv_lora_rank)
+    pe = torch.zeros(n_layers + 1, 1, length, eng.args.qk_rope_head_dim)
+    with torch.inference_mode():
+        ver = eng.model(tokens, pos, kv, pe, pos, mask)
+        eng.drafter(torch.tensor([seq[1:length + 1]]), ver.hidden, pos, kv, pe, pos, mask)
+    torch.testing.assert_close(cache.kv[:, 0, :length], kv[:, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache.pe[:, 0, :length], pe[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_tree_draft_shape_and_budget(eng):
+    """The drafted tree has exactly `nodes` nodes, depths ≤ K, parents before children."""
+    prompts = random_prompts(eng.args.vocab_size, [5, 8], seed=1)
+    dec = SpeculativeDecoder(eng, SpecConfig(depth=3, topk=3, nodes=10), 0.0, 1.0, 0)
+    seen = []
+    original = dec._draft
+
+    def spy(*a):
+        tree = original(*a)
+        seen.append(tree)
+        return tree
+
+    dec._draft = spy
+    dec.generate(prompts, 6)
+    for tree in seen:
+        assert tree.n_nodes == 10 and int(tree.depths.max()) <= 3
+        idx = torch.arange(1, 11)
+        assert torch.all(tree.parents < idx)
+        parent_depth = torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], 1).gather(1, tree.parents)
+        assert torch.equal(tree.depths, parent_depth + 1)
+
+
+@pytest.mark.parametrize("mode, temperature, top_p", [("onehot", 1.0, 1.0), ("sample", 1.0, 1.0),
+                                                      ("sample", 0.9, 0.9)])
+def test_tree_sampled_joint_distribution_matches_plain(tiny, mode, temperature, top_p):
+    prompt = [3, 5, 2, 7]
+    spec = SpecConfig(depth=2, topk=3, nodes=12 if mode == "sample" else 8, draft_mode=mode)
+    counts = sample_joint(tiny, prompt, 3, 6000, spec, temperature, top_p, seed=13)
+    stat, crit = chi_square(counts, exact_joint(tiny, prompt, 3, temperature, top_p))
+    assert stat < crit, (stat, crit)
+
+
+def test_tree_wrong_residual_is_detected(tiny, monkeypatch):
+    prompt = [3, 5, 2, 7]
+    probs = exact_joint(tiny, prompt, 3, 1.0, 1.0)
+    monkeypatch.setattr(specdec.acceptance, "residual_distribution", lambda p, q: p)
+    spec = SpecConfig(depth=2, topk=3, nodes=12, draft_mode="sample")
+    stat, crit = chi_square(sample_joint(tiny, prompt, 3, 6000, spec, 1.0, 1.0, seed=13), probs)
+    assert stat > crit, (stat, crit)
