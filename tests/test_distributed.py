@@ -58,7 +58,8 @@ def test_cli_under_torchrun_prints_once_and_matches(fp8_ckpt, tmp_path):
               "--max-new-tokens", "10"]
     one = run_cli(["-m", "specdec.generate", *common, "--json", str(tmp_path / "1.json")])
     two = run_cli([*TORCHRUN, "-m", "specdec.generate", *common, "--json", str(tmp_path / "2.json")], timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count(">>> def f(x):") == 1  # only rank 0 prints
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count(">>> def f(x):") == 1, two.stdout  # only rank 0 prints
     r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ("1.json", "2.json"))
-    assert [r["token_ids"] for r in r1["results"]] == [r["token_ids"] for r in r2["results"]]
+    assert [r["token_ids"] for r in r1["results"]] == [r["token_ids"] for r in r2["results"]], (r1, r2)

@@ -66,8 +66,8 @@ def test_bad_api_input(eng):
         eng.generate([[10**6]])
     with pytest.raises(ConfigError, match="maximum sequence length"):
         eng.generate([[1] * 90], max_new_tokens=10)
-    with pytest.raises(ConfigError, match="not available"):
-        eng.generate(PROMPTS, spec=SpecConfig(depth=2))
+    with pytest.raises(ConfigError, match="draft slots"):  # drafts need cache room beyond the budget
+        eng.generate([[1] * 84], max_new_tokens=10, spec=SpecConfig(depth=4))
     with pytest.raises(ConfigError, match="depth"):
         SpecConfig(depth=0)
 
