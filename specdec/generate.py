@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from model.errors import ConfigError, SpecdecError
+from specdec.auto_tree import choose_tree
 from specdec.engine import Engine, SpecConfig
 
 EXIT_USAGE = 2
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree-topk", type=int, default=1, help="children per expanded draft node (1: a chain)")
     p.add_argument("--tree-nodes", type=int, default=None,
                    help="draft nodes verified per step (default: tree-topk x draft-depth)")
+    p.add_argument("--tree", choices=["auto"], default=None,
+                   help="auto: choose depth/topk/nodes from measured acceptance and verify cost (prints why)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -67,12 +70,17 @@ def check_args(a: argparse.Namespace) -> None:
         raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
     if a.tree_nodes is not None and a.tree_nodes < a.draft_depth:
         raise ConfigError(f"--tree-nodes ({a.tree_nodes}) must be >= --draft-depth ({a.draft_depth})")
+    if a.tree == "auto" and a.spec == "none":
+        raise ConfigError("--tree auto chooses a draft tree; it needs --spec mtp")
     if a.compare and a.spec == "none":
         raise ConfigError("--compare compares MTP speculative decoding with plain decoding; it needs --spec mtp")
 
 
-def spec_config(engine: Engine, a: argparse.Namespace) -> SpecConfig | None:
-    """The SpecConfig the flags ask for (None: plain), after checking the checkpoint can draft."""
+def spec_config(engine: Engine, a: argparse.Namespace, prompts: list | None = None) -> SpecConfig | None:
+    """The SpecConfig the flags ask for (None: plain), after checking the checkpoint can draft.
+
+    With `--tree auto` the shape is calibrated on `prompts` and the reasoning printed (rank 0).
+    """
     spec = a.spec or ("mtp" if engine.drafter is not None else "none")
     if spec == "none":
         if a.compare:
@@ -81,6 +89,11 @@ def spec_config(engine: Engine, a: argparse.Namespace) -> SpecConfig | None:
     if engine.drafter is None:
         raise ConfigError(f"--spec mtp: {engine.checkpoint} has no MTP layer "
                           f"(model.layers.{engine.args.n_layers}.* is absent)")
+    if a.tree == "auto" and prompts:
+        choice = choose_tree(engine, engine.encode(prompts), a.temperature, a.top_p, a.seed, a.draft_mode)
+        if engine.ctx.rank == 0:
+            print(choice.report, file=sys.stderr)
+        return SpecConfig(depth=choice.depth, topk=choice.topk, nodes=choice.nodes, draft_mode=a.draft_mode)
     try:
         return SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_mode=a.draft_mode)
     except ConfigError as e:
@@ -128,7 +141,7 @@ def stats_line(label: str, s) -> str:
 
 
 def run_batch(engine: Engine, a: argparse.Namespace, prompts: list[str]) -> None:
-    spec = spec_config(engine, a)
+    spec = spec_config(engine, a, prompts)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
     out = engine.generate(prompts, spec=spec, **kw)
     plain = engine.generate(prompts, spec=None, **kw) if a.compare else None
@@ -154,6 +167,8 @@ def run_interactive(engine: Engine, a: argparse.Namespace) -> None:
     """Multi-turn chat; the chat template is used when the tokenizer has one. /exit quits, /clear resets."""
     tok = engine.tokenizer
     messages: list[dict] = []
+    spec: SpecConfig | None = None
+    calibrated = False
     while True:
         line = _read_line(engine, ">>> ")
         if line is None or line.strip() == "/exit":
@@ -169,8 +184,10 @@ def run_interactive(engine: Engine, a: argparse.Namespace) -> None:
             ids = list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
         else:
             ids = tok.encode("\n".join(m["content"] for m in messages), add_special_tokens=False)
+        if not calibrated:  # --tree auto calibrates on the first message
+            spec, calibrated = spec_config(engine, a, [ids]), True
         out = engine.generate([ids], max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                              seed=a.seed, spec=spec_config(engine, a))
+                              seed=a.seed, spec=spec)
         reply = out.texts[0]
         if engine.ctx.rank == 0:
             print(reply)

@@ -156,3 +156,16 @@ def test_tree_wrong_residual_is_detected(tiny, monkeypatch):
     spec = SpecConfig(depth=2, topk=3, nodes=12, draft_mode="sample")
     stat, crit = chi_square(sample_joint(tiny, prompt, 3, 6000, spec, 1.0, 1.0, seed=13), probs)
     assert stat > crit, (stat, crit)
+
+
+def test_tree_auto_calibrates_and_explains(tiny):
+    from specdec.auto_tree import MAX_DEPTH, MAX_TOPK, choose_tree
+
+    prompts = random_prompts(8, [4, 6], seed=3)
+    choice = choose_tree(tiny, prompts, 0.0, 1.0, 0)
+    assert 1 <= choice.depth <= MAX_DEPTH and 1 <= choice.topk <= MAX_TOPK
+    assert choice.nodes == choice.depth * choice.topk
+    assert "chosen: depth" in choice.report and "P(depth d accepted" in choice.report
+    spec = SpecConfig(depth=choice.depth, topk=choice.topk, nodes=choice.nodes)
+    out = tiny.generate(prompts, max_new_tokens=12, spec=spec)
+    assert out.token_ids == tiny.generate(prompts, max_new_tokens=12).token_ids
