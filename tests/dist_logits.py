@@ -14,10 +14,14 @@ logits = eng.logits(ids)
 gen = eng.generate(ids, max_new_tokens=12)
 sampled = eng.generate(ids, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
 spec_greedy = eng.generate(ids, max_new_tokens=12, spec=SpecConfig(depth=3))
+spec_tree = eng.generate(ids, max_new_tokens=12, spec=SpecConfig(depth=3, topk=2, nodes=6))
+spec_tree_sampled = eng.generate(ids, max_new_tokens=12, temperature=1.0, seed=7,
+                                 spec=SpecConfig(depth=2, topk=2, draft_mode="sample"))
 spec_sampled = eng.generate(ids, max_new_tokens=12, temperature=1.0, seed=7,
                             spec=SpecConfig(depth=2, draft_mode="sample"))
 if eng.ctx.rank == 0:
     with open(out_file, "w") as f:
         json.dump({"world_size": eng.ctx.world_size, "logits": logits.tolist(), "greedy": gen.token_ids,
                    "sampled": sampled.token_ids, "spec_greedy": spec_greedy.token_ids,
-                   "spec_sampled": spec_sampled.token_ids}, f)
+                   "spec_sampled": spec_sampled.token_ids, "spec_tree": spec_tree.token_ids,
+                   "spec_tree_sampled": spec_tree_sampled.token_ids}, f)

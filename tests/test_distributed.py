@@ -31,6 +31,8 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["sampled"] == b["sampled"]
     assert a["spec_greedy"] == b["spec_greedy"] == a["greedy"]  # lossless across ranks too
     assert a["spec_sampled"] == b["spec_sampled"]  # lockstep draws: every rank decides the same
+    assert a["spec_tree"] == b["spec_tree"] == a["greedy"]
+    assert a["spec_tree_sampled"] == b["spec_tree_sampled"]
 
 
 def test_two_ranks_match_one_process(fp8_ckpt, single, tmp_path):
