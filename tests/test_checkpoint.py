@@ -173,3 +173,34 @@ def test_reader_reports_missing_index_shard(fp8_ckpt, tmp_path):
     next(ck.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="model-00002"):
         CheckpointReader(ck)
+
+
+def test_wrong_dtype(fp8_ckpt, tmp_path):
+    ck = _copy(fp8_ckpt, tmp_path / "c")
+    name = "model.norm.weight"
+    _rewrite_shard(ck, name, lambda t: t.__setitem__(name, torch.ones(256, dtype=torch.int32)))
+    _assert_one_line_error(_generate(ck), name, "dtype")
+
+
+def test_fp8_weight_stored_as_float_where_fp8_is_kept(fp8_ckpt, tmp_path):
+    ck = _copy(fp8_ckpt, tmp_path / "c")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    _rewrite_shard(ck, name, lambda t: t.__setitem__(name, t[name].to(torch.bfloat16)))
+    with pytest.raises(CheckpointError, match="expected float8_e4m3fn"):
+        load_verifier(ck, ParallelContext(), keep_fp8=True, show_progress=False)
+
+
+def test_kv_lora_rank_mismatch_with_config(fp8_ckpt, tmp_path):
+    ck = _copy(fp8_ckpt, tmp_path / "c")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["kv_lora_rank"] = 64
+    (ck / "config.json").write_text(json.dumps(cfg))
+    _assert_one_line_error(_generate(ck), "kv_a_proj_with_mqa", "shape")
+
+
+def test_heads_not_divisible_by_world_size(fp8_ckpt, tmp_path):
+    ck = _copy(fp8_ckpt, tmp_path / "c")
+    cfg = json.loads((ck / "config.json").read_text())
+    with pytest.raises(Exception, match="not divisible by world size 3"):
+        load_verifier(ck, ParallelContext(3, 0), show_progress=False)
+    assert cfg["num_attention_heads"] % 3

@@ -1,0 +1,148 @@
+"""`python -m specdec.plan`: per-rank memory of a deployment, before launching it.
+
+    python -m specdec.plan --config configs/config_671B.json --world-size 16 --max-batch-size 32 \\
+        --max-seq-len 16384 --spec mtp --tree-nodes 8 --gpu-mem-gib 141
+
+Weights are counted from the very modules the loader fills, built on the meta device with this
+rank's `ParallelContext` (so the sharding rules are the loader's, exactly): FP8 projections and
+their float32 scales, BF16 embeddings/head/norms/router, float32 router bias, and the MTP layer
+(without its embedding/head copies, which specdec shares with the verifier). The shared MLA cache
+holds (kv_lora_rank + qk_rope_head_dim) values per token for every main layer and the MTP layer,
+replicated on every rank, for `max_seq_len` plus the draft's scratch slots. Activations are
+estimated for the largest verify step (batch × (nodes+1) tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from model.args import ModelArgs, load_model_args
+from model.errors import SpecdecError
+from model.mtp_layer import MTPLayer
+from model.parallel import ParallelContext
+from model.transformer import Transformer
+
+GIB = 1 << 30
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes on one rank, by kind."""
+
+    fp8_weights: int
+    fp8_scales: int
+    other_weights: int  # BF16 (or compute dtype) embeddings, head, norms, router; float32 router bias
+    mtp_weights: int  # part of the three above that belongs to the MTP layer
+    cache: int
+    cache_bytes_per_token: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.fp8_weights + self.fp8_scales + self.other_weights + self.cache + self.activations
+
+
+def rank_modules(args: ModelArgs, ctx: ParallelContext, dtype: torch.dtype, keep_fp8: bool, with_mtp: bool):
+    """The verifier and (optionally) MTP layer of this rank on the meta device, as the loader builds them."""
+    fp8_block = args.fp8_block_size if keep_fp8 else None
+    with torch.device("meta"):
+        main = Transformer(args, ctx, dtype, fp8_block, 2)
+        mtp = MTPLayer(args.n_layers, args, ctx, dtype, fp8_block) if with_mtp else None
+    if mtp is not None:  # specdec reuses the verifier's embedding and head (identical copies in the release)
+        mtp.embed_tokens = None
+        mtp.shared_head.head = None
+    return main, mtp
+
+
+def _weight_bytes(module: torch.nn.Module) -> tuple[int, int, int]:
+    fp8 = scales = other = 0
+    for name, p in module.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if p.dtype == torch.float8_e4m3fn:
+            fp8 += nbytes
+        elif name.endswith("weight_scale_inv"):
+            scales += nbytes
+        else:
+            other += nbytes
+    return fp8, scales, other
+
+
+def plan(args: ModelArgs, world_size: int, max_batch: int, max_seq_len: int, spec_nodes: int | None,
+         dtype: torch.dtype = torch.bfloat16, keep_fp8: bool = True, rank: int = 0) -> MemoryPlan:
+    """Per-rank memory for `max_batch` sequences of `max_seq_len` tokens (spec_nodes: draft nodes, None: plain)."""
+    ctx = ParallelContext(world_size, rank)
+    with_mtp = spec_nodes is not None and args.n_mtp_layers > 0
+    main, mtp = rank_modules(args, ctx, dtype, keep_fp8 and args.fp8_block_size is not None, with_mtp)
+    fp8, scales, other = _weight_bytes(main)
+    mtp_bytes = 0
+    if mtp is not None:
+        m_fp8, m_scales, m_other = _weight_bytes(mtp)
+        fp8, scales, other = fp8 + m_fp8, scales + m_scales, other + m_other
+        mtp_bytes = m_fp8 + m_scales + m_other
+    elem = torch.empty((), dtype=dtype).element_size()
+    n_cache_layers = args.n_layers + (1 if with_mtp else 0)
+    per_token = (args.kv_lora_rank + args.qk_rope_head_dim) * n_cache_layers * elem
+    draft_slots = (spec_nodes + 1) if spec_nodes else 0
+    cache = per_token * max_batch * (max_seq_len + draft_slots)
+    tokens = max_batch * (spec_nodes + 1 if spec_nodes else 1)
+    heads = args.n_heads // world_size
+    kv_len = max_seq_len + draft_slots
+    activations = (
+        tokens * heads * kv_len * 4 * 2  # attention logits and probabilities, float32
+        + tokens * heads * (args.kv_lora_rank + args.qk_rope_head_dim) * elem * 2  # latent queries and outputs
+        + tokens * args.vocab_size * 4 * 2  # gathered float32 logits and sampling probabilities
+        + tokens * max(args.inter_dim // world_size, args.moe_inter_dim * args.n_activated_experts) * elem * 3
+        + tokens * args.dim * elem * 8  # residual stream and block temporaries
+    )
+    return MemoryPlan(fp8, scales, other, mtp_bytes, cache, per_token, activations)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m specdec.plan", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="HF config.json (or checkpoint dir) or a demo JSON config")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--spec", choices=["mtp", "none"], default="mtp")
+    p.add_argument("--tree-nodes", type=int, default=3, help="draft nodes per step (chain: the draft depth)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU")
+    a = p.parse_args(argv)
+    try:
+        for flag, value in (("--world-size", a.world_size), ("--max-batch-size", a.max_batch_size),
+                            ("--max-seq-len", a.max_seq_len), ("--tree-nodes", a.tree_nodes)):
+            if value < 1:
+                raise SpecdecError(f"{flag} must be >= 1, got {value}")
+        args = load_model_args(a.config)
+        nodes = a.tree_nodes if a.spec == "mtp" else None
+        if nodes is not None and args.n_mtp_layers == 0:
+            raise SpecdecError(f"{a.config}: config has no MTP layer (num_nextn_predict_layers = 0); use --spec none")
+        dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+        m = plan(args, a.world_size, a.max_batch_size, a.max_seq_len, nodes, dtype)
+    except SpecdecError as e:
+        print(f"specdec.plan: error: {e}", file=sys.stderr)
+        return 2
+    budget = a.gpu_mem_gib * GIB
+    print(f"per-rank memory, world size {a.world_size}, batch {a.max_batch_size} x {a.max_seq_len} tokens, "
+          f"{'MTP ' + str(nodes) + ' draft nodes' if nodes else 'plain decoding'}:")
+    print(f"  weights FP8          {_gib(m.fp8_weights)}")
+    print(f"  weights FP8 scales   {_gib(m.fp8_scales)}")
+    print(f"  weights BF16/FP32    {_gib(m.other_weights)}")
+    print(f"    of which MTP layer {_gib(m.mtp_weights)}")
+    print(f"  MLA latent cache     {_gib(m.cache)}  ({m.cache_bytes_per_token / 1024:.1f} KiB per token)")
+    print(f"  activations (est.)   {_gib(m.activations)}")
+    print(f"  total                {_gib(m.total)}  of {a.gpu_mem_gib:.0f} GiB: "
+          f"{'fits' if m.total <= budget else 'DOES NOT FIT'} ({100 * m.total / budget:.0f}%)")
+    return 0 if m.total <= budget else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Failure behaviour: rank faults under torchrun, Ctrl-C, long runs, and the memory planner."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.args import load_model_args
+from model.convert import convert
+from model.load import load_verifier
+from model.parallel import ParallelContext
+from mtp.drafter import load_drafter
+from specdec import Engine, SpecConfig
+from specdec.plan import plan
+from tests.conftest import REPO, run_cli
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def test_a_failing_rank_does_not_hang_the_others(fp8_ckpt, tmp_path):
+    sharded = convert(fp8_ckpt, tmp_path / "mp2", 2)
+    bad = sharded / "model1-mp2.safetensors"
+    bad.write_bytes(bad.read_bytes()[:1000])  # only rank 1 reads this file
+    start = time.monotonic()
+    proc = run_cli([*TORCHRUN, "-m", "specdec.generate", "--ckpt-path", str(sharded), "--prompt", "x"], timeout=180)
+    assert time.monotonic() - start < 120
+    assert proc.returncode != 0
+    assert "specdec.generate: error:" in proc.stderr and "model1-mp2.safetensors" in proc.stderr
+
+
+def test_ctrl_c_in_interactive_mode_ends_cleanly(fp8_ckpt):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "specdec.generate", "--ckpt-path", str(fp8_ckpt), "--interactive"],
+                            cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.monotonic() + 120
+    while not seen.endswith(">>> ") and time.monotonic() < deadline:
+        seen += proc.stdout.read(1)
+    assert seen.endswith(">>> ")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_soak_many_batches_no_growth_and_always_lossless(f32_ckpt):
+    eng = Engine.from_pretrained(f32_ckpt, device="cpu", dtype=torch.float32, max_seq_len=128)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [None, SpecConfig(depth=3), SpecConfig(depth=3, topk=2, nodes=6)]
+
+    def one_round(i: int) -> None:
+        prompts = [torch.randint(3, 512, (int(n),), generator=gen).tolist()
+                   for n in torch.randint(2, 12, (4,), generator=gen)]
+        plain = eng.generate(prompts, max_new_tokens=16).token_ids
+        for spec in shapes[1:]:
+            assert eng.generate(prompts, max_new_tokens=16, spec=spec).token_ids == plain, (i, spec)
+        eng.generate(prompts, max_new_tokens=16, temperature=1.0, seed=i, spec=shapes[i % 3])
+
+    for i in range(3):  # warm-up: caches and allocator pools reach their steady size
+        one_round(i)
+    gc.collect()
+    before = _rss_bytes()
+    for i in range(3, 13):
+        one_round(i)
+    gc.collect()
+    growth = _rss_bytes() - before
+    assert growth < 32 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 10 rounds"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_planner_counts_exactly_the_loaded_tensors(fp8_ckpt, world_size):
+    args = load_model_args(fp8_ckpt)
+    for rank in range(world_size):
+        ctx = ParallelContext(world_size, rank)
+        model, reader = load_verifier(fp8_ckpt, ctx, keep_fp8=True, show_progress=False)
+        drafter = load_drafter(model, reader, "cpu", model.fp8_block)
+        loaded = list(model.parameters()) + list(drafter.layer.parameters())
+        fp8 = sum(p.numel() for p in loaded if p.dtype == torch.float8_e4m3fn)
+        total = sum(p.numel() * p.element_size() for p in loaded)
+        m = plan(args, world_size, 2, 64, 4, dtype=torch.float32, keep_fp8=True, rank=rank)
+        assert m.fp8_weights == fp8
+        assert m.fp8_weights + m.fp8_scales + m.other_weights == total
+        assert m.mtp_weights == sum(p.numel() * p.element_size() for p in drafter.layer.parameters())
+        assert m.cache_bytes_per_token == (128 + 32) * 4 * 4  # (kv_lora + rope) x (3 layers + MTP) x fp32
+
+
+def test_planner_cli_on_the_671b_config():
+    proc = run_cli(["-m", "specdec.plan", "--config", "configs/config_671B.json", "--world-size", "16",
+                    "--max-batch-size", "32", "--max-seq-len", "16384", "--spec", "mtp", "--tree-nodes", "8",
+                    "--gpu-mem-gib", "141"])
+    assert proc.returncode == 0, proc.stderr
+    assert "69.8 KiB per token" in proc.stdout and "fits" in proc.stdout
+    proc = run_cli(["-m", "specdec.plan", "--config", "configs/config_671B.json", "--world-size", "3"])
+    assert proc.returncode == 2 and "not divisible by world size 3" in proc.stderr
