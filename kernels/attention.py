@@ -20,12 +20,11 @@ Triton is imported lazily, only when the Triton path is taken.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 
-from .dispatch import IMPLS, triton_available
+from .dispatch import resolve_impl
 
 
 def mla_attention_reference(
@@ -61,22 +60,10 @@ def mla_attention_reference(
 
 def _use_triton(impl: str, t: torch.Tensor, needs_grad: bool) -> bool:
     """Resolve `impl` for attention whose main operand is `t` (`needs_grad`: autograd must track
-    the call); raise ValueError if impossible."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
-        return False
-    if impl == "auto":
-        return t.is_cuda and not needs_grad and triton_available()
-    if needs_grad:
+    the call; the kernel has no backward); raise ValueError if impossible."""
+    if needs_grad and impl == "triton":
         raise ValueError("impl='triton' has no backward; use impl='torch' or 'auto' when gradients are needed")
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"impl='triton' on a {t.device.type} tensor needs TRITON_INTERPRET=1; use impl='torch' or 'auto'"
-        )
-    if not triton_available():
-        raise ValueError("impl='triton' was requested but triton cannot be imported")
-    return True
+    return resolve_impl(impl, t, t.is_cuda and not needs_grad)
 
 
 def _triton_impl() -> ModuleType:

@@ -38,14 +38,17 @@ def _fp8_capable_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.get_device_capability(t.device) >= MIN_FP8_CAPABILITY
 
 
-def _use_triton(impl: str, t: torch.Tensor) -> bool:
-    """Resolve `impl` for an op whose main operand is `t`; raise ValueError if impossible."""
+def resolve_impl(impl: str, t: torch.Tensor, auto_picks_triton: bool) -> bool:
+    """Whether to run the Triton kernel for `impl` on main operand `t`; raise ValueError if impossible.
+
+    `auto_picks_triton`: the op's own rule for when "auto" should take Triton (triton must also import).
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return False
     if impl == "auto":
-        return _fp8_capable_cuda(t) and triton_available()
+        return auto_picks_triton and triton_available()
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"impl='triton' on a {t.device.type} tensor needs TRITON_INTERPRET=1; use impl='torch' or 'auto'"
@@ -53,6 +56,11 @@ def _use_triton(impl: str, t: torch.Tensor) -> bool:
     if not triton_available():
         raise ValueError("impl='triton' was requested but triton cannot be imported")
     return True
+
+
+def _use_triton(impl: str, t: torch.Tensor) -> bool:
+    """FP8 ops: "auto" takes Triton on FP8-capable CUDA devices."""
+    return resolve_impl(impl, t, _fp8_capable_cuda(t))
 
 
 def _triton_impl() -> ModuleType:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm import trange
 
 from model.args import load_model_args
+from model.export import atomic_directory
 from model.checkpoint import SHARDING_FILE, CheckpointReader, load_state
 from model.errors import SpecdecError
 from model.mtp_layer import MTPLayer
@@ -59,9 +58,7 @@ def convert(src: str | Path, dst: str | Path, world_size: int) -> Path:
     reader = CheckpointReader(src)
     if reader.presharded:
         raise SpecdecError(f"{src}: already pre-sharded; convert from the original HF checkpoint")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_directory(dst) as tmp:
         for rank in trange(world_size, desc="ranks"):
             state = rank_state(reader, src, ParallelContext(world_size, rank))
             save_file(state, str(tmp / f"model{rank}-mp{world_size}.safetensors"), metadata={"format": "pt"})
@@ -69,12 +66,6 @@ def convert(src: str | Path, dst: str | Path, world_size: int) -> Path:
         for name in COPIED_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

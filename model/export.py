@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +46,22 @@ def quantize_state(tensors: dict[str, torch.Tensor], block: int = 128,
     return out
 
 
+@contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temp directory beside `out_dir` that replaces `out_dir` only if the block succeeds."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_checkpoint(
     out_dir: str | Path,
     tensors: dict[str, torch.Tensor],
@@ -61,9 +79,7 @@ def write_checkpoint(
         shard_bytes: start a new shard after this many bytes (several shards + index always written).
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in sorted(tensors, key=_natural_key):
@@ -88,12 +104,6 @@ def write_checkpoint(
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / file, mode) as f:
                 f.write(content)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import kernels
+from model.export import atomic_directory
 from model.checkpoint import SCALE_SUFFIX, CheckpointReader
 from model.errors import CheckpointError, SpecdecError
 
@@ -30,9 +29,7 @@ def cast(src: str | Path, dst: str | Path, block: int = 128) -> Path:
     reader = CheckpointReader(src)
     if reader.presharded:
         raise SpecdecError(f"{src}: pre-sharded checkpoints cannot be cast; cast the HF checkpoint first")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_directory(dst) as tmp:
         shards = sorted(set(reader.weight_map.values()))
         weight_map: dict[str, str] = {}
         for shard in tqdm(shards, desc="casting shards", unit="shard"):
@@ -59,12 +56,6 @@ def cast(src: str | Path, dst: str | Path, block: int = 128) -> Path:
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
                     "config.json", "model.safetensors.index.json"):
                 shutil.copyfile(f, tmp / f.name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

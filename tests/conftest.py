@@ -44,3 +44,25 @@ def tiny_vocab_ckpt(tmp_path_factory) -> Path:
                        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32,
                        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
     return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "v8", cfg, fp8=False, seed=3)
+
+
+@pytest.fixture(scope="session")
+def f32_engine(f32_ckpt):
+    """Engine over the float32 checkpoint (vocab 512), cache room for 160 tokens."""
+    import torch
+
+    from specdec import Engine
+
+    return Engine.from_pretrained(f32_ckpt, device="cpu", dtype=torch.float32, max_seq_len=160)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_vocab_ckpt):
+    """Engine over the 8-token model; no end-of-sequence token, so every row runs to max_new_tokens."""
+    import torch
+
+    from specdec import Engine
+
+    engine = Engine.from_pretrained(tiny_vocab_ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
+    engine.eos_ids = frozenset()
+    return engine

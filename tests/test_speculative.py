@@ -17,16 +17,13 @@ from specdec.tree import chain_tree
 
 
 @pytest.fixture(scope="module")
-def eng(f32_ckpt):
-    return Engine.from_pretrained(f32_ckpt, device="cpu", dtype=torch.float32, max_seq_len=160)
+def eng(f32_engine):
+    return f32_engine
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_vocab_ckpt):
-    """8-token model; no end-of-sequence token, so every row runs to max_new_tokens."""
-    engine = Engine.from_pretrained(tiny_vocab_ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
-    engine.eos_ids = frozenset()
-    return engine
+def tiny(tiny_engine):
+    return tiny_engine
 
 
 def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from model.synthetic import random_tensors
 from mtp import train as T
 from mtp.data import (build_corpus, encode_stream, heldout_windows, split_files, stdlib_root, train_batch,
                       window_starts)
-from mtp.train_model import DeepSeekV3ForTraining, export_tensors, load_tensors, update_router_bias
+from mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors, update_router_bias
 
 TINY = [
     "--vocab-size", "512", "--hidden", "64", "--layers", "2", "--dense-layers", "1", "--heads", "2",
@@ -38,7 +39,7 @@ TINY = [
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _restore_threads() -> None:
+def _restore_threads() -> Iterator[None]:
     """`mtp.train.run` sets torch's thread count; give the rest of the test session its own back."""
     threads = torch.get_num_threads()
     yield
@@ -240,7 +241,8 @@ def _naive_moe(x: torch.Tensor, w: dict[str, torch.Tensor], p: str, args: ModelA
     for tok in x:
         scores = torch.sigmoid(w[p + "gate.weight"] @ tok)
         choice = scores + w[p + "gate.e_score_correction_bias"]
-        group_score = [sorted(choice[g * per_group:(g + 1) * per_group].tolist())[-2:] for g in range(args.n_expert_groups)]
+        group_score = [sorted(choice[g * per_group:(g + 1) * per_group].tolist())[-2:]
+                       for g in range(args.n_expert_groups)]
         groups = sorted(range(args.n_expert_groups), key=lambda g: -sum(group_score[g]))[: args.n_limited_groups]
         allowed = [e for e in range(args.n_routed_experts) if e // per_group in groups]
         chosen = sorted(allowed, key=lambda e: -choice[e].item())[: args.n_activated_experts]
@@ -348,7 +350,7 @@ def test_resume_is_bit_exact(tmp_path: Path, data_cache: Path) -> None:
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), f"{file}: {name}"
-    metrics = [(straight / "metrics.jsonl").read_text().splitlines(), (split / "metrics.jsonl").read_text().splitlines()]
+    metrics = [(work / "metrics.jsonl").read_text().splitlines() for work in (straight, split)]
     strip = [[{k: v for k, v in json.loads(r).items() if k != "minutes"} for r in m] for m in metrics]
     assert strip[0] == strip[1] and len(strip[0]) == 3
     state = json.loads((split / "checkpoint" / "state.json").read_text())["state"]
@@ -362,3 +364,29 @@ def test_resume_refuses_a_different_architecture(tmp_path: Path, data_cache: Pat
     T.run(TINY + ["--steps", "2", "--work-dir", str(work)])
     with pytest.raises(ValueError, match="hidden_size"):
         T.run(TINY + ["--steps", "4", "--work-dir", str(work), "--resume", "--hidden", "96"])
+
+
+@torch.no_grad()
+def test_fake_fp8_weights_train_on_the_exported_values() -> None:
+    args = tiny_args()
+    model = _random_model(args, seed=4)
+    floats = export_tensors(model)
+    tokens = torch.randint(3, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    exported = DeepSeekV3ForTraining(args, 64)
+    load_tensors(exported, T.dequantized(T.quantize_state(floats, float_dtype=torch.float32)))
+    with fake_fp8_weights(model):
+        inside = model.main_forward(tokens)[1]
+        q_b = model.model.layers[0].self_attn.q_b_proj.weight.clone()
+    torch.testing.assert_close(inside, exported.main_forward(tokens)[1], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(q_b, floats["model.layers.0.self_attn.q_b_proj.weight"])
+    torch.testing.assert_close(q_b, exported.model.layers[0].self_attn.q_b_proj.weight, atol=0, rtol=0)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, floats[name]), name  # float master weights restored
+
+
+def test_minutes_budget_plans_and_finishes(tmp_path: Path, data_cache: Path) -> None:
+    work = work_dir(tmp_path, data_cache, "timed")
+    summary = T.run(TINY + ["--minutes", "0.04", "--eval-every", "5", "--work-dir", str(work)])
+    state = json.loads((work / "checkpoint" / "state.json").read_text())["state"]
+    assert summary["finished"] and state["planned_final"]
+    assert state["step"] == state["total_steps"] >= 5

@@ -43,15 +43,13 @@ def test_masks_and_positions_match_brute_force():
 
 
 @pytest.fixture(scope="module")
-def eng(f32_ckpt):
-    return Engine.from_pretrained(f32_ckpt, device="cpu", dtype=torch.float32, max_seq_len=160)
+def eng(f32_engine):
+    return f32_engine
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_vocab_ckpt):
-    engine = Engine.from_pretrained(tiny_vocab_ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
-    engine.eos_ids = frozenset()
-    return engine
+def tiny(tiny_engine):
+    return tiny_engine
 
 
 SHAPES = [(2, 2, None), (3, 2, 6), (3, 3, 9), (4, 2, 8), (2, 4, 12)]
