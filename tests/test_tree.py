@@ -7,10 +7,11 @@ import torch
 
 import specdec.acceptance
 from mtp.tree_draft import expand_tree
-from specdec import Engine, SpecConfig
+from specdec import SpecConfig
 from specdec.speculative import SpeculativeDecoder
 from specdec.tree import DraftTree, ancestor_matrix, tree_attention_mask
-from tests.test_speculative import assert_same_or_tie, chi_square, exact_joint, random_prompts, sample_joint
+from tests.test_speculative import (  # noqa: F401  (eng, tiny: the same engine fixtures)
+    assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, sample_joint, tiny)
 
 
 def random_tree(n: int, gen: torch.Generator) -> list[int]:
@@ -40,16 +41,6 @@ def test_masks_and_positions_match_brute_force():
                 expected = [s < lengths[b] or (int(s - lengths[b]) in chain) for s in range(kv_len)]
                 assert mask[b, i].tolist() == expected
         assert torch.equal(tree.all_depths(), depth)
-
-
-@pytest.fixture(scope="module")
-def eng(f32_engine):
-    return f32_engine
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_engine):
-    return tiny_engine
 
 
 SHAPES = [(2, 2, None), (3, 2, 6), (3, 3, 9), (4, 2, 8), (2, 4, 12)]
