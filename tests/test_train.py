@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import kernels
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -390,3 +392,24 @@ def test_minutes_budget_plans_and_finishes(tmp_path: Path, data_cache: Path) -> 
     state = json.loads((work / "checkpoint" / "state.json").read_text())["state"]
     assert summary["finished"] and state["planned_final"]
     assert state["step"] == state["total_steps"] >= 5
+
+
+def test_exported_fp8_weights_dequantise_to_the_float_weights(trained) -> None:
+    """Every FP8 projection of the export is its float training weight within FP8 (e4m3) rounding."""
+    from safetensors.torch import load_file
+
+    work, _ = trained
+    floats = load_file(str(work / "checkpoint" / "model.safetensors"))
+    stored = _stored(work / "export")
+    checked = 0
+    for name, w in stored.items():
+        if w.dtype != torch.float8_e4m3fn or name not in floats:
+            continue
+        scale = stored[name + "_scale_inv"]
+        deq = kernels.weight_dequant(w, scale, impl="torch")
+        ref = floats[name].float()
+        block_scale = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: ref.shape[0], : ref.shape[1]]
+        # e4m3: 3 mantissa bits (relative step 2^-3, so error ≤ 2^-4 of |w|), subnormal step 2^-9 × scale
+        assert torch.all((deq - ref).abs() <= ref.abs() * 2**-4 + block_scale * 2**-9 + 1e-12), name
+        checked += 1
+    assert checked >= 10
