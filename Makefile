@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m specdec.generate --prompt "def fibonacci(n):" --prompt "import os" --max-new-tokens 64 --compare
+	$(PY) -m specdec.generate --prompt "def fibonacci(n):" --prompt "class Stack:" --max-new-tokens 64 --compare
 
 test: install
 	$(PY) -m pytest -q
