@@ -111,26 +111,29 @@ def test_long_accepted_runs_stay_lossless(eng):
     assert stats.tau > 2.0 and stats.acceptance_per_position[3] > 0.2
 
 
-def test_refreshed_mtp_cache_equals_from_scratch_pass(eng):
-    prompt = random_prompts(eng.args.vocab_size, [9], seed=7)
-    out = eng.generate(prompt, max_new_tokens=20, spec=SpecConfig(depth=3))
-    cache, n_layers = eng._cache, eng.args.n_layers
+def assert_cache_equals_from_scratch(engine: Engine, spec: SpecConfig, max_new_tokens: int) -> None:
+    """Decode one prompt speculatively, then check its verifier and MTP cache rows against one verifier
+    prefill over the committed tokens followed by one MTP pass over the pairs (h_i, x_{i+1})."""
+    prompt = random_prompts(engine.args.vocab_size, [9], seed=7)
+    out = engine.generate(prompt, max_new_tokens=max_new_tokens, spec=spec)
+    cache, n_layers = engine._cache, engine.args.n_layers
     length = int(cache.lengths[0])
     seq = prompt[0] + out.token_ids[0]
     assert length == len(seq) - 1  # the last emitted token is pending, not yet in the verifier cache
-    kv_spec = cache.kv[:, 0, :length].clone()
-    pe_spec = cache.pe[:, 0, :length].clone()
-    # from scratch: one verifier prefill over the committed tokens, then one MTP pass over (h_i, x_{i+1})
     tokens = torch.tensor([seq[:length]])
     pos = torch.arange(length).unsqueeze(0)
     mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
-    kv = torch.zeros(n_layers + 1, 1, length, eng.args.kv_lora_rank)
-    pe = torch.zeros(n_layers + 1, 1, length, eng.args.qk_rope_head_dim)
+    kv = torch.zeros(n_layers + 1, 1, length, engine.args.kv_lora_rank)
+    pe = torch.zeros(n_layers + 1, 1, length, engine.args.qk_rope_head_dim)
     with torch.inference_mode():
-        ver = eng.model(tokens, pos, kv, pe, pos, mask)
-        eng.drafter(torch.tensor([seq[1:length + 1]]), ver.hidden, pos, kv, pe, pos, mask)
-    torch.testing.assert_close(kv_spec, kv[:, 0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(pe_spec, pe[:, 0], rtol=1e-4, atol=1e-5)
+        ver = engine.model(tokens, pos, kv, pe, pos, mask)
+        engine.drafter(torch.tensor([seq[1:length + 1]]), ver.hidden, pos, kv, pe, pos, mask)
+    torch.testing.assert_close(cache.kv[:, 0, :length], kv[:, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache.pe[:, 0, :length], pe[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_refreshed_mtp_cache_equals_from_scratch_pass(eng):
+    assert_cache_equals_from_scratch(eng, SpecConfig(depth=3), 20)
 
 
 def test_mtp_forward_matches_independent_implementation(eng, f32_ckpt):

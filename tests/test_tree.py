@@ -11,7 +11,8 @@ from specdec import SpecConfig
 from specdec.speculative import SpeculativeDecoder
 from specdec.tree import DraftTree, ancestor_matrix, tree_attention_mask
 from tests.test_speculative import (  # noqa: F401  (eng, tiny: the same engine fixtures)
-    assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, sample_joint, tiny)
+    assert_cache_equals_from_scratch, assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, sample_joint,
+    tiny)
 
 
 def random_tree(n: int, gen: torch.Generator) -> list[int]:
@@ -88,22 +89,7 @@ def test_topk1_tree_expansion_reproduces_the_chain(eng, tiny, temperature):
 
 def test_compacted_cache_equals_plain_decoding_cache(eng):
     """After tree steps with arbitrary accepted paths, verifier and MTP rows equal a from-scratch pass."""
-    prompt = random_prompts(eng.args.vocab_size, [9], seed=7)
-    out = eng.generate(prompt, max_new_tokens=24, spec=SpecConfig(depth=3, topk=3, nodes=9))
-    cache, n_layers = eng._cache, eng.args.n_layers
-    length = int(cache.lengths[0])
-    seq = prompt[0] + out.token_ids[0]
-    assert length == len(seq) - 1
-    tokens = torch.tensor([seq[:length]])
-    pos = torch.arange(length).unsqueeze(0)
-    mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
-    kv = torch.zeros(n_layers + 1, 1, length, eng.args.kv_lora_rank)
-    pe = torch.zeros(n_layers + 1, 1, length, eng.args.qk_rope_head_dim)
-    with torch.inference_mode():
-        ver = eng.model(tokens, pos, kv, pe, pos, mask)
-        eng.drafter(torch.tensor([seq[1:length + 1]]), ver.hidden, pos, kv, pe, pos, mask)
-    torch.testing.assert_close(cache.kv[:, 0, :length], kv[:, 0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cache.pe[:, 0, :length], pe[:, 0], rtol=1e-4, atol=1e-5)
+    assert_cache_equals_from_scratch(eng, SpecConfig(depth=3, topk=3, nodes=9), 24)
 
 
 def test_tree_draft_shape_and_budget(eng):
