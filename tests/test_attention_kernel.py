@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import pytest
 import torch
 
 import kernels
+from tests.interpreter_harness import main as interpreter_main
+from tests.interpreter_harness import results_in_interpreter
 from kernels import attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,26 +298,10 @@ INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
 }
 
 
-def _run_interpreter_checks() -> dict[str, str]:
-    """Run every check (in a process started with TRITON_INTERPRET=1); name -> "ok" or the error."""
-    results = {}
-    for name, check in INTERPRETER_CHECKS.items():
-        try:
-            check()
-            results[name] = "ok"
-        except Exception as e:  # report every failure, not only the first
-            results[name] = f"{type(e).__name__}: {e}"
-    return results
-
-
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, str]:
     """Run the interpreter checks once, in a fresh process with TRITON_INTERPRET=1."""
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return results_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("name", list(INTERPRETER_CHECKS))
@@ -392,6 +377,4 @@ def test_cpu_attention_does_not_import_triton() -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("run with TRITON_INTERPRET=1 (pytest does this through the interpreter_results fixture)")
-    print(json.dumps(_run_interpreter_checks()))
+    interpreter_main(INTERPRETER_CHECKS)
