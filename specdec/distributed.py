@@ -30,6 +30,11 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Leave the process group. With wait_for_peers, first meet every rank at a barrier, so no rank tears
+    down gloo's transport while a peer still uses it (after a fault, call it without: a dead peer never arrives)."""
+    if not dist.is_initialized():
+        return
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()

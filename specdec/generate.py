@@ -16,6 +16,7 @@ from pathlib import Path
 
 from model.errors import ConfigError, SpecdecError
 from specdec.auto_tree import choose_tree
+from specdec.distributed import shutdown
 from specdec.engine import Engine, SpecConfig
 
 EXIT_USAGE = 2
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             run_interactive(engine, a)
         else:
             run_batch(engine, a, prompts)
+        shutdown(wait_for_peers=True)
     except SpecdecError as e:
         print(f"specdec.generate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -233,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         print("specdec.generate: interrupted", file=sys.stderr)
         return 130
     finally:
-        from specdec.distributed import shutdown
-
         shutdown()
     return 0
 

@@ -6,6 +6,7 @@ import sys
 import torch
 
 from specdec import Engine, SpecConfig
+from specdec.distributed import shutdown
 
 ckpt, out_file = sys.argv[1], sys.argv[2]
 eng = Engine.from_pretrained(ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
@@ -25,3 +26,4 @@ if eng.ctx.rank == 0:
                    "sampled": sampled.token_ids, "spec_greedy": spec_greedy.token_ids,
                    "spec_sampled": spec_sampled.token_ids, "spec_tree": spec_tree.token_ids,
                    "spec_tree_sampled": spec_tree_sampled.token_ids}, f)
+shutdown(wait_for_peers=True)
