@@ -88,6 +88,9 @@ class GenerationStats:
     draft_acceptance_rate: accepted drafts / drafted tokens. row_steps: verify steps summed over rows.
     tokens_per_s: tokens / wall_s. wall_s: seconds for the whole call (prefill included).
     prefill_s: seconds of the prefill forward; decode_s: seconds after it.
+    ttft_s: seconds from the call to the first new token of every row (prefill + first sample).
+    tpot_s: one entry per new token after each row's first: the seconds it took, i.e. the wall time
+        of the step that produced it divided by the tokens that step gave its row (for p50/p90).
     """
 
     tokens: int = 0
@@ -101,6 +104,8 @@ class GenerationStats:
     batch_size: int = 0
     draft_acceptance_rate: float = 0.0
     row_steps: int = 0
+    ttft_s: float = 0.0
+    tpot_s: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -266,9 +271,16 @@ class Engine:
 
         outputs: list[list[int]] = [[] for _ in range(batch)]
         row_of = list(range(batch))  # cache row r holds prompt row_of[r]; active rows are a prefix
-        steps = 0
+        steps, ttft, tpot = 0, 0.0, []
+        step_start = start
         while True:
             next_tokens = sample(logits, temperature, top_p, generator).tolist()
+            now = time.perf_counter()
+            if steps == 0:
+                ttft = now - start
+            else:
+                tpot.extend([now - step_start] * len(next_tokens))
+            step_start = now
             finished = []
             for r, tok in enumerate(next_tokens):
                 out = outputs[row_of[r]]
@@ -289,7 +301,8 @@ class Engine:
         wall = time.perf_counter() - start
         n_tokens = sum(map(len, outputs))
         stats = GenerationStats(tokens=n_tokens, verify_steps=steps, tau=1.0, tokens_per_s=n_tokens / wall,
-                                wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch)
+                                wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch,
+                                ttft_s=ttft, tpot_s=tpot)
         return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
 
     def _prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,

@@ -95,7 +95,9 @@ class SpeculativeDecoder:
         pending, draft_logits, draft_hidden = self._prefill(cache, ids)
         prefill_s = time.perf_counter() - start
         live = self._emit([[t] for t in pending.tolist()], max_new_tokens)
-        steps = 0
+        self.ttft_s = time.perf_counter() - start
+        self.tpot_s: list[float] = []
+        steps, step_start = 0, start + self.ttft_s
         while live:
             pending, draft_logits, draft_hidden = self._compact(cache, live, pending, draft_logits, draft_hidden)
             lengths = cache.lengths[: len(self.row_of)]
@@ -108,6 +110,10 @@ class SpeculativeDecoder:
             path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
             runs = [path_tokens[r][:a] + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
             live = self._emit(runs, max_new_tokens)
+            now = time.perf_counter()
+            for run in runs:  # each of a row's tokens took the step's time over the row's run length
+                self.tpot_s.extend([(now - step_start) / len(run)] * len(run))
+            step_start = now
             steps += 1
         return self.outputs, self._stats(steps, start, prefill_s, batch)
 
@@ -249,4 +255,5 @@ class SpeculativeDecoder:
             tokens=n_tokens, verify_steps=steps, tau=c.emitted / c.row_steps if c.row_steps else 0.0,
             acceptance_per_position=per_pos, tokens_per_s=n_tokens / wall, wall_s=wall, prefill_s=prefill_s,
             decode_s=wall - prefill_s, batch_size=batch,
-            draft_acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0, row_steps=c.row_steps)
+            draft_acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0, row_steps=c.row_steps,
+            ttft_s=self.ttft_s, tpot_s=self.tpot_s)
