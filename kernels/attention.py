@@ -48,14 +48,17 @@ def mla_attention_reference(
         `[B, T, H, C]` attention-weighted latents, in q_latent's dtype. Logits are computed in
         the input dtype, the softmax in float32, the weighted sum in kv's dtype.
     """
-    hidden = ~mask.unsqueeze(1)
-    scores = torch.einsum("bthc,bsc->bhts", q_latent, kv) + torch.einsum("bthr,bsr->bhts", q_pe, pe)
-    scores = scores.float() * softmax_scale
-    scores = scores.masked_fill(hidden, float("-inf"))
-    # Hidden slots already have probability exactly 0, except in all-hidden rows, where the
-    # softmax is 0/0 = NaN: zeroing hidden slots again turns exactly those rows into zeros.
-    probs = scores.softmax(dim=-1).masked_fill(hidden, 0.0).to(kv.dtype)
-    return torch.einsum("bhts,bsc->bthc", probs, kv).to(q_latent.dtype)
+    batch, width, heads, rank = q_latent.shape
+    # rows are (token, head) pairs: two batched GEMMs per sequence, no per-head copies of the cache
+    scores = torch.baddbmm(
+        torch.bmm(q_pe.reshape(batch, width * heads, -1), pe.transpose(1, 2)),
+        q_latent.reshape(batch, width * heads, rank), kv.transpose(1, 2),
+    ).view(batch, width, heads, -1)
+    scores = (scores.float() * softmax_scale).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    # Hidden slots get probability exactly 0; an all-hidden row is 0/0 = NaN, which becomes zeros.
+    probs = scores.softmax(dim=-1).nan_to_num(0.0).to(kv.dtype)
+    out = torch.bmm(probs.view(batch, width * heads, -1), kv)
+    return out.view(batch, width, heads, rank).to(q_latent.dtype)
 
 
 def _use_triton(impl: str, t: torch.Tensor, needs_grad: bool) -> bool:

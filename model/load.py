@@ -8,7 +8,7 @@ import torch
 
 from model.args import ModelArgs, load_model_args
 from model.checkpoint import CheckpointReader, load_state, mtp_tensor_names
-from model.parallel import ParallelContext
+from model.parallel import ParallelContext, prepare_cpu
 from model.transformer import Transformer
 
 
@@ -43,5 +43,7 @@ def load_verifier(
         model = Transformer(args, ctx, dtype, fp8_block, max_seq_len)
     load_state(model, reader, "", device, show_progress and ctx.rank == 0, args.fp8_block_size or 128)
     model.init_rope(device)
+    if torch.device(device).type == "cpu":
+        prepare_cpu(model, transposed_copies=(model.lm_head,))
     model.mtp_tensors = mtp_tensor_names(reader, args.n_layers)
     return model.eval(), reader

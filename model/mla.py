@@ -16,7 +16,7 @@ from torch import nn
 import kernels
 from model.args import ModelArgs
 from model.parallel import ColumnParallelLinear, Linear, ParallelContext, RMSNorm, RowParallelLinear
-from model.rope import apply_rope
+from model.rope import rotate
 
 
 class MLA(nn.Module):
@@ -58,8 +58,7 @@ class MLA(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: torch.Tensor,
         kv_cache: torch.Tensor,
         pe_cache: torch.Tensor,
         write_slots: torch.Tensor,
@@ -69,7 +68,7 @@ class MLA(nn.Module):
 
         Args:
             x: `[B, T, dim]` normed hidden states of the new tokens.
-            cos, sin: `[B, T, rope_dim/2]` rotary tables at each token's position.
+            rope: `[B, T, rope_dim/2]` complex64 rotation (cos + i·sin) at each token's position.
             kv_cache: `[B, S, kv_lora_rank]` latent cache rows of these B sequences (written in place).
             pe_cache: `[B, S, rope_dim]` rotated RoPE-key cache (written in place).
             write_slots: `[B, T]` int64 cache slot for each new token's latent.
@@ -86,9 +85,9 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(bsz, seqlen, self.n_local_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
+        q_pe = rotate(q_pe, rope)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        k_pe = rotate(k_pe.unsqueeze(2), rope).squeeze(2)
 
         rows = torch.arange(bsz, device=x.device).unsqueeze(1)
         kv_cache[rows, write_slots] = self.kv_a_layernorm(latent).to(kv_cache.dtype)
@@ -96,9 +95,14 @@ class MLA(nn.Module):
 
         kv_len = attn_mask.shape[-1]
         w_kv_b = self._kv_b()
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_kv_b[:, : self.nope_dim])
+        heads = self.n_local_heads
+        # absorb W_uk into the queries: per head [B·T, nope] @ [nope, C] (one batched GEMM over heads)
+        q_latent = torch.bmm(q_nope.reshape(bsz * seqlen, heads, self.nope_dim).transpose(0, 1),
+                             w_kv_b[:, : self.nope_dim]).transpose(0, 1).reshape(bsz, seqlen, heads, -1)
         out_latent = kernels.mla_attention(
             q_latent, q_pe, kv_cache[:, :kv_len], pe_cache[:, :kv_len], attn_mask, self.softmax_scale
         )
-        out = torch.einsum("bthc,hdc->bthd", out_latent, w_kv_b[:, self.nope_dim :])
-        return self.o_proj(out.flatten(2))
+        # W_uv after attention: per head [B·T, C] @ [C, v]
+        out = torch.bmm(out_latent.reshape(bsz * seqlen, heads, -1).transpose(0, 1),
+                        w_kv_b[:, self.nope_dim :].transpose(1, 2))
+        return self.o_proj(out.transpose(0, 1).reshape(bsz, seqlen, heads * self.v_dim))

@@ -61,7 +61,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[N, dim]` → (weights `[N, topk]` float32, expert indices `[N, topk]` int64)."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x, self.weight) if x.dtype == self.weight.dtype == torch.float32 else \
+            F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_groups > 1:
@@ -99,19 +100,45 @@ class MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[..., dim]` → `[..., dim]`."""
+        """x `[..., dim]` → `[..., dim]`.
+
+        Routed slots (token, choice) are sorted by expert, so each local expert runs once on a
+        contiguous slice of gathered tokens and one `index_add_` scatters all results back.
+        """
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices = self.gate(flat)
+        if flat.shape[0] == 1:
+            return self._one_token(flat, weights, indices).view(shape)
+        expert_of = indices.flatten()
+        order = expert_of.argsort()
+        counts = torch.bincount(expert_of, minlength=self.n_routed_experts).tolist()
+        first = sum(counts[: self.local_experts.start])  # local experts' slots are contiguous once sorted
+        slots = order[first : first + sum(counts[e] for e in self.local_experts)]
+        tokens = slots // indices.shape[1]
+        gathered = flat[tokens]
+        outs, start = [], 0
+        for e in self.local_experts:
+            if counts[e]:
+                outs.append(self.experts[str(e)](gathered[start : start + counts[e]]))
+                start += counts[e]
         routed = torch.zeros_like(flat)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts).tolist()
-        for i in self.local_experts:
-            if counts[i] == 0:
-                continue
-            token, slot = torch.where(indices == i)
-            out = self.experts[str(i)](flat[token]) * weights[token, slot, None].to(flat.dtype)
-            routed.index_add_(0, token, out)
+        if outs:
+            scaled = torch.cat(outs) * weights.flatten()[slots].unsqueeze(1).to(flat.dtype)
+            routed.index_add_(0, tokens, scaled)
         self.ctx.all_reduce(routed)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(flat)
         return routed.view(shape)
+
+    def _one_token(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The single-token case (batch-1 decode, one draft step) without sorting or scattering."""
+        out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
+        routed = None
+        for e, w in zip(indices[0].tolist(), weights[0].to(flat.dtype).unbind()):
+            if e in self.local_experts:
+                y = self.experts[str(e)](flat) * w
+                routed = y if routed is None else routed + y
+        if self.ctx.world_size > 1:
+            routed = self.ctx.all_reduce(routed if routed is not None else torch.zeros_like(flat))
+        return out if routed is None else out + routed

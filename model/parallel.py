@@ -83,11 +83,48 @@ class Linear(nn.Module):
         else:
             self.register_parameter("weight_scale_inv", None)
 
+    weight_t: torch.Tensor | None = None  # `[in, out]` (view or copy) once `prepare_cpu` ran
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., in]` → `[..., out]` in x's dtype."""
+        if self.weight_scale_inv is not None:
+            return kernels.fp8_linear(x, self.weight, self.weight_scale_inv)
+        if self.weight_t is not None and x.device.type == "cpu" and x.dtype == self.weight.dtype:
+            return _cpu_linear(x, self.weight, self.weight_t)
+        return F.linear(x, self.weight)
+
+    def prepare_cpu(self, transposed_copy: bool = False) -> None:
+        """Set up the CPU fast path for an unquantised weight (call after loading).
+
+        `weight_t` is `weight.t()` (a view), or with `transposed_copy` an `[in, out]` contiguous copy:
+        MKL's row-major GEMV over short rows (a vocabulary head with in = 256: 8192 dot products
+        of 256) runs at about a third of the speed of the column-major one (measured: 1.3 ms vs
+        0.5 ms for 8192 × 256 from DRAM), so the head, which every plain step and every draft step
+        runs on one row, pays `in × out` more memory for the copy.
+        """
         if self.weight_scale_inv is None:
-            return F.linear(x, self.weight)
-        return kernels.fp8_linear(x, self.weight, self.weight_scale_inv)
+            w = self.weight.detach()
+            self.weight_t = w.t().contiguous() if transposed_copy else w.t()
+
+
+def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """x `[..., in]` @ weight`[out, in]`ᵀ on the CPU with as few dispatched ops as possible, in the
+    GEMM formulation MKL runs fastest: 2–16 rows as `weight @ xᵀ` (measured 2–4x faster than
+    `x @ weightᵀ` for the small shapes of a verify step), otherwise `x @ weight_t`."""
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1])
+    if 2 <= rows <= 16:
+        y = torch.mm(weight, x2.t()).t().contiguous()
+    else:
+        y = torch.mm(x2, weight_t)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def prepare_cpu(module: nn.Module, transposed_copies: tuple[Linear, ...] = ()) -> None:
+    """`Linear.prepare_cpu` on every linear layer in `module` (copies for those in `transposed_copies`)."""
+    for sub in module.modules():
+        if isinstance(sub, Linear):
+            sub.prepare_cpu(any(sub is t for t in transposed_copies))
 
 
 class ColumnParallelLinear(Linear):
@@ -148,6 +185,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # same maths, fewer ops
+            return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)

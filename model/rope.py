@@ -48,3 +48,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x0, x1 = pairs[..., 0], pairs[..., 1]
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` as one complex product: x `[B, T, H, d]` by `rope` `[B, T, d/2]` complex64
+    (cos + i·sin of `rope_tables`); returns x's dtype."""
+    x32 = x.float()
+    if x32.storage_offset() % 2 or any(stride % 2 for stride in x32.stride()[:-1]):
+        x32 = x32.contiguous()  # view_as_complex needs (re, im) pairs on even strides
+    z = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(z * rope.unsqueeze(2)).flatten(-2).to(x.dtype)

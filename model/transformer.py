@@ -31,10 +31,10 @@ class Block(nn.Module):
         dense = layer_id < args.n_dense_layers
         self.mlp = MLP(args.dim, args.inter_dim, ctx, dtype, fp8_block) if dense else MoE(args, ctx, dtype, fp8_block)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_cache: torch.Tensor,
                 pe_cache: torch.Tensor, write_slots: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """x `[B, T, dim]` → `[B, T, dim]`; see `MLA.forward` for the cache arguments."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, pe_cache, write_slots, attn_mask)
+        """x `[B, T, dim]` → `[B, T, dim]`; see `MLA.forward` for the other arguments."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, pe_cache, write_slots, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -82,10 +82,10 @@ class Transformer(nn.Module):
         self.init_rope(torch.get_default_device())
 
     def init_rope(self, device: torch.device | str) -> None:
-        """(Re)compute the RoPE tables on `device` (needed after building on the meta device)."""
+        """(Re)compute the RoPE table `rope_cis` `[max_seq_len, rope_dim/2]` complex64 (cos + i·sin) on
+        `device` (needed after building on the meta device)."""
         cos, sin = rope_tables(self.args, self.max_seq_len, device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cis", torch.complex(cos, sin), persistent=False)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Normed hidden `[..., dim]` → full-vocab float32 logits `[..., vocab]` (gathered over ranks)."""
@@ -112,10 +112,10 @@ class Transformer(nn.Module):
             attn_mask: `[B, T, S_kv]` bool attention mask over cache slots `0 .. S_kv-1`.
             logits_at: optional `[B, K]` int64 indices into T: logits only there (saves the head's work).
         """
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope = self.rope_cis[positions]
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, kv_cache[i], pe_cache[i], write_slots, attn_mask)
+            h = layer(h, rope, kv_cache[i], pe_cache[i], write_slots, attn_mask)
         hidden = self.model.norm(h)
         picked = hidden if logits_at is None else hidden.gather(
             1, logits_at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

@@ -134,7 +134,8 @@ def test_reference_unchanged_for_queries_that_see_slots(dtype: torch.dtype) -> N
     old = unfixed_reference(q, qp, kv, pe, mask, 0.3)
     new = kernels.mla_attention_reference(q, qp, kv, pe, mask, 0.3)
     assert old[padding].isnan().all()  # the behaviour being fixed
-    assert torch.equal(new[~padding], old[~padding])
+    tol = {} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}  # bf16: GEMMs grouped differently
+    torch.testing.assert_close(new[~padding], old[~padding], **tol)
 
 
 # ------------------------------------------- 2. Triton kernel (interpreter subprocess)

@@ -1,0 +1,65 @@
+"""The CPU fast paths compute the same maths as the plain formulations they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.args import from_hf_config
+from model.moe import MoE
+from model.parallel import Linear, ParallelContext, RMSNorm, prepare_cpu
+from model.rope import apply_rope, rope_tables, rotate
+from model.synthetic import small_config
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])
+@pytest.mark.parametrize("transposed_copy", [False, True])
+def test_cpu_linear_equals_f_linear(rows, transposed_copy):
+    g = torch.Generator().manual_seed(rows)
+    lin = Linear(48, 72, torch.float32)
+    lin.weight.data = torch.randn(72, 48, generator=g)
+    x = torch.randn(rows, 1, 48, generator=g)
+    assert lin.weight_t is None  # not prepared: the generic path
+    expected = F.linear(x, lin.weight)
+    torch.testing.assert_close(lin(x), expected)
+    prepare_cpu(lin, transposed_copies=(lin,) if transposed_copy else ())
+    assert lin.weight_t is not None and lin.weight_t.is_contiguous() == transposed_copy
+    got = lin(x)
+    assert got.shape == (rows, 1, 72) and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rotate_equals_apply_rope():
+    args = from_hf_config(small_config())
+    cos, sin = rope_tables(args, 40)
+    pos = torch.tensor([[3, 17, 39], [0, 1, 2]])
+    q = torch.randn(2, 3, 4, 96, generator=torch.Generator().manual_seed(0))[..., 64:]  # a strided slice, as in MLA
+    expected = apply_rope(q, cos[pos], sin[pos])
+    torch.testing.assert_close(rotate(q, torch.complex(cos, sin)[pos]), expected, rtol=1e-6, atol=1e-6)
+    odd = torch.randn(2, 3, 4, 33)[..., 1:]  # odd storage offset: rotate copies it first
+    torch.testing.assert_close(rotate(odd, torch.complex(cos, sin)[pos]), apply_rope(odd, cos[pos], sin[pos]),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_rmsnorm_fast_path_equals_float_path():
+    norm = RMSNorm(64, 1e-6, torch.float32)
+    norm.weight.data = torch.rand(64) + 0.5
+    x = torch.randn(3, 5, 64)
+    x64 = x.double()
+    ref = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()).float()
+    torch.testing.assert_close(norm(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_moe_single_token_path_equals_batched_path():
+    args = from_hf_config(small_config())
+    torch.manual_seed(0)
+    moe = MoE(args, ParallelContext(), torch.float32, None)
+    for p in moe.parameters():
+        p.data = torch.randn_like(p) * 0.1
+    prepare_cpu(moe)
+    tokens = torch.randn(5, 1, args.dim)
+    with torch.inference_mode():
+        batched = moe(tokens.view(1, 5, args.dim))[0]
+        one_by_one = torch.cat([moe(tokens[i : i + 1]) for i in range(5)]).view(5, args.dim)
+    torch.testing.assert_close(one_by_one, batched, rtol=1e-5, atol=1e-5)
