@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from model.checkpoint import CheckpointReader, load_state
-from model.errors import CheckpointError
+from model.errors import CheckpointError, ConfigError
 from model.mtp_layer import MTPLayer
+from model.parallel import prepare_cpu
 from model.transformer import Transformer
 
 HiddenChoice = Literal["normed", "prenorm"]  # which hidden state feeds the (next) MTP step
@@ -76,6 +77,8 @@ class MTPDrafter(nn.Module):
         pe_cache: torch.Tensor,
         write_slots: torch.Tensor,
         attn_mask: torch.Tensor,
+        logits_at: torch.Tensor | None = None,
+        draft_vocab: int | None = None,
     ) -> MTPOutput:
         """One MTP pass over T positions per row.
 
@@ -86,17 +89,38 @@ class MTPDrafter(nn.Module):
             kv_cache / pe_cache: the whole pool `[n_pool_layers, B, S, ·]`; this layer uses `cache_layer`.
             write_slots: `[B, T]` cache slot of position i (= i).
             attn_mask: `[B, T, S_kv]` bool.
+            logits_at: optional `[B, K]` int64 indices into T: hidden states and logits only there
+                (`[B, K, ·]`), which spares the head (a full-vocabulary GEMM) its unused rows.
+            draft_vocab: draft only among token ids `< draft_vocab` (one process): the head reads
+                just those rows and the other logits are -inf. Byte-level BPE numbers tokens in
+                merge order, so low ids are the frequent ones (FR-Spec's frequency-ranked draft
+                vocabulary). Verification is untouched, so decoding stays lossless.
         """
         main = self.main[0]
         embed = main.model.embed_tokens if self.shares_embedding else self.layer.embed_tokens
         x = torch.cat([self.layer.enorm(embed(next_tokens)), self.layer.hnorm(hidden)], dim=-1)
         x = self.layer.eh_proj(x)
-        cos, sin = main.rope_cos[positions], main.rope_sin[positions]
-        g = self.layer(x, cos, sin, kv_cache[self.cache_layer], pe_cache[self.cache_layer], write_slots, attn_mask)
+        rope = main.rope_cis[positions]
+        g = self.layer(x, rope, kv_cache[self.cache_layer], pe_cache[self.cache_layer], write_slots, attn_mask)
+        if logits_at is not None:
+            g = g.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, g.shape[-1]))
         normed = self.layer.shared_head.norm(g)
-        logits = main.head(normed) if self.shares_head else main.ctx.all_gather_last_dim(
-            self.layer.shared_head.head(normed).float())
-        return MTPOutput(g, normed, logits)
+        return MTPOutput(g, normed, self._head(normed, draft_vocab))
+
+    def _head(self, normed: torch.Tensor, draft_vocab: int | None) -> torch.Tensor:
+        """Full-vocabulary float32 logits `[..., vocab]`, computed only for ids `< draft_vocab` when given."""
+        main = self.main[0]
+        head = main.lm_head if self.shares_head else self.layer.shared_head.head
+        vocab = main.args.vocab_size
+        if draft_vocab is None or draft_vocab >= vocab:
+            return main.ctx.all_gather_last_dim(head(normed).float())
+        if main.ctx.world_size > 1 or head.weight_scale_inv is not None:  # Engine.generate says so first
+            raise ConfigError("a draft vocabulary subset needs one process and an unquantised head")
+        if head.weight_t is not None and normed.numel() == normed.shape[-1]:  # one row: see Linear.prepare_cpu
+            logits = (normed @ head.weight_t[:, :draft_vocab]).float()
+        else:
+            logits = torch.nn.functional.linear(normed, head.weight[:draft_vocab]).float()
+        return torch.nn.functional.pad(logits, (0, vocab - draft_vocab), value=float("-inf"))
 
 
 def has_mtp_layer(reader: CheckpointReader, n_layers: int) -> bool:
@@ -132,5 +156,7 @@ def load_drafter(main: Transformer, reader: CheckpointReader, device: torch.devi
     if _same_as_main(reader, prefix + "shared_head.head.weight", main.lm_head.weight, main.lm_head.shard_start):
         layer.shared_head.head = None
     load_state(layer, reader, prefix, device, show_progress and ctx.rank == 0, args.fp8_block_size or 128)
+    if torch.device(device).type == "cpu":
+        prepare_cpu(layer, transposed_copies=(layer.shared_head.head,) if layer.shared_head.head else ())
     return MTPDrafter(layer.eval(), main, cache_layer=index)
 

@@ -39,6 +39,8 @@ class SpecConfig:
     verifier_hidden: which verifier state feeds the MTP layer: "normed" (after model.norm, the
         head's input) or "prenorm" (the last block's output).
     draft_hidden: which MTP state feeds the next depth: "normed" (after shared_head.norm) or "prenorm".
+    draft_vocab: the drafter proposes only token ids below this (None: the whole vocabulary); its
+        head then reads that many rows instead of all (see `MTPDrafter.forward`). Lossless either way.
     """
 
     depth: int = 3
@@ -47,8 +49,11 @@ class SpecConfig:
     draft_mode: str = "onehot"
     verifier_hidden: str = "normed"
     draft_hidden: str = "normed"
+    draft_vocab: int | None = None
 
     def __post_init__(self) -> None:
+        if self.draft_vocab is not None and self.draft_vocab < max(self.topk, 1):
+            raise ConfigError(f"draft vocabulary ({self.draft_vocab}) must be >= tree topk ({self.topk})")
         if not isinstance(self.depth, int) or self.depth < 1:
             raise ConfigError(f"draft depth must be an integer >= 1, got {self.depth}")
         if self.topk < 1:
@@ -241,6 +246,13 @@ class Engine:
         if spec is not None and self.drafter is None:
             raise ConfigError(f"{self.checkpoint}: checkpoint has no MTP layer "
                               f"(model.layers.{self.args.n_layers}.*), so MTP speculative decoding is unavailable")
+        if spec is not None and spec.draft_vocab is not None and spec.draft_vocab < self.args.vocab_size:
+            if self.ctx.world_size > 1:
+                raise ConfigError("a draft vocabulary subset (draft_vocab) needs one process; the head is "
+                                  f"split over {self.ctx.world_size} ranks")
+            head = self.model.lm_head if self.drafter.shares_head else self.drafter.layer.shared_head.head
+            if head.weight_scale_inv is not None:
+                raise ConfigError("a draft vocabulary subset (draft_vocab) needs an unquantised MTP head")
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:

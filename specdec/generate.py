@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-depth", type=int, default=3, help="drafted tokens per step (K)")
     p.add_argument("--draft-mode", choices=["onehot", "sample"], default="onehot",
                    help="sampling: draft the MTP argmax (onehot) or draw drafts from the MTP distribution")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="draft only among the N lowest token ids (BPE merge order: the frequent ones); "
+                        "the drafter's head then reads N rows, not the whole vocabulary (lossless)")
     p.add_argument("--tree-topk", type=int, default=1, help="children per expanded draft node (1: a chain)")
     p.add_argument("--tree-nodes", type=int, default=None,
                    help="draft nodes verified per step (default: tree-topk x draft-depth)")
@@ -67,6 +70,8 @@ def check_args(a: argparse.Namespace) -> None:
         raise ConfigError(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.draft_depth < 1:
         raise ConfigError(f"--draft-depth must be >= 1, got {a.draft_depth}")
+    if a.draft_vocab is not None and a.draft_vocab < 1:
+        raise ConfigError(f"--draft-vocab must be >= 1, got {a.draft_vocab}")
     if a.tree_topk < 1:
         raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
     if a.tree_nodes is not None and a.tree_nodes < a.draft_depth:
@@ -94,11 +99,13 @@ def spec_config(engine: Engine, a: argparse.Namespace, prompts: list | None = No
         choice = choose_tree(engine, engine.encode(prompts), a.temperature, a.top_p, a.seed, a.draft_mode)
         if engine.ctx.rank == 0:
             print(choice.report, file=sys.stderr)
-        return SpecConfig(depth=choice.depth, topk=choice.topk, nodes=choice.nodes, draft_mode=a.draft_mode)
+        return SpecConfig(depth=choice.depth, topk=choice.topk, nodes=choice.nodes, draft_mode=a.draft_mode,
+                          draft_vocab=a.draft_vocab)
     try:
-        return SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_mode=a.draft_mode)
+        return SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_mode=a.draft_mode,
+                          draft_vocab=a.draft_vocab)
     except ConfigError as e:
-        raise ConfigError(f"--draft-depth/--tree-topk/--tree-nodes: {e}") from None
+        raise ConfigError(f"--draft-depth/--tree-topk/--tree-nodes/--draft-vocab: {e}") from None
 
 
 def read_prompts(path: str) -> list[str]:

@@ -66,11 +66,6 @@ def _causal_mask(start: torch.Tensor, width: int, kv_len: int) -> torch.Tensor:
     return slots.view(1, 1, -1) <= last
 
 
-def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x `[B, T, ...]` at per-row position index `[B]` → `[B, ...]`."""
-    return x[torch.arange(x.shape[0], device=x.device), index]
-
-
 class SpeculativeDecoder:
     """Runs the MTP speculative loop for one `generate` call (engine, settings, RNG, metrics)."""
 
@@ -132,8 +127,9 @@ class SpeculativeDecoder:
         first = sample(out.logits[:, 0], self.temperature, self.top_p, self.generator)
         next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
         next_tokens[torch.arange(batch), lengths - 1] = first
-        mtp = self.drafter(next_tokens, self._verifier_hidden(out), pos, kv, pe, pos, mask)
-        return first, _pick(mtp.logits, lengths - 1), _pick(mtp.hidden(self.spec.draft_hidden), lengths - 1)
+        mtp = self.drafter(next_tokens, self._verifier_hidden(out), pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1),
+                           self.spec.draft_vocab)
+        return first, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0]
 
     def _draft(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
                hidden: torch.Tensor) -> DraftTree:
@@ -143,7 +139,7 @@ class SpeculativeDecoder:
             sampled = self.temperature > 0 and self.spec.draft_mode == "sample"
             return expand_tree(self.drafter, cache.kv[:, :batch], cache.pe[:, :batch], lengths, logits, hidden,
                                self.spec.depth, self.spec.topk, self.spec.n_nodes, sampled, self.temperature,
-                               self.top_p, self.spec.draft_hidden, self.generator)
+                               self.top_p, self.spec.draft_hidden, self.generator, self.spec.draft_vocab)
         return self._draft_chain(cache, lengths, logits, hidden)
 
     def _draft_chain(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
@@ -156,7 +152,7 @@ class SpeculativeDecoder:
                 pos = (lengths + k - 2).unsqueeze(1)
                 mask = _causal_mask(pos[:, 0], 1, int(pos.max()) + 1)
                 out = self.drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv[:, :batch],
-                                   cache.pe[:, :batch], pos, mask)
+                                   cache.pe[:, :batch], pos, mask, draft_vocab=self.spec.draft_vocab)
                 logits, hidden = out.logits[:, 0], out.hidden(self.spec.draft_hidden)[:, 0]
             token, q = self._draft_token(logits)
             tokens.append(token)
@@ -214,10 +210,10 @@ class SpeculativeDecoder:
         next_tokens[rows, acc.n_accepted] = acc.next_token
         pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)
         mask = _causal_mask(lengths, width, int(lengths.max()) + width)
-        mtp = self.drafter(next_tokens, hidden, pos, cache.kv[:, :batch], cache.pe[:, :batch], pos, mask)
+        mtp = self.drafter(next_tokens, hidden, pos, cache.kv[:, :batch], cache.pe[:, :batch], pos, mask,
+                           acc.n_accepted.unsqueeze(1), self.spec.draft_vocab)
         cache.lengths[:batch] += acc.n_accepted + 1
-        return (acc.next_token, _pick(mtp.logits, acc.n_accepted),
-                _pick(mtp.hidden(self.spec.draft_hidden), acc.n_accepted))
+        return acc.next_token, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0]
 
     # ------------------------------------------------------------------ bookkeeping
 

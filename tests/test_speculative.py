@@ -62,6 +62,27 @@ def test_greedy_equals_plain(eng, tiny, depth, batch):
     assert ties <= 1
 
 
+@pytest.mark.parametrize("spec", [SpecConfig(depth=3, draft_vocab=5), SpecConfig(depth=2, topk=2, draft_vocab=5)])
+def test_draft_vocabulary_subset_is_lossless_greedy(eng, tiny, spec):
+    """Drafting among the lowest ids only (small vocabularies: 5 of 8, 5 of 512) changes no token."""
+    for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
+        prompts = random_prompts(vocab, [7, 3, 11], seed=5)
+        plain = engine.generate(prompts, max_new_tokens=20).token_ids
+        out = engine.generate(prompts, max_new_tokens=20, spec=spec)
+        assert assert_same_or_tie(engine, prompts, out.token_ids, plain) == 0
+
+
+def test_draft_vocabulary_restricts_drafts(tiny):
+    """Drafts really come from the subset: with 1 allowed id every drafted token is id 0."""
+    dec = SpeculativeDecoder(tiny, SpecConfig(depth=2, draft_vocab=1), 0.0, 1.0, 0)
+    with torch.inference_mode():  # the engine's cache is an inference tensor
+        cache = tiny._cache_for(2, 40)
+        _, logits, hidden = dec._prefill(cache, random_prompts(8, [5, 6], seed=2))
+        tree = dec._draft(cache, cache.lengths[:2], logits, hidden)
+    assert (tree.tokens == 0).all()
+    assert torch.isinf(logits[:, 1:]).all() and torch.isfinite(logits[:, :1]).all()
+
+
 def test_tiny_vocab_drafts_are_really_accepted(tiny):
     """Guard for the test above: acceptance paths are exercised (random 8-token drafts often match)."""
     prompts = random_prompts(8, [4, 6, 9, 5], seed=0)
@@ -235,11 +256,12 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]
     return stat, crit
 
 
-@pytest.mark.parametrize("mode, temperature, top_p", [("onehot", 1.0, 1.0), ("sample", 1.0, 1.0),
-                                                      ("onehot", 0.8, 0.85), ("sample", 1.0, 0.9)])
-def test_sampled_joint_distribution_matches_plain(tiny, mode, temperature, top_p):
+@pytest.mark.parametrize("mode, temperature, top_p, draft_vocab", [
+    ("onehot", 1.0, 1.0, None), ("sample", 1.0, 1.0, None), ("onehot", 0.8, 0.85, None), ("sample", 1.0, 0.9, None),
+    ("sample", 1.0, 1.0, 5)])  # drafts from 5 of the 8 ids: q is 0 elsewhere, the residual covers the rest
+def test_sampled_joint_distribution_matches_plain(tiny, mode, temperature, top_p, draft_vocab):
     prompt = [3, 5, 2, 7]
-    spec = SpecConfig(depth=2, draft_mode=mode)
+    spec = SpecConfig(depth=2, draft_mode=mode, draft_vocab=draft_vocab)
     counts = sample_joint(tiny, prompt, 3, 6000, spec, temperature, top_p, seed=11)
     probs = exact_joint(tiny, prompt, 3, temperature, top_p)
     stat, crit = chi_square(counts, probs)
@@ -279,6 +301,8 @@ def test_bad_spec_configs():
         SpecConfig(depth=2, topk=2, nodes=7)
     with pytest.raises(ConfigError, match="tree nodes"):
         SpecConfig(depth=3, topk=2, nodes=2)
+    with pytest.raises(ConfigError, match="draft vocabulary"):
+        SpecConfig(depth=2, topk=3, draft_vocab=2)
 
 
 def test_spec_on_checkpoint_without_mtp_layer(tmp_path):

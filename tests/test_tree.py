@@ -114,11 +114,11 @@ def test_tree_draft_shape_and_budget(eng):
         assert torch.equal(tree.depths, parent_depth + 1)
 
 
-@pytest.mark.parametrize("mode, temperature, top_p", [("onehot", 1.0, 1.0), ("sample", 1.0, 1.0),
-                                                      ("sample", 0.9, 0.9)])
-def test_tree_sampled_joint_distribution_matches_plain(tiny, mode, temperature, top_p):
+@pytest.mark.parametrize("mode, temperature, top_p, draft_vocab", [
+    ("onehot", 1.0, 1.0, None), ("sample", 1.0, 1.0, None), ("sample", 0.9, 0.9, None), ("sample", 1.0, 1.0, 5)])
+def test_tree_sampled_joint_distribution_matches_plain(tiny, mode, temperature, top_p, draft_vocab):
     prompt = [3, 5, 2, 7]
-    spec = SpecConfig(depth=2, topk=3, nodes=12 if mode == "sample" else 8, draft_mode=mode)
+    spec = SpecConfig(depth=2, topk=3, nodes=12 if mode == "sample" else 8, draft_mode=mode, draft_vocab=draft_vocab)
     counts = sample_joint(tiny, prompt, 3, 6000, spec, temperature, top_p, seed=13)
     stat, crit = chi_square(counts, exact_joint(tiny, prompt, 3, temperature, top_p))
     assert stat < crit, (stat, crit)
