@@ -151,6 +151,9 @@ def stats_line(label: str, s) -> str:
 def run_batch(engine: Engine, a: argparse.Namespace, prompts: list[str]) -> None:
     spec = spec_config(engine, a, prompts)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    if a.compare:  # warm both paths up (allocator, caches, first-call costs) so the timed runs compare fairly
+        for s in (spec, None):
+            engine.generate(prompts, spec=s, **{**kw, "max_new_tokens": min(8, a.max_new_tokens)})
     out = engine.generate(prompts, spec=spec, **kw)
     plain = engine.generate(prompts, spec=None, **kw) if a.compare else None
     if engine.ctx.rank != 0:
