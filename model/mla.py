@@ -15,7 +15,7 @@ from torch import nn
 
 import kernels
 from model.args import ModelArgs
-from model.parallel import ColumnParallelLinear, Linear, ParallelContext, RMSNorm, RowParallelLinear
+from model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RMSNorm, RowParallelLinear
 from model.rope import rotate
 
 
@@ -43,6 +43,12 @@ class MLA(nn.Module):
         )
         self.o_proj = RowParallelLinear(args.n_heads * args.v_head_dim, args.dim, ctx, dtype, fp8_block,
                                         "num_attention_heads*v_head_dim")
+        self.q_kv_a: FusedLinears | None = None
+
+    def fuse_for_cpu(self) -> None:
+        """Run q_a_proj and kv_a_proj_with_mqa (both read x) as one GEMM on the CPU (see `FusedLinears`)."""
+        if hasattr(self, "q_a_proj") and FusedLinears.possible([self.q_a_proj, self.kv_a_proj_with_mqa]):
+            self.q_kv_a = FusedLinears([self.q_a_proj, self.kv_a_proj_with_mqa])
 
     def _kv_b(self) -> torch.Tensor:
         """kv_b_proj weight as `[local_heads, nope_dim + v_dim, kv_lora_rank]` in the compute dtype."""
@@ -79,14 +85,16 @@ class MLA(nn.Module):
         bsz, seqlen, _ = x.shape
         if kv_cache.shape[0] != bsz:
             raise ValueError(f"cache rows ({kv_cache.shape[0]}) != batch rows ({bsz}); pass the batch's rows")
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+        if self.q_kv_a is not None and x.device.type == "cpu" and x.dtype == self.q_kv_a.weight.dtype:
+            q_a, kv_a = self.q_kv_a(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            kv_a = self.kv_a_proj_with_mqa(x)
         q = q.view(bsz, seqlen, self.n_local_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = rotate(q_pe, rope)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = rotate(k_pe.unsqueeze(2), rope).squeeze(2)
 
         rows = torch.arange(bsz, device=x.device).unsqueeze(1)

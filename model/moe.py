@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
-from model.parallel import ColumnParallelLinear, Linear, ParallelContext, RowParallelLinear
+from model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RowParallelLinear
 
 
 class MLP(nn.Module):
@@ -23,9 +23,15 @@ class MLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(dim, inter_dim, ctx, dtype, fp8_block, "intermediate_size")
         self.up_proj = ColumnParallelLinear(dim, inter_dim, ctx, dtype, fp8_block, "intermediate_size")
         self.down_proj = RowParallelLinear(inter_dim, dim, ctx, dtype, fp8_block, "intermediate_size")
+        self.gate_up: FusedLinears | None = None
+
+    def fuse_for_cpu(self) -> None:
+        """Run gate_proj and up_proj as one GEMM on the CPU (see `FusedLinears`)."""
+        if FusedLinears.possible([self.gate_proj, self.up_proj]):
+            self.gate_up = FusedLinears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return _swiglu(self, x)
 
 
 class Expert(nn.Module):
@@ -36,9 +42,21 @@ class Expert(nn.Module):
         self.gate_proj = Linear(dim, inter_dim, dtype, fp8_block)
         self.up_proj = Linear(dim, inter_dim, dtype, fp8_block)
         self.down_proj = Linear(inter_dim, dim, dtype, fp8_block)
+        self.gate_up: FusedLinears | None = None
+
+    fuse_for_cpu = MLP.fuse_for_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return _swiglu(self, x)
+
+
+def _swiglu(mlp: MLP | Expert, x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)), with gate and up as one GEMM when fused (on the CPU, for the x's dtype)."""
+    if mlp.gate_up is not None and x.device.type == "cpu" and x.dtype == mlp.gate_up.weight.dtype:
+        gate, up = mlp.gate_up(x)
+    else:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return mlp.down_proj(F.silu(gate) * up)
 
 
 class Gate(nn.Module):

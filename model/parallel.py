@@ -120,11 +120,42 @@ def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+class FusedLinears:
+    """Linears that read the same input, run as one GEMM on the CPU (`x @ [W_1; W_2; …]ᵀ`, then split).
+
+    The fused weight is one `[Σ out, in]` tensor and each part's `weight` parameter becomes a view
+    of its rows, so no memory is added and the parameters keep their checkpoint names and shapes.
+    Only for unquantised weights (FP8 parts keep their own block scales and kernels).
+    """
+
+    def __init__(self, parts: list[Linear]) -> None:
+        self.weight = torch.cat([p.weight.detach() for p in parts])
+        self.weight_t = self.weight.t()
+        self.sizes = [p.weight.shape[0] for p in parts]
+        start = 0
+        for p, n in zip(parts, self.sizes):
+            p.weight.data = self.weight[start : start + n]
+            p.weight_t = p.weight.detach().t()
+            start += n
+
+    @staticmethod
+    def possible(parts: list[Linear]) -> bool:
+        return all(p.weight_scale_inv is None and p.weight.dtype == parts[0].weight.dtype for p in parts)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x `[..., in]` → one `[..., out_i]` per part."""
+        return list(_cpu_linear(x, self.weight, self.weight_t).split(self.sizes, dim=-1))
+
+
 def prepare_cpu(module: nn.Module, transposed_copies: tuple[Linear, ...] = ()) -> None:
-    """`Linear.prepare_cpu` on every linear layer in `module` (copies for those in `transposed_copies`)."""
+    """Set up `module` for the CPU after loading: `Linear.prepare_cpu` on every linear layer (copies for
+    those in `transposed_copies`), then `fuse_for_cpu()` on every submodule that has one."""
     for sub in module.modules():
         if isinstance(sub, Linear):
             sub.prepare_cpu(any(sub is t for t in transposed_copies))
+    for sub in module.modules():
+        if hasattr(sub, "fuse_for_cpu"):
+            sub.fuse_for_cpu()
 
 
 class ColumnParallelLinear(Linear):

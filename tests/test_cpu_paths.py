@@ -63,3 +63,22 @@ def test_moe_single_token_path_equals_batched_path():
         batched = moe(tokens.view(1, 5, args.dim))[0]
         one_by_one = torch.cat([moe(tokens[i : i + 1]) for i in range(5)]).view(5, args.dim)
     torch.testing.assert_close(one_by_one, batched, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_linears_share_storage_and_match_the_parts():
+    from model.moe import MLP
+
+    mlp = MLP(48, 80, ParallelContext(), torch.float32, None)
+    g = torch.Generator().manual_seed(3)
+    for p in mlp.parameters():
+        p.data = torch.randn(p.shape, generator=g)
+    x = torch.randn(3, 48, generator=g)
+    expected = mlp.down_proj(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight))
+    names = sorted(mlp.state_dict())
+    prepare_cpu(mlp)
+    assert mlp.gate_up is not None and sorted(mlp.state_dict()) == names  # checkpoint names unchanged
+    fused = mlp.gate_up.weight
+    assert mlp.gate_proj.weight.data_ptr() == fused.data_ptr()  # views, no second copy
+    assert mlp.up_proj.weight.data_ptr() == fused[80:].data_ptr()
+    for rows in (1, 3):
+        torch.testing.assert_close(mlp(x[:rows]), expected[:rows], rtol=1e-5, atol=1e-5)
