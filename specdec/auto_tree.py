@@ -8,8 +8,9 @@ Two measurements, both on the caller's own prompts and batch size:
    top-k children, and the expected tokens per step of a (K, k) shape:
    τ(K, k) = 1 + Σ_{d ≤ K} Π_{j ≤ d} P_j(k).
 2. Cost: the measured seconds of one verifier forward over N+1 tokens for each candidate N, of one
-   MTP forward over E frontier nodes, and of the MTP refresh; one plain decode step is a verifier
-   forward over 1 token.
+   MTP forward over E frontier nodes, and of the MTP refresh, plus the per-step work outside the
+   forwards (acceptance, compaction, masks, bookkeeping), measured as what a real depth-1 step
+   costs beyond its two forwards. The baseline is a real plain decode step (forward + loop).
 
 The chosen shape maximises the predicted speedup τ / (step cost / plain step cost), with
 nodes = topk × depth (the default tree budget); the report lists the best candidates and why.
@@ -103,6 +104,19 @@ def _mtp_seconds(engine, lengths: torch.Tensor, width: int) -> float:
                                                       pos, mask))
 
 
+def _loop_costs(engine, ids: list[list[int]], depth1_forwards: float) -> tuple[float, float]:
+    """(seconds of a real plain decode step, seconds a real depth-1 speculative step spends outside
+    its verifier and MTP forwards `depth1_forwards`), from short generate calls on `ids`."""
+    from specdec.engine import SpecConfig
+
+    def per_step(spec) -> float:
+        engine.generate(ids, max_new_tokens=4, spec=spec)  # warm-up
+        runs = [engine.generate(ids, max_new_tokens=CALIBRATION_TOKENS // 2, spec=spec).stats for _ in range(3)]
+        return statistics.median(r.decode_s / max(r.verify_steps, 1) for r in runs)
+
+    return per_step(None), max(per_step(SpecConfig(depth=1)) - depth1_forwards, 0.0)
+
+
 def choose_tree(engine, ids: list[list[int]], temperature: float, top_p: float, seed: int,
                 draft_mode: str = "onehot") -> TreeChoice:
     """Calibrate on `ids` and return the shape with the best predicted speedup."""
@@ -117,7 +131,7 @@ def choose_tree(engine, ids: list[list[int]], temperature: float, top_p: float, 
     verify = {n: _verify_seconds(engine, lengths, n + 1) for n in
               sorted({k * d for k in range(1, MAX_TOPK + 1) for d in range(1, MAX_DEPTH + 1)} | {0})}
     mtp = {w: _mtp_seconds(engine, lengths, w) for w in sorted({1, *range(1, MAX_TOPK + 1), *range(2, MAX_DEPTH + 2)})}
-    plain_step = verify[0]
+    plain_step, bookkeeping = _loop_costs(engine, ids, verify[1] + mtp[2])
 
     candidates = []
     for k in range(1, MAX_TOPK + 1):
@@ -128,12 +142,12 @@ def choose_tree(engine, ids: list[list[int]], temperature: float, top_p: float, 
                 run *= p[d]
                 tau += run
             nodes = k * depth
-            cost = verify[nodes] + (depth - 1) * mtp[k] + mtp[depth + 1]  # verify + expansions + refresh
+            cost = verify[nodes] + (depth - 1) * mtp[k] + mtp[depth + 1] + bookkeeping  # + expansions, refresh
             candidates.append((tau * plain_step / cost, tau, depth, k, nodes, cost))
     candidates.sort(reverse=True)
     best = candidates[0]
     lines = [f"tree auto: calibrated on {len(ids)} prompt(s), {sum(recorder.reached[:1])} steps; "
-             f"plain step {plain_step * 1e3:.1f} ms",
+             f"plain step {plain_step * 1e3:.1f} ms; per-step work outside the forwards {bookkeeping * 1e3:.1f} ms",
              "  P(depth d accepted | reached, top-k children), k = 1..4: " + "; ".join(
                  f"d{d + 1}: " + " ".join(f"{sum(h[:k]) / max(r, 1):.2f}" for k in range(1, MAX_TOPK + 1))
                  for d, (h, r) in enumerate(zip(recorder.hits, recorder.reached))),
