@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on disk; a looser pin would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,19 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The benchmark suite (not part of `make test`): pytest-benchmark micro-benchmarks, then
+# acceptance, latency and peers; JSON, Markdown and plots land in bench/results/.
+BENCH_ARGS ?=
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	mkdir -p bench/results
+	$(PY) -m pytest bench/perf --benchmark-only -q -p no:cacheprovider \
+		--benchmark-json bench/results/perf.json
+	$(PY) -m bench all --out bench/results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from specdec.sampling import draw
 from specdec.tree import DraftTree
 
 
@@ -67,15 +68,9 @@ def accept_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
     return _walk(tree, lambda b, node, kids: (_child_with_token(tokens[b], kids, best[b][node]), best[b][node]))
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One categorical draw per row of `[..., V]` probabilities → `[...]` int64."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
-
-
 def accept_onehot(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None) -> Acceptance:
     """target_probs `[B, N+1, V]`: the verifier's sampling distribution at every node."""
-    y = _draw(target_probs, generator).tolist()  # one draw per node, in a fixed order
+    y = draw(target_probs, generator).tolist()  # one draw per node, in a fixed order
     tokens = tree.tokens.tolist()
     return _walk(tree, lambda b, node, kids: (_child_with_token(tokens[b], kids, y[b][node]), y[b][node]))
 
@@ -106,7 +101,7 @@ def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch
             q = q.clone()
             q[tok] = 0.0
             q = q / q.sum().clamp_min(1e-30)
-        return None, int(_draw(r, generator))
+        return None, int(draw(r, generator))
 
     return _walk(tree, choose)
 

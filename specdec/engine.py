@@ -88,7 +88,8 @@ class GenerationStats:
     """Metrics of one `generate` call (names as in vLLM/SGLang so numbers compare).
 
     tokens: new tokens emitted over all rows. verify_steps: verifier forwards after prefill.
-    tau: tokens per verifier forward and row (accepted drafts + 1, before EOS/budget cuts; 1 when plain).
+    tau: tokens per verifier forward and row (accepted drafts + 1, before EOS/budget cuts; 1 when plain
+        or when no verify step ran).
     acceptance_per_position: share of row-steps whose first i+1 drafted tokens were all accepted ([] plain).
     draft_acceptance_rate: accepted drafts / drafted tokens. row_steps: verify steps summed over rows.
     tokens_per_s: tokens / wall_s. wall_s: seconds for the whole call (prefill included).
@@ -283,7 +284,7 @@ class Engine:
 
         outputs: list[list[int]] = [[] for _ in range(batch)]
         row_of = list(range(batch))  # cache row r holds prompt row_of[r]; active rows are a prefix
-        steps, ttft, tpot = 0, 0.0, []
+        steps, row_steps, ttft, tpot = 0, 0, 0.0, []
         step_start = start
         while True:
             next_tokens = sample(logits, temperature, top_p, generator).tolist()
@@ -309,12 +310,13 @@ class Engine:
             next_col = torch.tensor([next_tokens[r] for r in live], device=self.device)
             logits = self._decode_step(cache, next_col, len(live))
             steps += 1
+            row_steps += len(live)
 
         wall = time.perf_counter() - start
         n_tokens = sum(map(len, outputs))
         stats = GenerationStats(tokens=n_tokens, verify_steps=steps, tau=1.0, tokens_per_s=n_tokens / wall,
                                 wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch,
-                                ttft_s=ttft, tpot_s=tpot)
+                                ttft_s=ttft, tpot_s=tpot, row_steps=row_steps)
         return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
 
     def _prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,

@@ -33,7 +33,7 @@ from model.transformer import ForwardOutput
 from mtp.tree_draft import expand_tree
 from specdec.acceptance import Acceptance, accept_greedy, accept_onehot, accept_sampled, cut_run
 from specdec.cache import LatentCache
-from specdec.sampling import probabilities, sample
+from specdec.sampling import draw, probabilities, sample
 from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask
 
 
@@ -106,8 +106,8 @@ class SpeculativeDecoder:
             runs = [path_tokens[r][:a] + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
             live = self._emit(runs, max_new_tokens)
             now = time.perf_counter()
-            for run in runs:  # each of a row's tokens took the step's time over the row's run length
-                self.tpot_s.extend([(now - step_start) / len(run)] * len(run))
+            for n in self.kept:  # each token a row kept took the step's time over the tokens it kept
+                self.tpot_s.extend([(now - step_start) / n] * n)
             step_start = now
             steps += 1
         return self.outputs, self._stats(steps, start, prefill_s, batch)
@@ -167,7 +167,7 @@ class SpeculativeDecoder:
         if self.temperature == 0.0 or self.spec.draft_mode == "onehot":
             return logits.argmax(dim=-1), None
         q = probabilities(logits, self.temperature, self.top_p)
-        return torch.multinomial(q, 1, generator=self.generator).squeeze(1), q
+        return draw(q, self.generator), q
 
     def _verify(self, cache: LatentCache, lengths: torch.Tensor, pending: torch.Tensor,
                 tree: DraftTree) -> ForwardOutput:
@@ -221,12 +221,15 @@ class SpeculativeDecoder:
         return out.hidden if self.spec.verifier_hidden == "normed" else out.hidden_prenorm
 
     def _emit(self, runs: list[list[int]], max_new: int) -> list[int]:
-        """Append each live row's run, cut at EOS (kept) and at the budget; return the rows still live."""
-        live = []
+        """Append each live row's run, cut at EOS (kept) and at the budget; return the rows still live.
+
+        `self.kept` holds how many tokens each row kept (for the per-token latency samples)."""
+        live, self.kept = [], []
         for r, run in enumerate(runs):
             out = self.outputs[self.row_of[r]]
             kept, finished = cut_run(run, self.eng.eos_ids, max_new - len(out))
             out.extend(kept)
+            self.kept.append(len(kept))
             if not finished:
                 live.append(r)
         return live
@@ -248,7 +251,7 @@ class SpeculativeDecoder:
         n_tokens = sum(map(len, self.outputs))
         per_pos = [n / c.row_steps for n in c.per_position] if c.row_steps else [0.0] * self.spec.depth
         return GenerationStats(
-            tokens=n_tokens, verify_steps=steps, tau=c.emitted / c.row_steps if c.row_steps else 0.0,
+            tokens=n_tokens, verify_steps=steps, tau=c.emitted / c.row_steps if c.row_steps else 1.0,
             acceptance_per_position=per_pos, tokens_per_s=n_tokens / wall, wall_s=wall, prefill_s=prefill_s,
             decode_s=wall - prefill_s, batch_size=batch,
             draft_acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0, row_steps=c.row_steps,

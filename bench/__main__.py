@@ -1,0 +1,197 @@
+"""`python -m bench {acceptance,latency,peers,all}`: the benchmark suite.
+
+  acceptance  MTP draft acceptance (tau, per-position unconditional/conditional, draft acceptance
+              rate) over draft shapes x temperatures x draft modes
+  latency     tokens/s, TPOT p50/p90, TTFT and speedup by batch size, plain vs MTP; greedy outputs
+              checked token-equal to plain decoding
+  peers       specdec plain / MTP vs transformers generate and its prompt-lookup decoding, same weights
+  all         the three, one after another (one model load for the first two)
+
+Each writes `<name>.json` (machine, settings, rows), `<name>.md` (also printed) and PNG plots
+(with matplotlib: `pip install -e '.[bench]'`) into `--out` (default bench/results/).
+Exit status: 0; 1 when an output that must equal plain greedy decoding does not; 2 on bad input
+(one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.common import (BenchError, machine_info, parse_float_list, parse_int_list, parse_shapes,
+                          write_report)
+from bench.prompt_set import PromptFileError, select_prompts
+from model.errors import SpecdecError
+
+PROG = "python -m bench"
+
+DEFAULTS = {
+    "common": {"num_prompts": 16, "max_new_tokens": 64, "repeats": 3},
+    "acceptance": {"chains": "1,2,3,4", "trees": "3x2x6,4x2x8,3x3x9,auto", "temperatures": "0,0.7,1.0",
+                   "draft_modes": "onehot,sample", "batch_size": 8},
+    "latency": {"chains": "1,2,3,4,2@2048,3@2048", "trees": "3x2x6,3x2x6@2048,auto", "batch_sizes": "1,4,8,16"},
+    "peers": {"chains": "2,2@2048", "trees": "auto"},
+}
+QUICK = {
+    "common": {"num_prompts": 4, "max_new_tokens": 16, "repeats": 1},
+    "acceptance": {"chains": "1,2", "trees": "2x2x4,auto", "temperatures": "0,1.0", "draft_modes": "onehot,sample",
+                   "batch_size": 4},
+    "latency": {"chains": "1,2", "trees": "2x2x4,auto", "batch_sizes": "1,2"},
+    "peers": {"chains": "2", "trees": "", "num_prompts": 2},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("common options")
+    g.add_argument("--ckpt-path", help="checkpoint directory (HF layout); default: the embedded model")
+    g.add_argument("--prompt-file", help="prompts: .jsonl with a \"prompt\" field, or text with one prompt per line "
+                                         "(default: the shipped held-out set bench/prompts/heldout.jsonl)")
+    g.add_argument("--num-prompts", type=int, help="use the first N prompts (default 16; --quick 4)")
+    g.add_argument("--max-new-tokens", type=int, help="new tokens per prompt at most (default 64; --quick 16)")
+    g.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory (default bench/results)")
+    g.add_argument("--repeats", type=int, help="time every configuration this many times; tokens/s is the median "
+                   "(default 3; --quick 1)")
+    g.add_argument("--quick", action="store_true", help="a tiny sweep (smoke test); explicit flags still win")
+    g.add_argument("--seed", type=int, default=0, help="seed of call i is seed + i (default 0)")
+    g.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")
+    g.add_argument("--max-seq-len", type=int, default=1024, help="engine cache/RoPE length (default 1024)")
+    g.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    g.add_argument("--chains", help="chain draft depths, comma-separated (acceptance/latency default 1,2,3,4)")
+    g.add_argument("--trees", help="tree shapes DEPTHxTOPKxNODES or auto, comma-separated "
+                                   "(acceptance default 3x2x6,4x2x8,3x3x9,auto)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus for sampled runs (default 1)")
+
+    acc = argparse.ArgumentParser(add_help=False)
+    g = acc.add_argument_group("acceptance")
+    g.add_argument("--temperatures", help="comma-separated (default 0,0.7,1.0)")
+    g.add_argument("--draft-modes", help="onehot and/or sample (sample only at T > 0; default both)")
+    g.add_argument("--batch-size", type=int, help="rows per call in the acceptance sweep (default 8)")
+
+    lat = argparse.ArgumentParser(add_help=False)
+    g = lat.add_argument_group("latency")
+    g.add_argument("--batch-sizes", help="comma-separated (default 1,4,8,16)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 skips the equality check")
+
+    peers = argparse.ArgumentParser(add_help=False)
+    g = peers.add_argument_group("peers")
+    g.add_argument("--prompt-lookup-tokens", type=int, default=10, help="transformers prompt_lookup_num_tokens (10)")
+    g.add_argument("--max-matching-ngram", type=int, default=2, help="transformers max_matching_ngram_size (2)")
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
+                                epilog="definitions and examples: bench/README_section.md")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{acceptance,latency,peers,all}")
+    sub.add_parser("acceptance", parents=[common, acc], help="draft acceptance sweep")
+    sub.add_parser("latency", parents=[common, lat], help="tokens/s, TPOT, TTFT by batch size")
+    sub.add_parser("peers", parents=[common, peers], help="specdec vs transformers generate / prompt lookup")
+    sub.add_parser("all", parents=[common, acc, lat, peers], help="acceptance, latency and peers")
+    return p
+
+
+def resolve(a: argparse.Namespace, bench: str) -> argparse.Namespace:
+    """A copy of the arguments with this benchmark's defaults (or --quick's) where a flag was not given."""
+    table = QUICK if a.quick else DEFAULTS
+    out = argparse.Namespace(**vars(a))
+    for key, value in {**table["common"], **DEFAULTS.get(bench, {}), **(table.get(bench, {}))}.items():
+        if getattr(out, key, None) is None:
+            setattr(out, key, value)
+    return out
+
+
+def check(a: argparse.Namespace) -> None:
+    for flag, value, minimum in (("--num-prompts", a.num_prompts, 1), ("--max-new-tokens", a.max_new_tokens, 1),
+                                 ("--repeats", a.repeats, 1),
+                                 ("--threads", a.threads, 1), ("--max-seq-len", a.max_seq_len, 2)):
+        if value is not None and value < minimum:
+            raise BenchError(f"{flag} must be >= {minimum}, got {value}")
+    if not 0.0 < a.top_p <= 1.0:
+        raise BenchError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.device is not None:
+        try:
+            torch.device(a.device)
+        except RuntimeError:
+            raise BenchError(f"--device: not a device: {a.device!r}") from None
+    if a.out.exists() and not a.out.is_dir():
+        raise BenchError(f"--out {a.out}: exists and is not a directory")
+
+
+def check_bench(s: argparse.Namespace, name: str) -> None:
+    """Parse this benchmark's lists before any model loads (errors name the flag)."""
+    if s.num_prompts < 1:
+        raise BenchError(f"--num-prompts must be >= 1, got {s.num_prompts}")
+    shapes = parse_shapes(s.chains, s.trees)
+    if name == "acceptance":
+        if not shapes:
+            raise BenchError("acceptance: no draft shapes (--chains and --trees are both empty)")
+        if not parse_float_list(s.temperatures, "--temperatures"):
+            raise BenchError("--temperatures: no temperatures given")
+        modes = [m.strip() for m in s.draft_modes.split(",") if m.strip()]
+        if not modes or any(m not in ("onehot", "sample") for m in modes):
+            raise BenchError(f"--draft-modes: expected onehot and/or sample, got {s.draft_modes!r}")
+        if s.batch_size < 1:
+            raise BenchError(f"--batch-size must be >= 1, got {s.batch_size}")
+    if name == "latency":
+        if not parse_int_list(s.batch_sizes, "--batch-sizes"):
+            raise BenchError("--batch-sizes: no batch sizes given")
+        if s.temperature < 0:
+            raise BenchError(f"--temperature must be >= 0, got {s.temperature}")
+    if name == "peers" and (s.prompt_lookup_tokens < 1 or s.max_matching_ngram < 1):
+        raise BenchError("--prompt-lookup-tokens and --max-matching-ngram must be >= 1")
+
+
+def _default_checkpoint() -> Path:
+    from model.parallel import ParallelContext
+    from specdec.defaults import default_model_path
+
+    return default_model_path(ParallelContext())[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    failures: list[str] = []
+    try:
+        check(a)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        benches = ["acceptance", "latency", "peers"] if a.command == "all" else [a.command]
+        all_prompts = select_prompts(a.prompt_file, None)  # a bad file fails before any model loads
+        for name in benches:
+            check_bench(resolve(a, name), name)
+        eng = None
+        for name in benches:
+            s = resolve(a, name)
+            prompts = all_prompts[: s.num_prompts]
+            if name == "peers":
+                from bench import peers
+
+                ckpt = Path(a.ckpt_path) if a.ckpt_path else (eng.checkpoint if eng else _default_checkpoint())
+                report = peers.run(ckpt, prompts, s)
+            else:
+                if eng is None:
+                    from specdec import Engine
+
+                    eng = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len)
+                    if eng.notice:
+                        print(eng.notice, file=sys.stderr)
+                report = importlib.import_module(f"bench.{name}").run(eng, prompts, s)
+            machine = machine_info(eng.device if eng is not None else (a.device or "cpu"))
+            paths = write_report(report, a.out, machine)
+            print(f"bench: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+            failures += report.failures
+    except (BenchError, PromptFileError, SpecdecError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    for f in failures:
+        print(f"bench: FAILED: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""What every benchmark shares: draft shapes, timed runs, the machine description, and reports
+(JSON + Markdown + plots, each written atomically).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.stats import pool
+from model.errors import ConfigError
+from specdec import Engine, SpecConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class BenchError(Exception):
+    """A user error the CLI reports in one line (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------- draft shapes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One decoding configuration: plain, a chain, a tree (depth x topk x nodes) or `auto`.
+
+    `auto` is resolved per run by `specdec.auto_tree.choose_tree` into a tree with concrete
+    dimensions; `key` stays "auto" so rows of different runs line up.
+    """
+
+    kind: str  # "plain" | "chain" | "tree" | "auto"
+    depth: int = 0
+    topk: int = 1
+    nodes: int = 0
+    draft_vocab: int | None = None  # `@N` suffix: draft among the N lowest token ids (SpecConfig.draft_vocab)
+
+    @property
+    def key(self) -> str:
+        vocab = f" @{self.draft_vocab}" if self.draft_vocab else ""
+        if self.kind == "plain":
+            return "plain"
+        if self.kind == "chain":
+            return f"chain {self.depth}{vocab}"
+        if self.kind == "auto":
+            return f"auto{vocab}"
+        return f"tree {self.depth}x{self.topk}x{self.nodes}{vocab}"
+
+    @property
+    def dims(self) -> str:
+        """`DxKxN` (depth x topk x verified nodes), '-' for plain or unresolved auto."""
+        return f"{self.depth}x{self.topk}x{self.nodes}" if self.depth else "-"
+
+    @property
+    def label(self) -> str:
+        vocab = f" @{self.draft_vocab}" if self.draft_vocab else ""
+        return f"auto ({self.dims}){vocab}" if self.kind == "auto" and self.depth else self.key
+
+    def spec(self, draft_mode: str = "onehot") -> SpecConfig | None:
+        if self.kind == "plain":
+            return None
+        if not self.depth:
+            raise ValueError("resolve an auto shape before decoding with it")
+        return SpecConfig(depth=self.depth, topk=self.topk, nodes=self.nodes if self.topk > 1 else None,
+                          draft_mode=draft_mode, draft_vocab=self.draft_vocab)
+
+
+PLAIN = Shape("plain")
+
+
+def parse_int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if any(v < minimum for v in values):
+        raise BenchError(f"{flag}: values must be >= {minimum}, got {text!r}")
+    return values
+
+
+def parse_float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if any(v < 0 or not math.isfinite(v) for v in values):
+        raise BenchError(f"{flag}: values must be finite and >= 0, got {text!r}")
+    return values
+
+
+def _split_vocab(item: str, flag: str) -> tuple[str, int | None]:
+    """`SHAPE@N` → (SHAPE, N): N is the draft vocabulary (`SpecConfig.draft_vocab`)."""
+    if "@" not in item:
+        return item, None
+    shape, _, vocab = item.partition("@")
+    if not vocab.isdigit() or int(vocab) < 1:
+        raise BenchError(f"{flag}: {item!r}: the draft vocabulary after @ must be a positive integer")
+    return shape, int(vocab)
+
+
+def parse_shapes(chains: str, trees: str) -> list[Shape]:
+    """`--chains 1,2,3@2048` and `--trees 3x2x6,4x2,auto@2048` (depth x topk [x nodes], `@N`: draft
+    among the N lowest token ids) → shapes, in that order."""
+    shapes = []
+    for item in (c.strip() for c in chains.split(",")):
+        if item:
+            text, vocab = _split_vocab(item, "--chains")
+            shapes += [Shape("chain", d, 1, d, vocab) for d in parse_int_list(text, "--chains")]
+    for item in (t.strip() for t in trees.split(",")):
+        if not item:
+            continue
+        item, vocab = _split_vocab(item, "--trees")
+        if item == "auto":
+            shapes.append(Shape("auto", draft_vocab=vocab))
+            continue
+        try:
+            dims = [int(x) for x in item.split("x")]
+        except ValueError:
+            raise BenchError(f"--trees: {item!r} is not DEPTHxTOPK[xNODES] or auto") from None
+        if len(dims) not in (2, 3):
+            raise BenchError(f"--trees: {item!r} is not DEPTHxTOPK[xNODES] or auto")
+        try:
+            spec = SpecConfig(depth=dims[0], topk=dims[1], nodes=dims[2] if len(dims) == 3 else None)
+        except ConfigError as e:
+            raise BenchError(f"--trees {item}: {e}") from None
+        shapes.append(Shape("tree" if spec.topk > 1 else "chain", spec.depth, spec.topk, spec.n_nodes, vocab))
+    seen, unique = set(), []
+    for s in shapes:
+        if s.key not in seen:
+            seen.add(s.key)
+            unique.append(s)
+    return unique
+
+
+def resolve_auto(eng: Engine, ids: list[list[int]], temperature: float, top_p: float, seed: int,
+                 draft_mode: str = "onehot", draft_vocab: int | None = None) -> tuple[Shape, str]:
+    """Calibrate `--tree auto` on `ids` (one batch); the chosen shape and choose_tree's report."""
+    from specdec.auto_tree import choose_tree
+
+    choice = choose_tree(eng, ids, temperature, top_p, seed, draft_mode)
+    nodes = choice.nodes if choice.topk > 1 else choice.depth
+    return Shape("auto", choice.depth, choice.topk, nodes, draft_vocab), choice.report
+
+
+# ----------------------------------------------------------------------------- timed runs
+
+
+def batches(ids: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Calls of `batch_size` rows covering every prompt once; the last call is filled up by cycling
+    through the prompts from the start, so every call has exactly `batch_size` rows."""
+    n_calls = math.ceil(len(ids) / batch_size)
+    rows = [ids[i % len(ids)] for i in range(n_calls * batch_size)]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+@dataclass
+class Run:
+    """A configuration decoded over all calls: pooled stats and every row's tokens (call order)."""
+
+    shape: Shape
+    stats: dict
+    token_ids: list[list[int]]
+
+
+def timed_run(eng: Engine, groups: list[list[list[int]]], shape: Shape, *, max_new_tokens: int,
+              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, draft_mode: str = "onehot",
+              warmup: bool = True, repeats: int = 1) -> Run:
+    """One warm-up call (8 new tokens on the first batch), then every batch `repeats` times, timed by
+    the engine.
+
+    Call i is seeded with `seed + i`, the same for every configuration and repeat (so repeats decode
+    the same tokens). Rates and latency samples are pooled over all repeats; tokens/s is the median
+    of the repeats' tokens/s (a shared or throttled CPU makes single runs noisy), and every repeat's
+    tokens/s is kept in `tokens_per_s_repeats`.
+    """
+    spec = shape.spec(draft_mode)
+    if warmup:
+        eng.generate(groups[0], max_new_tokens=min(8, max_new_tokens), temperature=temperature, top_p=top_p,
+                     seed=seed, spec=spec)
+    all_stats, per_repeat, outs = [], [], []
+    for _ in range(max(repeats, 1)):
+        outs = [eng.generate(g, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i,
+                             spec=spec) for i, g in enumerate(groups)]
+        stats = [o.stats for o in outs]
+        per_repeat.append(pool(stats)["tokens_per_s"])
+        all_stats += stats
+    pooled = pool(all_stats)
+    pooled["tokens_per_s"] = statistics.median(per_repeat)
+    pooled["tokens_per_s_repeats"] = per_repeat
+    pooled["calls"], pooled["repeats"] = len(groups), len(per_repeat)
+    return Run(shape, pooled, [t for o in outs for t in o.token_ids])
+
+
+def progress(total: int, desc: str):
+    """A tqdm bar on stderr over the configurations of a sweep."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def machine_info(device: torch.device | str | None = None) -> dict:
+    """Where the numbers come from: platform, CPU, cores, library versions, threads, git commit."""
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except Exception:  # noqa: BLE001 - a broken install still leaves the rest worth reporting
+        transformers_version = None
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": affinity,
+        "torch": torch.__version__,
+        "transformers": transformers_version,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "git_commit": commit,
+        "git_dirty": bool(dirty) if commit is not None and dirty is not None else None,
+    }
+    return info
+
+
+def machine_line(m: dict) -> str:
+    where = m["gpu"] or f"{m['cpu']}, {m['cores_usable'] or m['cores']} cores"
+    commit = (m["git_commit"] or "unknown")[:10] + (" (dirty)" if m.get("git_dirty") else "")
+    return (f"{where}; torch {m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}; "
+            f"Python {m['python']}; commit {commit}")
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+@dataclass
+class Table:
+    heading: str
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Report:
+    """Everything one benchmark writes: `<name>.json`, `<name>.md` and `<name>_<plot>.png`."""
+
+    name: str
+    title: str
+    settings: dict
+    rows: list[dict] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    plots: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)  # (suffix, () -> Figure)
+    extra: dict = field(default_factory=dict)
+
+
+def fmt(x: Any, digits: int = 2) -> str:
+    """A table cell: numbers rounded, None as '-', booleans as yes/NO."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def fmt_list(xs: Sequence[float | None], digits: int = 2) -> str:
+    return " ".join(fmt(x, digits) for x in xs) if xs else "-"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: Report, machine: dict) -> str:
+    def value(v: Any) -> str:
+        return ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+    settings = ", ".join(f"{k}={value(v)}" for k, v in report.settings.items() if k != "checkpoint")
+    parts = [f"## {report.title}", "",
+             f"Machine: {machine_line(machine)}.", "",
+             f"Checkpoint `{report.settings.get('checkpoint')}`; {settings}."]
+    for t in report.tables:
+        parts += ["", f"### {t.heading}" if t.heading else "", "", markdown_table(t.headers, t.rows)]
+    if report.notes:
+        parts += [""] + [f"- {n}" for n in report.notes]
+    if report.failures:
+        parts += ["", "**FAILURES:**", ""] + [f"- {f}" for f in report.failures]
+    return "\n".join(p for p in _squeeze_blank(parts)) + "\n"
+
+
+def _squeeze_blank(parts: list[str]) -> list[str]:
+    out: list[str] = []
+    for p in parts:
+        if p == "" and out and out[-1] == "":
+            continue
+        out.append(p)
+    return out
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `path` through a temp file in the same directory, renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(x: Any):
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf → None so the JSON is strict."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def write_report(report: Report, out_dir: Path, machine: dict, log=print) -> list[Path]:
+    """Write the JSON, the Markdown (also printed) and the plots; return the paths written."""
+    out_dir = Path(out_dir)
+    payload = {
+        "benchmark": report.name,
+        "title": report.title,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": report.settings,
+        "rows": report.rows,
+        "failures": report.failures,
+        "notes": report.notes,
+        **report.extra,
+    }
+    md = render_markdown(report, machine)
+    json_path, md_path = out_dir / f"{report.name}.json", out_dir / f"{report.name}.md"
+    write_atomic(json_path, json.dumps(_finite(payload), indent=2, default=_json_default, allow_nan=False) + "\n")
+    write_atomic(md_path, md)
+    log(md)
+    written = [json_path, md_path]
+    if report.plots:
+        if not matplotlib_available():
+            print(f"bench: matplotlib is not installed (pip install -e '.[bench]'); no plots for {report.name}, "
+                  "JSON and Markdown written", file=sys.stderr)
+        else:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            for suffix, draw in report.plots:
+                fig = draw()
+                if fig is None:
+                    continue
+                path = out_dir / f"{report.name}_{suffix}.png"
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out_dir)
+                os.close(fd)
+                try:
+                    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+                finally:
+                    plt.close(fig)
+                written.append(path)
+    return written
+

@@ -1,0 +1,201 @@
+"""`python bench/gpu_bench.py {gemm,verify,all}`: CUDA micro-benchmarks.
+
+gemm    FP8 block-scaled GEMM `y = x @ W^T` at DeepSeek-V3 (671B) projection shapes and a few row
+        counts M (decode batch / tree nodes / prefill chunk): Triton `fp8_gemm` on pre-quantised
+        activations, Triton `fp8_linear` (act_quant + fp8_gemm), per-call dequantisation + BF16 matmul
+        (`weight_dequant` then cuBLAS), and BF16 matmul on weights dequantised once (cuBLAS; the
+        memory-hungry baseline). TFLOP/s = 2·M·N·K / time (median of `triton.testing.do_bench`).
+verify  the embedded default model (or --ckpt-path) on CUDA: one verifier forward over the root + N
+        draft-tree nodes (N = 0 is a plain decode step) for batch 1 and 8, the MTP forward, and an
+        end-to-end greedy generate (plain, chain 2, tree 3x2x6) with tokens/s, speedup and the
+        token-equality check against plain decoding (a mismatch makes the exit status 1).
+
+Markdown on stdout; `--json FILE` writes the numbers too. Exit 2 without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+# (name, N, K) of DeepSeek-V3 671B projections (unsharded): y[M, N] = x[M, K] @ W[N, K]^T
+SHAPES_671B = [
+    ("attn wq_a", 1536, 7168),
+    ("attn wq_b", 24576, 1536),
+    ("attn wkv_a", 576, 7168),
+    ("attn wo", 7168, 16384),
+    ("dense w1", 18432, 7168),
+    ("dense w2", 7168, 18432),
+    ("expert w1", 2048, 7168),
+    ("expert w2", 7168, 2048),
+]
+ROWS = [1, 16, 128, 1024]
+
+
+DEVICE = "cuda"
+
+
+def _ms(fn) -> float:
+    """Median milliseconds of `fn` (triton's do_bench on CUDA; a plain timer loop on the CPU)."""
+    if DEVICE != "cuda":
+        import statistics
+        import time
+
+        fn()
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_gemm(rows: list[int], shapes=SHAPES_671B) -> list[dict]:
+    import kernels
+    from kernels import reference as ref
+
+    out = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, n, k in shapes:
+        w_fp8, w_s = ref.weight_quant(torch.randn(n, k, device="cuda", generator=g))
+        w_bf16 = kernels.weight_dequant(w_fp8, w_s, out_dtype=torch.bfloat16, impl="triton")
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+            a, a_s = kernels.act_quant(x, impl="triton")
+            flop = 2.0 * m * n * k
+            times = {
+                "triton fp8_gemm": _ms(lambda: kernels.fp8_gemm(a, a_s, w_fp8, w_s, out_dtype=torch.bfloat16,
+                                                                impl="triton")),
+                "triton fp8_linear": _ms(lambda: kernels.fp8_linear(x, w_fp8, w_s, impl="triton")),
+                "dequant + bf16 matmul": _ms(lambda: x @ kernels.weight_dequant(w_fp8, w_s, out_dtype=torch.bfloat16,
+                                                                                impl="triton").T),
+                "bf16 matmul (pre-dequantised)": _ms(lambda: x @ w_bf16.T),
+            }
+            out.append({"shape": name, "M": m, "N": n, "K": k,
+                        **{f"{impl} ms": t for impl, t in times.items()},
+                        **{f"{impl} TFLOP/s": flop / (t * 1e-3) / 1e12 for impl, t in times.items()}})
+        torch.cuda.empty_cache()
+    return out
+
+
+def bench_verify(ckpt: str | None, nodes: list[int], batches: list[int], new_tokens: int) -> tuple[list[dict], list[dict], bool]:
+    import time
+
+    from bench.microbench import heap_tree, prepare
+    from bench.prompt_set import HELDOUT_FILE, load_prompt_file
+    from bench.stats import compare_outputs
+    from specdec import Engine, SpecConfig
+
+    eng = Engine.from_pretrained(ckpt, device=DEVICE, max_seq_len=1024)
+    ids = eng.encode([p.prompt for p in load_prompt_file(HELDOUT_FILE)[: max(batches + [8])]])
+    steps_rows = []
+    for batch in batches:
+        steps = prepare(eng, ids[:batch])
+
+        def decode():
+            steps.reset()
+            steps.decode()
+
+        base = _ms(decode)
+        steps_rows.append({"batch": batch, "step": "plain decode (1 token)", "nodes": 0, "ms": base, "x plain": 1.0})
+        for n in nodes:
+            tree = heap_tree(batch, n, eng.args.vocab_size, eng.device)
+            t = _ms(lambda: steps.verify(tree))
+            steps_rows.append({"batch": batch, "step": f"verify root + {n} nodes", "nodes": n, "ms": t, "x plain": t / base})
+        t = _ms(steps.mtp_forward)
+        steps_rows.append({"batch": batch, "step": "MTP forward (1 token)", "nodes": 0, "ms": t, "x plain": t / base})
+    e2e, ok = [], True
+    groups = [ids[i : i + 8] for i in range(0, len(ids), 8)][:1]
+    plain_out = None
+    for label, spec in [("plain", None), ("chain 2", SpecConfig(depth=2)), ("tree 3x2x6", SpecConfig(3, 2, 6))]:
+        eng.generate(groups[0], max_new_tokens=8, spec=spec)  # warm-up (and Triton compilation)
+        _sync()
+        t0 = time.perf_counter()
+        out = eng.generate(groups[0], max_new_tokens=new_tokens, spec=spec)
+        _sync()
+        wall = time.perf_counter() - t0
+        plain_out = plain_out or (out, wall)
+        same = compare_outputs(out.token_ids, plain_out[0].token_ids)
+        ok &= same["equal"]
+        e2e.append({"config": label, "batch": len(groups[0]), "tokens": out.stats.tokens, "tokens_per_s": out.stats.tokens / wall,
+                    "tau": out.stats.tau, "speedup": (out.stats.tokens / wall) / (plain_out[0].stats.tokens / plain_out[1]),
+                    "equal_to_plain": same["equal"], "identical_token_share": same["identical_token_share"]})
+    return steps_rows, e2e, ok
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/gpu_bench.py", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["gemm", "verify", "all"])
+    p.add_argument("--rows", default=",".join(map(str, ROWS)), help="GEMM row counts M (default 1,16,128,1024)")
+    p.add_argument("--ckpt-path", help="checkpoint for the verify benchmark (default: the embedded model)")
+    p.add_argument("--nodes", default="1,4,8,16", help="draft-tree nodes verified (default 1,4,8,16)")
+    p.add_argument("--batches", default="1,8", help="batch sizes of the verify benchmark (default 1,8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", help="write the numbers to this file")
+    p.add_argument("--cpu-dry-run", action="store_true", help="run `verify` on the CPU (checks the script, not the GPU)")
+    a = p.parse_args(argv)
+    global DEVICE
+    if a.cpu_dry_run:
+        DEVICE = "cpu"
+        if a.what != "verify":
+            print("gpu_bench.py: error: --cpu-dry-run runs only `verify`", file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available():
+        print("gpu_bench.py: error: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run)"
+    print(f"device: {where}, torch {torch.__version__}, triton {__import__('triton').__version__}\n")
+    result, status = {}, 0
+    if a.what in ("gemm", "all"):
+        if torch.cuda.get_device_capability() < (8, 9):
+            print("FP8 GEMM benchmark skipped: needs compute capability 8.9+\n")
+        else:
+            rows = bench_gemm([int(m) for m in a.rows.split(",")])
+            result["gemm"] = rows
+            impls = ["triton fp8_gemm", "triton fp8_linear", "dequant + bf16 matmul", "bf16 matmul (pre-dequantised)"]
+            print("### FP8 GEMM, DeepSeek-V3 671B shapes (TFLOP/s; higher is better)\n")
+            print(table(rows, ["shape", "M", "N", "K"] + [f"{i} TFLOP/s" for i in impls]))
+            print()
+    if a.what in ("verify", "all"):
+        steps, e2e, ok = bench_verify(a.ckpt_path, [int(n) for n in a.nodes.split(",")],
+                                      [int(b) for b in a.batches.split(",")], a.max_new_tokens)
+        result["verify_steps"], result["generate"] = steps, e2e
+        print(f"### One step on {DEVICE} (median ms; x plain = time / plain decode step)\n")
+        print(table(steps, ["batch", "step", "ms", "x plain"]))
+        print(f"\n### Greedy generate on {DEVICE} (one call of {len(e2e) and e2e[0]['batch']} rows, warm)\n")
+        print(table(e2e, ["config", "batch", "tokens", "tokens_per_s", "tau", "speedup", "equal_to_plain"]))
+        print()
+        if not ok:
+            print(f"FAILED: speculative greedy output differs from plain decoding on {DEVICE}", file=sys.stderr)
+            status = 1
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

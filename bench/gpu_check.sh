@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh: the GPU checks of specdec, in one go, on a machine with an NVIDIA GPU.
+#
+#   bash bench/gpu_check.sh            # from the repository root; results in bench/results/gpu/
+#
+# 1. Environment: uses $GPU_VENV (default .venv-gpu), creating it when missing. If the system
+#    Python already has a CUDA build of torch, the venv sees it (--system-site-packages) and
+#    nothing is downloaded; otherwise pip installs the default (CUDA) torch wheel -- never the
+#    CPU pin torch==2.13.0 of the Makefile. specdec runs from the source tree (PYTHONPATH, no
+#    install); its dependencies (triton, safetensors, tokenizers, transformers, tqdm, numpy) are
+#    pip-installed only if they do not import.
+# 2. Kernels: bench/gpu_kernels.py compiles the Triton kernels of kernels/ for this GPU and
+#    compares them with the torch references (act_quant and weight_dequant bit-exact, fp8_gemm
+#    and mla_attention within tolerance, including DeepSeek-V3 sizes). The test suite only runs
+#    them under TRITON_INTERPRET=1 on the CPU.
+# 3. FP8 GEMM micro-benchmark: Triton fp8_gemm / fp8_linear vs dequant+matmul vs BF16 matmul at
+#    DeepSeek-V3 671B projection shapes, TFLOP/s (bench/gpu_bench.py gemm).
+# 4. Verify-step micro-benchmark on the embedded default model on CUDA: plain decode step vs
+#    verifier forward over 1/4/8/16 tree nodes, MTP forward, and greedy generate (plain, chain,
+#    tree) checked token-equal to plain decoding (bench/gpu_bench.py verify).
+#
+# Each step has its own time limit (STEP_TIMEOUT seconds, default 240) and the script goes on
+# after a failure; the exit status is non-zero if any step failed. Everything takes about
+# 3-5 minutes on an H100/H200 (most of it Triton compilation), plus the venv set-up if a torch
+# wheel has to be downloaded.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+GPU_VENV=${GPU_VENV:-.venv-gpu}
+OUT=${OUT:-bench/results/gpu}
+STEP_TIMEOUT=${STEP_TIMEOUT:-240}
+PY="$GPU_VENV/bin/python"
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+
+log() { printf '\n== %s ==\n' "$*"; }
+
+log "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi not found"
+if [ ! -x "$PY" ]; then
+    if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        python3 -m venv --system-site-packages "$GPU_VENV"   # reuse the system's CUDA torch
+    else
+        python3 -m venv "$GPU_VENV"
+    fi
+fi
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q torch           # the default wheel is a CUDA build on Linux x86_64
+fi
+for mod in triton safetensors tokenizers transformers tqdm numpy; do
+    "$PY" -c "import $mod" 2>/dev/null || "$PY" -m pip install -q "$mod"
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c 'import torch, sys; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name()); sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "no usable CUDA device for $PY: stopping" >&2
+    exit 2
+fi
+
+status=0
+step() {  # step NAME CMD...: run with a time limit, keep the log, remember failures
+    local name=$1; shift
+    log "$name"
+    timeout "$STEP_TIMEOUT" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then
+        [ "$rc" -eq 124 ] && echo "STEP $name TIMED OUT after ${STEP_TIMEOUT}s" >&2 \
+            || echo "STEP $name FAILED (exit $rc)" >&2
+        status=1
+    fi
+}
+
+step kernels "$PY" bench/gpu_kernels.py --json "$OUT/kernels.json"
+step gemm "$PY" bench/gpu_bench.py gemm --json "$OUT/gemm.json"
+step verify "$PY" bench/gpu_bench.py verify --json "$OUT/verify.json"
+
+log "summary"
+echo "logs and JSON in $OUT"
+[ "$status" -eq 0 ] && echo "all GPU checks passed" || echo "some GPU checks FAILED"
+exit "$status"

@@ -1,0 +1,101 @@
+"""`python -m bench latency`: throughput and per-token latency by batch size, plain vs MTP.
+
+For each batch size B the prompts are decoded in calls of B rows (the last call filled up by
+cycling through the prompts), first plainly, then with every draft shape (chains, trees, `auto`
+calibrated at that batch size), each after one warm-up call, all in the same process. Reported:
+tokens/s (all new tokens / wall seconds of all calls), TPOT p50/p90 (`stats.tpot_s`: seconds per
+token after each row's first), TTFT (mean of `stats.ttft_s` over the calls), speedup (tokens/s over
+plain's at the same batch size, same run) and, when greedy, whether every row's output is token
+for token plain decoding's (a mismatch is a failure: loud line, exit status 1).
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+from bench import plots
+from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, parse_int_list, parse_shapes, progress,
+                          resolve_auto, timed_run)
+from bench.prompt_set import Prompt
+from bench.stats import compare_outputs
+from specdec import Engine
+
+
+def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
+    batch_sizes = parse_int_list(a.batch_sizes, "--batch-sizes")
+    if not batch_sizes:
+        raise BenchError("--batch-sizes: no batch sizes given")
+    if a.temperature < 0:
+        raise BenchError(f"--temperature must be >= 0, got {a.temperature}")
+    shapes = [PLAIN] + parse_shapes(a.chains, a.trees)
+    ids = eng.encode([p.prompt for p in prompts])
+    greedy = a.temperature == 0
+
+    rows: list[dict] = []
+    failures: list[str] = []
+    auto_reports: dict[str, str] = {}
+    auto_choices: dict[str, str] = {}
+    bar = progress(len(batch_sizes) * len(shapes), "latency")
+    for batch in batch_sizes:
+        groups = batches(ids, batch)
+        plain = None
+        batch_rows = []
+        for shape in shapes:
+            bar.set_postfix_str(f"batch {batch} {shape.key}")
+            if shape.kind == "auto":
+                shape, auto_reports[f"batch {batch}"] = resolve_auto(eng, groups[0], a.temperature, a.top_p, a.seed,
+                                                                     draft_vocab=shape.draft_vocab)
+                auto_choices[f"batch {batch}"] = shape.dims
+            r = timed_run(eng, groups, shape, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          top_p=a.top_p, seed=a.seed, repeats=a.repeats)
+            bar.update(1)
+            plain = plain or r
+            same = None
+            if greedy and shape.kind != "plain":
+                cmp = compare_outputs(r.token_ids, plain.token_ids)
+                same = cmp["equal"]
+                if not same:
+                    row_i, tok_i = cmp["first_mismatch"]
+                    failures.append(f"MISMATCH: batch {batch}, {shape.label}: greedy output differs from plain "
+                                    f"decoding in {cmp['rows'] - cmp['identical_rows']}/{cmp['rows']} rows "
+                                    f"(first at row {row_i}, token {tok_i})")
+            s = r.stats
+            batch_rows.append({
+                "batch_size": batch, "config": shape.key, "label": shape.label, "kind": shape.kind,
+                "depth": shape.depth, "topk": shape.topk, "nodes": shape.nodes, "calls": s["calls"],
+                "tokens": s["tokens"], "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s"],
+                "tpot_p50_ms": s["tpot_p50_ms"], "tpot_p90_ms": s["tpot_p90_ms"], "ttft_mean_ms": s["ttft_mean_ms"],
+                "speedup": s["tokens_per_s"] / plain.stats["tokens_per_s"], "tau": s["tau"],
+                "equal_to_plain": same, "best_chain": False,
+            })
+        chains = [r for r in batch_rows if r["kind"] == "chain"]
+        if chains:
+            max(chains, key=lambda r: r["tokens_per_s"])["best_chain"] = True
+        rows += batch_rows
+    bar.close()
+
+    tables = []
+    for batch in batch_sizes:
+        body = []
+        for r in (r for r in rows if r["batch_size"] == batch):
+            label = r["label"] + (" (best chain)" if r["best_chain"] else "")
+            equal = "" if r["kind"] == "plain" else ("n/a (sampled)" if r["equal_to_plain"] is None
+                                                     else fmt(r["equal_to_plain"]))
+            body.append([label, fmt(r["tau"]), fmt(r["tokens_per_s"], 1), fmt(r["tpot_p50_ms"]),
+                         fmt(r["tpot_p90_ms"]), fmt(r["ttft_mean_ms"]), f"{r['speedup']:.2f}x", equal])
+        calls = rows[[r["batch_size"] for r in rows].index(batch)]["calls"]
+        tables.append(Table(f"batch {batch} ({calls} call(s) of {batch} rows)",
+                            ["config", "tau", "tokens/s", "TPOT p50 ms", "TPOT p90 ms", "TTFT ms", "speedup",
+                             "= plain"], body))
+    mode = "greedy" if greedy else f"T={a.temperature:g}, top-p {a.top_p:g}"
+    notes = [f"{len(prompts)} prompts, {a.max_new_tokens} new tokens each at most, {mode}; one warm-up call per "
+             "configuration; speedup = tokens/s over plain's at the same batch size in this run"]
+    notes += [f"auto at {k}: choose_tree picked {v} (depth x topk x nodes)" for k, v in auto_choices.items()]
+    settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "batch_sizes": batch_sizes,
+                "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
+                "shapes": [s.key for s in shapes], "quick": a.quick}
+    report = Report("latency", "Latency and throughput by batch size", settings, rows, tables, notes, failures,
+                    extra={"auto_reports": auto_reports})
+    report.plots = [("tokens_per_s", lambda: plots.tokens_per_s_vs_batch(rows)),
+                    ("speedup", lambda: plots.speedup_vs_shape(rows))]
+    return report

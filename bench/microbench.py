@@ -1,0 +1,91 @@
+"""Single steps of the decoding loop, set up from a loaded `Engine` for micro-benchmarks
+(`bench/perf/` with pytest-benchmark on the CPU, `bench/gpu_bench.py` on CUDA).
+
+Uses the engine's internals read-only, the way `specdec.speculative.SpeculativeDecoder` calls
+them: the prompt batch is prefilled once (verifier + MTP), then each step function runs one
+verifier forward over a draft tree / one plain decode step / one MTP draft, writing only scratch
+cache slots beyond the committed length (the decode step's length bump is undone by `reset`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec import Engine, SpecConfig
+from specdec.speculative import SpeculativeDecoder
+from specdec.tree import DraftTree, chain_tree
+
+MAX_NODES = 32
+
+
+def heap_tree(batch: int, n_nodes: int, vocab: int, device, seed: int = 0) -> DraftTree:
+    """A binary draft tree of `n_nodes` nodes per row (node i's parent is (i-1)//2, root 0), random tokens.
+
+    n_nodes = 1 is a one-token chain. Verification cost depends on the node count, hardly on the shape.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab, (batch, n_nodes), generator=g).to(device)
+    if n_nodes == 1:
+        return chain_tree(tokens)
+    idx = torch.arange(1, n_nodes + 1)
+    parents = ((idx - 1) // 2).expand(batch, n_nodes).clone().to(device)
+    depths = torch.floor(torch.log2(idx.float() + 1)).long().expand(batch, n_nodes).clone().to(device)
+    return DraftTree(tokens, parents, depths)
+
+
+@dataclass
+class StepBench:
+    """A prefilled batch and the calls that time one step each."""
+
+    eng: Engine
+    decoder: SpeculativeDecoder
+    cache: object
+    lengths: torch.Tensor  # committed lengths after prefill (copied back by `reset`)
+    pending: torch.Tensor
+    draft_logits: torch.Tensor
+    draft_hidden: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @torch.inference_mode()
+    def reset(self) -> None:
+        self.cache.lengths[: self.batch] = self.lengths
+
+    @torch.inference_mode()
+    def verify(self, tree: DraftTree):
+        """One verifier forward over the root and the tree's nodes (what a speculative step verifies)."""
+        return self.decoder._verify(self.cache, self.cache.lengths[: self.batch], self.pending, tree)
+
+    @torch.inference_mode()
+    def decode(self):
+        """One plain decode step (one token per row); call `reset` before the next."""
+        return self.eng._decode_step(self.cache, self.pending, self.batch)
+
+    @torch.inference_mode()
+    def draft(self, spec: SpecConfig) -> DraftTree:
+        """One MTP drafting phase of shape `spec` (chain or tree), as `SpeculativeDecoder._draft` runs it."""
+        dec = SpeculativeDecoder(self.eng, spec, 0.0, 1.0, 0)
+        return dec._draft(self.cache, self.cache.lengths[: self.batch], self.draft_logits, self.draft_hidden)
+
+    @torch.inference_mode()
+    def mtp_forward(self):
+        """One MTP layer forward over one token per row (a chain's depth >= 2 draft)."""
+        lengths = self.cache.lengths[: self.batch]
+        pos = lengths.unsqueeze(1)
+        mask = (torch.arange(int(pos.max()) + 1, device=pos.device)[None, :] <= pos).unsqueeze(1)
+        tokens = self.draft_logits.argmax(-1, keepdim=True)
+        return self.eng.drafter(tokens, self.draft_hidden.unsqueeze(1), pos, self.cache.kv[:, : self.batch],
+                                self.cache.pe[:, : self.batch], pos, mask)
+
+
+@torch.inference_mode()
+def prepare(eng: Engine, ids: list[list[int]], room: int = MAX_NODES + 8) -> StepBench:
+    """Prefill `ids` (one row each) through the verifier and the MTP layer; leave `room` scratch slots."""
+    decoder = SpeculativeDecoder(eng, SpecConfig(depth=1), 0.0, 1.0, 0)
+    cache = eng._cache_for(len(ids), max(map(len, ids)) + room)
+    pending, logits, hidden = decoder._prefill(cache, ids)
+    return StepBench(eng, decoder, cache, cache.lengths[: len(ids)].clone(), pending, logits, hidden)

@@ -1,0 +1,203 @@
+"""`python -m bench peers`: specdec against transformers on the same weights, prompts and run.
+
+Decoders (greedy, batch 1, one prompt per call, each after one warm-up call):
+
+* specdec `Engine.generate`, plain;
+* specdec with MTP speculative decoding (each `--chains` / `--trees` shape);
+* transformers `DeepseekV3ForCausalLM.generate` (plain greedy);
+* transformers prompt-lookup decoding (`generate(prompt_lookup_num_tokens=K)`, n-gram drafts
+  copied from the prompt; transformers supports it at batch 1 only).
+
+Same weights: an FP8 checkpoint is first dequantised into a float32 copy in a temporary
+directory (every FP8 block times its `weight_scale_inv`, exactly what specdec computes at load on
+the CPU; BF16 tensors widen exactly), and both libraries load that copy in float32. Reported:
+tokens/s (new tokens over the summed wall time of the calls), the ratio to specdec plain, and
+how the output compares with specdec's plain greedy output: token-exact rows, and the share of
+reference tokens before each row's first divergence (float rounding can make libraries part ways;
+specdec MTP must be exact, else it is a failure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+from bench import plots
+from bench.common import BenchError, Report, Table, fmt, parse_shapes, progress, resolve_auto
+from bench.prompt_set import Prompt
+from bench.stats import compare_outputs
+from model.checkpoint import SCALE_SUFFIX, CheckpointReader
+from specdec import Engine
+
+
+def is_fp8(path: Path) -> bool:
+    reader = CheckpointReader(path)
+    return any(name.endswith(SCALE_SUFFIX) for name in reader.weight_map)
+
+
+def float32_copy(src: Path, dst: Path, block: int | None = None) -> Path:
+    """Write `src` to `dst` with every tensor in float32 (FP8 blocks dequantised), shard by shard."""
+    import kernels
+    from safetensors.torch import save_file
+
+    reader = CheckpointReader(src)
+    if reader.presharded:
+        raise BenchError(f"{src}: a pre-sharded checkpoint cannot be loaded by transformers; use the HF checkpoint")
+    config = json.loads((src / "config.json").read_text())
+    block = block or (config.get("quantization_config") or {}).get("weight_block_size", [128])[0]
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for shard in sorted(set(reader.weight_map.values())):
+        out: dict[str, torch.Tensor] = {}
+        for name in (n for n, s in reader.weight_map.items() if s == shard):
+            if name.endswith(SCALE_SUFFIX):
+                continue
+            t = reader.read(name)
+            if t.dtype == torch.float8_e4m3fn:
+                t = kernels.weight_dequant(t, reader.read(name + SCALE_SUFFIX).float(), block,
+                                           out_dtype=torch.float32, impl="torch")
+            out[name] = t.to(torch.float32).contiguous()
+            weight_map[name] = shard
+        save_file(out, str(dst / shard), metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json",
+                                                                                  "model.safetensors.index.json"):
+            shutil.copyfile(f, dst / f.name)
+    return dst
+
+
+def load_transformers(path: Path, device: torch.device):
+    """transformers' model for the checkpoint (local files only, no remote code), float32, eval mode."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    verbosity = transformers.logging.get_verbosity()
+    bar = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # the MTP layer's tensors are "unexpected" to transformers
+    transformers.logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
+                                                     trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any failure is one line for the user
+        raise BenchError(f"{path}: transformers cannot load this checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bar:
+            transformers.logging.enable_progress_bar()
+    return model.eval().to(device)
+
+
+def _hf_generate(model, eos: list[int], pad: int, **kw):
+    def gen(ids: list[int], new: int) -> list[int]:
+        x = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            seq = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+                                 eos_token_id=eos or None, pad_token_id=pad, **kw)
+        return seq[0, len(ids):].tolist()
+    return gen
+
+
+def _time(gen, ids: list[list[int]], new: int, repeats: int = 1) -> tuple[float, list[list[int]]]:
+    """(median over `repeats` of the summed wall seconds of one call per prompt, the outputs)."""
+    gen(ids[0], min(8, new))  # warm-up
+    walls = []
+    for _ in range(max(repeats, 1)):
+        outs, wall = [], 0.0
+        for p in ids:
+            t0 = time.perf_counter()
+            outs.append(gen(p, new))
+            wall += time.perf_counter() - t0
+        walls.append(wall)
+    return statistics.median(walls), outs
+
+
+def run(ckpt: Path, prompts: list[Prompt], a: Namespace) -> Report:
+    ckpt = Path(ckpt)
+    if a.prompt_lookup_tokens < 1:
+        raise BenchError(f"--prompt-lookup-tokens must be >= 1, got {a.prompt_lookup_tokens}")
+    shapes = parse_shapes(a.chains, a.trees)
+    with contextlib.ExitStack() as stack:
+        path = ckpt
+        fp8 = is_fp8(ckpt)
+        if fp8:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specdec-peers-")))
+            path = float32_copy(ckpt, tmp / "float32")
+        eng = Engine.from_pretrained(path, device=a.device, dtype=torch.float32, max_seq_len=a.max_seq_len)
+        hf = load_transformers(path, eng.device)
+    ids = eng.encode([p.prompt for p in prompts])
+    eos = sorted(eng.eos_ids)
+    pad = hf.generation_config.pad_token_id
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+
+    def specdec(spec):
+        return lambda p, new: eng.generate([p], max_new_tokens=new, seed=a.seed, spec=spec).token_ids[0]
+
+    decoders: list[tuple[str, str, object]] = [("specdec plain", "specdec", specdec(None))]
+    auto_reports = {}
+    for shape in shapes:
+        if shape.kind == "auto":
+            shape, auto_reports["batch 1"] = resolve_auto(eng, ids[:1], 0.0, 1.0, a.seed, draft_vocab=shape.draft_vocab)
+        decoders.append((f"specdec MTP {shape.label}", "specdec-mtp", specdec(shape.spec())))
+    cls = type(hf).__name__
+    decoders.append((f"transformers {cls}.generate", "transformers", _hf_generate(hf, eos, pad)))
+    decoders.append((f"transformers prompt lookup (K={a.prompt_lookup_tokens}, n-gram {a.max_matching_ngram})",
+                     "transformers-pld", _hf_generate(hf, eos, pad, prompt_lookup_num_tokens=a.prompt_lookup_tokens,
+                                                      max_matching_ngram_size=a.max_matching_ngram)))
+
+    rows: list[dict] = []
+    failures: list[str] = []
+    reference = None
+    bar = progress(len(decoders), "peers")
+    for name, kind, gen in decoders:
+        bar.set_postfix_str(name)
+        wall, outs = _time(gen, ids, a.max_new_tokens, a.repeats)
+        bar.update(1)
+        reference = reference or outs
+        cmp = compare_outputs(outs, reference)
+        tokens = sum(map(len, outs))
+        if kind == "specdec-mtp" and not cmp["equal"]:
+            row_i, tok_i = cmp["first_mismatch"]
+            failures.append(f"MISMATCH: {name} differs from specdec plain greedy output in "
+                            f"{cmp['rows'] - cmp['identical_rows']}/{cmp['rows']} prompts "
+                            f"(first at prompt {row_i}, token {tok_i})")
+        rows.append({"decoder": name, "kind": kind, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                     "equal_to_specdec_greedy": cmp["equal"], "identical_outputs": cmp["identical_rows"],
+                     "prompts": cmp["rows"], "identical_token_share": cmp["identical_token_share"],
+                     "first_mismatch": cmp["first_mismatch"]})
+    bar.close()
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["ratio_to_specdec_plain"] = r["tokens_per_s"] / base
+
+    body = [[r["decoder"], fmt(r["tokens_per_s"], 1), f"{r['ratio_to_specdec_plain']:.2f}x",
+             "(reference)" if i == 0 else f"{fmt(r['equal_to_specdec_greedy'])} ({r['identical_outputs']}/{r['prompts']})",
+             "" if i == 0 else f"{100 * r['identical_token_share']:.1f}%"]
+            for i, r in enumerate(rows)]
+    where = "CPU" if eng.device.type == "cpu" else str(eng.device)
+    notes = [f"{len(prompts)} prompts, one per call (batch 1), greedy, up to {a.max_new_tokens} new tokens, "
+             f"{where} float32, {'a float32 copy of the FP8 checkpoint' if fp8 else 'the checkpoint as stored'} "
+             "loaded by both libraries; tokens/s = new tokens / summed wall seconds of the calls (median of "
+             f"{a.repeats} repeats)",
+             "identical tokens: share of specdec plain's tokens that come before each prompt's first divergence"]
+    settings = {"checkpoint": str(ckpt), "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
+                "batch_size": 1, "device": str(eng.device), "dtype": "float32", "float32_copy_of_fp8": fp8,
+                "prompt_lookup_num_tokens": a.prompt_lookup_tokens, "max_matching_ngram_size": a.max_matching_ngram,
+                "shapes": [s.key for s in shapes], "seed": a.seed, "quick": a.quick}
+    table = Table("", ["decoder", "tokens/s", "vs specdec plain", "= specdec greedy (prompts)", "identical tokens"], body)
+    report = Report("peers", "specdec vs transformers (same weights, same prompts)", settings, rows, [table], notes,
+                    failures, extra={"auto_reports": auto_reports})
+    report.plots = [("tokens_per_s", lambda: plots.peers_tokens_per_s(rows))]
+    return report

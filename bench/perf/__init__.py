@@ -1,0 +1,1 @@
+"""pytest-benchmark micro-benchmarks (not part of `make test`): `pytest bench/perf --benchmark-only`."""

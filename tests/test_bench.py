@@ -1,0 +1,219 @@
+"""The benchmark suite (`python -m bench`): pure statistics, prompt files, the shipped held-out set,
+and quick end-to-end CLI runs on the small synthetic FP8 checkpoint (no timings are asserted)."""
+
+from __future__ import annotations
+
+import json
+import py_compile
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import main as bench_main
+from bench.common import Shape, batches, parse_shapes, BenchError
+from bench.prompt_set import HELDOUT_FILE, PromptFileError, load_prompt_file
+from bench.stats import compare_outputs, conditional_acceptance, percentile, pool
+from specdec.engine import GenerationStats
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--quick", "--num-prompts", "2", "--max-new-tokens", "6"]
+
+
+def has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_conditional_acceptance() -> None:
+    assert conditional_acceptance([]) == []
+    assert conditional_acceptance([0.8, 0.4, 0.1]) == pytest.approx([0.8, 0.5, 0.25])
+    assert conditional_acceptance([0.5, 0.0, 0.0]) == [0.5, 0.0, None]  # position 3 never reached
+
+
+def test_pool_weights_rates_by_row_steps() -> None:
+    a = GenerationStats(tokens=30, verify_steps=10, tau=3.0, acceptance_per_position=[1.0, 1.0], tokens_per_s=30,
+                        wall_s=1.0, draft_acceptance_rate=1.0, row_steps=10, ttft_s=0.1, tpot_s=[0.01] * 28)
+    b = GenerationStats(tokens=10, verify_steps=30, tau=1.0, acceptance_per_position=[0.0, 0.0], tokens_per_s=10,
+                        wall_s=3.0, draft_acceptance_rate=0.0, row_steps=30, ttft_s=0.3, tpot_s=[0.03] * 8)
+    p = pool([a, b])
+    assert p["tokens"] == 40 and p["wall_s"] == 4.0 and p["tokens_per_s"] == 10.0 and p["row_steps"] == 40
+    assert p["tau"] == pytest.approx((3 * 10 + 1 * 30) / 40)
+    assert p["acceptance_unconditional"] == pytest.approx([0.25, 0.25])
+    assert p["acceptance_conditional"] == pytest.approx([0.25, 1.0])
+    assert p["draft_acceptance_rate"] == pytest.approx(0.25)
+    assert p["ttft_mean_ms"] == pytest.approx(200.0)
+    assert p["tpot_p50_ms"] == pytest.approx(10.0) and p["tpot_samples"] == 36
+    plain = pool([GenerationStats(tokens=5, wall_s=0.5, tau=1.0, ttft_s=0.1, tpot_s=[0.1] * 4)])
+    assert plain["tau"] == 1.0 and plain["acceptance_unconditional"] == [] and plain["draft_acceptance_rate"] is None
+
+
+def test_percentile_and_compare_outputs() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
+    same = compare_outputs([[1, 2], [3]], [[1, 2], [3]])
+    assert same["equal"] and same["identical_token_share"] == 1.0 and same["first_mismatch"] is None
+    diff = compare_outputs([[1, 2, 9, 9], [3]], [[1, 2, 3, 4], [3]])
+    assert not diff["equal"] and diff["identical_rows"] == 1
+    assert diff["identical_token_share"] == pytest.approx(3 / 5) and diff["first_mismatch"] == (0, 2)
+
+
+def test_shapes_and_batches() -> None:
+    shapes = parse_shapes("1,2", "3x2x6,4x2,auto,3x1")
+    assert [s.key for s in shapes] == ["chain 1", "chain 2", "tree 3x2x6", "tree 4x2x8", "auto", "chain 3"]
+    assert shapes[2].spec().n_nodes == 6 and shapes[0].spec().topk == 1 and Shape("plain").spec() is None
+    for bad in ("3x2x99", "3y2", "4"):
+        with pytest.raises(BenchError, match="--trees"):
+            parse_shapes("", bad)
+    vocab = parse_shapes("2@2048", "3x2x6@1024,auto@512")
+    assert [s.key for s in vocab] == ["chain 2 @2048", "tree 3x2x6 @1024", "auto @512"]
+    assert vocab[0].spec().draft_vocab == 2048 and vocab[1].spec().draft_vocab == 1024
+    for chains, trees in (("2@", ""), ("2@x", ""), ("", "3x2x6@0")):
+        with pytest.raises(BenchError, match="draft vocabulary"):
+            parse_shapes(chains, trees)
+    ids = [[1], [2], [3]]
+    assert batches(ids, 2) == [[[1], [2]], [[3], [1]]]
+    assert batches(ids, 4) == [[[1], [2], [3], [1]]]
+
+
+# ----------------------------------------------------------------------------- prompt files
+
+
+def test_prompt_files(tmp_path: Path) -> None:
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"id": "a", "prompt": "def f(x):\\n    return"}\n\n{"prompt": "class A:"}\n')
+    got = load_prompt_file(jl)
+    assert [p.prompt for p in got] == ["def f(x):\n    return", "class A:"] and got[0].id == "a"
+    txt = tmp_path / "p.txt"
+    txt.write_text("def g():\n\n  \nclass B:\n")
+    assert [p.prompt for p in load_prompt_file(txt)] == ["def g():", "class B:"]
+    bad = {"empty.jsonl": "", "blank.txt": "\n  \n", "broken.jsonl": "{not json\n", "noprompt.jsonl": '{"text": 1}\n'}
+    for name, content in bad.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(PromptFileError) as e:
+            load_prompt_file(tmp_path / name)
+        assert name in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(PromptFileError, match="not found"):
+        load_prompt_file(tmp_path / "missing.txt")
+
+
+def test_cli_rejects_empty_prompt_file_in_one_line(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert bench_main(["latency", "--prompt-file", str(empty), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bench: error:") and str(empty) in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_heldout_prompts_are_held_out() -> None:
+    from mtp.data import HELDOUT_PACKAGE, read_texts, split_files, stdlib_root
+
+    lines = HELDOUT_FILE.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) >= 32
+    assert len({r["id"] for r in records}) == len(records)
+    root = stdlib_root()
+    train, heldout = split_files(root)
+    train_rel = {p.relative_to(root).as_posix() for p in train}
+    heldout_rel = {p.relative_to(root).as_posix() for p in heldout}
+    for r in records:
+        assert set(r) == {"id", "source", "prompt"}
+        assert r["prompt"].startswith(("def ", "class ")) and 150 <= len(r["prompt"]) <= 300
+        path = f"{HELDOUT_PACKAGE}/{r['source']}"
+        assert path not in train_rel
+        if heldout_rel:  # a Python without its test suite cannot say more
+            assert path in heldout_rel
+    training = "\0".join(read_texts(train))
+    assert not [r["id"] for r in records if r["prompt"] in training]
+    assert [p.prompt for p in load_prompt_file(HELDOUT_FILE)] == [r["prompt"] for r in records]
+
+
+def test_packaging_and_collection_settings() -> None:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "prompts/*.jsonl" in cfg["tool"]["setuptools"]["package-data"]["bench"]
+    assert any(d.startswith("matplotlib") for d in cfg["project"]["optional-dependencies"]["bench"])
+    assert cfg["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]  # bench/perf is not collected
+
+
+def test_gpu_scripts_parse() -> None:
+    for script in ("gpu_kernels.py", "gpu_bench.py"):
+        py_compile.compile(str(REPO / "bench" / script), doraise=True, cfile=None)
+    subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _read(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert set(data) >= {"benchmark", "machine", "settings", "rows", "failures"}
+    assert set(data["machine"]) >= {"platform", "cpu", "cores", "torch", "transformers", "torch_threads", "git_commit"}
+    assert (out / f"{name}.md").read_text().startswith("## ")
+    pngs = sorted(out.glob(f"{name}_*.png"))
+    if has_matplotlib():
+        assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temp files
+    return data
+
+
+def test_cli_latency_quick(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["latency", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out), "--batch-sizes", "1,2",
+            "--trees", "2x2x4,auto"]
+    assert bench_main(args) == 0
+    assert "| plain |" in capsys.readouterr().out
+    data = _read(out, "latency")
+    rows = data["rows"]
+    assert {(r["batch_size"], r["config"]) for r in rows} == {
+        (b, c) for b in (1, 2) for c in ("plain", "chain 1", "chain 2", "tree 2x2x4", "auto")}
+    for r in rows:
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ttft_mean_ms"] > 0
+        if r["kind"] == "plain":
+            assert r["speedup"] == 1.0 and r["equal_to_plain"] is None and r["tau"] == 1.0
+        else:
+            assert r["equal_to_plain"] is True and r["tau"] >= 1.0
+    assert sum(r["best_chain"] for r in rows) == 2
+    assert data["failures"] == []
+
+
+def test_cli_acceptance_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["acceptance", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out), "--trees", "2x2x4",
+            "--temperatures", "0,1", "--batch-size", "2"]
+    assert bench_main(args) == 0
+    rows = _read(out, "acceptance")["rows"]
+    assert {(r["temperature"], r["draft_mode"]) for r in rows} == {(0.0, "-"), (0.0, "onehot"), (1.0, "-"),
+                                                                     (1.0, "onehot"), (1.0, "sample")}
+    for r in rows:
+        if r["kind"] == "plain":
+            continue
+        assert len(r["acceptance_unconditional"]) == r["depth"]
+        assert r["acceptance_conditional"] == pytest.approx(conditional_acceptance(r["acceptance_unconditional"]))
+        assert 0 <= r["draft_acceptance_rate"] <= 1 and r["row_steps"] > 0
+        assert r["tau"] == pytest.approx(1 + sum(r["acceptance_unconditional"]), rel=1e-6)
+        assert r["equal_to_plain"] is (True if r["temperature"] == 0 else None)
+
+
+def test_cli_peers_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    assert bench_main(["peers", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out)]) == 0
+    data = _read(out, "peers")
+    rows = data["rows"]
+    assert [r["kind"] for r in rows] == ["specdec", "specdec-mtp", "transformers", "transformers-pld"]
+    assert rows[0]["ratio_to_specdec_plain"] == 1.0 and rows[1]["equal_to_specdec_greedy"] is True
+    for r in rows:
+        assert r["tokens"] > 0 and 0.0 <= r["identical_token_share"] <= 1.0
+    assert data["settings"]["float32_copy_of_fp8"] is True
