@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-matching-ngram", type=int, default=2, help="transformers max_matching_ngram_size (2)")
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                epilog="definitions and examples: bench/README_section.md")
+                                epilog="definitions and examples: the Benchmarks section of README.md")
     sub = p.add_subparsers(dest="command", required=True, metavar="{acceptance,latency,peers,all}")
     sub.add_parser("acceptance", parents=[common, acc], help="draft acceptance sweep")
     sub.add_parser("latency", parents=[common, lat], help="tokens/s, TPOT, TTFT by batch size")

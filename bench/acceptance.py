@@ -84,6 +84,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         rows.append({
             "temperature": temperature, "draft_mode": mode, "kind": shape.kind, "config": shape.key,
             "label": shape.label, "depth": shape.depth, "topk": shape.topk, "nodes": shape.nodes,
+            "draft_vocab": shape.draft_vocab,
             "tau": s["tau"], "acceptance_unconditional": s["acceptance_unconditional"],
             "acceptance_conditional": s["acceptance_conditional"],
             "draft_acceptance_rate": s["draft_acceptance_rate"], "row_steps": s["row_steps"],

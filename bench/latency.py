@@ -62,7 +62,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             s = r.stats
             batch_rows.append({
                 "batch_size": batch, "config": shape.key, "label": shape.label, "kind": shape.kind,
-                "depth": shape.depth, "topk": shape.topk, "nodes": shape.nodes, "calls": s["calls"],
+                "depth": shape.depth, "topk": shape.topk, "nodes": shape.nodes, "draft_vocab": shape.draft_vocab,
+                "calls": s["calls"],
                 "tokens": s["tokens"], "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s"],
                 "tpot_p50_ms": s["tpot_p50_ms"], "tpot_p90_ms": s["tpot_p90_ms"], "ttft_mean_ms": s["ttft_mean_ms"],
                 "speedup": s["tokens_per_s"] / plain.stats["tokens_per_s"], "tau": s["tau"],

@@ -75,16 +75,16 @@ def acceptance_speedup(rows: list[dict]):
 
 
 def speedup_vs_shape(rows: list[dict]):
-    """Left: speedup against chain depth, per batch size. Right: speedup against verified nodes per
-    step for every draft shape (chains, trees, auto), per batch size."""
+    """Left: speedup against chain depth (full draft vocabulary), per batch size. Right: speedup
+    against verified nodes per step for every draft shape (chains, trees, auto), per batch size."""
     spec_rows = [r for r in rows if r["kind"] != "plain"]
     if not spec_rows:
         return None
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for batch in sorted({r["batch_size"] for r in spec_rows}):
-        chains = sorted((r for r in spec_rows if r["batch_size"] == batch and r["kind"] == "chain"),
-                        key=lambda r: r["depth"])
+        chains = sorted((r for r in spec_rows if r["batch_size"] == batch and r["kind"] == "chain"
+                         and not r.get("draft_vocab")), key=lambda r: r["depth"])  # full-vocabulary chains
         if chains:
             left.plot([r["depth"] for r in chains], [r["speedup"] for r in chains], marker="o", label=f"batch {batch}")
         rs = sorted((r for r in spec_rows if r["batch_size"] == batch), key=lambda r: r["nodes"])
