@@ -17,10 +17,9 @@ from __future__ import annotations
 from argparse import Namespace
 
 from bench import plots
-from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, fmt_list, parse_float_list,
+from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy_mismatch, fmt_list, parse_float_list,
                           parse_shapes, progress, resolve_auto, timed_run)
 from bench.prompt_set import Prompt
-from bench.stats import compare_outputs
 from specdec import Engine
 
 DRAFT_MODES = ("onehot", "sample")
@@ -73,13 +72,9 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         plain = plain_runs[temperature]
         same = None
         if temperature == 0 and shape.kind != "plain":
-            cmp = compare_outputs(r.token_ids, plain.token_ids)
-            same = cmp["equal"]
-            if not same:
-                row_i, tok_i = cmp["first_mismatch"]
-                failures.append(f"MISMATCH: greedy {shape.label} differs from plain decoding in "
-                                f"{cmp['rows'] - cmp['identical_rows']}/{cmp['rows']} rows "
-                                f"(first at row {row_i}, token {tok_i})")
+            failure = greedy_mismatch(f"greedy {shape.label}", r.token_ids, plain.token_ids)
+            same = failure is None
+            failures += [failure] if failure else []
         s = r.stats
         rows.append({
             "temperature": temperature, "draft_mode": mode, "kind": shape.kind, "config": shape.key,

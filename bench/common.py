@@ -204,6 +204,18 @@ def timed_run(eng: Engine, groups: list[list[list[int]]], shape: Shape, *, max_n
     return Run(shape, pooled, [t for o in outs for t in o.token_ids])
 
 
+def greedy_mismatch(what: str, got: list[list[int]], want: list[list[int]]) -> str | None:
+    """None when `got` equals the plain-decoding reference `want` row for row, else the failure line."""
+    from bench.stats import compare_outputs
+
+    cmp = compare_outputs(got, want)
+    if cmp["equal"]:
+        return None
+    row_i, tok_i = cmp["first_mismatch"]
+    return (f"MISMATCH: {what} differs from plain greedy decoding in {cmp['rows'] - cmp['identical_rows']}/"
+            f"{cmp['rows']} rows (first at row {row_i}, token {tok_i})")
+
+
 def progress(total: int, desc: str):
     """A tqdm bar on stderr over the configurations of a sweep."""
     from tqdm import tqdm

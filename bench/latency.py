@@ -14,10 +14,9 @@ from __future__ import annotations
 from argparse import Namespace
 
 from bench import plots
-from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, parse_int_list, parse_shapes, progress,
-                          resolve_auto, timed_run)
+from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy_mismatch, parse_int_list,
+                          parse_shapes, progress, resolve_auto, timed_run)
 from bench.prompt_set import Prompt
-from bench.stats import compare_outputs
 from specdec import Engine
 
 
@@ -52,13 +51,9 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             plain = plain or r
             same = None
             if greedy and shape.kind != "plain":
-                cmp = compare_outputs(r.token_ids, plain.token_ids)
-                same = cmp["equal"]
-                if not same:
-                    row_i, tok_i = cmp["first_mismatch"]
-                    failures.append(f"MISMATCH: batch {batch}, {shape.label}: greedy output differs from plain "
-                                    f"decoding in {cmp['rows'] - cmp['identical_rows']}/{cmp['rows']} rows "
-                                    f"(first at row {row_i}, token {tok_i})")
+                failure = greedy_mismatch(f"batch {batch}, {shape.label}", r.token_ids, plain.token_ids)
+                same = failure is None
+                failures += [failure] if failure else []
             s = r.stats
             batch_rows.append({
                 "batch_size": batch, "config": shape.key, "label": shape.label, "kind": shape.kind,

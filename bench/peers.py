@@ -43,39 +43,15 @@ def is_fp8(path: Path) -> bool:
     return any(name.endswith(SCALE_SUFFIX) for name in reader.weight_map)
 
 
-def float32_copy(src: Path, dst: Path, block: int | None = None) -> Path:
+def float32_copy(src: Path, dst: Path) -> Path:
     """Write `src` to `dst` with every tensor in float32 (FP8 blocks dequantised), shard by shard."""
-    import kernels
-    from safetensors.torch import save_file
+    from model.fp8_cast_bf16 import cast
 
-    reader = CheckpointReader(src)
-    if reader.presharded:
-        raise BenchError(f"{src}: a pre-sharded checkpoint cannot be loaded by transformers; use the HF checkpoint")
     config = json.loads((src / "config.json").read_text())
-    block = block or (config.get("quantization_config") or {}).get("weight_block_size", [128])[0]
-    dst.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    for shard in sorted(set(reader.weight_map.values())):
-        out: dict[str, torch.Tensor] = {}
-        for name in (n for n, s in reader.weight_map.items() if s == shard):
-            if name.endswith(SCALE_SUFFIX):
-                continue
-            t = reader.read(name)
-            if t.dtype == torch.float8_e4m3fn:
-                t = kernels.weight_dequant(t, reader.read(name + SCALE_SUFFIX).float(), block,
-                                           out_dtype=torch.float32, impl="torch")
-            out[name] = t.to(torch.float32).contiguous()
-            weight_map[name] = shard
-        save_file(out, str(dst / shard), metadata={"format": "pt"})
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = "float32"
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json",
-                                                                                  "model.safetensors.index.json"):
-            shutil.copyfile(f, dst / f.name)
-    return dst
+    block = (config.get("quantization_config") or {}).get("weight_block_size", [128])[0]
+    if CheckpointReader(src).presharded:
+        raise BenchError(f"{src}: a pre-sharded checkpoint cannot be loaded by transformers; use the HF checkpoint")
+    return cast(src, dst, block, torch.float32, show_progress=False)
 
 
 def load_transformers(path: Path, device: torch.device):

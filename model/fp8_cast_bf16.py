@@ -23,8 +23,13 @@ from model.checkpoint import SCALE_SUFFIX, CheckpointReader
 from model.errors import CheckpointError, SpecdecError
 
 
-def cast(src: str | Path, dst: str | Path, block: int = 128) -> Path:
-    """Dequantise every FP8 tensor of `src` into BF16 in a new checkpoint at `dst`."""
+def cast(src: str | Path, dst: str | Path, block: int = 128, dtype: torch.dtype = torch.bfloat16,
+         show_progress: bool = True) -> Path:
+    """Dequantise every FP8 tensor of `src` into `dtype` (BF16 by default) in a new checkpoint at `dst`.
+
+    Other tensors are widened to `dtype` when it is wider (float32 copies) and otherwise kept as
+    stored (e.g. the release's float32 router biases stay float32 in a BF16 copy).
+    """
     src, dst = Path(src), Path(dst)
     reader = CheckpointReader(src)
     if reader.presharded:
@@ -32,7 +37,7 @@ def cast(src: str | Path, dst: str | Path, block: int = 128) -> Path:
     with atomic_directory(dst) as tmp:
         shards = sorted(set(reader.weight_map.values()))
         weight_map: dict[str, str] = {}
-        for shard in tqdm(shards, desc="casting shards", unit="shard"):
+        for shard in tqdm(shards, desc="casting shards", unit="shard", disable=not show_progress):
             out: dict[str, torch.Tensor] = {}
             for name in (n for n, s in reader.weight_map.items() if s == shard):
                 if name.endswith(SCALE_SUFFIX):
@@ -41,8 +46,9 @@ def cast(src: str | Path, dst: str | Path, block: int = 128) -> Path:
                 if t.dtype == torch.float8_e4m3fn:
                     if not reader.has(name + SCALE_SUFFIX):
                         raise CheckpointError(f"{src}: FP8 tensor {name} has no {name + SCALE_SUFFIX}")
-                    t = kernels.weight_dequant(t, reader.read(name + SCALE_SUFFIX).float(), block,
-                                               out_dtype=torch.bfloat16)
+                    t = kernels.weight_dequant(t, reader.read(name + SCALE_SUFFIX).float(), block, out_dtype=dtype)
+                elif t.element_size() < dtype.itemsize:
+                    t = t.to(dtype)
                 out[name] = t.contiguous()
                 weight_map[name] = shard
             save_file(out, str(tmp / shard), metadata={"format": "pt"})
@@ -50,7 +56,7 @@ def cast(src: str | Path, dst: str | Path, block: int = 128) -> Path:
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = json.loads((src / "config.json").read_text())
         config.pop("quantization_config", None)
-        config["torch_dtype"] = "bfloat16"
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
