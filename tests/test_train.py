@@ -28,6 +28,7 @@ from mtp import train as T
 from mtp.data import (build_corpus, encode_stream, heldout_windows, split_files, stdlib_root, train_batch,
                       window_starts)
 from mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors, update_router_bias
+from specdec import Engine
 
 TINY = [
     "--vocab-size", "512", "--hidden", "64", "--layers", "2", "--dense-layers", "1", "--heads", "2",
@@ -413,3 +414,29 @@ def test_exported_fp8_weights_dequantise_to_the_float_weights(trained) -> None:
         assert torch.all((deq - ref).abs() <= ref.abs() * 2**-4 + block_scale * 2**-9 + 1e-12), name
         checked += 1
     assert checked >= 10
+
+
+def test_mtp_distillation_changes_only_the_mtp_layer_and_lowers_its_loss(trained, tmp_path: Path) -> None:
+    from mtp import distill as D
+
+    work, _ = trained
+    out = tmp_path / "distilled"
+    D.main(["--ckpt", str(work / "export"), "--work-dir", str(work), "--out", str(out), "--steps", "30",
+            "--batch-size", "8", "--seq-len", "32", "--lr", "3e-3", "--threads", "1",
+            "--max-train-chars", "150000", "--max-heldout-chars", "40000"])
+    before, after = D.read_stored(work / "export"), D.read_stored(out)
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8))}
+    args = from_hf_config(json.loads((out / "config.json").read_text()))
+    assert changed and all(k.startswith(f"model.layers.{args.n_layers}.") for k in changed)
+    assert not any(k.endswith(("embed_tokens.weight", "shared_head.head.weight")) for k in changed)
+    corpus = build_corpus(work, 512, max_chars=150_000, heldout_max_chars=40_000, log=lambda m: None)
+    windows = heldout_windows(corpus.heldout, 8, 34)
+    losses = []
+    for stored in (before, after):
+        model = DeepSeekV3ForTraining(args, 34)
+        load_tensors(model, T.dequantized(stored))
+        with torch.no_grad():
+            losses.append(D.distill_loss(model, windows).item())
+    assert losses[1] < losses[0]  # held-out soft cross-entropy to the main model went down
+    assert Engine.from_pretrained(out, device="cpu", max_seq_len=64).drafter is not None

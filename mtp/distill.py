@@ -1,0 +1,133 @@
+"""`python -m mtp.distill`: fine-tune a trained checkpoint's MTP module toward its own main model.
+
+The MTP module is trained jointly with the paper's objective (cross-entropy against the true
+token i+2), but as a drafter what counts is agreeing with the *verifier*: acceptance is decided by
+the main model's distribution, not by the data. This pass keeps every main-model tensor (and the
+shared embedding and head) frozen and byte-identical, and trains only the MTP block
+(`enorm`, `hnorm`, `eh_proj`, the decoder block, `shared_head.norm`) to minimise the soft
+cross-entropy to the main model's next-next-token distribution on the training split:
+
+    loss = − Σ_v p_main(v | t_≤i+1) · log q_mtp(v | h_i, t_{i+1})
+
+The last `--qat-frac` of the steps see the FP8 round trip of the MTP projections
+(quantisation-aware, as in `mtp.train`). The output is the same checkpoint with only the MTP
+layer's tensors replaced (FP8 + `weight_scale_inv`, as released); `python -m mtp.eval` measures
+the agreement before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from model.args import from_hf_config
+from model.export import quantize_state, write_checkpoint
+from mtp.data import build_corpus, train_batch
+from mtp.train import FP8_BLOCK, autocast, dequantized
+from mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors
+
+
+def read_stored(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a checkpoint directory (all shards)."""
+    stored: dict[str, torch.Tensor] = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        stored.update(load_file(str(shard)))
+    return stored
+
+
+def distill_loss(model: DeepSeekV3ForTraining, window: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy of the MTP head to the main model's next-next distribution; window `[B, T+2]`."""
+    with torch.no_grad():
+        hidden, logits, _ = model.main_forward(window[:, :-1])  # position j predicts token j+1
+        target = logits[:, 1:].float().softmax(dim=-1)  # main model's p(t_{i+2} | t_≤i+1), i = 0..T-1
+    mtp_logits, _ = model.mtp_forward(hidden[:, :-1], window[:, 1:-1])
+    return -(target * mtp_logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mtp.distill", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", type=Path, default=Path("specdec/default_model"))
+    p.add_argument("--work-dir", type=Path, default=Path(".train"), help="mtp.train's work dir (token cache)")
+    p.add_argument("--out", type=Path, required=True)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget (default 12)")
+    budget.add_argument("--steps", type=int, help="a step budget instead of minutes")
+    p.add_argument("--max-train-chars", type=int, default=None, help="as mtp.train ran (token cache key)")
+    p.add_argument("--max-heldout-chars", type=int, default=4_000_000, help="as mtp.train ran (token cache key)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--qat-frac", type=float, default=0.2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=7)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = json.loads((a.ckpt / "config.json").read_text())
+    args = from_hf_config(cfg)
+    corpus = build_corpus(a.work_dir, args.vocab_size, max_chars=a.max_train_chars,
+                          heldout_max_chars=a.max_heldout_chars, log=lambda m: print(m, file=sys.stderr))
+    shipped_vocab = json.loads((a.ckpt / "tokenizer.json").read_text())["model"]["vocab"]
+    if corpus.tokenizer.get_vocab() != shipped_vocab:
+        raise SystemExit(f"{a.work_dir}: its token cache was made with another tokenizer than {a.ckpt}'s")
+    stored = read_stored(a.ckpt)
+    model = DeepSeekV3ForTraining(args, a.seq_len + 2)
+    load_tensors(model, dequantized(stored))
+    mtp_prefix = f"model.layers.{args.n_layers}."
+    trained = []
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(mtp_prefix) and not name.endswith("e_score_correction_bias")
+        if param.requires_grad:
+            trained.append(param)
+    opt = torch.optim.AdamW(trained, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start, step = time.time(), 0
+
+    def progress() -> float:
+        return step / a.steps if a.steps else (time.time() - start) / (a.minutes * 60)
+
+    bar = tqdm(desc="distill", unit="step", file=sys.stderr, total=a.steps)
+    while progress() < 1.0:
+        progress_now = progress()
+        for g in opt.param_groups:
+            g["lr"] = a.lr * (1.0 - progress_now)  # linear decay to 0 over the budget
+        window = train_batch(corpus.train, a.batch_size, a.seq_len + 2, a.seed, step)
+        qat = progress_now >= 1.0 - a.qat_frac
+        opt.zero_grad(set_to_none=True)
+        with fake_fp8_weights(model, FP8_BLOCK) if qat else contextlib.nullcontext():
+            with autocast(True):
+                loss = distill_loss(model, window)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", qat=qat, refresh=False)
+    bar.close()
+    new = quantize_state({k: v for k, v in export_tensors(model).items() if k.startswith(mtp_prefix)}, FP8_BLOCK)
+    for name in new:  # the MTP layer's copies of embed/head stay as stored (the main ones are frozen)
+        if name.endswith(("embed_tokens.weight", "shared_head.head.weight")):
+            new[name] = stored[name]
+    if set(new) - set(stored):
+        raise SystemExit(f"unexpected tensors: {sorted(set(new) - set(stored))[:3]}")
+    files = {f.name: f.read_bytes() for f in a.ckpt.iterdir()
+             if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json"}
+    write_checkpoint(a.out, {**stored, **new}, cfg, files, shard_bytes=1 << 30)
+    a.out.chmod(0o755)
+    for f in a.out.iterdir():
+        f.chmod(0o644)
+    print(f"distilled the MTP layer for {step} steps ({(time.time() - start) / 60:.1f} min); wrote {a.out}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
