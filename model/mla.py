@@ -85,7 +85,7 @@ class MLA(nn.Module):
         bsz, seqlen, _ = x.shape
         if kv_cache.shape[0] != bsz:
             raise ValueError(f"cache rows ({kv_cache.shape[0]}) != batch rows ({bsz}); pass the batch's rows")
-        if self.q_kv_a is not None and x.device.type == "cpu" and x.dtype == self.q_kv_a.weight.dtype:
+        if self.q_kv_a is not None:
             q_a, kv_a = self.q_kv_a(x)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:

@@ -51,11 +51,8 @@ class Expert(nn.Module):
 
 
 def _swiglu(mlp: MLP | Expert, x: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)), with gate and up as one GEMM when fused (on the CPU, for the x's dtype)."""
-    if mlp.gate_up is not None and x.device.type == "cpu" and x.dtype == mlp.gate_up.weight.dtype:
-        gate, up = mlp.gate_up(x)
-    else:
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    """down(silu(gate(x)) * up(x)), with gate and up as one GEMM once fused."""
+    gate, up = mlp.gate_up(x) if mlp.gate_up is not None else (mlp.gate_proj(x), mlp.up_proj(x))
     return mlp.down_proj(F.silu(gate) * up)
 
 
@@ -79,8 +76,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[N, dim]` → (weights `[N, topk]` float32, expert indices `[N, topk]` int64)."""
-        logits = F.linear(x, self.weight) if x.dtype == self.weight.dtype == torch.float32 else \
-            F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_groups > 1:

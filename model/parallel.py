@@ -85,13 +85,19 @@ class Linear(nn.Module):
 
     weight_t: torch.Tensor | None = None  # `[in, out]` (view or copy) once `prepare_cpu` ran
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[..., in]` → `[..., out]` in x's dtype."""
+    def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
+        """x `[..., in]` → `[..., out]` in x's dtype; with `out_features`, only the first that many
+        outputs (unquantised weights only: FP8 blocks cannot be cut at an arbitrary row)."""
         if self.weight_scale_inv is not None:
+            if out_features is not None:
+                raise ValueError("out_features needs an unquantised weight")
             return kernels.fp8_linear(x, self.weight, self.weight_scale_inv)
-        if self.weight_t is not None and x.device.type == "cpu" and x.dtype == self.weight.dtype:
-            return _cpu_linear(x, self.weight, self.weight_t)
-        return F.linear(x, self.weight)
+        weight, weight_t = self.weight, self.weight_t
+        if out_features is not None:
+            weight, weight_t = weight[:out_features], None if weight_t is None else weight_t[:, :out_features]
+        if _cpu_path(x, weight_t, weight):
+            return _cpu_linear(x, weight, weight_t)
+        return F.linear(x, weight)
 
     def prepare_cpu(self, transposed_copy: bool = False) -> None:
         """Set up the CPU fast path for an unquantised weight (call after loading).
@@ -105,6 +111,11 @@ class Linear(nn.Module):
         if self.weight_scale_inv is None:
             w = self.weight.detach()
             self.weight_t = w.t().contiguous() if transposed_copy else w.t()
+
+
+def _cpu_path(x: torch.Tensor, weight_t: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Whether `_cpu_linear` serves x: the layer was prepared for the CPU and x is a CPU tensor of its dtype."""
+    return weight_t is not None and x.device.type == "cpu" and x.dtype == weight.dtype
 
 
 def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -125,10 +136,12 @@ class FusedLinears:
 
     The fused weight is one `[Σ out, in]` tensor and each part's `weight` parameter becomes a view
     of its rows, so no memory is added and the parameters keep their checkpoint names and shapes.
-    Only for unquantised weights (FP8 parts keep their own block scales and kernels).
+    Only for unquantised weights (FP8 parts keep their own block scales and kernels). Inputs the
+    CPU path does not serve (another device or dtype) run through each part as before.
     """
 
     def __init__(self, parts: list[Linear]) -> None:
+        self.parts = parts
         self.weight = torch.cat([p.weight.detach() for p in parts])
         self.weight_t = self.weight.t()
         self.sizes = [p.weight.shape[0] for p in parts]
@@ -144,6 +157,8 @@ class FusedLinears:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x `[..., in]` → one `[..., out_i]` per part."""
+        if not _cpu_path(x, self.weight_t, self.weight):
+            return [p(x) for p in self.parts]
         return list(_cpu_linear(x, self.weight, self.weight_t).split(self.sizes, dim=-1))
 
 

@@ -107,19 +107,30 @@ class MTPDrafter(nn.Module):
         normed = self.layer.shared_head.norm(g)
         return MTPOutput(g, normed, self._head(normed, draft_vocab))
 
+    @property
+    def head(self):
+        """The vocabulary projection the MTP layer uses (the verifier's when shared)."""
+        return self.main[0].lm_head if self.shares_head else self.layer.shared_head.head
+
+    def check_draft_vocab(self, draft_vocab: int | None) -> None:
+        """Raise ConfigError when drafting among the first `draft_vocab` ids is impossible here."""
+        main = self.main[0]
+        if draft_vocab is None or draft_vocab >= main.args.vocab_size:
+            return
+        if main.ctx.world_size > 1:
+            raise ConfigError("a draft vocabulary subset (draft_vocab) needs one process; the head is "
+                              f"split over {main.ctx.world_size} ranks")
+        if self.head.weight_scale_inv is not None:
+            raise ConfigError("a draft vocabulary subset (draft_vocab) needs an unquantised MTP head")
+
     def _head(self, normed: torch.Tensor, draft_vocab: int | None) -> torch.Tensor:
         """Full-vocabulary float32 logits `[..., vocab]`, computed only for ids `< draft_vocab` when given."""
         main = self.main[0]
-        head = main.lm_head if self.shares_head else self.layer.shared_head.head
         vocab = main.args.vocab_size
         if draft_vocab is None or draft_vocab >= vocab:
-            return main.ctx.all_gather_last_dim(head(normed).float())
-        if main.ctx.world_size > 1 or head.weight_scale_inv is not None:  # Engine.generate says so first
-            raise ConfigError("a draft vocabulary subset needs one process and an unquantised head")
-        if head.weight_t is not None and normed.numel() == normed.shape[-1]:  # one row: see Linear.prepare_cpu
-            logits = (normed @ head.weight_t[:, :draft_vocab]).float()
-        else:
-            logits = torch.nn.functional.linear(normed, head.weight[:draft_vocab]).float()
+            return main.ctx.all_gather_last_dim(self.head(normed).float())
+        self.check_draft_vocab(draft_vocab)
+        logits = self.head(normed, out_features=draft_vocab).float()
         return torch.nn.functional.pad(logits, (0, vocab - draft_vocab), value=float("-inf"))
 
 

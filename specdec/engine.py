@@ -247,13 +247,8 @@ class Engine:
         if spec is not None and self.drafter is None:
             raise ConfigError(f"{self.checkpoint}: checkpoint has no MTP layer "
                               f"(model.layers.{self.args.n_layers}.*), so MTP speculative decoding is unavailable")
-        if spec is not None and spec.draft_vocab is not None and spec.draft_vocab < self.args.vocab_size:
-            if self.ctx.world_size > 1:
-                raise ConfigError("a draft vocabulary subset (draft_vocab) needs one process; the head is "
-                                  f"split over {self.ctx.world_size} ranks")
-            head = self.model.lm_head if self.drafter.shares_head else self.drafter.layer.shared_head.head
-            if head.weight_scale_inv is not None:
-                raise ConfigError("a draft vocabulary subset (draft_vocab) needs an unquantised MTP head")
+        if spec is not None:
+            self.drafter.check_draft_vocab(spec.draft_vocab)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
