@@ -103,6 +103,10 @@ class CheckpointReader:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{self.path / self.weight_map[name]}: cannot read tensor {name} ({e})") from None
 
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor this reader sees, whole, by name (for tools that rewrite a checkpoint)."""
+        return {name: self.read(name) for name in self.weight_map}
+
     def shard_of(self, name: str) -> str:
         return self.weight_map[name]
 

@@ -27,22 +27,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from model.args import from_hf_config
+from model.checkpoint import CheckpointReader
 from model.export import quantize_state, write_checkpoint
 from mtp.data import build_corpus, train_batch
 from mtp.train import FP8_BLOCK, autocast, dequantized
 from mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors
-
-
-def read_stored(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every stored tensor of a checkpoint directory (all shards)."""
-    stored: dict[str, torch.Tensor] = {}
-    for shard in sorted(ckpt.glob("*.safetensors")):
-        stored.update(load_file(str(shard)))
-    return stored
 
 
 def distill_loss(model: DeepSeekV3ForTraining, window: torch.Tensor) -> torch.Tensor:
@@ -79,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     shipped_vocab = json.loads((a.ckpt / "tokenizer.json").read_text())["model"]["vocab"]
     if corpus.tokenizer.get_vocab() != shipped_vocab:
         raise SystemExit(f"{a.work_dir}: its token cache was made with another tokenizer than {a.ckpt}'s")
-    stored = read_stored(a.ckpt)
+    stored = CheckpointReader(a.ckpt).read_all()
     model = DeepSeekV3ForTraining(args, a.seq_len + 2)
     load_tensors(model, dequantized(stored))
     mtp_prefix = f"model.layers.{args.n_layers}."

@@ -89,10 +89,9 @@ class SpeculativeDecoder:
         self.row_of = list(range(batch))  # cache row r holds prompt row_of[r]; live rows are a prefix
         pending, draft_logits, draft_hidden = self._prefill(cache, ids)
         prefill_s = time.perf_counter() - start
-        live = self._emit([[t] for t in pending.tolist()], max_new_tokens)
-        self.ttft_s = time.perf_counter() - start
-        self.tpot_s: list[float] = []
-        steps, step_start = 0, start + self.ttft_s
+        live, _ = self._emit([[t] for t in pending.tolist()], max_new_tokens)
+        step_start = time.perf_counter()
+        ttft, tpot, steps = step_start - start, [], 0
         while live:
             pending, draft_logits, draft_hidden = self._compact(cache, live, pending, draft_logits, draft_hidden)
             lengths = cache.lengths[: len(self.row_of)]
@@ -104,13 +103,13 @@ class SpeculativeDecoder:
             self.counts.add(n_acc, depth)
             path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
             runs = [path_tokens[r][:a] + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
-            live = self._emit(runs, max_new_tokens)
+            live, kept = self._emit(runs, max_new_tokens)
             now = time.perf_counter()
-            for n in self.kept:  # each token a row kept took the step's time over the tokens it kept
-                self.tpot_s.extend([(now - step_start) / n] * n)
+            for n in kept:  # each token a row kept took the step's time over the tokens it kept
+                tpot.extend([(now - step_start) / n] * n)
             step_start = now
             steps += 1
-        return self.outputs, self._stats(steps, start, prefill_s, batch)
+        return self.outputs, self._stats(steps, start, prefill_s, batch, ttft, tpot)
 
     # ------------------------------------------------------------------ steps
 
@@ -220,19 +219,18 @@ class SpeculativeDecoder:
     def _verifier_hidden(self, out: ForwardOutput) -> torch.Tensor:
         return out.hidden if self.spec.verifier_hidden == "normed" else out.hidden_prenorm
 
-    def _emit(self, runs: list[list[int]], max_new: int) -> list[int]:
-        """Append each live row's run, cut at EOS (kept) and at the budget; return the rows still live.
-
-        `self.kept` holds how many tokens each row kept (for the per-token latency samples)."""
-        live, self.kept = [], []
+    def _emit(self, runs: list[list[int]], max_new: int) -> tuple[list[int], list[int]]:
+        """Append each live row's run, cut at EOS (kept) and at the budget; return the rows still live
+        and how many tokens each row kept."""
+        live, n_kept = [], []
         for r, run in enumerate(runs):
             out = self.outputs[self.row_of[r]]
             kept, finished = cut_run(run, self.eng.eos_ids, max_new - len(out))
             out.extend(kept)
-            self.kept.append(len(kept))
+            n_kept.append(len(kept))
             if not finished:
                 live.append(r)
-        return live
+        return live, n_kept
 
     def _compact(self, cache: LatentCache, live: list[int], *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Move live rows to the front of the cache, of `row_of` and of every per-row state tensor."""
@@ -243,7 +241,7 @@ class SpeculativeDecoder:
         index = torch.tensor(live, device=state[0].device)
         return tuple(s.index_select(0, index) for s in state)
 
-    def _stats(self, steps: int, start: float, prefill_s: float, batch: int):
+    def _stats(self, steps: int, start: float, prefill_s: float, batch: int, ttft_s: float, tpot_s: list[float]):
         from specdec.engine import GenerationStats
 
         wall = time.perf_counter() - start
@@ -255,4 +253,4 @@ class SpeculativeDecoder:
             acceptance_per_position=per_pos, tokens_per_s=n_tokens / wall, wall_s=wall, prefill_s=prefill_s,
             decode_s=wall - prefill_s, batch_size=batch,
             draft_acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0, row_steps=c.row_steps,
-            ttft_s=self.ttft_s, tpot_s=self.tpot_s)
+            ttft_s=ttft_s, tpot_s=tpot_s)

@@ -167,8 +167,16 @@ def test_export_has_exact_release_layout(trained) -> None:
 
 
 def _stored(out: Path) -> dict[str, torch.Tensor]:
-    reader = CheckpointReader(out)
-    return {n: reader.read(n) for n in reader.weight_map}
+    return CheckpointReader(out).read_all()
+
+
+def _training_model(out: Path,
+                    stored: dict[str, torch.Tensor] | None = None) -> tuple[ModelArgs, DeepSeekV3ForTraining]:
+    """The training model holding the (dequantised) tensors of export `out` (or of `stored`)."""
+    args = from_hf_config(json.loads((out / "config.json").read_text()))
+    model = DeepSeekV3ForTraining(args, 64)
+    load_tensors(model, T.dequantized(_stored(out) if stored is None else stored))
+    return args, model
 
 
 def _causal_inputs(args: ModelArgs, layers: int, bsz: int, seqlen: int) -> tuple[torch.Tensor, ...]:
@@ -183,9 +191,7 @@ def _causal_inputs(args: ModelArgs, layers: int, bsz: int, seqlen: int) -> tuple
 def test_verifier_logits_equal_training_model(trained) -> None:
     work, _ = trained
     out = work / "export"
-    args = from_hf_config(json.loads((out / "config.json").read_text()))
-    model = DeepSeekV3ForTraining(args, 64)
-    load_tensors(model, T.dequantized(_stored(out)))
+    args, model = _training_model(out)
     verifier, _ = load_verifier(out, ParallelContext(), keep_fp8=False, show_progress=False, max_seq_len=64)
     tokens = torch.randint(3, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     kv, pe, pos, mask = _causal_inputs(args, args.n_layers, 2, 40)
@@ -298,9 +304,7 @@ def test_mtp_forward_matches_naive_reimplementation() -> None:
 def test_mtp_forward_matches_inference_layer_from_checkpoint(trained) -> None:
     work, _ = trained
     out = work / "export"
-    args = from_hf_config(json.loads((out / "config.json").read_text()))
-    model = DeepSeekV3ForTraining(args, 64)
-    load_tensors(model, T.dequantized(_stored(out)))
+    args, model = _training_model(out)
     with torch.device("meta"):
         layer = MTPLayer(args.n_layers, args, ParallelContext(), torch.float32, None)
     load_state(layer, CheckpointReader(out), f"model.layers.{args.n_layers}.", "cpu", False)
@@ -424,7 +428,7 @@ def test_mtp_distillation_changes_only_the_mtp_layer_and_lowers_its_loss(trained
     D.main(["--ckpt", str(work / "export"), "--work-dir", str(work), "--out", str(out), "--steps", "30",
             "--batch-size", "8", "--seq-len", "32", "--lr", "3e-3", "--threads", "1",
             "--max-train-chars", "150000", "--max-heldout-chars", "40000"])
-    before, after = D.read_stored(work / "export"), D.read_stored(out)
+    before, after = _stored(work / "export"), _stored(out)
     assert set(before) == set(after)
     changed = {k for k in before if not torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8))}
     args = from_hf_config(json.loads((out / "config.json").read_text()))
@@ -434,8 +438,7 @@ def test_mtp_distillation_changes_only_the_mtp_layer_and_lowers_its_loss(trained
     windows = heldout_windows(corpus.heldout, 8, 34)
     losses = []
     for stored in (before, after):
-        model = DeepSeekV3ForTraining(args, 34)
-        load_tensors(model, T.dequantized(stored))
+        _, model = _training_model(out, stored)
         with torch.no_grad():
             losses.append(D.distill_loss(model, windows).item())
     assert losses[1] < losses[0]  # held-out soft cross-entropy to the main model went down
