@@ -65,8 +65,9 @@ class MLA(nn.Module):
         self,
         x: torch.Tensor,
         rope: torch.Tensor,
-        kv_cache: torch.Tensor,
-        pe_cache: torch.Tensor,
+        kv_pool: torch.Tensor,
+        pe_pool: torch.Tensor,
+        layer: int,
         write_slots: torch.Tensor,
         attn_mask: torch.Tensor,
     ) -> torch.Tensor:
@@ -75,16 +76,19 @@ class MLA(nn.Module):
         Args:
             x: `[B, T, dim]` normed hidden states of the new tokens.
             rope: `[B, T, rope_dim/2]` complex64 rotation (cos + i·sin) at each token's position.
-            kv_cache: `[B, S, kv_lora_rank]` latent cache rows of these B sequences (written in place).
-            pe_cache: `[B, S, rope_dim]` rotated RoPE-key cache (written in place).
+            kv_pool: `[layers, ≥B, S, kv_lora_rank]` latent cache pool (written in place); this layer
+                uses `kv_pool[layer]`, rows 0..B-1 (further rows are left alone).
+            pe_pool: `[layers, ≥B, S, rope_dim]` rotated RoPE-key pool (written in place), as kv_pool.
+            layer: this layer's index in the pools. (The pools, not per-layer views, are written: an
+                in-place write into a view of a compiled graph's input costs a copy of the input.)
             write_slots: `[B, T]` int64 cache slot for each new token's latent.
             attn_mask: `[B, T, S_kv]` bool, True where token t may attend to slot s (S_kv ≤ S).
         Returns:
             `[B, T, dim]` attention output (summed over ranks).
         """
         bsz, seqlen, _ = x.shape
-        if kv_cache.shape[0] != bsz:
-            raise ValueError(f"cache rows ({kv_cache.shape[0]}) != batch rows ({bsz}); pass the batch's rows")
+        if kv_pool.shape[1] < bsz:
+            raise ValueError(f"cache rows ({kv_pool.shape[1]}) < batch rows ({bsz})")
         if self.q_kv_a is not None:
             q_a, kv_a = self.q_kv_a(x)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
@@ -98,8 +102,9 @@ class MLA(nn.Module):
         k_pe = rotate(k_pe.unsqueeze(2), rope).squeeze(2)
 
         rows = torch.arange(bsz, device=x.device).unsqueeze(1)
-        kv_cache[rows, write_slots] = self.kv_a_layernorm(latent).to(kv_cache.dtype)
-        pe_cache[rows, write_slots] = k_pe.to(pe_cache.dtype)
+        where = (rows.new_full((), layer), rows, write_slots)
+        kv_pool.index_put_(where, self.kv_a_layernorm(latent).to(kv_pool.dtype))
+        pe_pool.index_put_(where, k_pe.to(pe_pool.dtype))
 
         kv_len = attn_mask.shape[-1]
         w_kv_b = self._kv_b()
@@ -108,7 +113,7 @@ class MLA(nn.Module):
         q_latent = torch.bmm(q_nope.reshape(bsz * seqlen, heads, self.nope_dim).transpose(0, 1),
                              w_kv_b[:, : self.nope_dim]).transpose(0, 1).reshape(bsz, seqlen, heads, -1)
         out_latent = kernels.mla_attention(
-            q_latent, q_pe, kv_cache[:, :kv_len], pe_cache[:, :kv_len], attn_mask, self.softmax_scale
+            q_latent, q_pe, kv_pool[layer, :bsz, :kv_len], pe_pool[layer, :bsz, :kv_len], attn_mask, self.softmax_scale
         )
         # W_uv after attention: per head [B·T, C] @ [C, v]
         out = torch.bmm(out_latent.reshape(bsz * seqlen, heads, -1).transpose(0, 1),

@@ -26,8 +26,9 @@ class MLP(nn.Module):
         self.gate_up: FusedLinears | None = None
 
     def fuse_for_cpu(self) -> None:
-        """Run gate_proj and up_proj as one GEMM on the CPU (see `FusedLinears`)."""
-        if FusedLinears.possible([self.gate_proj, self.up_proj]):
+        """Run gate_proj and up_proj as one GEMM on the CPU (see `FusedLinears`); already done for
+        routed experts whose MoE stacked them."""
+        if self.gate_up is None and FusedLinears.possible([self.gate_proj, self.up_proj]):
             self.gate_up = FusedLinears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +113,24 @@ class MoE(nn.Module):
             MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, ctx, dtype, fp8_block)
             if args.n_shared_experts > 0 else None
         )
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def fuse_for_cpu(self) -> None:
+        """Stack the local experts' weights (unquantised ones) for `_routed_static`: gate and up as
+        `[E, 2·I, dim]`, down as `[E, dim, I]`. Each expert's parameters become views of its slice
+        (and its gate/up run as one GEMM), so no memory is added and names are unchanged."""
+        experts = [self.experts[str(e)] for e in self.local_experts]
+        linears = [lin for x in experts for lin in (x.gate_proj, x.up_proj, x.down_proj)]
+        if not FusedLinears.possible(linears):
+            return
+        w = experts[0].gate_proj.weight
+        gate_up = torch.empty(len(experts), 2 * w.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
+        down = torch.stack([x.down_proj.weight.detach() for x in experts])
+        for x, gu, d in zip(experts, gate_up, down):
+            x.gate_up = FusedLinears([x.gate_proj, x.up_proj], storage=gu)
+            x.down_proj.weight.data = d
+            x.down_proj.prepare_cpu()
+        self.stacked = (gate_up, down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., dim]` → `[..., dim]`.
@@ -122,6 +141,8 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices = self.gate(flat)
+        if torch.compiler.is_compiling() and self.stacked is not None:
+            return self._routed_static(flat, weights, indices).view(shape)
         if flat.shape[0] == 1:
             return self._one_token(flat, weights, indices).view(shape)
         expert_of = indices.flatten()
@@ -156,3 +177,29 @@ class MoE(nn.Module):
         if self.ctx.world_size > 1:
             routed = self.ctx.all_reduce(routed if routed is not None else torch.zeros_like(flat))
         return out if routed is None else out + routed
+
+    def _routed_static(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """All experts (shared + routed) for `flat` `[N, dim]` with shapes that never depend on the
+        routing, as `torch.compile` needs: with fewer routed slots (N·topk) than local experts, the
+        chosen experts' stacked weights are gathered and applied by batched GEMMs; otherwise every
+        local expert runs on every token and the results are mixed by the (mostly zero) routing weights.
+        """
+        gate_up, down = self.stacked
+        n_local, inter = gate_up.shape[0], down.shape[-1]
+        n, k = indices.shape
+        local = indices - self.local_experts.start
+        is_local = (local >= 0) & (local < n_local)
+        local = local.clamp(0, n_local - 1)
+        w = weights.masked_fill(~is_local, 0.0).to(flat.dtype)
+        if n * k <= n_local:
+            chosen = local.flatten()
+            h = torch.bmm(gate_up[chosen], flat.repeat_interleave(k, dim=0).unsqueeze(-1)).squeeze(-1)
+            y = torch.bmm(down[chosen], (F.silu(h[:, :inter]) * h[:, inter:]).unsqueeze(-1)).squeeze(-1)
+            routed = (y.view(n, k, -1) * w.unsqueeze(-1)).sum(dim=1)
+        else:
+            h = torch.matmul(flat, gate_up.transpose(1, 2))  # [E, N, 2I]
+            y = torch.matmul(F.silu(h[..., :inter]) * h[..., inter:], down.transpose(1, 2))  # [E, N, dim]
+            mix = torch.zeros(n, n_local, dtype=flat.dtype, device=flat.device).scatter_add(1, local, w)
+            routed = torch.einsum("end,ne->nd", y, mix)
+        self.ctx.all_reduce(routed)
+        return routed if self.shared_experts is None else routed + self.shared_experts(flat)

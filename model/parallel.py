@@ -140,9 +140,14 @@ class FusedLinears:
     CPU path does not serve (another device or dtype) run through each part as before.
     """
 
-    def __init__(self, parts: list[Linear]) -> None:
+    def __init__(self, parts: list[Linear], storage: torch.Tensor | None = None) -> None:
+        """`storage`: an `[Σ out, in]` tensor to hold the fused weight (filled here; e.g. a slice of a
+        larger stack); None: a new one."""
         self.parts = parts
-        self.weight = torch.cat([p.weight.detach() for p in parts])
+        if storage is None:
+            self.weight = torch.cat([p.weight.detach() for p in parts])
+        else:
+            self.weight = torch.cat([p.weight.detach() for p in parts], out=storage)
         self.weight_t = self.weight.t()
         self.sizes = [p.weight.shape[0] for p in parts]
         start = 0

@@ -52,7 +52,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """`apply_rope` as one complex product: x `[B, T, H, d]` by `rope` `[B, T, d/2]` complex64
-    (cos + i·sin of `rope_tables`); returns x's dtype."""
+    (cos + i·sin of `rope_tables`); returns x's dtype. Under `torch.compile` (inductor has no
+    complex kernels) the same rotation runs as `apply_rope` on the real and imaginary parts."""
+    if torch.compiler.is_compiling():
+        return apply_rope(x, rope.real, rope.imag)
     x32 = x.float()
     if x32.storage_offset() % 2 or any(stride % 2 for stride in x32.stride()[:-1]):
         x32 = x32.contiguous()  # view_as_complex needs (re, im) pairs on even strides

@@ -31,10 +31,10 @@ class Block(nn.Module):
         dense = layer_id < args.n_dense_layers
         self.mlp = MLP(args.dim, args.inter_dim, ctx, dtype, fp8_block) if dense else MoE(args, ctx, dtype, fp8_block)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_cache: torch.Tensor,
-                pe_cache: torch.Tensor, write_slots: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_pool: torch.Tensor, pe_pool: torch.Tensor,
+                layer: int, write_slots: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         """x `[B, T, dim]` → `[B, T, dim]`; see `MLA.forward` for the other arguments."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, pe_cache, write_slots, attn_mask)
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_pool, pe_pool, layer, write_slots, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -106,8 +106,9 @@ class Transformer(nn.Module):
         Args:
             tokens: `[B, T]` int64 token ids.
             positions: `[B, T]` int64 RoPE positions (< max_seq_len).
-            kv_cache: `[≥n_layers, B, S, kv_lora_rank]` latent cache; layer i uses `kv_cache[i]`.
-            pe_cache: `[≥n_layers, B, S, qk_rope_head_dim]` RoPE-key cache.
+            kv_cache: `[≥n_layers, ≥B, S, kv_lora_rank]` latent cache; layer i uses `kv_cache[i]`, rows
+                0..B-1 (the pool may hold more rows than this batch).
+            pe_cache: `[≥n_layers, ≥B, S, qk_rope_head_dim]` RoPE-key cache.
             write_slots: `[B, T]` int64 cache slot of each new token.
             attn_mask: `[B, T, S_kv]` bool attention mask over cache slots `0 .. S_kv-1`.
             logits_at: optional `[B, K]` int64 indices into T: logits only there (saves the head's work).
@@ -115,7 +116,7 @@ class Transformer(nn.Module):
         rope = self.rope_cis[positions]
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, rope, kv_cache[i], pe_cache[i], write_slots, attn_mask)
+            h = layer(h, rope, kv_cache, pe_cache, i, write_slots, attn_mask)
         hidden = self.model.norm(h)
         picked = hidden if logits_at is None else hidden.gather(
             1, logits_at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

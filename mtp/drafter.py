@@ -86,7 +86,7 @@ class MTPDrafter(nn.Module):
             next_tokens: `[B, T]` t_{i+1} for each position i.
             hidden: `[B, T, dim]` h_i (verifier hidden for committed rows, own output while drafting).
             positions: `[B, T]` RoPE position i.
-            kv_cache / pe_cache: the whole pool `[n_pool_layers, B, S, ·]`; this layer uses `cache_layer`.
+            kv_cache / pe_cache: the whole pool `[n_pool_layers, ≥B, S, ·]`; this layer uses `cache_layer`, rows 0..B-1.
             write_slots: `[B, T]` cache slot of position i (= i).
             attn_mask: `[B, T, S_kv]` bool.
             logits_at: optional `[B, K]` int64 indices into T: hidden states and logits only there
@@ -101,7 +101,7 @@ class MTPDrafter(nn.Module):
         x = torch.cat([self.layer.enorm(embed(next_tokens)), self.layer.hnorm(hidden)], dim=-1)
         x = self.layer.eh_proj(x)
         rope = main.rope_cis[positions]
-        g = self.layer(x, rope, kv_cache[self.cache_layer], pe_cache[self.cache_layer], write_slots, attn_mask)
+        g = self.layer(x, rope, kv_cache, pe_cache, self.cache_layer, write_slots, attn_mask)
         if logits_at is not None:
             g = g.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, g.shape[-1]))
         normed = self.layer.shared_head.norm(g)

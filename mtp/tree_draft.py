@@ -70,7 +70,8 @@ def expand_tree(drafter: MTPDrafter, kv: torch.Tensor, pe: torch.Tensor, lengths
     """Draft a tree of `nodes` nodes per row (fewer only when the full tree is smaller).
 
     Args:
-        drafter: the MTP layer. kv / pe: the pool rows of these B sequences `[n_pool_layers, B, S, ·]`.
+        drafter: the MTP layer (or a stand-in with its forward's signature, e.g. a compiled one).
+        kv / pe: the whole pool `[n_pool_layers, ≥B, S, ·]`; rows 0..B-1 are these B sequences.
         lengths: `[B]` committed length L (the root, the pending token, sits at position L).
         root_logits / root_hidden: `[B, V]` / `[B, D]` MTP output at position L-1 (committed).
         depth / topk / nodes: tree shape. sampled: draw children from q (else top-k of the draft).

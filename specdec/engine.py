@@ -20,6 +20,7 @@ from model.parallel import ParallelContext
 from model.transformer import Transformer
 from mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
 from specdec.cache import LatentCache
+from specdec.compiled import CompiledDecode, check_compile_supported
 from specdec.defaults import default_model_path
 from specdec.distributed import default_device, init_parallel
 from specdec.sampling import sample
@@ -133,8 +134,14 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, drafter: MTPDrafter | None, tokenizer, ctx: ParallelContext,
-                 device: torch.device, checkpoint: Path, notice: str | None = None) -> None:
+                 device: torch.device, checkpoint: Path, notice: str | None = None,
+                 compiled: CompiledDecode | None = None) -> None:
         self.model, self.drafter, self.tokenizer, self.ctx, self.device = model, drafter, tokenizer, ctx, device
+        self.compiled = compiled
+        # the forwards every decoding step calls (same signatures as the modules' forward; compiled
+        # ones pad rows to the whole cache pool, so callers always pass the whole pool)
+        self.run_verifier = compiled.verifier if compiled else model
+        self.run_drafter = compiled.draft if compiled and drafter is not None else drafter
         self.args = model.args
         self.checkpoint = checkpoint
         self.notice = notice  # said once to the user (e.g. "random weights")
@@ -154,11 +161,13 @@ class Engine:
         max_seq_len: int = 4096,
         keep_fp8: bool | None = None,
         show_progress: bool = False,
+        compile: bool = False,
     ) -> "Engine":
         """Load the checkpoint at `path` (None: the embedded default model) for this rank.
 
         Under torchrun the process group is joined here (gloo on CPU, nccl on CUDA) and each rank
-        reads only its slices. `dtype` defaults to float32 on CPU and bfloat16 on CUDA.
+        reads only its slices. `dtype` defaults to float32 on CPU and bfloat16 on CUDA. `compile`:
+        run the decode-step forwards through `torch.compile` (`specdec.compiled`; CPU, one process).
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -174,7 +183,11 @@ class Engine:
         if has_mtp_layer(reader, model.args.n_layers):
             drafter = load_drafter(model, reader, device, model.fp8_block, show_progress)
         tokenizer = load_tokenizer(path)
-        return cls(model, drafter, tokenizer, ctx, device, path, notice)
+        compiled = None
+        if compile:
+            check_compile_supported(model, ctx, device)
+            compiled = CompiledDecode(model, drafter)
+        return cls(model, drafter, tokenizer, ctx, device, path, notice, compiled)
 
     def describe_drafter(self) -> str:
         """One line on the MTP drafter: present or not, and which tensors it shares with the verifier."""
@@ -206,10 +219,13 @@ class Engine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _cache_for(self, batch: int, seq_len: int) -> LatentCache:
-        """The shared latent cache, grown (reallocated) only when a call needs more rows or slots."""
-        if self._cache is None or not self._cache.fits(batch, seq_len):
+        """The shared latent cache, grown (reallocated) only when a call needs more rows or slots.
+
+        Compiled forwards run over every row of the pool, so then it has exactly `batch` rows."""
+        exact_rows = self.compiled is not None and self._cache is not None and self._cache.batch != batch
+        if self._cache is None or not self._cache.fits(batch, seq_len) or exact_rows:
             old = self._cache
-            rows = max(batch, old.batch if old else 0)
+            rows = batch if self.compiled is not None else max(batch, old.batch if old else 0)
             slots = max(seq_len, old.seq_len if old else 0)
             self._cache = None
             self._cache = LatentCache(self.args, self.args.n_layers + self.args.n_mtp_layers, rows, slots,
@@ -324,7 +340,7 @@ class Engine:
         pos = torch.arange(width, device=self.device).expand(batch, width)
         causal = pos.unsqueeze(-1) >= pos.unsqueeze(1)  # [B, T, T]: token t sees slots ≤ t
         logits_at = None if all_logits else (lengths - 1).unsqueeze(1)
-        out = self.model(tokens, pos, cache.kv[:, :batch], cache.pe[:, :batch], pos, causal, logits_at)
+        out = self.run_verifier(tokens, pos, cache.kv, cache.pe, pos, causal, logits_at)
         cache.lengths[:batch] = lengths
         return out.logits if all_logits else out.logits[:, 0]
 
@@ -334,7 +350,7 @@ class Engine:
         slots = lengths.unsqueeze(1)  # [B, 1]: the new token's slot (= its position)
         kv_len = int(lengths.max()) + 1
         mask = (torch.arange(kv_len, device=self.device)[None, :] <= lengths[:, None]).unsqueeze(1)
-        out = self.model(tokens.unsqueeze(1), slots, cache.kv[:, :batch], cache.pe[:, :batch], slots, mask)
+        out = self.run_verifier(tokens.unsqueeze(1), slots, cache.kv, cache.pe, slots, mask)
         cache.lengths[:batch] += 1
         return out.logits[:, -1]
 

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also decode plainly and report the speedup")
     p.add_argument("--json", dest="json_path", help="write results and stats to this JSON file (atomically)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode-step forwards with torch.compile (CPU, one process; the first use of "
+                        "each shape compiles for ~30-90 s)")
     return p
 
 
@@ -78,6 +81,9 @@ def check_args(a: argparse.Namespace) -> None:
         raise ConfigError(f"--tree-nodes ({a.tree_nodes}) must be >= --draft-depth ({a.draft_depth})")
     if a.tree == "auto" and a.spec == "none":
         raise ConfigError("--tree auto chooses a draft tree; it needs --spec mtp")
+    if a.tree == "auto" and a.compile:
+        raise ConfigError("--tree auto calibrates on eager forwards and cannot price compiled ones; with --compile "
+                          "give --draft-depth (and --tree-topk)")
     if a.compare and a.spec == "none":
         raise ConfigError("--compare compares MTP speculative decoding with plain decoding; it needs --spec mtp")
 
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(a)
         prompts = a.prompt or (read_prompts(a.input_file) if a.input_file else [])
         engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
-                                        show_progress=True)
+                                        show_progress=True, compile=a.compile)
         if engine.ctx.rank == 0:
             if engine.notice:
                 print(engine.notice, file=sys.stderr)

@@ -71,7 +71,7 @@ class SpeculativeDecoder:
 
     def __init__(self, engine, spec, temperature: float, top_p: float, seed: int) -> None:
         self.eng, self.spec = engine, spec
-        self.model, self.drafter = engine.model, engine.drafter
+        self.model, self.drafter = engine.run_verifier, engine.run_drafter  # forwards (maybe compiled)
         self.temperature, self.top_p = temperature, top_p
         self.generator = torch.Generator(engine.device).manual_seed(seed)
         self.counts = AcceptanceCounts()
@@ -120,7 +120,7 @@ class SpeculativeDecoder:
         batch, width = tokens.shape
         pos = torch.arange(width, device=eng.device).expand(batch, width)
         mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
-        kv, pe = cache.kv[:, :batch], cache.pe[:, :batch]
+        kv, pe = cache.kv, cache.pe
         out = self.model(tokens, pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1))
         cache.lengths[:batch] = lengths
         first = sample(out.logits[:, 0], self.temperature, self.top_p, self.generator)
@@ -133,10 +133,9 @@ class SpeculativeDecoder:
     def _draft(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
                hidden: torch.Tensor) -> DraftTree:
         """A chain (topk 1) or an MTP-expanded tree of drafts per row."""
-        batch = lengths.shape[0]
         if self.spec.topk > 1:
             sampled = self.temperature > 0 and self.spec.draft_mode == "sample"
-            return expand_tree(self.drafter, cache.kv[:, :batch], cache.pe[:, :batch], lengths, logits, hidden,
+            return expand_tree(self.drafter, cache.kv, cache.pe, lengths, logits, hidden,
                                self.spec.depth, self.spec.topk, self.spec.n_nodes, sampled, self.temperature,
                                self.top_p, self.spec.draft_hidden, self.generator, self.spec.draft_vocab)
         return self._draft_chain(cache, lengths, logits, hidden)
@@ -144,14 +143,13 @@ class SpeculativeDecoder:
     def _draft_chain(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
                      hidden: torch.Tensor) -> DraftTree:
         """K drafts per row: d_1 from the committed MTP output, d_k (k ≥ 2) from MTP at position L+k-2."""
-        batch = lengths.shape[0]
         tokens, probs = [], []
         for k in range(1, self.spec.depth + 1):
             if k > 1:
                 pos = (lengths + k - 2).unsqueeze(1)
                 mask = _causal_mask(pos[:, 0], 1, int(pos.max()) + 1)
-                out = self.drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv[:, :batch],
-                                   cache.pe[:, :batch], pos, mask, draft_vocab=self.spec.draft_vocab)
+                out = self.drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv, cache.pe, pos, mask,
+                                   draft_vocab=self.spec.draft_vocab)
                 logits, hidden = out.logits[:, 0], out.hidden(self.spec.draft_hidden)[:, 0]
             token, q = self._draft_token(logits)
             tokens.append(token)
@@ -176,7 +174,7 @@ class SpeculativeDecoder:
         pos = lengths.unsqueeze(1) + tree.all_depths()
         slots = lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)
         mask = tree_attention_mask(lengths, ancestor_matrix(tree.parents), int(lengths.max()) + width)
-        return self.model(tokens, pos, cache.kv[:, :batch], cache.pe[:, :batch], slots, mask)
+        return self.model(tokens, pos, cache.kv, cache.pe, slots, mask)
 
     def _accept(self, tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
         if self.temperature == 0.0:
@@ -209,7 +207,7 @@ class SpeculativeDecoder:
         next_tokens[rows, acc.n_accepted] = acc.next_token
         pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)
         mask = _causal_mask(lengths, width, int(lengths.max()) + width)
-        mtp = self.drafter(next_tokens, hidden, pos, cache.kv[:, :batch], cache.pe[:, :batch], pos, mask,
+        mtp = self.drafter(next_tokens, hidden, pos, cache.kv, cache.pe, pos, mask,
                            acc.n_accepted.unsqueeze(1), self.spec.draft_vocab)
         cache.lengths[:batch] += acc.n_accepted + 1
         return acc.next_token, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0]
