@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")
     g.add_argument("--max-seq-len", type=int, default=1024, help="engine cache/RoPE length (default 1024)")
     g.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    g.add_argument("--compile", action="store_true",
+                   help="specdec with its decode-step forwards compiled (`--compile` of specdec.generate; CPU): "
+                        "acceptance/latency use the compiled engine, peers adds compiled rows beside the eager ones")
     g.add_argument("--chains", help="chain draft depths, comma-separated (acceptance/latency default 1,2,3,4)")
     g.add_argument("--trees", help="tree shapes DEPTHxTOPKxNODES or auto, comma-separated "
                                    "(acceptance default 3x2x6,4x2x8,3x3x9,auto)")
@@ -124,6 +127,8 @@ def check_bench(s: argparse.Namespace, name: str) -> None:
     if s.num_prompts < 1:
         raise BenchError(f"--num-prompts must be >= 1, got {s.num_prompts}")
     shapes = parse_shapes(s.chains, s.trees)
+    if s.compile and any(shape.kind == "auto" for shape in shapes):
+        raise BenchError("--trees auto calibrates eager forwards; with --compile give explicit shapes")
     if name == "acceptance":
         if not shapes:
             raise BenchError("acceptance: no draft shapes (--chains and --trees are both empty)")
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 if eng is None:
                     from specdec import Engine
 
-                    eng = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len)
+                    eng = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
+                                                 compile=a.compile)
                     if eng.notice:
                         print(eng.notice, file=sys.stderr)
                 report = importlib.import_module(f"bench.{name}").run(eng, prompts, s)

@@ -86,10 +86,13 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     mode = "greedy" if greedy else f"T={a.temperature:g}, top-p {a.top_p:g}"
     notes = [f"{len(prompts)} prompts, {a.max_new_tokens} new tokens each at most, {mode}; one warm-up call per "
              "configuration; speedup = tokens/s over plain's at the same batch size in this run"]
+    if eng.compiled is not None:
+        notes.append("specdec --compile: plain and MTP decode-step forwards compiled (torch.compile, inductor); "
+                     "compilation happens in the warm-up calls and is not timed")
     notes += [f"auto at {k}: choose_tree picked {v} (depth x topk x nodes)" for k, v in auto_choices.items()]
     settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "batch_sizes": batch_sizes,
                 "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
-                "shapes": [s.key for s in shapes], "quick": a.quick}
+                "shapes": [s.key for s in shapes], "quick": a.quick, "compiled": eng.compiled is not None}
     report = Report("latency", "Latency and throughput by batch size", settings, rows, tables, notes, failures,
                     extra={"auto_reports": auto_reports})
     report.plots = [("tokens_per_s", lambda: plots.tokens_per_s_vs_batch(rows)),

@@ -112,21 +112,29 @@ def run(ckpt: Path, prompts: list[Prompt], a: Namespace) -> Report:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specdec-peers-")))
             path = float32_copy(ckpt, tmp / "float32")
         eng = Engine.from_pretrained(path, device=a.device, dtype=torch.float32, max_seq_len=a.max_seq_len)
+        compiled = (Engine.from_pretrained(path, device=a.device, dtype=torch.float32, max_seq_len=a.max_seq_len,
+                                           compile=True) if a.compile else None)
         hf = load_transformers(path, eng.device)
     ids = eng.encode([p.prompt for p in prompts])
     eos = sorted(eng.eos_ids)
     pad = hf.generation_config.pad_token_id
     pad = pad if pad is not None else (eos[0] if eos else 0)
 
-    def specdec(spec):
-        return lambda p, new: eng.generate([p], max_new_tokens=new, seed=a.seed, spec=spec).token_ids[0]
+    def specdec(spec, engine=eng):
+        return lambda p, new: engine.generate([p], max_new_tokens=new, seed=a.seed, spec=spec).token_ids[0]
 
     decoders: list[tuple[str, str, object]] = [("specdec plain", "specdec", specdec(None))]
     auto_reports = {}
+    resolved = []
     for shape in shapes:
         if shape.kind == "auto":
             shape, auto_reports["batch 1"] = resolve_auto(eng, ids[:1], 0.0, 1.0, a.seed, draft_vocab=shape.draft_vocab)
+        resolved.append(shape)
         decoders.append((f"specdec MTP {shape.label}", "specdec-mtp", specdec(shape.spec())))
+    if compiled is not None:  # greedy outputs are checked against eager plain decoding like the MTP rows
+        decoders.append(("specdec plain, compiled", "specdec-mtp", specdec(None, compiled)))
+        for shape in resolved:
+            decoders.append((f"specdec MTP {shape.label}, compiled", "specdec-mtp", specdec(shape.spec(), compiled)))
     cls = type(hf).__name__
     decoders.append((f"transformers {cls}.generate", "transformers", _hf_generate(hf, eos, pad)))
     decoders.append((f"transformers prompt lookup (K={a.prompt_lookup_tokens}, n-gram {a.max_matching_ngram})",
@@ -155,10 +163,13 @@ def run(ckpt: Path, prompts: list[Prompt], a: Namespace) -> Report:
                      "first_mismatch": cmp["first_mismatch"]})
     bar.close()
     base = rows[0]["tokens_per_s"]
+    hf_generate = next(r["tokens_per_s"] for r in rows if r["kind"] == "transformers")
     for r in rows:
         r["ratio_to_specdec_plain"] = r["tokens_per_s"] / base
+        r["ratio_to_transformers_generate"] = r["tokens_per_s"] / hf_generate
 
     body = [[r["decoder"], fmt(r["tokens_per_s"], 1), f"{r['ratio_to_specdec_plain']:.2f}x",
+             f"{r['ratio_to_transformers_generate']:.2f}x",
              "(reference)" if i == 0 else f"{fmt(r['equal_to_specdec_greedy'])} ({r['identical_outputs']}/{r['prompts']})",
              "" if i == 0 else f"{100 * r['identical_token_share']:.1f}%"]
             for i, r in enumerate(rows)]
@@ -171,8 +182,9 @@ def run(ckpt: Path, prompts: list[Prompt], a: Namespace) -> Report:
     settings = {"checkpoint": str(ckpt), "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
                 "batch_size": 1, "device": str(eng.device), "dtype": "float32", "float32_copy_of_fp8": fp8,
                 "prompt_lookup_num_tokens": a.prompt_lookup_tokens, "max_matching_ngram_size": a.max_matching_ngram,
-                "shapes": [s.key for s in shapes], "seed": a.seed, "quick": a.quick}
-    table = Table("", ["decoder", "tokens/s", "vs specdec plain", "= specdec greedy (prompts)", "identical tokens"], body)
+                "shapes": [s.key for s in shapes], "seed": a.seed, "quick": a.quick, "compiled_rows": a.compile}
+    table = Table("", ["decoder", "tokens/s", "vs specdec plain", "vs transformers generate",
+                       "= specdec greedy (prompts)", "identical tokens"], body)
     report = Report("peers", "specdec vs transformers (same weights, same prompts)", settings, rows, [table], notes,
                     failures, extra={"auto_reports": auto_reports})
     report.plots = [("tokens_per_s", lambda: plots.peers_tokens_per_s(rows))]
