@@ -90,7 +90,8 @@ class CompiledDecode:
         batch, rows = tokens.shape[0], kv_cache.shape[1]
         padded = [_pad_rows(t, rows) for t in (tokens, positions, write_slots, attn_mask, logits_at)]
         tokens_p, positions_p, slots_p, mask_p, logits_at_p = padded
-        out = self._call(self._model, mask_p, kv_cache, pe_cache, tokens_p, positions_p, kv_cache, pe_cache, slots_p, mask_p, logits_at_p)
+        out = self._call(self._model, mask_p, kv_cache, pe_cache,
+                         tokens_p, positions_p, kv_cache, pe_cache, slots_p, mask_p, logits_at_p)
         return ForwardOutput(*(t[:batch] for t in out))
 
     def draft(self, next_tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
@@ -103,8 +104,8 @@ class CompiledDecode:
         batch, rows = next_tokens.shape[0], kv_cache.shape[1]
         padded = [_pad_rows(t, rows) for t in (next_tokens, hidden, positions, write_slots, attn_mask, logits_at)]
         tokens_p, hidden_p, positions_p, slots_p, mask_p, logits_at_p = padded
-        out = self._call(self._drafter, mask_p, kv_cache, pe_cache, tokens_p, hidden_p, positions_p, kv_cache, pe_cache, slots_p, mask_p,
-                         logits_at_p, draft_vocab)
+        out = self._call(self._drafter, mask_p, kv_cache, pe_cache,
+                         tokens_p, hidden_p, positions_p, kv_cache, pe_cache, slots_p, mask_p, logits_at_p, draft_vocab)
         return MTPOutput(*(t[:batch] for t in out))
 
     @staticmethod

@@ -314,7 +314,7 @@ def test_mtp_forward_matches_inference_layer_from_checkpoint(trained) -> None:
     x = layer.eh_proj(torch.cat([layer.enorm(layer.embed_tokens(tokens[:, 1:])), layer.hnorm(hidden)], -1))
     kv, pe, pos, mask = _causal_inputs(args, 1, 2, 20)
     cos, sin = rope_tables(args, 20)
-    x = layer(x, torch.complex(cos, sin)[pos], kv[0], pe[0], pos, mask)
+    x = layer(x, torch.complex(cos, sin)[pos], kv, pe, 0, pos, mask)
     ref = layer.shared_head.head(layer.shared_head.norm(x))
     torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-5)
 
