@@ -40,16 +40,17 @@ def test_ctrl_c_in_interactive_mode_ends_cleanly(fp8_ckpt):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "specdec.generate", "--ckpt-path", str(fp8_ckpt), "--interactive"],
                             cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a shell's background job (e.g. `make test &`) ignores SIGINT
+                            # and its children inherit that, so restore the default before exec
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.monotonic() + 120
     while not seen.endswith(">>> ") and time.monotonic() < deadline:
         seen += proc.stdout.read(1)
     assert seen.endswith(">>> ")
-    # stdin stays open (closing it could end the chat by EOF first). A SIGINT that lands after input()
-    # printed its prompt but before its read() blocks is recorded and the read then waits for input
-    # (CPython's input() on a pipe); a person's Ctrl-C comes while the read waits, so give it time,
-    # and press again if the first one fell in that window.
+    # stdin stays open (closing it could end the chat by EOF first). A person's Ctrl-C comes while
+    # input() waits, so give it time; press again if the first one fell before the read began.
     for _ in range(3):
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
