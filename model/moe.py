@@ -180,7 +180,7 @@ class MoE(nn.Module):
 
     def _routed_static(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """All experts (shared + routed) for `flat` `[N, dim]` with shapes that never depend on the
-        routing, as `torch.compile` needs: with fewer routed slots (N·topk) than local experts, the
+        routing, as `torch.compile` needs: with no more routed slots (N·topk) than local experts, the
         chosen experts' stacked weights are gathered and applied by batched GEMMs; otherwise every
         local expert runs on every token and the results are mixed by the (mostly zero) routing weights.
         """

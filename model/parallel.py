@@ -144,10 +144,7 @@ class FusedLinears:
         """`storage`: an `[Σ out, in]` tensor to hold the fused weight (filled here; e.g. a slice of a
         larger stack); None: a new one."""
         self.parts = parts
-        if storage is None:
-            self.weight = torch.cat([p.weight.detach() for p in parts])
-        else:
-            self.weight = torch.cat([p.weight.detach() for p in parts], out=storage)
+        self.weight = torch.cat([p.weight.detach() for p in parts], out=storage)
         self.weight_t = self.weight.t()
         self.sizes = [p.weight.shape[0] for p in parts]
         start = 0

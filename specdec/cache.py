@@ -32,9 +32,6 @@ class LatentCache:
         """Cache bytes one token costs over `n_layers` layers."""
         return (args.kv_lora_rank + args.qk_rope_head_dim) * n_layers * torch.empty((), dtype=dtype).element_size()
 
-    def fits(self, batch: int, seq_len: int) -> bool:
-        return batch <= self.batch and seq_len <= self.seq_len
-
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src` (its committed slots) into row `dst`, e.g. to keep active rows in a prefix."""
         n = int(self.lengths[src])

@@ -222,10 +222,9 @@ class Engine:
         """The shared latent cache, grown (reallocated) only when a call needs more rows or slots.
 
         Compiled forwards run over every row of the pool, so then it has exactly `batch` rows."""
-        exact_rows = self.compiled is not None and self._cache is not None and self._cache.batch != batch
-        if self._cache is None or not self._cache.fits(batch, seq_len) or exact_rows:
-            old = self._cache
-            rows = batch if self.compiled is not None else max(batch, old.batch if old else 0)
+        old = self._cache
+        rows = batch if self.compiled is not None else max(batch, old.batch if old else 0)
+        if old is None or old.batch != rows or old.seq_len < seq_len:
             slots = max(seq_len, old.seq_len if old else 0)
             self._cache = None
             self._cache = LatentCache(self.args, self.args.n_layers + self.args.n_mtp_layers, rows, slots,
