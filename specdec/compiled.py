@@ -20,6 +20,10 @@ adding max-autotune GEMMs and the C++ wrapper): `freezing` (weights become const
 guards on module attributes (weights never change after loading). First use of a shape compiles
 for ~30–90 s on 2 cores; inductor's on-disk caches make later processes faster.
 
+Greedy steps. Greedy plain decoding and greedy MTP chains compile their whole step instead
+(`specdec.greedy_step`: forwards, masks, argmax, acceptance and commit in one graph per batch
+size and depth), which removes the host-side glue between the forwards.
+
 Not covered: several ranks (collectives inside graphs), CUDA (and CUDA graphs), FP8 weights kept
 in FP8 — `check_compile_supported` refuses them.
 """
@@ -33,6 +37,7 @@ from model.errors import ConfigError
 from model.parallel import ParallelContext
 from model.transformer import ForwardOutput, Transformer
 from mtp.drafter import MTPDrafter, MTPOutput
+from specdec.greedy_step import ChainStepOutput, GreedyChainStep, GreedyPlainStep
 
 RECOMPILE_LIMIT = 64
 """Graphs per forward before torch falls back to eager (each (rows, tokens) shape is one graph)."""
@@ -80,6 +85,22 @@ class CompiledDecode:
         self.model, self.drafter, self.max_tokens = model, drafter, max_tokens
         self._model = torch.compile(model, dynamic=False, options=inductor_options())
         self._drafter = torch.compile(drafter, dynamic=False, options=inductor_options()) if drafter else None
+        self._plain_step = torch.compile(GreedyPlainStep(model), dynamic=False, options=inductor_options())
+        self._chain_step = (torch.compile(GreedyChainStep(model, drafter), dynamic=False, options=inductor_options())
+                            if drafter else None)
+
+    def plain_step(self, kv_cache: torch.Tensor, pe_cache: torch.Tensor, lengths: torch.Tensor, live: torch.Tensor,
+                   tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`GreedyPlainStep.forward`, compiled (one graph per batch size)."""
+        return self._call(self._plain_step, None, kv_cache, pe_cache, kv_cache, pe_cache, lengths, live, tokens)
+
+    def chain_step(self, kv_cache: torch.Tensor, pe_cache: torch.Tensor, lengths: torch.Tensor, live: torch.Tensor,
+                   pending: torch.Tensor, first_draft: torch.Tensor, hidden: torch.Tensor, depth: int,
+                   verifier_hidden: str, draft_hidden: str, draft_vocab: int | None) -> ChainStepOutput:
+        """`GreedyChainStep.forward`, compiled (one graph per batch size and settings)."""
+        out = self._call(self._chain_step, None, kv_cache, pe_cache, kv_cache, pe_cache, lengths, live, pending,
+                         first_draft, hidden, depth, verifier_hidden, draft_hidden, draft_vocab)
+        return ChainStepOutput(*out)
 
     def verifier(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                  pe_cache: torch.Tensor, write_slots: torch.Tensor, attn_mask: torch.Tensor,
@@ -109,10 +130,12 @@ class CompiledDecode:
         return MTPOutput(*(t[:batch] for t in out))
 
     @staticmethod
-    def _call(compiled: nn.Module, mask: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor, *args):
-        """`compiled(*args)` with the cache length dynamic: the mask's `[rows, T, kv_len]` last dim and
-        the pools' `[layers, rows, slots, ·]` slots."""
-        torch._dynamo.mark_dynamic(mask, 2)
+    def _call(compiled: nn.Module, mask: torch.Tensor | None, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+              *args):
+        """`compiled(*args)` with the cache length dynamic: the mask's `[rows, T, kv_len]` last dim (when
+        given) and the pools' `[layers, rows, slots, ·]` slots."""
+        if mask is not None:
+            torch._dynamo.mark_dynamic(mask, 2)
         torch._dynamo.mark_dynamic(kv_cache, 2)
         torch._dynamo.mark_dynamic(pe_cache, 2)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):

@@ -142,6 +142,10 @@ class Engine:
         # ones pad rows to the whole cache pool, so callers always pass the whole pool)
         self.run_verifier = compiled.verifier if compiled else model
         self.run_drafter = compiled.draft if compiled and drafter is not None else drafter
+        # whole greedy steps as one graph (`specdec.greedy_step`), with the forwards' signatures;
+        # None: greedy decoding runs the general loops
+        self.run_plain_step = compiled.plain_step if compiled else None
+        self.run_chain_step = compiled.chain_step if compiled and drafter is not None else None
         self.args = model.args
         self.checkpoint = checkpoint
         self.notice = notice  # said once to the user (e.g. "random weights")
@@ -293,7 +297,25 @@ class Engine:
         prefill_s = time.perf_counter() - start
 
         outputs: list[list[int]] = [[] for _ in range(batch)]
-        row_of = list(range(batch))  # cache row r holds prompt row_of[r]; active rows are a prefix
+        if self.run_plain_step is not None and temperature == 0.0:
+            steps, row_steps, ttft, tpot = self._plain_loop_greedy_step(cache, logits, outputs, max_new_tokens, start)
+        else:
+            steps, row_steps, ttft, tpot = self._plain_loop(cache, logits, outputs, max_new_tokens, start,
+                                                            temperature, top_p, generator)
+        wall = time.perf_counter() - start
+        n_tokens = sum(map(len, outputs))
+        stats = GenerationStats(tokens=n_tokens, verify_steps=steps, tau=1.0, tokens_per_s=n_tokens / wall,
+                                wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch,
+                                ttft_s=ttft, tpot_s=tpot, row_steps=row_steps)
+        return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
+
+    def _plain_loop(self, cache: LatentCache, logits: torch.Tensor, outputs: list[list[int]], max_new_tokens: int,
+                    start: float, temperature: float, top_p: float,
+                    generator: torch.Generator) -> tuple[int, int, float, list[float]]:
+        """sample → append → retire finished rows → one verifier step, until every row is finished.
+
+        Returns (steps, row steps, TTFT seconds, TPOT seconds per token)."""
+        row_of = list(range(len(outputs)))  # cache row r holds prompt row_of[r]; active rows are a prefix
         steps, row_steps, ttft, tpot = 0, 0, 0.0, []
         step_start = start
         while True:
@@ -321,13 +343,42 @@ class Engine:
             logits = self._decode_step(cache, next_col, len(live))
             steps += 1
             row_steps += len(live)
+        return steps, row_steps, ttft, tpot
 
-        wall = time.perf_counter() - start
-        n_tokens = sum(map(len, outputs))
-        stats = GenerationStats(tokens=n_tokens, verify_steps=steps, tau=1.0, tokens_per_s=n_tokens / wall,
-                                wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch,
-                                ttft_s=ttft, tpot_s=tpot, row_steps=row_steps)
-        return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
+    def _plain_loop_greedy_step(self, cache: LatentCache, logits: torch.Tensor, outputs: list[list[int]],
+                                max_new_tokens: int, start: float) -> tuple[int, int, float, list[float]]:
+        """`_plain_loop` for greedy decoding with `--compile`: each step (forward + argmax) is one
+        compiled graph (`run_plain_step`, `specdec.greedy_step.GreedyPlainStep`). The batch keeps
+        every row; finished rows are parked (length 0, `live` 0) instead of compacted away."""
+        tokens = logits.argmax(dim=-1)
+        live = torch.ones(len(outputs), dtype=torch.long, device=self.device)
+        rows = list(range(len(outputs)))  # rows still decoding
+        steps, row_steps, ttft, tpot = 0, 0, 0.0, []
+        step_start = start
+        while True:
+            next_tokens = tokens.tolist()
+            now = time.perf_counter()
+            if steps == 0:
+                ttft = now - start
+            else:
+                tpot.extend([now - step_start] * len(rows))
+            step_start = now
+            still = []
+            for r in rows:
+                outputs[r].append(next_tokens[r])
+                if next_tokens[r] in self.eos_ids or len(outputs[r]) >= max_new_tokens:
+                    live[r] = 0  # parked: frozen at length 0 (see specdec.greedy_step)
+                    cache.lengths[r] = 0
+                else:
+                    still.append(r)
+            rows = still
+            if not rows:
+                break
+            tokens, lengths = self.run_plain_step(cache.kv, cache.pe, cache.lengths, live, tokens)
+            cache.lengths.copy_(lengths)
+            steps += 1
+            row_steps += len(rows)
+        return steps, row_steps, ttft, tpot
 
     def _prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,
                  all_logits: bool = False) -> torch.Tensor:

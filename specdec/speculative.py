@@ -81,7 +81,7 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def generate(self, ids: list[list[int]], max_new_tokens: int):
         """Decode every prompt; returns (new tokens per prompt, GenerationStats)."""
-        eng, depth = self.eng, self.spec.depth
+        eng = self.eng
         start = time.perf_counter()
         batch = len(ids)
         cache = eng._cache_for(batch, max(map(len, ids)) + max_new_tokens + self.spec.draft_slots)
@@ -90,8 +90,18 @@ class SpeculativeDecoder:
         pending, draft_logits, draft_hidden = self._prefill(cache, ids)
         prefill_s = time.perf_counter() - start
         live, _ = self._emit([[t] for t in pending.tolist()], max_new_tokens)
-        step_start = time.perf_counter()
-        ttft, tpot, steps = step_start - start, [], 0
+        self.step_start = time.perf_counter()
+        ttft, self.tpot = self.step_start - start, []
+        if eng.run_chain_step is not None and self.temperature == 0.0 and self.spec.topk == 1:
+            steps = self._loop_greedy_chain_step(cache, live, pending, draft_logits, draft_hidden, max_new_tokens)
+        else:
+            steps = self._loop(cache, live, pending, draft_logits, draft_hidden, max_new_tokens)
+        return self.outputs, self._stats(steps, start, prefill_s, batch, ttft, self.tpot)
+
+    def _loop(self, cache: LatentCache, live: list[int], pending: torch.Tensor, draft_logits: torch.Tensor,
+              draft_hidden: torch.Tensor, max_new_tokens: int) -> int:
+        """Steps until every row is finished; returns the number of steps."""
+        steps = 0
         while live:
             pending, draft_logits, draft_hidden = self._compact(cache, live, pending, draft_logits, draft_hidden)
             lengths = cache.lengths[: len(self.row_of)]
@@ -100,16 +110,52 @@ class SpeculativeDecoder:
             acc = self._accept(tree, verified.logits)                                       # 3. accept
             pending, draft_logits, draft_hidden = self._commit(cache, tree, verified, acc)  # 4. commit
             n_acc = acc.n_accepted.tolist()
-            self.counts.add(n_acc, depth)
+            self.counts.add(n_acc, self.spec.depth)
             path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
             runs = [path_tokens[r][:a] + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
             live, kept = self._emit(runs, max_new_tokens)
-            now = time.perf_counter()
-            for n in kept:  # each token a row kept took the step's time over the tokens it kept
-                tpot.extend([(now - step_start) / n] * n)
-            step_start = now
+            self._time_step(kept)
             steps += 1
-        return self.outputs, self._stats(steps, start, prefill_s, batch, ttft, tpot)
+        return steps
+
+    def _loop_greedy_chain_step(self, cache: LatentCache, live: list[int], pending: torch.Tensor,
+                                draft_logits: torch.Tensor, draft_hidden: torch.Tensor, max_new_tokens: int) -> int:
+        """`_loop` for greedy chains with `--compile`: each step (draft → verify → accept → commit) is
+        one compiled graph (`run_chain_step`, `specdec.greedy_step.GreedyChainStep`).
+
+        The batch keeps every row; finished rows are parked (length 0, `live_mask` 0) instead of
+        compacted away. A step advances a row by everything it accepted, even past what its budget
+        lets it keep, so a parked row's length must be reset, or its next writes could run past the
+        pool. Returns the number of steps."""
+        spec, run_step = self.spec, self.eng.run_chain_step
+        live_mask = torch.zeros(len(self.row_of), dtype=torch.long, device=pending.device)
+        live_mask[live] = 1
+        first_draft = draft_logits.argmax(dim=-1)
+        steps = 0
+        while live:
+            out = run_step(cache.kv, cache.pe, cache.lengths, live_mask, pending, first_draft, draft_hidden,
+                           spec.depth, spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
+            cache.lengths.copy_(out.lengths)
+            pending, first_draft, draft_hidden = out.pending, out.first_draft, out.draft_hidden
+            emitted, n_acc = out.emitted.tolist(), out.n_accepted.tolist()
+            self.counts.add([n_acc[r] for r in live], spec.depth)
+            self.row_of = live  # runs below are listed in live-row order
+            still, kept = self._emit([emitted[r][: n_acc[r] + 1] for r in live], max_new_tokens)
+            finished = [r for i, r in enumerate(live) if i not in still]
+            if finished:  # parked: frozen at length 0, their writes stay in slots 0..K of their own row
+                live_mask[finished] = 0
+                cache.lengths[finished] = 0
+            live = [live[i] for i in still]
+            self._time_step(kept)
+            steps += 1
+        return steps
+
+    def _time_step(self, kept: list[int]) -> None:
+        """Each token a row kept took the step's wall time over the tokens it kept (`tpot`)."""
+        now = time.perf_counter()
+        for n in kept:
+            self.tpot.extend([(now - self.step_start) / n] * n)
+        self.step_start = now
 
     # ------------------------------------------------------------------ steps
 

@@ -2,7 +2,8 @@
 
 The routing-independent MoE path is checked eagerly against the sorted dispatch; the compiled
 forwards against the eager ones (rows padded to the pool, cache writes), and compiled decoding
-against eager decoding token for token, plain and speculative, with a row retiring early.
+(whole greedy steps, and the general loop over compiled forwards) against eager decoding token for
+token, plain and speculative, with a row retiring early.
 """
 
 from __future__ import annotations
@@ -68,11 +69,15 @@ def test_compiled_forward_pads_rows_and_writes_the_cache(engines):
         torch.testing.assert_close(pools[1].kv[layer, 0, :3], pools[0].kv[layer, 0, :3], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [None, SpecConfig(depth=2)], ids=["plain", "chain2"])
+@pytest.mark.parametrize("spec", [None, SpecConfig(depth=2), SpecConfig(depth=2, topk=2)],
+                         ids=["plain-step", "chain2-step", "tree2x2-forwards"])
 def test_compiled_greedy_equals_eager_with_a_row_retiring(engines, spec):
+    """Greedy plain and chains run whole compiled steps (`specdec.greedy_step`); trees run the
+    general loop over compiled forwards."""
     eager, compiled = engines
     free = eager.generate(PROMPTS, max_new_tokens=12).token_ids
-    # row 1 ends early at a token row 0 never emits: the compiled batch keeps its shape by padding
+    # row 1 ends early at a token row 0 never emits: the compiled batch keeps its shape (steps park
+    # the row, forwards pad it)
     stop = next(t for t in free[1][2:] if t not in free[0] and t not in free[1][:2])
     saved = [eng.eos_ids for eng in engines]
     for eng in engines:
