@@ -11,7 +11,8 @@ graphs, a call's per-row inputs are padded to every row of the cache pool: rows 
 are free (the engine keeps live rows in a prefix and sizes the pool to the call's batch), padded
 rows attend to nothing and write only their own row's slot 0. Prefill-sized calls (more than
 `max_tokens` tokens per row) run eagerly. Graphs per `generate` call: one per distinct tokens-per-
-row of its forwards (plain: 1; chain of depth K: the verifier on K+1, the drafter on 1 and K+1).
+row of its forwards (a tree of N nodes: the verifier on N+1, the drafter on each level's width
+and on depth+1).
 
 Inductor settings (measured on the embedded model, batch 1, one decode forward, 2-core CPU: eager
 8.1 ms; compiled 6.1 ms with defaults, 4.4 ms with freezing and no module guards, 2.7–3.9 ms
@@ -22,7 +23,9 @@ for ~30–90 s on 2 cores; inductor's on-disk caches make later processes faster
 
 Greedy steps. Greedy plain decoding and greedy MTP chains compile their whole step instead
 (`specdec.greedy_step`: forwards, masks, argmax, acceptance and commit in one graph per batch
-size and depth), which removes the host-side glue between the forwards.
+size and draft settings; finished rows are parked rather than padded). This removes the host-side
+glue between the forwards, which cost about as much as a drafter forward once those were compiled
+(measured side by side in README "Measured").
 
 Not covered: several ranks (collectives inside graphs), CUDA (and CUDA graphs), FP8 weights kept
 in FP8 — `check_compile_supported` refuses them.

@@ -127,6 +127,28 @@ class GenerationOutput:
     stats: GenerationStats
 
 
+class StepClock:
+    """TTFT and TPOT of a plain decoding loop: `tick(n)` when a step's tokens for `n` rows are known.
+
+    The first tick ends the time to first token (from `start`); each later one gives each of its
+    `n` tokens the seconds since the previous tick."""
+
+    def __init__(self, start: float) -> None:
+        self.start = self.last = start
+        self.ttft: float = 0.0
+        self.tpot: list[float] = []
+        self.ticks = 0
+
+    def tick(self, n: int) -> None:
+        now = time.perf_counter()
+        if self.ticks == 0:
+            self.ttft = now - self.start
+        else:
+            self.tpot.extend([now - self.last] * n)
+        self.last = now
+        self.ticks += 1
+
+
 class Engine:
     """A loaded verifier (+ tokenizer) on this rank, ready to generate.
 
@@ -316,23 +338,12 @@ class Engine:
 
         Returns (steps, row steps, TTFT seconds, TPOT seconds per token)."""
         row_of = list(range(len(outputs)))  # cache row r holds prompt row_of[r]; active rows are a prefix
-        steps, row_steps, ttft, tpot = 0, 0, 0.0, []
-        step_start = start
+        steps, row_steps, clock = 0, 0, StepClock(start)
         while True:
             next_tokens = sample(logits, temperature, top_p, generator).tolist()
-            now = time.perf_counter()
-            if steps == 0:
-                ttft = now - start
-            else:
-                tpot.extend([now - step_start] * len(next_tokens))
-            step_start = now
-            finished = []
-            for r, tok in enumerate(next_tokens):
-                out = outputs[row_of[r]]
-                out.append(tok)
-                if tok in self.eos_ids or len(out) >= max_new_tokens:
-                    finished.append(r)
-            live = [r for r in range(len(row_of)) if r not in finished]
+            clock.tick(len(next_tokens))
+            done = self._append(outputs, row_of, next_tokens, max_new_tokens)
+            live = [r for r, d in enumerate(done) if not d]
             if not live:
                 break
             for dst, src in enumerate(live):  # keep active rows in a prefix of the cache
@@ -343,7 +354,7 @@ class Engine:
             logits = self._decode_step(cache, next_col, len(live))
             steps += 1
             row_steps += len(live)
-        return steps, row_steps, ttft, tpot
+        return steps, row_steps, clock.ttft, clock.tpot
 
     def _plain_loop_greedy_step(self, cache: LatentCache, logits: torch.Tensor, outputs: list[list[int]],
                                 max_new_tokens: int, start: float) -> tuple[int, int, float, list[float]]:
@@ -353,32 +364,32 @@ class Engine:
         tokens = logits.argmax(dim=-1)
         live = torch.ones(len(outputs), dtype=torch.long, device=self.device)
         rows = list(range(len(outputs)))  # rows still decoding
-        steps, row_steps, ttft, tpot = 0, 0, 0.0, []
-        step_start = start
+        steps, row_steps, clock = 0, 0, StepClock(start)
         while True:
             next_tokens = tokens.tolist()
-            now = time.perf_counter()
-            if steps == 0:
-                ttft = now - start
-            else:
-                tpot.extend([now - step_start] * len(rows))
-            step_start = now
-            still = []
-            for r in rows:
-                outputs[r].append(next_tokens[r])
-                if next_tokens[r] in self.eos_ids or len(outputs[r]) >= max_new_tokens:
-                    live[r] = 0  # parked: frozen at length 0 (see specdec.greedy_step)
-                    cache.lengths[r] = 0
-                else:
-                    still.append(r)
-            rows = still
+            clock.tick(len(rows))
+            done = self._append(outputs, rows, [next_tokens[r] for r in rows], max_new_tokens)
+            for r in (r for r, d in zip(rows, done) if d):
+                live[r] = 0  # parked: frozen at length 0 (see specdec.greedy_step)
+                cache.lengths[r] = 0
+            rows = [r for r, d in zip(rows, done) if not d]
             if not rows:
                 break
             tokens, lengths = self.run_plain_step(cache.kv, cache.pe, cache.lengths, live, tokens)
             cache.lengths.copy_(lengths)
             steps += 1
             row_steps += len(rows)
-        return steps, row_steps, ttft, tpot
+        return steps, row_steps, clock.ttft, clock.tpot
+
+    def _append(self, outputs: list[list[int]], prompt_rows: list[int], tokens: list[int],
+                max_new_tokens: int) -> list[bool]:
+        """Append `tokens[i]` to `outputs[prompt_rows[i]]`; return whether each row is now finished
+        (it emitted EOS or reached `max_new_tokens`)."""
+        done = []
+        for row, tok in zip(prompt_rows, tokens):
+            outputs[row].append(tok)
+            done.append(tok in self.eos_ids or len(outputs[row]) >= max_new_tokens)
+        return done
 
     def _prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,
                  all_logits: bool = False) -> torch.Tensor:
