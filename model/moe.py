@@ -180,9 +180,11 @@ class MoE(nn.Module):
 
     def _routed_static(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """All experts (shared + routed) for `flat` `[N, dim]` with shapes that never depend on the
-        routing, as `torch.compile` needs: with no more routed slots (N·topk) than local experts, the
-        chosen experts' stacked weights are gathered and applied by batched GEMMs; otherwise every
-        local expert runs on every token and the results are mixed by the (mostly zero) routing weights.
+        routing, as `torch.compile` needs: with at most twice as many routed slots (N·topk) as local
+        experts, the chosen experts' stacked weights are gathered and applied by batched GEMMs;
+        otherwise every local expert runs on every token and the results are mixed by the (mostly
+        zero) routing weights. (Measured on the embedded model, 8 experts: gathering up to 16 slots
+        took a batch-8 plain step from ~10 to ~6.4 ms and a batch-2 3-chain step from 11.5 to 6.8 ms.)
         """
         gate_up, down = self.stacked
         n_local, inter = gate_up.shape[0], down.shape[-1]
@@ -191,7 +193,7 @@ class MoE(nn.Module):
         is_local = (local >= 0) & (local < n_local)
         local = local.clamp(0, n_local - 1)
         w = weights.masked_fill(~is_local, 0.0).to(flat.dtype)
-        if n * k <= n_local:
+        if n * k <= 2 * n_local:
             chosen = local.flatten()
             h = torch.bmm(gate_up[chosen], flat.repeat_interleave(k, dim=0).unsqueeze(-1)).squeeze(-1)
             y = torch.bmm(down[chosen], (F.silu(h[:, :inter]) * h[:, inter:]).unsqueeze(-1)).squeeze(-1)
