@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=1024, help="engine cache/RoPE length (default 1024)")
     g.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
     g.add_argument("--compile", action="store_true",
-                   help="specdec with its decode-step forwards compiled (`--compile` of specdec.generate; CPU): "
+                   help="specdec compiled (`--compile` of specdec.generate: whole greedy steps, else the "
+                        "decode-step forwards; CPU): "
                         "acceptance/latency use the compiled engine, peers adds compiled rows beside the eager ones")
     g.add_argument("--chains", help="chain draft depths, comma-separated (acceptance/latency default 1,2,3,4)")
     g.add_argument("--trees", help="tree shapes DEPTHxTOPKxNODES or auto, comma-separated "

@@ -87,7 +87,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     notes = [f"{len(prompts)} prompts, {a.max_new_tokens} new tokens each at most, {mode}; one warm-up call per "
              "configuration; speedup = tokens/s over plain's at the same batch size in this run"]
     if eng.compiled is not None:
-        notes.append("specdec --compile: plain and MTP decode-step forwards compiled (torch.compile, inductor); "
+        notes.append("specdec --compile (torch.compile, inductor): greedy plain and chain steps compiled whole, "
+                     "other decode-step forwards compiled; "
                      "compilation happens in the warm-up calls and is not timed")
     notes += [f"auto at {k}: choose_tree picked {v} (depth x topk x nodes)" for k, v in auto_choices.items()]
     settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "batch_sizes": batch_sizes,

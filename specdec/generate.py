@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", help="write results and stats to this JSON file (atomically)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode-step forwards with torch.compile (CPU, one process; the first use of "
-                        "each shape compiles for ~30-90 s)")
+                   help="compile decoding with torch.compile: whole steps for greedy plain decoding and greedy "
+                        "chains, the per-step forwards otherwise (CPU, one process; the first use of each batch "
+                        "size and draft shape compiles for ~30-120 s)")
     return p
 
 
