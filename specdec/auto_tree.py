@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from specdec.acceptance import Acceptance
-from specdec.speculative import SpeculativeDecoder, _causal_mask
-from specdec.tree import DraftTree, ancestor_matrix, tree_attention_mask
+from specdec.speculative import SpeculativeDecoder
+from specdec.tree import DraftTree, ancestor_matrix, tree_attention_mask, visible_slots
 
 MAX_DEPTH = 5
 MAX_TOPK = 4
@@ -98,7 +98,7 @@ def _mtp_seconds(engine, lengths: torch.Tensor, width: int) -> float:
     tokens = torch.zeros(batch, width, dtype=torch.long, device=lengths.device)
     hidden = torch.zeros(batch, width, engine.args.dim, dtype=engine.model.dtype, device=lengths.device)
     pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)
-    mask = _causal_mask(lengths, width, int(lengths.max()) + width)
+    mask = visible_slots(lengths, width, int(lengths.max()) + width)
     with torch.inference_mode():
         return _median_seconds(lambda: engine.drafter(tokens, hidden, pos, cache.kv[:, :batch], cache.pe[:, :batch],
                                                       pos, mask))

@@ -26,6 +26,7 @@ from specdec.distributed import default_device, init_parallel
 from specdec.sampling import sample
 from specdec.speculative import SpeculativeDecoder
 from specdec.tokenizer import load_tokenizer
+from specdec.tree import visible_slots
 
 
 @dataclass(frozen=True)
@@ -409,8 +410,7 @@ class Engine:
         """Append one token per active row (rows 0..batch-1) and return next-token logits `[batch, V]`."""
         lengths = cache.lengths[:batch]
         slots = lengths.unsqueeze(1)  # [B, 1]: the new token's slot (= its position)
-        kv_len = int(lengths.max()) + 1
-        mask = (torch.arange(kv_len, device=self.device)[None, :] <= lengths[:, None]).unsqueeze(1)
+        mask = visible_slots(lengths, 1, int(lengths.max()) + 1)
         out = self.run_verifier(tokens.unsqueeze(1), slots, cache.kv, cache.pe, slots, mask)
         cache.lengths[:batch] += 1
         return out.logits[:, -1]

@@ -26,12 +26,7 @@ from torch import nn
 
 from model.transformer import ForwardOutput, Transformer
 from mtp.drafter import MTPDrafter
-
-
-def visible_slots(first_slot: torch.Tensor, width: int, n_slots: int) -> torch.Tensor:
-    """`[B, width, n_slots]` bool: query j of row b (at slot `first_slot[b] + j`) sees slots ≤ its own."""
-    last = first_slot.unsqueeze(1) + torch.arange(width, device=first_slot.device)
-    return torch.arange(n_slots, device=first_slot.device).view(1, 1, -1) <= last.unsqueeze(-1)
+from specdec.tree import visible_slots
 
 
 class GreedyPlainStep(nn.Module):

@@ -34,7 +34,7 @@ from mtp.tree_draft import expand_tree
 from specdec.acceptance import Acceptance, accept_greedy, accept_onehot, accept_sampled, cut_run
 from specdec.cache import LatentCache
 from specdec.sampling import draw, probabilities, sample
-from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask
+from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask, visible_slots
 
 
 @dataclass
@@ -57,13 +57,6 @@ class AcceptanceCounts:
             self.emitted += a + 1
             for i in range(a):
                 self.per_position[i] += 1
-
-
-def _causal_mask(start: torch.Tensor, width: int, kv_len: int) -> torch.Tensor:
-    """`[B, width, kv_len]` bool: query j of row b (at slot start_b + j) sees slots ≤ start_b + j."""
-    slots = torch.arange(kv_len, device=start.device)
-    last = start.view(-1, 1, 1) + torch.arange(width, device=start.device).view(1, -1, 1)
-    return slots.view(1, 1, -1) <= last
 
 
 class SpeculativeDecoder:
@@ -193,7 +186,7 @@ class SpeculativeDecoder:
         for k in range(1, self.spec.depth + 1):
             if k > 1:
                 pos = (lengths + k - 2).unsqueeze(1)
-                mask = _causal_mask(pos[:, 0], 1, int(pos.max()) + 1)
+                mask = visible_slots(pos[:, 0], 1, int(pos.max()) + 1)
                 out = self.drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv, cache.pe, pos, mask,
                                    draft_vocab=self.spec.draft_vocab)
                 logits, hidden = out.logits[:, 0], out.hidden(self.spec.draft_hidden)[:, 0]
@@ -252,7 +245,7 @@ class SpeculativeDecoder:
         next_tokens = torch.cat([tree.tokens.gather(1, (acc.path - 1).clamp_min(0)), acc.next_token.unsqueeze(1)], 1)
         next_tokens[rows, acc.n_accepted] = acc.next_token
         pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)
-        mask = _causal_mask(lengths, width, int(lengths.max()) + width)
+        mask = visible_slots(lengths, width, int(lengths.max()) + width)
         mtp = self.drafter(next_tokens, hidden, pos, cache.kv, cache.pe, pos, mask,
                            acc.n_accepted.unsqueeze(1), self.spec.draft_vocab)
         cache.lengths[:batch] += acc.n_accepted + 1

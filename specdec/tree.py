@@ -68,6 +68,12 @@ def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
     return anc
 
 
+def visible_slots(first_slot: torch.Tensor, width: int, n_slots: int) -> torch.Tensor:
+    """`[B, width, n_slots]` bool: query j of row b (at slot `first_slot[b] + j`) sees slots ≤ its own."""
+    last = first_slot.unsqueeze(1) + torch.arange(width, device=first_slot.device)
+    return torch.arange(n_slots, device=first_slot.device).view(1, 1, -1) <= last.unsqueeze(-1)
+
+
 def tree_attention_mask(lengths: torch.Tensor, ancestors: torch.Tensor, kv_len: int) -> torch.Tensor:
     """`[B, N+1, kv_len]` bool: node i of row b sees slots < L_b and slot L_b + j for its ancestors-or-self j."""
     batch, width, _ = ancestors.shape

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from specdec import SpecConfig
-from specdec.greedy_step import GreedyChainStep, GreedyPlainStep, visible_slots
+from specdec.greedy_step import GreedyChainStep, GreedyPlainStep
+from specdec.tree import visible_slots
 
 
 def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
