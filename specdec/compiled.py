@@ -21,6 +21,12 @@ adding max-autotune GEMMs and the C++ wrapper): `freezing` (weights become const
 guards on module attributes (weights never change after loading). First use of a shape compiles
 for ~30–90 s on 2 cores; inductor's on-disk caches make later processes faster.
 
+One module, its own graphs. Dynamo keeps compiled graphs per code object, for the whole process,
+and without module guards nothing tells two modules of one class apart: a second compiled engine
+ran the first one's graphs, constants included (measured: an engine whose checkpoint differed only
+in `routed_scaling_factor` decoded the first engine's tokens). So each compiled module is wrapped
+with a process-unique key that every call passes as an argument, which dynamo does guard on.
+
 Greedy steps. Greedy plain decoding and greedy MTP chains compile their whole step instead
 (`specdec.greedy_step`: forwards, masks, argmax, acceptance and commit in one graph per batch
 size and draft settings; finished rows are parked rather than padded). This removes the host-side
@@ -33,6 +39,8 @@ in FP8 — `check_compile_supported` refuses them.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -42,8 +50,9 @@ from model.transformer import ForwardOutput, Transformer
 from mtp.drafter import MTPDrafter, MTPOutput
 from specdec.greedy_step import ChainStepOutput, GreedyChainStep, GreedyPlainStep
 
-RECOMPILE_LIMIT = 64
-"""Graphs per forward before torch falls back to eager (each (rows, tokens) shape is one graph)."""
+RECOMPILE_LIMIT = 256
+"""Graphs before torch falls back to eager, for all compiled forwards of all engines together (they
+share `_Keyed.forward`): each engine, forward and (rows, tokens) shape or step setting is one graph."""
 
 
 def inductor_options() -> dict:
@@ -54,6 +63,24 @@ def inductor_options() -> dict:
         "cpp_wrapper": True,
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
     }
+
+
+_MODULE_KEYS = itertools.count()
+"""Process-unique keys of compiled modules (see "One module, its own graphs" above)."""
+
+
+class _Keyed(nn.Module):
+    """`module`'s forward behind a leading `key` int argument (its own `key`), so graphs are cached
+    per module. Dynamo guards only on values the trace reads, hence the comparison."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module, self.key = module, next(_MODULE_KEYS)
+
+    def forward(self, key: int, *args):
+        if key != self.key:
+            raise RuntimeError(f"compiled module {self.key} called with key {key}")
+        return self.module(*args)
 
 
 def check_compile_supported(model: Transformer, ctx: ParallelContext, device: torch.device) -> None:
@@ -86,11 +113,10 @@ class CompiledDecode:
 
     def __init__(self, model: Transformer, drafter: MTPDrafter | None, max_tokens: int = 64) -> None:
         self.model, self.drafter, self.max_tokens = model, drafter, max_tokens
-        self._model = torch.compile(model, dynamic=False, options=inductor_options())
-        self._drafter = torch.compile(drafter, dynamic=False, options=inductor_options()) if drafter else None
-        self._plain_step = torch.compile(GreedyPlainStep(model), dynamic=False, options=inductor_options())
-        self._chain_step = (torch.compile(GreedyChainStep(model, drafter), dynamic=False, options=inductor_options())
-                            if drafter else None)
+        self._model = _compile(model)
+        self._drafter = _compile(drafter) if drafter else None
+        self._plain_step = _compile(GreedyPlainStep(model))
+        self._chain_step = _compile(GreedyChainStep(model, drafter)) if drafter else None
 
     def plain_step(self, kv_cache: torch.Tensor, pe_cache: torch.Tensor, lengths: torch.Tensor, live: torch.Tensor,
                    tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,11 +161,17 @@ class CompiledDecode:
     @staticmethod
     def _call(compiled: nn.Module, mask: torch.Tensor | None, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
               *args):
-        """`compiled(*args)` with the cache length dynamic: the mask's `[rows, T, kv_len]` last dim (when
-        given) and the pools' `[layers, rows, slots, ·]` slots."""
+        """`compiled(its key, *args)` with the cache length dynamic: the mask's `[rows, T, kv_len]` last
+        dim (when given) and the pools' `[layers, rows, slots, ·]` slots."""
         if mask is not None:
             torch._dynamo.mark_dynamic(mask, 2)
         torch._dynamo.mark_dynamic(kv_cache, 2)
         torch._dynamo.mark_dynamic(pe_cache, 2)
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return compiled(*args)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                          accumulated_recompile_limit=RECOMPILE_LIMIT):
+            return compiled(compiled.key, *args)
+
+
+def _compile(module: nn.Module) -> nn.Module:
+    """`module` compiled with `inductor_options`, called as `(key, *forward args)` (see `_Keyed`)."""
+    return torch.compile(_Keyed(module), dynamic=False, options=inductor_options())

@@ -3,7 +3,8 @@
 The routing-independent MoE path is checked eagerly against the sorted dispatch; the compiled
 forwards against the eager ones (rows padded to the pool, cache writes), and compiled decoding
 (whole greedy steps, and the general loop over compiled forwards) against eager decoding token for
-token, plain and speculative, with a row retiring early.
+token, plain and speculative, with a row retiring early; two compiled engines in one process keep
+their own graphs.
 """
 
 from __future__ import annotations
@@ -90,6 +91,23 @@ def test_compiled_greedy_equals_eager_with_a_row_retiring(engines, spec):
             eng.eos_ids = eos
     assert len(want[1]) < len(want[0])
     assert got == want
+
+
+def test_two_compiled_engines_keep_their_own_graphs(engines, tmp_path):
+    """A second compiled engine of the same shapes but another routing scale decodes its own tokens,
+    not the first engine's (dynamo's graph cache is per process and skips module guards)."""
+    from model.synthetic import small_config, write_random_checkpoint
+
+    eager, compiled = engines
+    other_ckpt = write_random_checkpoint(tmp_path / "other", {**small_config(), "routed_scaling_factor": 0.25},
+                                         fp8=False, shard_bytes=1_000_000)
+    other = Engine.from_pretrained(other_ckpt, device="cpu", dtype=torch.float32, max_seq_len=96, compile=True)
+    other_eager = Engine.from_pretrained(other_ckpt, device="cpu", dtype=torch.float32, max_seq_len=96)
+    first = compiled.generate(PROMPTS, max_new_tokens=4).token_ids
+    want = other_eager.generate(PROMPTS, max_new_tokens=4).token_ids
+    assert want != eager.generate(PROMPTS, max_new_tokens=4).token_ids  # the engines really differ
+    assert other.generate(PROMPTS, max_new_tokens=4).token_ids == want
+    assert compiled.generate(PROMPTS, max_new_tokens=4).token_ids == first
 
 
 def test_compile_refuses_fp8_weights(fp8_ckpt):
