@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = lat.add_argument_group("latency")
     g.add_argument("--batch-sizes", help="comma-separated (default 1,4,8,16)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 skips the equality check")
+    g.add_argument("--ceiling", action="store_true",
+                   help="also time one verifier forward over 1 and W tokens per row and report each shape's "
+                        "verify cost t(W)/t(1) and ceiling tau/cost (the speedup with free drafting)")
 
     peers = argparse.ArgumentParser(add_help=False)
     g = peers.add_argument_group("peers")

@@ -7,6 +7,13 @@ tokens/s (all new tokens / wall seconds of all calls), TPOT p50/p90 (`stats.tpot
 token after each row's first), TTFT (mean of `stats.ttft_s` over the calls), speedup (tokens/s over
 plain's at the same batch size, same run) and, when greedy, whether every row's output is token
 for token plain decoding's (a mismatch is a failure: loud line, exit status 1).
+
+`--ceiling` also times one verifier forward over 1 and over W tokens per row (W = depth + 1 for a
+chain, nodes + 1 for a tree; `bench.microbench.verify_costs`, first call of the batch size) and
+reports, per draft shape, the verify cost ratio t(W) / t(1) and the ceiling tau · t(1) / t(W): the
+speedup that shape would reach if drafting, acceptance and commit were free. Where the ceiling is
+low, verifying W tokens per row costs nearly W plain steps (the step is compute-bound) and no
+cheaper drafting can help; where the speedup lies far below it, the drafting side is the cost.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from argparse import Namespace
 from bench import plots
 from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy_mismatch, parse_int_list,
                           parse_shapes, progress, resolve_auto, timed_run)
+from bench.microbench import verify_costs
 from bench.prompt_set import Prompt
-from specdec import Engine
+from specdec import Engine, SpecConfig
 
 
 def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
@@ -64,6 +72,9 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                 "speedup": s["tokens_per_s"] / plain.stats["tokens_per_s"], "tau": s["tau"],
                 "equal_to_plain": same, "best_chain": False,
             })
+        if a.ceiling:
+            bar.set_postfix_str(f"batch {batch} verify cost")
+            _add_ceiling(eng, groups[0], batch_rows)
         chains = [r for r in batch_rows if r["kind"] == "chain"]
         if chains:
             max(chains, key=lambda r: r["tokens_per_s"])["best_chain"] = True
@@ -79,10 +90,14 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                                                      else fmt(r["equal_to_plain"]))
             body.append([label, fmt(r["tau"]), fmt(r["tokens_per_s"], 1), fmt(r["tpot_p50_ms"]),
                          fmt(r["tpot_p90_ms"]), fmt(r["ttft_mean_ms"]), f"{r['speedup']:.2f}x", equal])
+            if a.ceiling:
+                body[-1][1:1] = [str(r["verify_width"]), fmt(r["verify_ms"]), f"{r['verify_cost']:.2f}x",
+                                 "" if r["kind"] == "plain" else f"{r['ceiling']:.2f}x"]
         calls = rows[[r["batch_size"] for r in rows].index(batch)]["calls"]
-        tables.append(Table(f"batch {batch} ({calls} call(s) of {batch} rows)",
-                            ["config", "tau", "tokens/s", "TPOT p50 ms", "TPOT p90 ms", "TTFT ms", "speedup",
-                             "= plain"], body))
+        headers = ["config", "tau", "tokens/s", "TPOT p50 ms", "TPOT p90 ms", "TTFT ms", "speedup", "= plain"]
+        if a.ceiling:
+            headers[1:1] = ["verify W", "verify ms", "verify cost", "ceiling"]
+        tables.append(Table(f"batch {batch} ({calls} call(s) of {batch} rows)", headers, body))
     mode = "greedy" if greedy else f"T={a.temperature:g}, top-p {a.top_p:g}"
     notes = [f"{len(prompts)} prompts, {a.max_new_tokens} new tokens each at most, {mode}; one warm-up call per "
              "configuration; speedup = tokens/s over plain's at the same batch size in this run"]
@@ -90,12 +105,34 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         notes.append("specdec --compile (torch.compile, inductor): greedy plain and chain steps compiled whole, "
                      "other decode-step forwards compiled; "
                      "compilation happens in the warm-up calls and is not timed")
+    if a.ceiling:
+        notes.append("verify W: tokens per row one verifier forward checks (1 for plain); verify ms: its median "
+                     "time on the first call's prompts; verify cost: t(W) / t(1); ceiling: tau / verify cost, the "
+                     "speedup if drafting, acceptance and commit were free")
     notes += [f"auto at {k}: choose_tree picked {v} (depth x topk x nodes)" for k, v in auto_choices.items()]
     settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "batch_sizes": batch_sizes,
                 "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
-                "shapes": [s.key for s in shapes], "quick": a.quick, "compiled": eng.compiled is not None}
+                "shapes": [s.key for s in shapes], "quick": a.quick, "compiled": eng.compiled is not None,
+                "ceiling": a.ceiling}
     report = Report("latency", "Latency and throughput by batch size", settings, rows, tables, notes, failures,
                     extra={"auto_reports": auto_reports})
     report.plots = [("tokens_per_s", lambda: plots.tokens_per_s_vs_batch(rows)),
                     ("speedup", lambda: plots.speedup_vs_shape(rows))]
     return report
+
+
+def _add_ceiling(eng: Engine, ids: list[list[int]], rows: list[dict]) -> None:
+    """Add verify_width, verify_ms, verify_cost (t(W) / t(1)) and ceiling (tau / verify_cost) to each
+    row of one batch size, timing the verifier on `ids` (see the module docstring)."""
+    for r in rows:
+        r["verify_width"] = 1 if r["kind"] == "plain" else _n_nodes(r) + 1
+    costs = verify_costs(eng, ids, [1] + [r["verify_width"] for r in rows])
+    for r in rows:
+        r["verify_ms"] = costs[r["verify_width"]] * 1e3
+        r["verify_cost"] = costs[r["verify_width"]] / costs[1]
+        r["ceiling"] = r["tau"] / r["verify_cost"]
+
+
+def _n_nodes(row: dict) -> int:
+    """Draft tokens per row that one verify step checks, for a latency row's draft shape."""
+    return SpecConfig(depth=row["depth"], topk=row["topk"], nodes=(row["nodes"] or None) if row["topk"] > 1 else None).n_nodes

@@ -9,13 +9,16 @@ cache slots beyond the committed length (the decode step's length bump is undone
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from specdec import Engine, SpecConfig
 from specdec.speculative import SpeculativeDecoder
-from specdec.tree import DraftTree, chain_tree
+from specdec.tree import DraftTree, chain_tree, visible_slots
 
 MAX_NODES = 32
 
@@ -89,3 +92,35 @@ def prepare(eng: Engine, ids: list[list[int]], room: int = MAX_NODES + 8) -> Ste
     cache = eng._cache_for(len(ids), max(map(len, ids)) + room)
     pending, logits, hidden = decoder._prefill(cache, ids)
     return StepBench(eng, decoder, cache, cache.lengths[: len(ids)].clone(), pending, logits, hidden)
+
+
+@torch.inference_mode()
+def verify_costs(eng: Engine, ids: list[list[int]], widths: list[int], rounds: int = 20,
+                 seed: int = 0) -> dict[int, float]:
+    """Median seconds of one verifier forward over `w` tokens per row, for each `w` in `widths`.
+
+    The batch `ids` (one row each) is prefilled once; each forward writes scratch slots past the
+    prompts (random tokens; only slots, not the lengths, change) under a causal mask over the whole
+    cache pool, as a greedy step verifies. It runs `eng.run_verifier`, so with `--compile` the
+    compiled forward (the first two calls of each width compile and warm up, untimed). Rounds
+    interleave the widths, so drift of a shared CPU reaches all of them alike.
+    """
+    cache = eng._cache_for(len(ids), max(map(len, ids)) + max(widths))
+    tokens, lengths = eng._pad(ids)
+    eng._prefill(cache, tokens, lengths)
+    generator = torch.Generator().manual_seed(seed)
+    calls = {}
+    for w in sorted(set(widths)):
+        drafts = torch.randint(3, eng.args.vocab_size, (len(ids), w), generator=generator).to(eng.device)
+        pos = lengths.unsqueeze(1) + torch.arange(w, device=eng.device)
+        mask = visible_slots(lengths, w, cache.kv.shape[2])
+        calls[w] = partial(eng.run_verifier, drafts, pos, cache.kv, cache.pe, pos, mask)
+    for call in calls.values():
+        call(), call()
+    times: dict[int, list[float]] = {w: [] for w in calls}
+    for _ in range(rounds):
+        for w, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[w].append(time.perf_counter() - start)
+    return {w: statistics.median(t) for w, t in times.items()}

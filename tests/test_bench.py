@@ -188,6 +188,22 @@ def test_cli_latency_quick(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
     assert data["failures"] == []
 
 
+def test_cli_latency_ceiling(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["latency", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out), "--batch-sizes", "2",
+            "--chains", "1,3", "--trees", "2x2x4", "--ceiling"]
+    assert bench_main(args) == 0
+    assert "| ceiling |" in capsys.readouterr().out
+    rows = {r["config"]: r for r in _read(out, "latency")["rows"]}
+    assert {c: r["verify_width"] for c, r in rows.items()} == {"plain": 1, "chain 1": 2, "chain 3": 4,
+                                                               "tree 2x2x4": 5}
+    assert rows["plain"]["verify_cost"] == 1.0 and rows["plain"]["ceiling"] == 1.0
+    for r in rows.values():
+        assert r["verify_ms"] > 0
+        assert r["ceiling"] == pytest.approx(r["tau"] / r["verify_cost"])
+        assert r["verify_cost"] == pytest.approx(r["verify_ms"] / rows["plain"]["verify_ms"])
+
+
 def test_cli_acceptance_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["acceptance", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out), "--trees", "2x2x4",
