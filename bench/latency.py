@@ -25,7 +25,7 @@ from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy
                           parse_shapes, progress, resolve_auto, timed_run)
 from bench.microbench import verify_costs
 from bench.prompt_set import Prompt
-from specdec import Engine, SpecConfig
+from specdec import Engine
 
 
 def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
@@ -46,7 +46,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     for batch in batch_sizes:
         groups = batches(ids, batch)
         plain = None
-        batch_rows = []
+        batch_rows, widths = [], []
         for shape in shapes:
             bar.set_postfix_str(f"batch {batch} {shape.key}")
             if shape.kind == "auto":
@@ -56,6 +56,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             r = timed_run(eng, groups, shape, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           top_p=a.top_p, seed=a.seed, repeats=a.repeats)
             bar.update(1)
+            widths.append(1 if shape.kind == "plain" else shape.spec().n_nodes + 1)
             plain = plain or r
             same = None
             if greedy and shape.kind != "plain":
@@ -74,7 +75,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             })
         if a.ceiling:
             bar.set_postfix_str(f"batch {batch} verify cost")
-            _add_ceiling(eng, groups[0], batch_rows)
+            _add_ceiling(eng, groups[0], batch_rows, widths)
         chains = [r for r in batch_rows if r["kind"] == "chain"]
         if chains:
             max(chains, key=lambda r: r["tokens_per_s"])["best_chain"] = True
@@ -121,18 +122,12 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     return report
 
 
-def _add_ceiling(eng: Engine, ids: list[list[int]], rows: list[dict]) -> None:
-    """Add verify_width, verify_ms, verify_cost (t(W) / t(1)) and ceiling (tau / verify_cost) to each
-    row of one batch size, timing the verifier on `ids` (see the module docstring)."""
-    for r in rows:
-        r["verify_width"] = 1 if r["kind"] == "plain" else _n_nodes(r) + 1
-    costs = verify_costs(eng, ids, [1] + [r["verify_width"] for r in rows])
-    for r in rows:
-        r["verify_ms"] = costs[r["verify_width"]] * 1e3
-        r["verify_cost"] = costs[r["verify_width"]] / costs[1]
+def _add_ceiling(eng: Engine, ids: list[list[int]], rows: list[dict], widths: list[int]) -> None:
+    """Add verify_width (W: `widths[i]` for `rows[i]`, tokens per row one verify step checks),
+    verify_ms, verify_cost (t(W) / t(1)) and ceiling (tau / verify_cost) to each row of one batch
+    size, timing the verifier on `ids` (see the module docstring)."""
+    costs = verify_costs(eng, ids, [1] + widths)
+    for r, w in zip(rows, widths):
+        r["verify_width"], r["verify_ms"] = w, costs[w] * 1e3
+        r["verify_cost"] = costs[w] / costs[1]
         r["ceiling"] = r["tau"] / r["verify_cost"]
-
-
-def _n_nodes(row: dict) -> int:
-    """Draft tokens per row that one verify step checks, for a latency row's draft shape."""
-    return SpecConfig(depth=row["depth"], topk=row["topk"], nodes=(row["nodes"] or None) if row["topk"] > 1 else None).n_nodes
