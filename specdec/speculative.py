@@ -79,10 +79,12 @@ class SpeculativeDecoder:
         batch = len(ids)
         cache = eng._cache_for(batch, max(map(len, ids)) + max_new_tokens + self.spec.draft_slots)
         self.outputs: list[list[int]] = [[] for _ in range(batch)]
-        self.row_of = list(range(batch))  # cache row r holds prompt row_of[r]; live rows are a prefix
+        # cache row r holds prompt row row_of[r]: `_loop` keeps the live rows a prefix, the
+        # compiled chain loop never moves a row
+        self.row_of = list(range(batch))
         pending, draft_logits, draft_hidden = self._prefill(cache, ids)
         prefill_s = time.perf_counter() - start
-        live, _ = self._emit([[t] for t in pending.tolist()], max_new_tokens)
+        live, _ = self._emit([[t] for t in pending.tolist()], self.row_of, max_new_tokens)
         self.step_start = time.perf_counter()
         ttft, self.tpot = self.step_start - start, []
         if eng.run_chain_step is not None and self.temperature == 0.0 and self.spec.topk == 1:
@@ -106,7 +108,7 @@ class SpeculativeDecoder:
             self.counts.add(n_acc, self.spec.depth)
             path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
             runs = [path_tokens[r][:a] + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
-            live, kept = self._emit(runs, max_new_tokens)
+            live, kept = self._emit(runs, self.row_of, max_new_tokens)
             self._time_step(kept)
             steps += 1
         return steps
@@ -132,8 +134,8 @@ class SpeculativeDecoder:
             pending, first_draft, draft_hidden = out.pending, out.first_draft, out.draft_hidden
             emitted, n_acc = out.emitted.tolist(), out.n_accepted.tolist()
             self.counts.add([n_acc[r] for r in live], spec.depth)
-            self.row_of = live  # runs below are listed in live-row order
-            still, kept = self._emit([emitted[r][: n_acc[r] + 1] for r in live], max_new_tokens)
+            runs = [emitted[r][: n_acc[r] + 1] for r in live]
+            still, kept = self._emit(runs, [self.row_of[r] for r in live], max_new_tokens)
             finished = [r for i, r in enumerate(live) if i not in still]
             if finished:  # parked: frozen at length 0, their writes stay in slots 0..K of their own row
                 live_mask[finished] = 0
@@ -256,12 +258,12 @@ class SpeculativeDecoder:
     def _verifier_hidden(self, out: ForwardOutput) -> torch.Tensor:
         return out.hidden if self.spec.verifier_hidden == "normed" else out.hidden_prenorm
 
-    def _emit(self, runs: list[list[int]], max_new: int) -> tuple[list[int], list[int]]:
-        """Append each live row's run, cut at EOS (kept) and at the budget; return the rows still live
-        and how many tokens each row kept."""
+    def _emit(self, runs: list[list[int]], prompt_rows: list[int], max_new: int) -> tuple[list[int], list[int]]:
+        """Append run i to the output of prompt row `prompt_rows[i]`, cut at EOS (kept) and at the
+        budget; return the indices i still live and how many tokens each run kept."""
         live, n_kept = [], []
         for r, run in enumerate(runs):
-            out = self.outputs[self.row_of[r]]
+            out = self.outputs[prompt_rows[r]]
             kept, finished = cut_run(run, self.eng.eos_ids, max_new - len(out))
             out.extend(kept)
             n_kept.append(len(kept))

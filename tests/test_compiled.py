@@ -27,10 +27,13 @@ def engines(f32_ckpt):
     return eager, compiled
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 4, 8, 9])  # gathered experts (N·topk ≤ 2·8), then all experts
-def test_routed_static_equals_sorted_dispatch(engines, tokens):
+@pytest.mark.parametrize("path", ["gathered experts", "all experts"])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 8, 9, 64])
+def test_routed_static_equals_sorted_dispatch(engines, tokens, path, monkeypatch):
     moe = next(m for m in engines[0].model.modules() if isinstance(m, MoE))
     assert moe.stacked is not None
+    if path == "all experts":
+        monkeypatch.setattr("model.moe.GATHER_MAX_BYTES", 0)
     x = torch.randn(tokens, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(tokens))
     with torch.inference_mode():
         weights, indices = moe.gate(x)
