@@ -178,27 +178,34 @@ class Run:
 def timed_run(eng: Engine, groups: list[list[list[int]]], shape: Shape, *, max_new_tokens: int,
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, draft_mode: str = "onehot",
               warmup: bool = True, repeats: int = 1) -> Run:
-    """One warm-up call (8 new tokens on the first batch), then every batch `repeats` times, timed by
-    the engine.
+    """One warm-up call on the first batch (8 new tokens; with `--compile` the full `max_new_tokens`,
+    so that it also compiles the graphs of the batch's shrinking pool), then every batch `repeats`
+    times, timed by the engine.
 
     Call i is seeded with `seed + i`, the same for every configuration and repeat (so repeats decode
-    the same tokens). Rates and latency samples are pooled over all repeats; tokens/s is the median
-    of the repeats' tokens/s (a shared or throttled CPU makes single runs noisy), and every repeat's
-    tokens/s is kept in `tokens_per_s_repeats`.
+    the same tokens). Rates and latency samples are pooled over all repeats; tokens/s and decode
+    tokens/s (new tokens over wall seconds after prefill) are the medians of the repeats' (a shared
+    or throttled CPU makes single runs noisy), and every repeat's tokens/s is kept in
+    `tokens_per_s_repeats`.
     """
     spec = shape.spec(draft_mode)
     if warmup:
-        eng.generate(groups[0], max_new_tokens=min(8, max_new_tokens), temperature=temperature, top_p=top_p,
+        warmup_tokens = max_new_tokens if eng.compiled is not None else min(8, max_new_tokens)
+        eng.generate(groups[0], max_new_tokens=warmup_tokens, temperature=temperature, top_p=top_p,
                      seed=seed, spec=spec)
-    all_stats, per_repeat, outs = [], [], []
+    all_stats, per_repeat, per_repeat_decode, outs = [], [], [], []
     for _ in range(max(repeats, 1)):
         outs = [eng.generate(g, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i,
                              spec=spec) for i, g in enumerate(groups)]
         stats = [o.stats for o in outs]
-        per_repeat.append(pool(stats)["tokens_per_s"])
+        pooled_repeat = pool(stats)
+        per_repeat.append(pooled_repeat["tokens_per_s"])
+        per_repeat_decode.append(pooled_repeat["tokens"] / pooled_repeat["decode_s"]
+                                 if pooled_repeat["decode_s"] > 0 else 0.0)
         all_stats += stats
     pooled = pool(all_stats)
     pooled["tokens_per_s"] = statistics.median(per_repeat)
+    pooled["decode_tokens_per_s"] = statistics.median(per_repeat_decode)
     pooled["tokens_per_s_repeats"] = per_repeat
     pooled["calls"], pooled["repeats"] = len(groups), len(per_repeat)
     return Run(shape, pooled, [t for o in outs for t in o.token_ids])

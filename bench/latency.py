@@ -5,8 +5,10 @@ cycling through the prompts), first plainly, then with every draft shape (chains
 calibrated at that batch size), each after one warm-up call, all in the same process. Reported:
 tokens/s (all new tokens / wall seconds of all calls), TPOT p50/p90 (`stats.tpot_s`: seconds per
 token after each row's first), TTFT (mean of `stats.ttft_s` over the calls), speedup (tokens/s over
-plain's at the same batch size, same run) and, when greedy, whether every row's output is token
-for token plain decoding's (a mismatch is a failure: loud line, exit status 1).
+plain's at the same batch size, same run), decode speedup (the same over the seconds after
+prefill: the decoding loop alone, which the paper's TPS and a long generation measure) and, when
+greedy, whether every row's output is token for token plain decoding's (a mismatch is a failure:
+loud line, exit status 1).
 
 `--ceiling` also times one verifier forward over 1 and over W tokens per row (W = depth + 1 for a
 chain, nodes + 1 for a tree; `bench.microbench.verify_costs`, first call of the batch size) and
@@ -71,6 +73,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                 "tokens": s["tokens"], "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s"],
                 "tpot_p50_ms": s["tpot_p50_ms"], "tpot_p90_ms": s["tpot_p90_ms"], "ttft_mean_ms": s["ttft_mean_ms"],
                 "speedup": s["tokens_per_s"] / plain.stats["tokens_per_s"], "tau": s["tau"],
+                "decode_tokens_per_s": s["decode_tokens_per_s"],
+                "decode_speedup": s["decode_tokens_per_s"] / plain.stats["decode_tokens_per_s"],
                 "equal_to_plain": same, "best_chain": False,
             })
         if a.ceiling:
@@ -90,18 +94,21 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             equal = "" if r["kind"] == "plain" else ("n/a (sampled)" if r["equal_to_plain"] is None
                                                      else fmt(r["equal_to_plain"]))
             body.append([label, fmt(r["tau"]), fmt(r["tokens_per_s"], 1), fmt(r["tpot_p50_ms"]),
-                         fmt(r["tpot_p90_ms"]), fmt(r["ttft_mean_ms"]), f"{r['speedup']:.2f}x", equal])
+                         fmt(r["tpot_p90_ms"]), fmt(r["ttft_mean_ms"]), f"{r['speedup']:.2f}x",
+                         f"{r['decode_speedup']:.2f}x", equal])
             if a.ceiling:
                 body[-1][1:1] = [str(r["verify_width"]), fmt(r["verify_ms"]), f"{r['verify_cost']:.2f}x",
                                  "" if r["kind"] == "plain" else f"{r['ceiling']:.2f}x"]
         calls = rows[[r["batch_size"] for r in rows].index(batch)]["calls"]
-        headers = ["config", "tau", "tokens/s", "TPOT p50 ms", "TPOT p90 ms", "TTFT ms", "speedup", "= plain"]
+        headers = ["config", "tau", "tokens/s", "TPOT p50 ms", "TPOT p90 ms", "TTFT ms", "speedup", "decode speedup",
+                   "= plain"]
         if a.ceiling:
             headers[1:1] = ["verify W", "verify ms", "verify cost", "ceiling"]
         tables.append(Table(f"batch {batch} ({calls} call(s) of {batch} rows)", headers, body))
     mode = "greedy" if greedy else f"T={a.temperature:g}, top-p {a.top_p:g}"
     notes = [f"{len(prompts)} prompts, {a.max_new_tokens} new tokens each at most, {mode}; one warm-up call per "
-             "configuration; speedup = tokens/s over plain's at the same batch size in this run"]
+             "configuration; speedup = tokens/s over plain's at the same batch size in this run; decode "
+             "speedup = the same without prefill (new tokens over the seconds after prefill)"]
     if eng.compiled is not None:
         notes.append("specdec --compile (torch.compile, inductor): greedy plain and chain steps compiled whole, "
                      "other decode-step forwards compiled; "

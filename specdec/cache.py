@@ -32,9 +32,27 @@ class LatentCache:
         """Cache bytes one token costs over `n_layers` layers."""
         return (args.kv_lora_rank + args.qk_rope_head_dim) * n_layers * torch.empty((), dtype=dtype).element_size()
 
+    def regroup(self, rows: list[int], n_rows: int) -> LatentCache:
+        """A new pool of `n_rows` rows (same slots) holding this pool's rows `rows`, in that order, in
+        its first `len(rows)` rows; its other rows are empty (length 0)."""
+        new = LatentCache.__new__(LatentCache)
+        new.batch, new.seq_len = n_rows, self.seq_len
+        new.kv, new.pe, new.lengths = (take_rows(t, rows, n_rows, dim=1 if t.dim() > 1 else 0)
+                                       for t in (self.kv, self.pe, self.lengths))
+        return new
+
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src` (its committed slots) into row `dst`, e.g. to keep active rows in a prefix."""
         n = int(self.lengths[src])
         self.kv[:, dst, :n] = self.kv[:, src, :n]
         self.pe[:, dst, :n] = self.pe[:, src, :n]
         self.lengths[dst] = n
+
+
+def take_rows(t: torch.Tensor, rows: list[int], n_rows: int, dim: int = 0) -> torch.Tensor:
+    """`t` with only entries `rows` along `dim`, in that order, zero-padded to `n_rows` entries."""
+    shape = list(t.shape)
+    shape[dim] = n_rows
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, len(rows)).copy_(t.index_select(dim, torch.tensor(rows, device=t.device)))
+    return out

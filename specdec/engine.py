@@ -19,10 +19,11 @@ from model.load import load_verifier
 from model.parallel import ParallelContext
 from model.transformer import Transformer
 from mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
-from specdec.cache import LatentCache
+from specdec.cache import LatentCache, take_rows
 from specdec.compiled import CompiledDecode, check_compile_supported
 from specdec.defaults import default_model_path
 from specdec.distributed import default_device, init_parallel
+from specdec.greedy_step import shrunk_rows
 from specdec.sampling import sample
 from specdec.speculative import SpeculativeDecoder
 from specdec.tokenizer import load_tokenizer
@@ -258,6 +259,13 @@ class Engine:
                                       self.model.dtype, self.device)
         return self._cache
 
+    def _regroup_cache(self, cache: LatentCache, rows: list[int], n_rows: int) -> LatentCache:
+        """Replace the shared cache by one of `n_rows` rows holding `cache`'s rows `rows` first
+        (`LatentCache.regroup`); the old pool is freed."""
+        self._cache = None
+        self._cache = cache.regroup(rows, n_rows)
+        return self._cache
+
     # ------------------------------------------------------------------ API
 
     @torch.inference_mode()
@@ -360,22 +368,30 @@ class Engine:
     def _plain_loop_greedy_step(self, cache: LatentCache, logits: torch.Tensor, outputs: list[list[int]],
                                 max_new_tokens: int, start: float) -> tuple[int, int, float, list[float]]:
         """`_plain_loop` for greedy decoding with `--compile`: each step (forward + argmax) is one
-        compiled graph (`run_plain_step`, `specdec.greedy_step.GreedyPlainStep`). The batch keeps
-        every row; finished rows are parked (length 0, `live` 0) instead of compacted away."""
+        compiled graph (`run_plain_step`, `specdec.greedy_step.GreedyPlainStep`). Finished rows
+        are parked (length 0, `live` 0) instead of compacted away, until at most half the rows are
+        live: then those move into a pool of half as many rows (`shrunk_rows`)."""
         tokens = logits.argmax(dim=-1)
         live = torch.ones(len(outputs), dtype=torch.long, device=self.device)
-        rows = list(range(len(outputs)))  # rows still decoding
+        rows = list(range(len(outputs)))  # cache rows still decoding
+        prompt_of = list(range(len(outputs)))  # cache row r holds prompt prompt_of[r]
         steps, row_steps, clock = 0, 0, StepClock(start)
         while True:
             next_tokens = tokens.tolist()
             clock.tick(len(rows))
-            done = self._append(outputs, rows, [next_tokens[r] for r in rows], max_new_tokens)
+            done = self._append(outputs, [prompt_of[r] for r in rows], [next_tokens[r] for r in rows],
+                                max_new_tokens)
             for r in (r for r, d in zip(rows, done) if d):
                 live[r] = 0  # parked: frozen at length 0 (see specdec.greedy_step)
                 cache.lengths[r] = 0
             rows = [r for r, d in zip(rows, done) if not d]
             if not rows:
                 break
+            n_rows = shrunk_rows(len(rows), cache.batch)
+            if n_rows < cache.batch:
+                cache = self._regroup_cache(cache, rows, n_rows)
+                tokens, live = take_rows(tokens, rows, n_rows), take_rows(live, rows, n_rows)
+                prompt_of, rows = [prompt_of[r] for r in rows], list(range(len(rows)))
             tokens, lengths = self.run_plain_step(cache.kv, cache.pe, cache.lengths, live, tokens)
             cache.lengths.copy_(lengths)
             steps += 1

@@ -11,7 +11,9 @@ needs none of it:
 * a chain's accepted drafts already sit in their final slots, so committing is a length update;
 * rows that finished stay in the batch, parked: the caller sets their length to 0 and `live[b]`
   to 0, which keeps it there, so their writes land in the first slots of their own row, which
-  nobody reads any more; the batch never changes shape.
+  nobody reads any more. Parked rows still cost compute, so once at most half the rows are live,
+  the caller moves them into a pool of half as many rows (`shrunk_rows`): a batch runs at most
+  log2(B) + 1 shapes, one graph each.
 
 The module's forwards read top-down like `SpeculativeDecoder.generate`; the caller reads back
 one small tensor per step (the emitted tokens) and does EOS/budget cuts on the host.
@@ -27,6 +29,18 @@ from torch import nn
 from model.transformer import ForwardOutput, Transformer
 from mtp.drafter import MTPDrafter
 from specdec.tree import visible_slots
+
+
+def shrunk_rows(n_live: int, n_rows: int) -> int:
+    """The pool rows a batch with `n_live` live rows of `n_rows` moves to: halved while the live rows
+    fit in half (8 rows, 3 live → 4; 1 live → 1); `n_rows` when nothing changes.
+
+    Measured on the embedded model (2-core CPU, compiled, batch 8, 16 held-out prompts, 64 new
+    tokens): a 3-chain batch ran 26.5 steps where its rows needed 21 on average, parked rows
+    riding along in the last steps; see README "Measured"."""
+    while n_rows > 1 and n_live <= n_rows // 2:
+        n_rows //= 2
+    return n_rows
 
 
 class GreedyPlainStep(nn.Module):

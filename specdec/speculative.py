@@ -32,7 +32,8 @@ import torch
 from model.transformer import ForwardOutput
 from mtp.tree_draft import expand_tree
 from specdec.acceptance import Acceptance, accept_greedy, accept_onehot, accept_sampled, cut_run
-from specdec.cache import LatentCache
+from specdec.cache import LatentCache, take_rows
+from specdec.greedy_step import shrunk_rows
 from specdec.sampling import draw, probabilities, sample
 from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask, visible_slots
 
@@ -118,10 +119,11 @@ class SpeculativeDecoder:
         """`_loop` for greedy chains with `--compile`: each step (draft → verify → accept → commit) is
         one compiled graph (`run_chain_step`, `specdec.greedy_step.GreedyChainStep`).
 
-        The batch keeps every row; finished rows are parked (length 0, `live_mask` 0) instead of
-        compacted away. A step advances a row by everything it accepted, even past what its budget
-        lets it keep, so a parked row's length must be reset, or its next writes could run past the
-        pool. Returns the number of steps."""
+        Finished rows are parked (length 0, `live_mask` 0) instead of compacted away, until at most
+        half the rows are live: then those move into a pool of half as many rows (`shrunk_rows`).
+        A step advances a row by everything it accepted, even past what its budget lets it keep, so
+        a parked row's length must be reset, or its next writes could run past the pool. Returns
+        the number of steps."""
         spec, run_step = self.spec, self.eng.run_chain_step
         live_mask = torch.zeros(len(self.row_of), dtype=torch.long, device=pending.device)
         live_mask[live] = 1
@@ -141,6 +143,12 @@ class SpeculativeDecoder:
                 live_mask[finished] = 0
                 cache.lengths[finished] = 0
             live = [live[i] for i in still]
+            n_rows = shrunk_rows(len(live), cache.batch)
+            if live and n_rows < cache.batch:
+                cache = self.eng._regroup_cache(cache, live, n_rows)
+                pending, first_draft, draft_hidden, live_mask = (
+                    take_rows(t, live, n_rows) for t in (pending, first_draft, draft_hidden, live_mask))
+                self.row_of, live = [self.row_of[r] for r in live], list(range(len(live)))
             self._time_step(kept)
             steps += 1
         return steps

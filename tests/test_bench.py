@@ -173,15 +173,16 @@ def test_cli_latency_quick(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
     args = ["latency", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out), "--batch-sizes", "1,2",
             "--trees", "2x2x4,auto"]
     assert bench_main(args) == 0
-    assert "| plain |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| plain |" in printed and "| decode speedup |" in printed
     data = _read(out, "latency")
     rows = data["rows"]
     assert {(r["batch_size"], r["config"]) for r in rows} == {
         (b, c) for b in (1, 2) for c in ("plain", "chain 1", "chain 2", "tree 2x2x4", "auto")}
     for r in rows:
-        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ttft_mean_ms"] > 0
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ttft_mean_ms"] > 0 and r["decode_speedup"] > 0
         if r["kind"] == "plain":
-            assert r["speedup"] == 1.0 and r["equal_to_plain"] is None and r["tau"] == 1.0
+            assert r["speedup"] == r["decode_speedup"] == 1.0 and r["equal_to_plain"] is None and r["tau"] == 1.0
         else:
             assert r["equal_to_plain"] is True and r["tau"] >= 1.0
     assert sum(r["best_chain"] for r in rows) == 2

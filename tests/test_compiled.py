@@ -15,7 +15,9 @@ import torch
 from model.errors import ConfigError
 from model.moe import MoE
 from specdec import Engine, SpecConfig
+from specdec.cache import LatentCache
 from specdec.compiled import check_compile_supported
+from specdec.greedy_step import shrunk_rows
 
 PROMPTS = [[5, 17, 300, 42, 9, 77, 12], [8, 100, 3]]
 
@@ -73,16 +75,18 @@ def test_compiled_forward_pads_rows_and_writes_the_cache(engines):
         torch.testing.assert_close(pools[1].kv[layer, 0, :3], pools[0].kv[layer, 0, :3], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("retiring", [1, 0])
 @pytest.mark.parametrize("spec", [None, SpecConfig(depth=2), SpecConfig(depth=2, topk=2)],
                          ids=["plain-step", "chain2-step", "tree2x2-forwards"])
-def test_compiled_greedy_equals_eager_with_a_row_retiring(engines, spec):
+def test_compiled_greedy_equals_eager_with_a_row_retiring(engines, spec, retiring):
     """Greedy plain and chains run whole compiled steps (`specdec.greedy_step`); trees run the
     general loop over compiled forwards."""
     eager, compiled = engines
     free = eager.generate(PROMPTS, max_new_tokens=12).token_ids
-    # row 1 ends early at a token row 0 never emits: the compiled batch keeps its shape (steps park
-    # the row, forwards pad it)
-    stop = next(t for t in free[1][2:] if t not in free[0] and t not in free[1][:2])
+    # one row ends early at a token the other never emits: steps park it, then move the other row
+    # into a one-row pool (row 1 to row 0 when row 0 retires); forwards pad it
+    other = 1 - retiring
+    stop = next(t for t in free[retiring][2:] if t not in free[other] and t not in free[retiring][:2])
     saved = [eng.eos_ids for eng in engines]
     for eng in engines:
         eng.eos_ids = frozenset({stop})
@@ -92,7 +96,7 @@ def test_compiled_greedy_equals_eager_with_a_row_retiring(engines, spec):
     finally:
         for eng, eos in zip(engines, saved):
             eng.eos_ids = eos
-    assert len(want[1]) < len(want[0])
+    assert len(want[retiring]) < len(want[other])
     assert got == want
 
 
@@ -119,3 +123,20 @@ def test_compile_refuses_fp8_weights(fp8_ckpt):
         check_compile_supported(eng.model, eng.ctx, eng.device)
     with pytest.raises(ConfigError, match="CPU"):
         check_compile_supported(eng.model, eng.ctx, torch.device("cuda"))
+
+
+def test_shrunk_rows_halves_while_the_live_rows_fit():
+    assert [shrunk_rows(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert shrunk_rows(1, 1) == 1 and shrunk_rows(2, 3) == 3 and shrunk_rows(1, 3) == 1
+
+
+def test_regroup_moves_rows_and_empties_the_rest(engines):
+    cache = LatentCache(engines[0].args, 2, 4, 5, torch.float32, "cpu")
+    cache.kv.normal_(), cache.pe.normal_()
+    cache.lengths.copy_(torch.tensor([3, 1, 4, 2]))
+    new = cache.regroup([2, 0], 2)
+    assert (new.batch, new.seq_len, new.kv.shape[1]) == (2, 5, 2)
+    assert new.lengths.tolist() == [4, 3]
+    assert torch.equal(new.kv[:, 0], cache.kv[:, 2]) and torch.equal(new.pe[:, 1], cache.pe[:, 0])
+    padded = cache.regroup([3], 2)
+    assert padded.lengths.tolist() == [2, 0] and not padded.kv[:, 1].any()
