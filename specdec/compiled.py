@@ -29,9 +29,10 @@ with a process-unique key that every call passes as an argument, which dynamo do
 
 Greedy steps. Greedy plain decoding and greedy MTP chains compile their whole step instead
 (`specdec.greedy_step`: forwards, masks, argmax, acceptance and commit in one graph per batch
-size and draft settings; finished rows are parked rather than padded). This removes the host-side
-glue between the forwards, which cost about as much as a drafter forward once those were compiled
-(measured side by side in README "Measured").
+size and draft settings; finished rows are parked rather than padded, and once at most half the
+rows are live they move into a pool of half the rows: one more graph per halving). This removes
+the host-side glue between the forwards, which cost about as much as a drafter forward once those
+were compiled (measured side by side in README "Measured").
 
 Not covered: several ranks (collectives inside graphs), CUDA (and CUDA graphs), FP8 weights kept
 in FP8 — `check_compile_supported` refuses them.
