@@ -200,8 +200,7 @@ def timed_run(eng: Engine, groups: list[list[list[int]]], shape: Shape, *, max_n
         stats = [o.stats for o in outs]
         pooled_repeat = pool(stats)
         per_repeat.append(pooled_repeat["tokens_per_s"])
-        per_repeat_decode.append(pooled_repeat["tokens"] / pooled_repeat["decode_s"]
-                                 if pooled_repeat["decode_s"] > 0 else 0.0)
+        per_repeat_decode.append(pooled_repeat["decode_tokens_per_s"])
         all_stats += stats
     pooled = pool(all_stats)
     pooled["tokens_per_s"] = statistics.median(per_repeat)

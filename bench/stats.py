@@ -42,9 +42,10 @@ def _get(stats: Any, name: str):
 def pool(stats_list: Sequence[Any]) -> dict:
     """Several generate calls' statistics as one.
 
-    Sums: tokens, wall/prefill/decode seconds, row-steps, verify steps. Rates per row-step (tau,
-    acceptance per position, draft acceptance rate) are averaged weighting each call by its
-    row_steps, i.e. pooled over all row-steps of all prompts. Latency samples are concatenated
+    Sums: tokens, wall/prefill/decode seconds, row-steps, verify steps; tokens/s over the wall and
+    over the decode seconds. Rates per row-step (tau, acceptance per position, draft acceptance
+    rate) are averaged weighting each call by its row_steps, i.e. pooled over all row-steps of all
+    prompts. Latency samples are concatenated
     (tpot_s) or listed per call (ttft_s). Plain calls (no acceptance) get tau 1.
     """
     if not stats_list:
@@ -53,6 +54,7 @@ def pool(stats_list: Sequence[Any]) -> dict:
     depth = max(len(_get(s, "acceptance_per_position")) for s in stats_list)
     tokens = sum(_get(s, "tokens") for s in stats_list)
     wall = sum(_get(s, "wall_s") for s in stats_list)
+    decode = sum(_get(s, "decode_s") for s in stats_list)
 
     def weighted(value) -> float:
         return sum(value(s) * _get(s, "row_steps") for s in stats_list) / steps if steps else 0.0
@@ -71,8 +73,9 @@ def pool(stats_list: Sequence[Any]) -> dict:
         "tokens": tokens,
         "wall_s": wall,
         "prefill_s": sum(_get(s, "prefill_s") for s in stats_list),
-        "decode_s": sum(_get(s, "decode_s") for s in stats_list),
+        "decode_s": decode,
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "decode_tokens_per_s": tokens / decode if decode > 0 else 0.0,
         "verify_steps": sum(_get(s, "verify_steps") for s in stats_list),
         "row_steps": steps,
         "tau": tau,

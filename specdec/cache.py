@@ -37,8 +37,8 @@ class LatentCache:
         its first `len(rows)` rows; its other rows are empty (length 0)."""
         new = LatentCache.__new__(LatentCache)
         new.batch, new.seq_len = n_rows, self.seq_len
-        new.kv, new.pe, new.lengths = (take_rows(t, rows, n_rows, dim=1 if t.dim() > 1 else 0)
-                                       for t in (self.kv, self.pe, self.lengths))
+        new.kv, new.pe = take_rows(self.kv, rows, n_rows, dim=1), take_rows(self.pe, rows, n_rows, dim=1)
+        new.lengths = take_rows(self.lengths, rows, n_rows)
         return new
 
     def move_row(self, src: int, dst: int) -> None:

@@ -81,7 +81,7 @@ class SpeculativeDecoder:
         cache = eng._cache_for(batch, max(map(len, ids)) + max_new_tokens + self.spec.draft_slots)
         self.outputs: list[list[int]] = [[] for _ in range(batch)]
         # cache row r holds prompt row row_of[r]: `_loop` keeps the live rows a prefix, the
-        # compiled chain loop never moves a row
+        # compiled chain loop moves them only into a smaller pool (`shrunk_rows`)
         self.row_of = list(range(batch))
         pending, draft_logits, draft_hidden = self._prefill(cache, ids)
         prefill_s = time.perf_counter() - start
