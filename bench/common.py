@@ -175,39 +175,68 @@ class Run:
     token_ids: list[list[int]]
 
 
-def timed_run(eng: Engine, groups: list[list[list[int]]], shape: Shape, *, max_new_tokens: int,
-              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, draft_mode: str = "onehot",
-              warmup: bool = True, repeats: int = 1) -> Run:
-    """One warm-up call on the first batch (8 new tokens; with `--compile` the full `max_new_tokens`,
-    so that it also compiles the graphs of the batch's shrinking pool), then every batch `repeats`
-    times, timed by the engine.
+def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shape], *, max_new_tokens: int,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, draft_mode: str = "onehot",
+               warmup: bool = True, repeats: int = 1,
+               on_call: Callable[[str], None] | None = None) -> list[Run]:
+    """Every shape decoded over all `groups`, interleaved: one warm-up call per shape on the first
+    batch (8 new tokens; with `--compile` the full `max_new_tokens`, so that it also compiles the
+    graphs of the batch's shrinking pool), then `repeats` rounds, each decoding every batch with
+    every shape in turn. So plain decoding and the drafts share each stretch of machine time: on a
+    shared or throttled CPU speeds drift over minutes, and configurations timed one after another
+    (all repeats of one, then the next) were seen to swing their ratio by ±0.3x between runs.
 
-    Call i is seeded with `seed + i`, the same for every configuration and repeat (so repeats decode
-    the same tokens). Rates and latency samples are pooled over all repeats; tokens/s and decode
-    tokens/s (new tokens over wall seconds after prefill) are the medians of the repeats' (a shared
-    or throttled CPU makes single runs noisy), and every repeat's tokens/s is kept in
-    `tokens_per_s_repeats`.
+    Call i is seeded with `seed + i`, the same for every configuration and round (so rounds decode
+    the same tokens). Per run: rates and latency samples are pooled over all rounds; tokens/s and
+    decode tokens/s (new tokens over wall seconds after prefill) are the medians of the rounds',
+    and every round's value is kept (`tokens_per_s_repeats`, `decode_tokens_per_s_repeats`) for
+    `paired_speedup`. `on_call(label)` is told after each configuration's warm-up or round.
     """
-    spec = shape.spec(draft_mode)
+    specs = [shape.spec(draft_mode) for shape in shapes]
     if warmup:
         warmup_tokens = max_new_tokens if eng.compiled is not None else min(8, max_new_tokens)
-        eng.generate(groups[0], max_new_tokens=warmup_tokens, temperature=temperature, top_p=top_p,
-                     seed=seed, spec=spec)
-    all_stats, per_repeat, per_repeat_decode, outs = [], [], [], []
-    for _ in range(max(repeats, 1)):
-        outs = [eng.generate(g, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i,
-                             spec=spec) for i, g in enumerate(groups)]
-        stats = [o.stats for o in outs]
-        pooled_repeat = pool(stats)
-        per_repeat.append(pooled_repeat["tokens_per_s"])
-        per_repeat_decode.append(pooled_repeat["decode_tokens_per_s"])
-        all_stats += stats
-    pooled = pool(all_stats)
-    pooled["tokens_per_s"] = statistics.median(per_repeat)
-    pooled["decode_tokens_per_s"] = statistics.median(per_repeat_decode)
-    pooled["tokens_per_s_repeats"] = per_repeat
-    pooled["calls"], pooled["repeats"] = len(groups), len(per_repeat)
-    return Run(shape, pooled, [t for o in outs for t in o.token_ids])
+        for shape, spec in zip(shapes, specs):
+            eng.generate(groups[0], max_new_tokens=warmup_tokens, temperature=temperature, top_p=top_p,
+                         seed=seed, spec=spec)
+            if on_call:
+                on_call(f"{shape.key} warm-up")
+    rounds = max(repeats, 1)
+    stats: list[list] = [[] for _ in shapes]
+    per_round: list[list[dict]] = [[] for _ in shapes]
+    outs: list[list] = [[] for _ in shapes]
+    for r in range(rounds):
+        for j, (shape, spec) in enumerate(zip(shapes, specs)):
+            outs[j] = [eng.generate(g, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    seed=seed + i, spec=spec) for i, g in enumerate(groups)]
+            call_stats = [o.stats for o in outs[j]]
+            per_round[j].append(pool(call_stats))
+            stats[j] += call_stats
+            if on_call:
+                on_call(f"{shape.key} round {r + 1}/{rounds}")
+    runs = []
+    for j, shape in enumerate(shapes):
+        pooled = pool(stats[j])
+        for key in ("tokens_per_s", "decode_tokens_per_s"):
+            pooled[f"{key}_repeats"] = [p[key] for p in per_round[j]]
+            pooled[key] = statistics.median(pooled[f"{key}_repeats"])
+        pooled["calls"], pooled["repeats"] = len(groups), rounds
+        runs.append(Run(shape, pooled, [t for o in outs[j] for t in o.token_ids]))
+    return runs
+
+
+def timed_run(eng: Engine, groups: list[list[list[int]]], shape: Shape, **kwargs) -> Run:
+    """`timed_runs` of one shape (same keyword arguments)."""
+    return timed_runs(eng, groups, [shape], **kwargs)[0]
+
+
+def paired_speedup(run: Run, base: Run, key: str = "tokens_per_s") -> float:
+    """`run`'s speed over `base`'s (`key`: tokens_per_s or decode_tokens_per_s): the median over
+    rounds of the ratio within each round (`timed_runs` interleaves them), so a slow stretch of the
+    machine slows both sides of a ratio instead of one."""
+    ours, theirs = run.stats[f"{key}_repeats"], base.stats[f"{key}_repeats"]
+    if len(ours) != len(theirs):
+        raise ValueError(f"paired_speedup: {len(ours)} rounds against {len(theirs)}")
+    return statistics.median(a / b for a, b in zip(ours, theirs))
 
 
 def greedy_mismatch(what: str, got: list[list[int]], want: list[list[int]]) -> str | None:

@@ -1,12 +1,14 @@
 """`python -m bench latency`: throughput and per-token latency by batch size, plain vs MTP.
 
 For each batch size B the prompts are decoded in calls of B rows (the last call filled up by
-cycling through the prompts), first plainly, then with every draft shape (chains, trees, `auto`
-calibrated at that batch size), each after one warm-up call, all in the same process. Reported:
-tokens/s (all new tokens / wall seconds of all calls), TPOT p50/p90 (`stats.tpot_s`: seconds per
-token after each row's first), TTFT (mean of `stats.ttft_s` over the calls), speedup (tokens/s over
-plain's at the same batch size, same run), decode speedup (the same over the seconds after
-prefill: the decoding loop alone, which the paper's TPS and a long generation measure) and, when
+cycling through the prompts), plainly and with every draft shape (chains, trees, `auto` calibrated
+at that batch size), all in the same process: one warm-up call per configuration, then `--repeats`
+rounds, each decoding all calls with every configuration in turn (`bench.common.timed_runs`).
+Reported: tokens/s (all new tokens / wall seconds of all calls; median of the rounds), TPOT p50/p90
+(`stats.tpot_s`: seconds per token after each row's first), TTFT (mean of `stats.ttft_s` over the
+calls), speedup (tokens/s over plain's at the same batch size: the median over rounds of the
+ratio within a round, `bench.common.paired_speedup`), decode speedup (the same over the seconds
+after prefill: the decoding loop alone, which the paper's TPS and a long generation measure) and, when
 greedy, whether every row's output is token for token plain decoding's (a mismatch is a failure:
 loud line, exit status 1).
 
@@ -24,7 +26,7 @@ from argparse import Namespace
 
 from bench import plots
 from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy_mismatch, parse_int_list,
-                          parse_shapes, progress, resolve_auto, timed_run)
+                          paired_speedup, parse_shapes, progress, resolve_auto, timed_runs)
 from bench.microbench import verify_costs
 from bench.prompt_set import Prompt
 from specdec import Engine
@@ -44,22 +46,29 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     failures: list[str] = []
     auto_reports: dict[str, str] = {}
     auto_choices: dict[str, str] = {}
-    bar = progress(len(batch_sizes) * len(shapes), "latency")
+    bar = progress(len(batch_sizes) * len(shapes) * (max(a.repeats, 1) + 1), "latency")
     for batch in batch_sizes:
         groups = batches(ids, batch)
-        plain = None
-        batch_rows, widths = [], []
+        batch_shapes = []
         for shape in shapes:
-            bar.set_postfix_str(f"batch {batch} {shape.key}")
             if shape.kind == "auto":
+                bar.set_postfix_str(f"batch {batch} calibrating auto")
                 shape, auto_reports[f"batch {batch}"] = resolve_auto(eng, groups[0], a.temperature, a.top_p, a.seed,
                                                                      draft_vocab=shape.draft_vocab)
                 auto_choices[f"batch {batch}"] = shape.dims
-            r = timed_run(eng, groups, shape, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                          top_p=a.top_p, seed=a.seed, repeats=a.repeats)
+            batch_shapes.append(shape)
+
+        def done(what: str, batch: int = batch) -> None:
             bar.update(1)
-            widths.append(1 if shape.kind == "plain" else shape.spec().n_nodes + 1)
-            plain = plain or r
+            bar.set_postfix_str(f"batch {batch} {what}")
+
+        runs = timed_runs(eng, groups, batch_shapes, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          top_p=a.top_p, seed=a.seed, repeats=a.repeats, on_call=done)
+        plain = runs[0]
+        batch_rows = []
+        widths = [1 if r.shape.kind == "plain" else r.shape.spec().n_nodes + 1 for r in runs]
+        for r in runs:
+            shape = r.shape
             same = None
             if greedy and shape.kind != "plain":
                 failure = greedy_mismatch(f"batch {batch}, {shape.label}", r.token_ids, plain.token_ids)
@@ -69,12 +78,13 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             batch_rows.append({
                 "batch_size": batch, "config": shape.key, "label": shape.label, "kind": shape.kind,
                 "depth": shape.depth, "topk": shape.topk, "nodes": shape.nodes, "draft_vocab": shape.draft_vocab,
-                "calls": s["calls"],
+                "calls": s["calls"], "repeats": s["repeats"],
                 "tokens": s["tokens"], "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s"],
+                "tokens_per_s_repeats": s["tokens_per_s_repeats"],
                 "tpot_p50_ms": s["tpot_p50_ms"], "tpot_p90_ms": s["tpot_p90_ms"], "ttft_mean_ms": s["ttft_mean_ms"],
-                "speedup": s["tokens_per_s"] / plain.stats["tokens_per_s"], "tau": s["tau"],
+                "speedup": paired_speedup(r, plain), "tau": s["tau"],
                 "decode_tokens_per_s": s["decode_tokens_per_s"],
-                "decode_speedup": s["decode_tokens_per_s"] / plain.stats["decode_tokens_per_s"],
+                "decode_speedup": paired_speedup(r, plain, "decode_tokens_per_s"),
                 "equal_to_plain": same, "best_chain": False,
             })
         if a.ceiling:
@@ -106,9 +116,12 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             headers[1:1] = ["verify W", "verify ms", "verify cost", "ceiling"]
         tables.append(Table(f"batch {batch} ({calls} call(s) of {batch} rows)", headers, body))
     mode = "greedy" if greedy else f"T={a.temperature:g}, top-p {a.top_p:g}"
+    rounds = max(a.repeats, 1)
     notes = [f"{len(prompts)} prompts, {a.max_new_tokens} new tokens each at most, {mode}; one warm-up call per "
-             "configuration; speedup = tokens/s over plain's at the same batch size in this run; decode "
-             "speedup = the same without prefill (new tokens over the seconds after prefill)"]
+             f"configuration, then {rounds} round(s) each timing every configuration in turn; tokens/s: median "
+             "of the rounds; speedup = tokens/s over plain's at the same batch size, the median over rounds of "
+             "the ratio within a round; decode speedup = the same without prefill (new tokens over the seconds "
+             "after prefill)"]
     if eng.compiled is not None:
         notes.append("specdec --compile (torch.compile, inductor): greedy plain and chain steps compiled whole, "
                      "other decode-step forwards compiled; "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import main as bench_main
-from bench.common import Shape, batches, parse_shapes, BenchError
+from bench.common import PLAIN, BenchError, Shape, batches, paired_speedup, parse_shapes, timed_runs
 from bench.prompt_set import HELDOUT_FILE, PromptFileError, load_prompt_file
 from bench.stats import compare_outputs, conditional_acceptance, percentile, pool
 from specdec.engine import GenerationStats
@@ -52,6 +52,48 @@ def test_pool_weights_rates_by_row_steps() -> None:
     assert p["tpot_p50_ms"] == pytest.approx(10.0) and p["tpot_samples"] == 36
     plain = pool([GenerationStats(tokens=5, wall_s=0.5, tau=1.0, ttft_s=0.1, tpot_s=[0.1] * 4)])
     assert plain["tau"] == 1.0 and plain["acceptance_unconditional"] == [] and plain["draft_acceptance_rate"] is None
+
+
+class _DriftingEngine:
+    """A stand-in engine whose machine slows down call by call (the n-th call takes 1 + n/4 units):
+    a chain-2 call does its work in half the time a plain call does at the same moment."""
+
+    compiled = None
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def generate(self, rows, *, max_new_tokens, temperature, top_p, seed, spec):
+        from types import SimpleNamespace
+
+        label = "plain" if spec is None else f"chain {spec.depth}"
+        slowdown = 1 + len(self.calls) / 4
+        self.calls.append(label)
+        wall = slowdown * (1.0 if spec is None else 0.5)
+        tokens = max_new_tokens * len(rows)
+        stats = GenerationStats(tokens=tokens, wall_s=wall, prefill_s=0.1 * wall, decode_s=0.9 * wall,
+                                tau=1.0, ttft_s=0.1 * wall, tpot_s=[wall / tokens] * tokens)
+        return SimpleNamespace(stats=stats, token_ids=[[seed] * max_new_tokens for _ in rows])
+
+
+def test_timed_runs_interleave_and_pair_the_ratios() -> None:
+    eng = _DriftingEngine()
+    chain = Shape("chain", 2, 1, 2)
+    seen: list[str] = []
+    plain, drafted = timed_runs(eng, [[[1]], [[2]]], [PLAIN, chain], max_new_tokens=4, repeats=3, on_call=seen.append)
+    # warm-up of each, then rounds of (plain's 2 calls, the chain's 2 calls)
+    assert eng.calls == ["plain", "chain 2"] + ["plain", "plain", "chain 2", "chain 2"] * 3
+    assert seen == ["plain warm-up", "chain 2 warm-up"] + [f"{k} round {r}/3" for r in (1, 2, 3)
+                                                           for k in ("plain", "chain 2")]
+    assert plain.stats["repeats"] == 3 and len(plain.stats["tokens_per_s_repeats"]) == 3
+    assert plain.token_ids == [[0] * 4, [1] * 4]  # call i is seeded seed + i
+    # the machine slows down between plain's calls and the chain's, so the paired ratio (about 1.5)
+    # is below the true 2x but far nearer it than a sequential plan (all plain rounds, then the chain's: ~1.0)
+    assert 1.3 < paired_speedup(drafted, plain) < 2.0
+    assert paired_speedup(drafted, plain) == pytest.approx(paired_speedup(drafted, plain, "decode_tokens_per_s"))
+    assert paired_speedup(plain, plain) == 1.0
+    with pytest.raises(ValueError, match="rounds"):
+        paired_speedup(drafted, timed_runs(eng, [[[1]]], [PLAIN], max_new_tokens=4, repeats=1)[0])
 
 
 def test_percentile_and_compare_outputs() -> None:
