@@ -179,12 +179,16 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, draft_mode: str = "onehot",
                warmup: bool = True, repeats: int = 1,
                on_call: Callable[[str], None] | None = None) -> list[Run]:
-    """Every shape decoded over all `groups`, interleaved: one warm-up call per shape on the first
-    batch (8 new tokens; with `--compile` the full `max_new_tokens`, so that it also compiles the
-    graphs of the batch's shrinking pool), then `repeats` rounds, each decoding every batch with
-    every shape in turn. So plain decoding and the drafts share each stretch of machine time: on a
-    shared or throttled CPU speeds drift over minutes, and configurations timed one after another
-    (all repeats of one, then the next) were seen to swing their ratio by ±0.3x between runs.
+    """Every shape decoded over all `groups`, interleaved: a warm-up per shape, then `repeats` rounds,
+    each decoding every batch with every shape in turn. So plain decoding and the drafts share each
+    stretch of machine time: on a shared or throttled CPU speeds drift over minutes, and
+    configurations timed one after another (all repeats of one, then the next) were seen to swing
+    their ratio by ±0.3x between runs.
+
+    The warm-up decodes the first batch with 8 new tokens; with `--compile`, every batch with the
+    full `max_new_tokens`, so that the graphs of each call's shrinking pool are compiled before
+    timing (a warm-up of the first batch alone left a later call compiling: 30 tokens/s in a round
+    of ~950).
 
     Call i is seeded with `seed + i`, the same for every configuration and round (so rounds decode
     the same tokens). Per run: rates and latency samples are pooled over all rounds; tokens/s and
@@ -194,10 +198,11 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
     """
     specs = [shape.spec(draft_mode) for shape in shapes]
     if warmup:
-        warmup_tokens = max_new_tokens if eng.compiled is not None else min(8, max_new_tokens)
+        compiled = eng.compiled is not None
         for shape, spec in zip(shapes, specs):
-            eng.generate(groups[0], max_new_tokens=warmup_tokens, temperature=temperature, top_p=top_p,
-                         seed=seed, spec=spec)
+            for i, g in enumerate(groups if compiled else groups[:1]):
+                eng.generate(g, max_new_tokens=max_new_tokens if compiled else min(8, max_new_tokens),
+                             temperature=temperature, top_p=top_p, seed=seed + i, spec=spec)
             if on_call:
                 on_call(f"{shape.key} warm-up")
     rounds = max(repeats, 1)

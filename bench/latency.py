@@ -60,7 +60,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
 
         def done(what: str, batch: int = batch) -> None:
             bar.update(1)
-            bar.set_postfix_str(f"batch {batch} {what}")
+            bar.set_postfix_str(f"batch {batch}, done: {what}")
 
         runs = timed_runs(eng, groups, batch_shapes, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           top_p=a.top_p, seed=a.seed, repeats=a.repeats, on_call=done)

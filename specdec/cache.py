@@ -11,6 +11,10 @@ import torch
 from model.args import ModelArgs
 
 
+SPAN_MULTIPLE = 16
+"""`LatentCache.span` rounds its slot count up to a multiple of this."""
+
+
 class LatentCache:
     """Preallocated latent + RoPE-key cache for `n_layers` layers × `batch` rows × `seq_len` slots.
 
@@ -31,6 +35,17 @@ class LatentCache:
     def bytes_per_token(args: ModelArgs, n_layers: int, dtype: torch.dtype) -> int:
         """Cache bytes one token costs over `n_layers` layers."""
         return (args.kv_lora_rank + args.qk_rope_head_dim) * n_layers * torch.empty((), dtype=dtype).element_size()
+
+    def span(self, extra: int, multiple: int = SPAN_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of `kv` and `pe` over their first n slots, `[n_layers, batch, n, ·]`: every row's
+        committed tokens plus `extra` slots to write (n = the longest row + `extra`, rounded up to
+        `multiple`, at most `seq_len`). Writes through them land in the pool.
+
+        Compiled greedy steps attend over every slot they are given (their masks span the pool, so
+        that no shape depends on the lengths); given the span instead of the pool they skip the
+        slots nobody has written. Reads `lengths` on the host (the compiled path is CPU-only)."""
+        n = min(self.seq_len, -(-(int(self.lengths.max()) + extra) // multiple) * multiple)
+        return self.kv[:, :, :n], self.pe[:, :, :n]
 
     def regroup(self, rows: list[int], n_rows: int) -> LatentCache:
         """A new pool of `n_rows` rows (same slots) holding this pool's rows `rows`, in that order, in

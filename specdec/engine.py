@@ -19,7 +19,7 @@ from model.load import load_verifier
 from model.parallel import ParallelContext
 from model.transformer import Transformer
 from mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
-from specdec.cache import LatentCache, take_rows
+from specdec.cache import SPAN_MULTIPLE, LatentCache, take_rows
 from specdec.compiled import CompiledDecode, check_compile_supported
 from specdec.defaults import default_model_path
 from specdec.distributed import default_device, init_parallel
@@ -249,9 +249,13 @@ class Engine:
     def _cache_for(self, batch: int, seq_len: int) -> LatentCache:
         """The shared latent cache, grown (reallocated) only when a call needs more rows or slots.
 
-        Compiled forwards run over every row of the pool, so then it has exactly `batch` rows."""
+        Compiled forwards run over every row of the pool, so then it has exactly `batch` rows, and
+        one spare block of slots: a compiled greedy step gets `LatentCache.span`, a view of fewer
+        slots than the pool, and a span that covered the whole (contiguous) pool would compile a
+        second graph."""
         old = self._cache
         rows = batch if self.compiled is not None else max(batch, old.batch if old else 0)
+        seq_len += SPAN_MULTIPLE if self.compiled is not None else 0
         if old is None or old.batch != rows or old.seq_len < seq_len:
             slots = max(seq_len, old.seq_len if old else 0)
             self._cache = None
@@ -259,12 +263,22 @@ class Engine:
                                       self.model.dtype, self.device)
         return self._cache
 
-    def _regroup_cache(self, cache: LatentCache, rows: list[int], n_rows: int) -> LatentCache:
-        """Replace the shared cache by one of `n_rows` rows holding `cache`'s rows `rows` first
-        (`LatentCache.regroup`); the old pool is freed."""
+    def shrink_pool(self, cache: LatentCache, rows: list[int], prompt_of: list[int],
+                    per_row: list[torch.Tensor]) -> tuple[LatentCache, list[int], list[int], list[torch.Tensor]]:
+        """Once at most half of `cache`'s rows are live, move them into a smaller pool (`shrunk_rows`).
+
+        rows: the live cache rows; prompt_of[r]: the prompt cache row r decodes; per_row: tensors
+        `[cache.batch, ...]` of per-row loop state. Returns (cache, rows, prompt_of, per_row) for the
+        new pool, whose live rows are its first `len(rows)` (the rest empty, per-row state zero), and
+        which replaces the engine's shared cache (the old one is freed); all unchanged when no
+        smaller pool fits or nothing is live."""
+        n_rows = shrunk_rows(len(rows), cache.batch)
+        if not rows or n_rows == cache.batch:
+            return cache, rows, prompt_of, per_row
         self._cache = None
         self._cache = cache.regroup(rows, n_rows)
-        return self._cache
+        return (self._cache, list(range(len(rows))), [prompt_of[r] for r in rows],
+                [take_rows(t, rows, n_rows) for t in per_row])
 
     # ------------------------------------------------------------------ API
 
@@ -387,12 +401,8 @@ class Engine:
             rows = [r for r, d in zip(rows, done) if not d]
             if not rows:
                 break
-            n_rows = shrunk_rows(len(rows), cache.batch)
-            if n_rows < cache.batch:
-                cache = self._regroup_cache(cache, rows, n_rows)
-                tokens, live = take_rows(tokens, rows, n_rows), take_rows(live, rows, n_rows)
-                prompt_of, rows = [prompt_of[r] for r in rows], list(range(len(rows)))
-            tokens, lengths = self.run_plain_step(cache.kv, cache.pe, cache.lengths, live, tokens)
+            cache, rows, prompt_of, (tokens, live) = self.shrink_pool(cache, rows, prompt_of, [tokens, live])
+            tokens, lengths = self.run_plain_step(*cache.span(1), cache.lengths, live, tokens)
             cache.lengths.copy_(lengths)
             steps += 1
             row_steps += len(rows)

@@ -6,8 +6,11 @@ acceptance walk, `.tolist()` between stages. Once the forwards are compiled, tha
 much as a drafter forward. For the common case, greedy chains (and greedy plain decoding), a step
 needs none of it:
 
-* masks span the whole cache pool (slot s is visible to a query at slot t iff s ≤ t), so no shape
-  depends on the lengths and nothing is read back to the host inside a step;
+* masks span every cache slot the step is given (slot s is visible to a query at slot t iff
+  s ≤ t), so no shape depends on the lengths and nothing is read back to the host inside a step;
+  the caller gives it `LatentCache.span`, the slots up to the longest row plus the step's writes
+  (a dynamic dimension of the graph: no recompiles), not the whole pool, since attention costs
+  every slot it spans;
 * a chain's accepted drafts already sit in their final slots, so committing is a length update;
 * rows that finished stay in the batch, parked: the caller sets their length to 0 and `live[b]`
   to 0, which keeps it there, so their writes land in the first slots of their own row, which

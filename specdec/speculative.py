@@ -32,8 +32,7 @@ import torch
 from model.transformer import ForwardOutput
 from mtp.tree_draft import expand_tree
 from specdec.acceptance import Acceptance, accept_greedy, accept_onehot, accept_sampled, cut_run
-from specdec.cache import LatentCache, take_rows
-from specdec.greedy_step import shrunk_rows
+from specdec.cache import LatentCache
 from specdec.sampling import draw, probabilities, sample
 from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask, visible_slots
 
@@ -130,10 +129,12 @@ class SpeculativeDecoder:
         first_draft = draft_logits.argmax(dim=-1)
         steps = 0
         while live:
-            out = run_step(cache.kv, cache.pe, cache.lengths, live_mask, pending, first_draft, draft_hidden,
+            out = run_step(*cache.span(spec.depth + 1), cache.lengths, live_mask, pending, first_draft, draft_hidden,
                            spec.depth, spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
             cache.lengths.copy_(out.lengths)
-            pending, first_draft, draft_hidden = out.pending, out.first_draft, out.draft_hidden
+            # contiguous like the prefill's (a strided `pending` compiled a second graph per setting)
+            pending, first_draft, draft_hidden = (t.contiguous() for t in (out.pending, out.first_draft,
+                                                                              out.draft_hidden))
             emitted, n_acc = out.emitted.tolist(), out.n_accepted.tolist()
             self.counts.add([n_acc[r] for r in live], spec.depth)
             runs = [emitted[r][: n_acc[r] + 1] for r in live]
@@ -143,12 +144,8 @@ class SpeculativeDecoder:
                 live_mask[finished] = 0
                 cache.lengths[finished] = 0
             live = [live[i] for i in still]
-            n_rows = shrunk_rows(len(live), cache.batch)
-            if live and n_rows < cache.batch:
-                cache = self.eng._regroup_cache(cache, live, n_rows)
-                pending, first_draft, draft_hidden, live_mask = (
-                    take_rows(t, live, n_rows) for t in (pending, first_draft, draft_hidden, live_mask))
-                self.row_of, live = [self.row_of[r] for r in live], list(range(len(live)))
+            cache, live, self.row_of, (pending, first_draft, draft_hidden, live_mask) = self.eng.shrink_pool(
+                cache, live, self.row_of, [pending, first_draft, draft_hidden, live_mask])
             self._time_step(kept)
             steps += 1
         return steps

@@ -140,3 +140,25 @@ def test_regroup_moves_rows_and_empties_the_rest(engines):
     assert torch.equal(new.kv[:, 0], cache.kv[:, 2]) and torch.equal(new.pe[:, 1], cache.pe[:, 0])
     padded = cache.regroup([3], 2)
     assert padded.lengths.tolist() == [2, 0] and not padded.kv[:, 1].any()
+
+
+def test_span_covers_the_longest_row_and_writes_reach_the_pool(engines):
+    cache = LatentCache(engines[0].args, 2, 3, 70, torch.float32, "cpu")
+    cache.lengths.copy_(torch.tensor([5, 20, 0]))
+    kv, pe = cache.span(4)  # 20 + 4 → 32 (a multiple of 16)
+    assert kv.shape == (2, 3, 32, cache.kv.shape[-1]) and pe.shape == (2, 3, 32, cache.pe.shape[-1])
+    kv[1, 2, 31] = 7.0
+    assert cache.kv[1, 2, 31].eq(7.0).all()  # a view: a step's writes land in the pool
+    assert cache.span(4, multiple=1)[0].shape[2] == 24
+    cache.lengths[1] = 69
+    assert cache.span(4)[0].shape[2] == 70  # never past the pool
+
+
+def test_compiled_pool_keeps_a_spare_block(engines):
+    """A compiled engine's pool has SPAN_MULTIPLE slots more than a call needs, so that a step's
+    span is always a view of fewer slots than the pool (one graph, not a second for the whole pool)."""
+    from specdec.cache import SPAN_MULTIPLE
+
+    eager, compiled = engines
+    compiled._cache = None  # the next call allocates afresh
+    assert compiled._cache_for(2, 40).seq_len == 40 + SPAN_MULTIPLE
