@@ -1,6 +1,7 @@
 """`python -m bench peers`: specdec against transformers on the same weights, prompts and run.
 
-Decoders (greedy, batch 1, one prompt per call, each after one warm-up call):
+Decoders (greedy, batch 1, one prompt per call; a warm-up call each, then `--repeats` rounds that
+each run every decoder over all prompts in turn):
 
 * specdec `Engine.generate`, plain;
 * specdec with MTP speculative decoding (each `--chains` / `--trees` shape);
@@ -11,7 +12,8 @@ Decoders (greedy, batch 1, one prompt per call, each after one warm-up call):
 Same weights: an FP8 checkpoint is first dequantised into a float32 copy in a temporary
 directory (every FP8 block times its `weight_scale_inv`, exactly what specdec computes at load on
 the CPU; BF16 tensors widen exactly), and both libraries load that copy in float32. Reported:
-tokens/s (new tokens over the summed wall time of the calls), the ratio to specdec plain, and
+tokens/s (new tokens over the summed wall time of the calls, median of the rounds), the ratios to
+specdec plain and to transformers `generate` (medians over rounds of the ratio within a round), and
 how the output compares with specdec's plain greedy output: token-exact rows, and the share of
 reference tokens before each row's first divergence (float rounding can make libraries part ways;
 specdec MTP must be exact, else it is a failure).
@@ -86,18 +88,30 @@ def _hf_generate(model, eos: list[int], pad: int, **kw):
     return gen
 
 
-def _time(gen, ids: list[list[int]], new: int, repeats: int = 1) -> tuple[float, list[list[int]]]:
-    """(median over `repeats` of the summed wall seconds of one call per prompt, the outputs)."""
-    gen(ids[0], min(8, new))  # warm-up
-    walls = []
+def _time_rounds(gens: list, ids: list[list[int]], new: int, repeats: int = 1,
+                 on_call=None) -> tuple[list[list[float]], list[list[list[int]]]]:
+    """Per decoder: the summed wall seconds of one call per prompt in each round, and its outputs.
+
+    A warm-up call each (8 new tokens), then `repeats` rounds, each running every decoder over all
+    prompts in turn, so that the decoders share each stretch of a drifting machine's time (as
+    `bench.common.timed_runs`). `on_call(j)` is told after decoder j's warm-up and each round."""
+    for j, gen in enumerate(gens):
+        gen(ids[0], min(8, new))
+        if on_call:
+            on_call(j)
+    walls: list[list[float]] = [[] for _ in gens]
+    outs: list[list[list[int]]] = [[] for _ in gens]
     for _ in range(max(repeats, 1)):
-        outs, wall = [], 0.0
-        for p in ids:
-            t0 = time.perf_counter()
-            outs.append(gen(p, new))
-            wall += time.perf_counter() - t0
-        walls.append(wall)
-    return statistics.median(walls), outs
+        for j, gen in enumerate(gens):
+            outs[j], wall = [], 0.0
+            for p in ids:
+                t0 = time.perf_counter()
+                outs[j].append(gen(p, new))
+                wall += time.perf_counter() - t0
+            walls[j].append(wall)
+            if on_call:
+                on_call(j)
+    return walls, outs
 
 
 def run(ckpt: Path, prompts: list[Prompt], a: Namespace) -> Report:
@@ -143,13 +157,18 @@ def run(ckpt: Path, prompts: list[Prompt], a: Namespace) -> Report:
 
     rows: list[dict] = []
     failures: list[str] = []
-    reference = None
-    bar = progress(len(decoders), "peers")
-    for name, kind, gen in decoders:
-        bar.set_postfix_str(name)
-        wall, outs = _time(gen, ids, a.max_new_tokens, a.repeats)
+    bar = progress(len(decoders) * (max(a.repeats, 1) + 1), "peers")
+
+    def done(j: int) -> None:
         bar.update(1)
-        reference = reference or outs
+        bar.set_postfix_str(f"done: {decoders[j][0]}")
+
+    walls, all_outs = _time_rounds([gen for _, _, gen in decoders], ids, a.max_new_tokens, a.repeats, done)
+    bar.close()
+    reference = all_outs[0]
+    base_rates = [sum(map(len, reference)) / w for w in walls[0]]
+    for (name, kind, _), outs, round_walls in zip(decoders, all_outs, walls):
+        wall = statistics.median(round_walls)
         cmp = compare_outputs(outs, reference)
         tokens = sum(map(len, outs))
         if kind == "specdec-mtp" and not cmp["equal"]:
@@ -158,15 +177,15 @@ def run(ckpt: Path, prompts: list[Prompt], a: Namespace) -> Report:
                             f"{cmp['rows'] - cmp['identical_rows']}/{cmp['rows']} prompts "
                             f"(first at prompt {row_i}, token {tok_i})")
         rows.append({"decoder": name, "kind": kind, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                     "tokens_per_s_repeats": [tokens / w for w in round_walls],
                      "equal_to_specdec_greedy": cmp["equal"], "identical_outputs": cmp["identical_rows"],
                      "prompts": cmp["rows"], "identical_token_share": cmp["identical_token_share"],
                      "first_mismatch": cmp["first_mismatch"]})
-    bar.close()
-    base = rows[0]["tokens_per_s"]
-    hf_generate = next(r["tokens_per_s"] for r in rows if r["kind"] == "transformers")
-    for r in rows:
-        r["ratio_to_specdec_plain"] = r["tokens_per_s"] / base
-        r["ratio_to_transformers_generate"] = r["tokens_per_s"] / hf_generate
+    hf_rates = next(r["tokens_per_s_repeats"] for r in rows if r["kind"] == "transformers")
+    for r in rows:  # ratios: the median over rounds of the ratio within a round
+        rates = r["tokens_per_s_repeats"]
+        r["ratio_to_specdec_plain"] = statistics.median(x / b for x, b in zip(rates, base_rates))
+        r["ratio_to_transformers_generate"] = statistics.median(x / h for x, h in zip(rates, hf_rates))
 
     body = [[r["decoder"], fmt(r["tokens_per_s"], 1), f"{r['ratio_to_specdec_plain']:.2f}x",
              f"{r['ratio_to_transformers_generate']:.2f}x",
@@ -177,7 +196,8 @@ def run(ckpt: Path, prompts: list[Prompt], a: Namespace) -> Report:
     notes = [f"{len(prompts)} prompts, one per call (batch 1), greedy, up to {a.max_new_tokens} new tokens, "
              f"{where} float32, {'a float32 copy of the FP8 checkpoint' if fp8 else 'the checkpoint as stored'} "
              "loaded by both libraries; tokens/s = new tokens / summed wall seconds of the calls (median of "
-             f"{a.repeats} repeats)",
+             f"{max(a.repeats, 1)} rounds, each running every decoder in turn); ratios: the median over rounds of "
+             "the ratio within a round",
              "identical tokens: share of specdec plain's tokens that come before each prompt's first divergence"]
     settings = {"checkpoint": str(ckpt), "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
                 "batch_size": 1, "device": str(eng.device), "dtype": "float32", "float32_copy_of_fp8": fp8,

@@ -275,4 +275,5 @@ def test_cli_peers_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
     assert rows[0]["ratio_to_specdec_plain"] == 1.0 and rows[1]["equal_to_specdec_greedy"] is True
     for r in rows:
         assert r["tokens"] > 0 and 0.0 <= r["identical_token_share"] <= 1.0
+        assert len(r["tokens_per_s_repeats"]) == 1 and r["ratio_to_transformers_generate"] > 0
     assert data["settings"]["float32_copy_of_fp8"] is True
