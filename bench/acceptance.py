@@ -4,6 +4,8 @@ Sweep: draft shapes (chains of depth 1..K, trees DEPTHxTOPKxNODES, `auto`) × te
 draft modes (one-hot drafts always; sampled drafts only at T > 0, greedy drafts are the argmax).
 Every configuration decodes the same prompts in the same batches with the same seeds; plain
 decoding at each temperature runs too, for the speedup column and (greedy) the equality check.
+Each temperature's configurations are timed in interleaved rounds (`bench.common.timed_runs`;
+speedup: the median over rounds of the ratio within a round).
 
 Reported per configuration, pooled over all prompts (rates weighted by row-steps):
 tau (tokens per verifier forward and row, bonus included), acceptance per position,
@@ -18,7 +20,7 @@ from argparse import Namespace
 
 from bench import plots
 from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy_mismatch, fmt_list, parse_float_list,
-                          parse_shapes, progress, resolve_auto, timed_run)
+                          paired_speedup, parse_shapes, progress, resolve_auto, timed_runs)
 from bench.prompt_set import Prompt
 from specdec import Engine
 
@@ -55,21 +57,34 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     failures: list[str] = []
     auto_reports: dict[str, str] = {}
     auto_choices: dict[str, str] = {}
-    plain_runs = {}
-    bar = progress(len(runs), "acceptance")
-    for temperature, mode, shape in runs:
-        bar.set_postfix_str(f"T={temperature:g} {mode} {shape.key}")
-        if shape.kind == "auto":
-            shape, text = resolve_auto(eng, groups[0], temperature, a.top_p, a.seed, mode, shape.draft_vocab)
-            auto_reports[f"T={temperature:g} {mode}"] = text
-            auto_choices[f"T={temperature:g} {mode}"] = shape.dims
-        r = timed_run(eng, groups, shape, max_new_tokens=a.max_new_tokens, temperature=temperature,
-                      top_p=a.top_p, seed=a.seed, draft_mode=mode if mode != "-" else "onehot",
-                      repeats=a.repeats)
-        bar.update(1)
-        if shape.kind == "plain":
-            plain_runs[temperature] = r
-        plain = plain_runs[temperature]
+    bar = progress(len(runs) * (max(a.repeats, 1) + 1), "acceptance")
+    timed: list[tuple[float, str, object]] = []  # (temperature, mode, Run) in plan order
+    for temperature in temperatures:  # each temperature's configurations timed in interleaved rounds
+        group = []
+        for t, mode, shape in runs:
+            if t != temperature:
+                continue
+            if shape.kind == "auto":
+                bar.set_postfix_str(f"T={temperature:g} {mode} calibrating auto")
+                shape, text = resolve_auto(eng, groups[0], temperature, a.top_p, a.seed, mode, shape.draft_vocab)
+                auto_reports[f"T={temperature:g} {mode}"] = text
+                auto_choices[f"T={temperature:g} {mode}"] = shape.dims
+            group.append((mode, shape))
+
+        def done(what: str, temperature: float = temperature) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"T={temperature:g}, done: {what}")
+
+        group_runs = timed_runs(eng, groups, [shape for _, shape in group], max_new_tokens=a.max_new_tokens,
+                                temperature=temperature, top_p=a.top_p, seed=a.seed,
+                                draft_mode=[m if m != "-" else "onehot" for m, _ in group], repeats=a.repeats,
+                                on_call=done)
+        timed += [(temperature, mode, r) for (mode, _), r in zip(group, group_runs)]
+    bar.close()
+
+    for temperature, mode, r in timed:
+        shape = r.shape
+        plain = next(run for t, _, run in timed if t == temperature and run.shape.kind == "plain")
         same = None
         if temperature == 0 and shape.kind != "plain":
             failure = greedy_mismatch(f"greedy {shape.label}", r.token_ids, plain.token_ids)
@@ -84,10 +99,9 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             "acceptance_conditional": s["acceptance_conditional"],
             "draft_acceptance_rate": s["draft_acceptance_rate"], "row_steps": s["row_steps"],
             "verify_steps": s["verify_steps"], "tokens": s["tokens"], "wall_s": s["wall_s"],
-            "tokens_per_s": s["tokens_per_s"], "speedup": s["tokens_per_s"] / plain.stats["tokens_per_s"],
+            "tokens_per_s": s["tokens_per_s"], "speedup": paired_speedup(r, plain),
             "equal_to_plain": same,
         })
-    bar.close()
 
     tables = []
     for t in temperatures:

@@ -176,8 +176,8 @@ class Run:
 
 
 def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shape], *, max_new_tokens: int,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, draft_mode: str = "onehot",
-               warmup: bool = True, repeats: int = 1,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               draft_mode: str | Sequence[str] = "onehot", warmup: bool = True, repeats: int = 1,
                on_call: Callable[[str], None] | None = None) -> list[Run]:
     """Every shape decoded over all `groups`, interleaved: a warm-up per shape, then `repeats` rounds,
     each decoding every batch with every shape in turn. So plain decoding and the drafts share each
@@ -191,12 +191,13 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
     of ~950).
 
     Call i is seeded with `seed + i`, the same for every configuration and round (so rounds decode
-    the same tokens). Per run: rates and latency samples are pooled over all rounds; tokens/s and
+    the same tokens). `draft_mode`: one for every shape, or one per shape. Per run: rates and latency samples are pooled over all rounds; tokens/s and
     decode tokens/s (new tokens over wall seconds after prefill) are the medians of the rounds',
     and every round's value is kept (`tokens_per_s_repeats`, `decode_tokens_per_s_repeats`) for
     `paired_speedup`. `on_call(label)` is told after each configuration's warm-up or round.
     """
-    specs = [shape.spec(draft_mode) for shape in shapes]
+    modes = [draft_mode] * len(shapes) if isinstance(draft_mode, str) else list(draft_mode)
+    specs = [shape.spec(mode) for shape, mode in zip(shapes, modes, strict=True)]
     if warmup:
         compiled = eng.compiled is not None
         for shape, spec in zip(shapes, specs):
@@ -227,11 +228,6 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
         pooled["calls"], pooled["repeats"] = len(groups), rounds
         runs.append(Run(shape, pooled, [t for o in outs[j] for t in o.token_ids]))
     return runs
-
-
-def timed_run(eng: Engine, groups: list[list[list[int]]], shape: Shape, **kwargs) -> Run:
-    """`timed_runs` of one shape (same keyword arguments)."""
-    return timed_runs(eng, groups, [shape], **kwargs)[0]
 
 
 def paired_speedup(run: Run, base: Run, key: str = "tokens_per_s") -> float:
