@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-prompts", type=int, help="use the first N prompts (default 16; --quick 4)")
     g.add_argument("--max-new-tokens", type=int, help="new tokens per prompt at most (default 64; --quick 16)")
     g.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory (default bench/results)")
-    g.add_argument("--repeats", type=int, help="time every configuration this many times (latency: in rounds that "
-                   "each time every configuration in turn); tokens/s is the median (default 3; --quick 1)")
+    g.add_argument("--repeats", type=int, help="time every configuration this many times, in rounds that each time "
+                   "every configuration in turn (acceptance: per temperature); tokens/s is the median "
+                   "(default 3; --quick 1)")
     g.add_argument("--quick", action="store_true", help="a tiny sweep (smoke test); explicit flags still win")
     g.add_argument("--seed", type=int, default=0, help="seed of call i is seed + i (default 0)")
     g.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")

@@ -191,10 +191,11 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
     of ~950).
 
     Call i is seeded with `seed + i`, the same for every configuration and round (so rounds decode
-    the same tokens). `draft_mode`: one for every shape, or one per shape. Per run: rates and latency samples are pooled over all rounds; tokens/s and
-    decode tokens/s (new tokens over wall seconds after prefill) are the medians of the rounds',
-    and every round's value is kept (`tokens_per_s_repeats`, `decode_tokens_per_s_repeats`) for
-    `paired_speedup`. `on_call(label)` is told after each configuration's warm-up or round.
+    the same tokens). `draft_mode`: one for every shape, or one per shape. Per run: rates and
+    latency samples are pooled over all rounds; tokens/s and decode tokens/s (new tokens over wall
+    seconds after prefill) are the medians of the rounds', and every round's value is kept
+    (`tokens_per_s_repeats`, `decode_tokens_per_s_repeats`) for `paired_speedup`. `on_call(label)`
+    is told after each configuration's warm-up or round.
     """
     modes = [draft_mode] * len(shapes) if isinstance(draft_mode, str) else list(draft_mode)
     specs = [shape.spec(mode) for shape, mode in zip(shapes, modes, strict=True)]

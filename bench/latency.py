@@ -8,9 +8,9 @@ Reported: tokens/s (all new tokens / wall seconds of all calls; median of the ro
 (`stats.tpot_s`: seconds per token after each row's first), TTFT (mean of `stats.ttft_s` over the
 calls), speedup (tokens/s over plain's at the same batch size: the median over rounds of the
 ratio within a round, `bench.common.paired_speedup`), decode speedup (the same over the seconds
-after prefill: the decoding loop alone, which the paper's TPS and a long generation measure) and, when
-greedy, whether every row's output is token for token plain decoding's (a mismatch is a failure:
-loud line, exit status 1).
+after prefill: the decoding loop alone, which the paper's TPS and a long generation measure)
+and, when greedy, whether every row's output is token for token plain decoding's (a mismatch is
+a failure: loud line, exit status 1).
 
 `--ceiling` also times one verifier forward over 1 and over W tokens per row (W = depth + 1 for a
 chain, nodes + 1 for a tree; `bench.microbench.verify_costs`, first call of the batch size) and

@@ -41,8 +41,8 @@ class LatentCache:
         committed tokens plus `extra` slots to write (n = the longest row + `extra`, rounded up to
         `multiple`, at most `seq_len`). Writes through them land in the pool.
 
-        Compiled greedy steps attend over every slot they are given (their masks span the pool, so
-        that no shape depends on the lengths); given the span instead of the pool they skip the
+        Compiled greedy steps attend over every slot they are given (their masks span all of them,
+        so that no shape depends on the lengths); given the span instead of the pool they skip the
         slots nobody has written. Reads `lengths` on the host (the compiled path is CPU-only)."""
         n = min(self.seq_len, -(-(int(self.lengths.max()) + extra) // multiple) * multiple)
         return self.kv[:, :, :n], self.pe[:, :, :n]
