@@ -18,6 +18,10 @@ reports, per draft shape, the verify cost ratio t(W) / t(1) and the ceiling tau 
 speedup that shape would reach if drafting, acceptance and commit were free. Where the ceiling is
 low, verifying W tokens per row costs nearly W plain steps (the step is compute-bound) and no
 cheaper drafting can help; where the speedup lies far below it, the drafting side is the cost.
+With `--compile` and greedy decoding it also times whole compiled steps (`bench.microbench.
+greedy_step_costs`: draft, verify, accept and MTP commit against one plain step) and reports the
+step cost and the step bound tau / step cost: the decode speedup those steps allow, drafting
+included.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from argparse import Namespace
 from bench import plots
 from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy_mismatch, parse_int_list,
                           paired_speedup, parse_shapes, progress, resolve_auto, timed_runs)
-from bench.microbench import verify_costs
+from bench.microbench import greedy_step_costs, verify_costs
 from bench.prompt_set import Prompt
 from specdec import Engine
 
@@ -90,6 +94,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         if a.ceiling:
             bar.set_postfix_str(f"batch {batch} verify cost")
             _add_ceiling(eng, groups[0], batch_rows, widths)
+            if eng.run_chain_step is not None and greedy:
+                _add_step_bound(eng, groups[0], batch_rows, [r.shape for r in runs])
         chains = [r for r in batch_rows if r["kind"] == "chain"]
         if chains:
             max(chains, key=lambda r: r["tokens_per_s"])["best_chain"] = True
@@ -97,6 +103,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     bar.close()
 
     tables = []
+    step_bound = any("step_cost" in r for r in rows)
     for batch in batch_sizes:
         body = []
         for r in (r for r in rows if r["batch_size"] == batch):
@@ -109,11 +116,16 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             if a.ceiling:
                 body[-1][1:1] = [str(r["verify_width"]), fmt(r["verify_ms"]), f"{r['verify_cost']:.2f}x",
                                  "" if r["kind"] == "plain" else f"{r['ceiling']:.2f}x"]
+            if step_bound:
+                body[-1][5:5] = (["", ""] if "step_cost" not in r else
+                                 [f"{r['step_cost']:.2f}x", "" if r["kind"] == "plain" else f"{r['step_bound']:.2f}x"])
         calls = rows[[r["batch_size"] for r in rows].index(batch)]["calls"]
         headers = ["config", "tau", "tokens/s", "TPOT p50 ms", "TPOT p90 ms", "TTFT ms", "speedup", "decode speedup",
                    "= plain"]
         if a.ceiling:
             headers[1:1] = ["verify W", "verify ms", "verify cost", "ceiling"]
+        if step_bound:
+            headers[5:5] = ["step cost", "step bound"]
         tables.append(Table(f"batch {batch} ({calls} call(s) of {batch} rows)", headers, body))
     mode = "greedy" if greedy else f"T={a.temperature:g}, top-p {a.top_p:g}"
     rounds = max(a.repeats, 1)
@@ -130,6 +142,10 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         notes.append("verify W: tokens per row one verifier forward checks (1 for plain); verify ms: its median "
                      "time on the first call's prompts; verify cost: t(W) / t(1); ceiling: tau / verify cost, the "
                      "speedup if drafting, acceptance and commit were free")
+    if step_bound:
+        notes.append("step cost: one compiled greedy step (draft, verify, accept, MTP commit) over one plain "
+                     "step, same prompts, interleaved; step bound: tau / step cost, the decode speedup those "
+                     "steps allow")
     notes += [f"auto at {k}: choose_tree picked {v} (depth x topk x nodes)" for k, v in auto_choices.items()]
     settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "batch_sizes": batch_sizes,
                 "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
@@ -140,6 +156,23 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     report.plots = [("tokens_per_s", lambda: plots.tokens_per_s_vs_batch(rows)),
                     ("speedup", lambda: plots.speedup_vs_shape(rows))]
     return report
+
+
+def _add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: list) -> None:
+    """Add step_ms, step_cost (t(chain step) / t(plain step)) and step_bound (tau / step_cost) to the
+    plain row and the greedy chain rows of one batch size (`shapes[i]` for `rows[i]`), timing whole
+    compiled steps on `ids` (`bench.microbench.greedy_step_costs`)."""
+    chains = [i for i, s in enumerate(shapes) if s.kind == "chain"]
+    if not chains:
+        return
+    plain_s, chain_s = greedy_step_costs(eng, ids, [shapes[i].spec() for i in chains])
+    for r in rows:
+        if r["kind"] == "plain":
+            r["step_ms"], r["step_cost"] = plain_s * 1e3, 1.0
+    for i, t in zip(chains, chain_s):
+        r = rows[i]
+        r["step_ms"], r["step_cost"] = t * 1e3, t / plain_s
+        r["step_bound"] = r["tau"] / r["step_cost"]
 
 
 def _add_ceiling(eng: Engine, ids: list[list[int]], rows: list[dict], widths: list[int]) -> None:

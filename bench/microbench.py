@@ -124,3 +124,43 @@ def verify_costs(eng: Engine, ids: list[list[int]], widths: list[int], rounds: i
             call()
             times[w].append(time.perf_counter() - start)
     return {w: statistics.median(t) for w, t in times.items()}
+
+
+@torch.inference_mode()
+def greedy_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig], rounds: int = 20
+                      ) -> tuple[float, list[float]]:
+    """Median seconds of one compiled greedy plain step and of one compiled greedy chain step for each
+    chain `specs[i]` (needs `Engine(compile=True)` and a drafter).
+
+    Unlike `verify_costs`, these are whole steps as the decoding loop runs them: the chain step
+    drafts, verifies, accepts and reruns the MTP layer over the verified pairs. The batch `ids` is
+    prefilled once (verifier + MTP); every step starts from that state (lengths are passed as
+    copies, writes land in scratch slots past the prompts) over the pool's span of the prompts.
+    Rounds interleave the steps; the first two calls of each compile and warm up, untimed.
+    """
+    if eng.run_plain_step is None or eng.run_chain_step is None:
+        raise ValueError("greedy_step_costs needs an engine with compile=True and an MTP drafter")
+    room = max((s.depth for s in specs), default=0) + 1
+    sb = prepare(eng, ids, room=room)
+    live = torch.ones(sb.batch, dtype=torch.long, device=eng.device)
+    first_draft = sb.draft_logits.argmax(dim=-1)
+    kv, pe = sb.cache.span(room)
+
+    def plain() -> None:
+        eng.run_plain_step(kv, pe, sb.lengths.clone(), live, sb.pending)
+
+    def chain(spec: SpecConfig) -> None:
+        eng.run_chain_step(kv, pe, sb.lengths.clone(), live, sb.pending, first_draft, sb.draft_hidden, spec.depth,
+                           spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
+
+    calls = [plain] + [partial(chain, s) for s in specs]
+    for call in calls:
+        call(), call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for t, call in zip(times, calls):
+            start = time.perf_counter()
+            call()
+            t.append(time.perf_counter() - start)
+    medians = [statistics.median(t) for t in times]
+    return medians[0], medians[1:]

@@ -75,7 +75,7 @@ def acceptance_speedup(rows: list[dict]):
 
 
 def speedup_vs_shape(rows: list[dict]):
-    """Left: speedup against chain depth (full draft vocabulary), per batch size. Right: speedup
+    """Left: speedup against chain depth, per batch size and draft vocabulary. Right: speedup
     against verified nodes per step for every draft shape (chains, trees, auto), per batch size."""
     spec_rows = [r for r in rows if r["kind"] != "plain"]
     if not spec_rows:
@@ -83,10 +83,12 @@ def speedup_vs_shape(rows: list[dict]):
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for batch in sorted({r["batch_size"] for r in spec_rows}):
-        chains = sorted((r for r in spec_rows if r["batch_size"] == batch and r["kind"] == "chain"
-                         and not r.get("draft_vocab")), key=lambda r: r["depth"])  # full-vocabulary chains
-        if chains:
-            left.plot([r["depth"] for r in chains], [r["speedup"] for r in chains], marker="o", label=f"batch {batch}")
+        for vocab in sorted({r.get("draft_vocab") or 0 for r in spec_rows}):  # a line per draft vocabulary
+            chains = sorted((r for r in spec_rows if r["batch_size"] == batch and r["kind"] == "chain"
+                             and (r.get("draft_vocab") or 0) == vocab), key=lambda r: r["depth"])
+            if chains:
+                left.plot([r["depth"] for r in chains], [r["speedup"] for r in chains], marker="o",
+                          label=f"batch {batch}" + (f" @{vocab}" if vocab else ""))
         rs = sorted((r for r in spec_rows if r["batch_size"] == batch), key=lambda r: r["nodes"])
         right.plot([r["nodes"] for r in rs], [r["speedup"] for r in rs], marker="o", linestyle="",
                    label=f"batch {batch}")
@@ -99,7 +101,8 @@ def speedup_vs_shape(rows: list[dict]):
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel with nothing to show gets no legend
+            ax.legend(fontsize=8)
     left.set_ylabel("speedup over plain (tokens/s ratio)")
     fig.tight_layout()
     return fig

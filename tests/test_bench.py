@@ -277,3 +277,25 @@ def test_cli_peers_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
         assert r["tokens"] > 0 and 0.0 <= r["identical_token_share"] <= 1.0
         assert len(r["tokens_per_s_repeats"]) == 1 and r["ratio_to_transformers_generate"] > 0
     assert data["settings"]["float32_copy_of_fp8"] is True
+
+
+def test_step_bound_is_tau_over_the_step_cost(monkeypatch) -> None:
+    """`bench latency --ceiling --compile` adds whole-step costs to the plain row and the chain rows only."""
+    from bench import latency
+    from bench.common import parse_shapes, PLAIN
+
+    shapes = [PLAIN] + parse_shapes("1,2@64", "2x2x4")
+    seen = []
+
+    def fake_costs(eng, ids, specs):
+        seen.append([(s.depth, s.draft_vocab) for s in specs])
+        return 0.010, [0.015, 0.025]
+
+    monkeypatch.setattr(latency, "greedy_step_costs", fake_costs)
+    rows = [{"kind": s.kind, "tau": t} for s, t in zip(shapes, [1.0, 1.8, 2.5, 2.9])]
+    latency._add_step_bound(None, [[1, 2]], rows, shapes)
+    assert seen == [[(1, None), (2, 64)]]
+    assert rows[0]["step_cost"] == 1.0 and "step_bound" not in rows[0]
+    assert rows[1]["step_cost"] == pytest.approx(1.5) and rows[1]["step_bound"] == pytest.approx(1.2)
+    assert rows[2]["step_ms"] == pytest.approx(25.0) and rows[2]["step_bound"] == pytest.approx(1.0)
+    assert "step_cost" not in rows[3]

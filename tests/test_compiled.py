@@ -162,3 +162,15 @@ def test_compiled_pool_keeps_a_spare_block(engines):
     eager, compiled = engines
     compiled._cache = None  # the next call allocates afresh
     assert compiled._cache_for(2, 40).seq_len == 40 + SPAN_MULTIPLE
+
+
+def test_greedy_step_costs_time_whole_compiled_steps(engines):
+    """`bench.microbench.greedy_step_costs` times the compiled steps from one prefilled state and
+    refuses an engine without them."""
+    from bench.microbench import greedy_step_costs
+
+    eager, compiled = engines
+    plain_s, chain_s = greedy_step_costs(compiled, PROMPTS, [SpecConfig(depth=1), SpecConfig(depth=2)], rounds=2)
+    assert plain_s > 0 and len(chain_s) == 2 and all(t > 0 for t in chain_s)
+    with pytest.raises(ValueError, match="compile=True"):
+        greedy_step_costs(eager, PROMPTS, [SpecConfig(depth=1)])
