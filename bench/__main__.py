@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 skips the equality check")
     g.add_argument("--ceiling", action="store_true",
                    help="also time one verifier forward over 1 and W tokens per row and report each shape's "
-                        "verify cost t(W)/t(1) and ceiling tau/cost (the speedup with free drafting)")
+                        "verify cost t(W)/t(1) and ceiling tau/cost (the speedup with free drafting); with "
+                        "--compile and greedy, also each chain's whole-step cost and step bound tau/step cost")
 
     peers = argparse.ArgumentParser(add_help=False)
     g = peers.add_argument_group("peers")
