@@ -29,7 +29,7 @@ from __future__ import annotations
 from argparse import Namespace
 
 from bench import plots
-from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy_mismatch, parse_int_list,
+from bench.common import (PLAIN, BenchError, Report, Shape, Table, batches, fmt, greedy_mismatch, parse_int_list,
                           paired_speedup, parse_shapes, progress, resolve_auto, timed_runs)
 from bench.microbench import greedy_step_costs, verify_costs
 from bench.prompt_set import Prompt
@@ -158,7 +158,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     return report
 
 
-def _add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: list) -> None:
+def _add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: list[Shape]) -> None:
     """Add step_ms, step_cost (t(chain step) / t(plain step)) and step_bound (tau / step_cost) to the
     plain row and the greedy chain rows of one batch size (`shapes[i]` for `rows[i]`), timing whole
     compiled steps on `ids` (`bench.microbench.greedy_step_costs`)."""
