@@ -235,9 +235,13 @@ def paired_speedup(run: Run, base: Run, key: str = "tokens_per_s") -> float:
     """`run`'s speed over `base`'s (`key`: tokens_per_s or decode_tokens_per_s): the median over
     rounds of the ratio within each round (`timed_runs` interleaves them), so a slow stretch of the
     machine slows both sides of a ratio instead of one."""
-    ours, theirs = run.stats[f"{key}_repeats"], base.stats[f"{key}_repeats"]
+    return paired_ratio(run.stats[f"{key}_repeats"], base.stats[f"{key}_repeats"])
+
+
+def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """The median over rounds of `ours[i] / theirs[i]` (rates of the same rounds)."""
     if len(ours) != len(theirs):
-        raise ValueError(f"paired_speedup: {len(ours)} rounds against {len(theirs)}")
+        raise ValueError(f"paired ratio: {len(ours)} rounds against {len(theirs)}")
     return statistics.median(a / b for a, b in zip(ours, theirs))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -115,15 +116,21 @@ def verify_costs(eng: Engine, ids: list[list[int]], widths: list[int], rounds: i
         pos = lengths.unsqueeze(1) + torch.arange(w, device=eng.device)
         mask = visible_slots(lengths, w, cache.kv.shape[2])
         calls[w] = partial(eng.run_verifier, drafts, pos, cache.kv, cache.pe, pos, mask)
-    for call in calls.values():
+    return dict(zip(calls, _interleaved_medians(list(calls.values()), rounds)))
+
+
+def _interleaved_medians(calls: list[Callable[[], object]], rounds: int) -> list[float]:
+    """Median seconds of each call: two untimed calls each (compile, warm up), then `rounds` rounds
+    that run every call once in turn, so drift of a shared CPU reaches all of them alike."""
+    for call in calls:
         call(), call()
-    times: dict[int, list[float]] = {w: [] for w in calls}
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
-        for w, call in calls.items():
+        for t, call in zip(times, calls):
             start = time.perf_counter()
             call()
-            times[w].append(time.perf_counter() - start)
-    return {w: statistics.median(t) for w, t in times.items()}
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 @torch.inference_mode()
@@ -153,14 +160,5 @@ def greedy_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig]
         eng.run_chain_step(kv, pe, sb.lengths.clone(), live, sb.pending, first_draft, sb.draft_hidden, spec.depth,
                            spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
 
-    calls = [plain] + [partial(chain, s) for s in specs]
-    for call in calls:
-        call(), call()
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(rounds):
-        for t, call in zip(times, calls):
-            start = time.perf_counter()
-            call()
-            t.append(time.perf_counter() - start)
-    medians = [statistics.median(t) for t in times]
+    medians = _interleaved_medians([plain] + [partial(chain, s) for s in specs], rounds)
     return medians[0], medians[1:]

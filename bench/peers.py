@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bench import plots
-from bench.common import BenchError, Report, Table, fmt, parse_shapes, progress, resolve_auto
+from bench.common import BenchError, Report, Table, fmt, paired_ratio, parse_shapes, progress, resolve_auto
 from bench.prompt_set import Prompt
 from bench.stats import compare_outputs
 from model.checkpoint import SCALE_SUFFIX, CheckpointReader
@@ -184,8 +184,8 @@ def run(ckpt: Path, prompts: list[Prompt], a: Namespace) -> Report:
     hf_rates = next(r["tokens_per_s_repeats"] for r in rows if r["kind"] == "transformers")
     for r in rows:  # ratios: the median over rounds of the ratio within a round
         rates = r["tokens_per_s_repeats"]
-        r["ratio_to_specdec_plain"] = statistics.median(x / b for x, b in zip(rates, base_rates))
-        r["ratio_to_transformers_generate"] = statistics.median(x / h for x, h in zip(rates, hf_rates))
+        r["ratio_to_specdec_plain"] = paired_ratio(rates, base_rates)
+        r["ratio_to_transformers_generate"] = paired_ratio(rates, hf_rates)
 
     body = [[r["decoder"], fmt(r["tokens_per_s"], 1), f"{r['ratio_to_specdec_plain']:.2f}x",
              f"{r['ratio_to_transformers_generate']:.2f}x",
