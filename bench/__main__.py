@@ -31,16 +31,17 @@ PROG = "python -m bench"
 
 DEFAULTS = {
     "common": {"num_prompts": 16, "max_new_tokens": 64, "repeats": 3},
-    "acceptance": {"chains": "1,2,3,4", "trees": "3x2x6,4x2x8,3x3x9,auto", "temperatures": "0,0.7,1.0",
+    "acceptance": {"chains": "a3,1,2,3,4", "trees": "3x2x6,4x2x8,3x3x9,auto", "temperatures": "0,0.7,1.0",
                    "draft_modes": "onehot,sample", "batch_size": 8},
-    "latency": {"chains": "1,2,3,4,2@2048,3@2048", "trees": "3x2x6,3x2x6@2048,auto", "batch_sizes": "1,4,8,16"},
+    "latency": {"chains": "a3,1,2,3,4,a3@2048,2@2048,3@2048", "trees": "3x2x6,3x2x6@2048,auto",
+                "batch_sizes": "1,4,8,16"},
     "peers": {"chains": "2,2@2048", "trees": "auto"},
 }
 QUICK = {
     "common": {"num_prompts": 4, "max_new_tokens": 16, "repeats": 1},
     "acceptance": {"chains": "1,2", "trees": "2x2x4,auto", "temperatures": "0,1.0", "draft_modes": "onehot,sample",
                    "batch_size": 4},
-    "latency": {"chains": "1,2", "trees": "2x2x4,auto", "batch_sizes": "1,2"},
+    "latency": {"chains": "a2,1,2", "trees": "2x2x4,auto", "batch_sizes": "1,2"},
     "peers": {"chains": "2", "trees": "", "num_prompts": 2},
 }
 
@@ -66,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="specdec compiled (`--compile` of specdec.generate: whole greedy steps, else the "
                         "decode-step forwards; CPU): "
                         "acceptance/latency use the compiled engine, peers adds compiled rows beside the eager ones")
-    g.add_argument("--chains", help="chain draft depths, comma-separated (acceptance/latency default 1,2,3,4)")
+    g.add_argument("--chains", help="chain draft depths, comma-separated; aK: adaptive speculation up to depth K "
+                                    "(the engine's default); @N: draft among the N lowest ids "
+                                    "(acceptance default a3,1,2,3,4)")
     g.add_argument("--trees", help="tree shapes DEPTHxTOPKxNODES or auto, comma-separated "
                                    "(acceptance default 3x2x6,4x2x8,3x3x9,auto)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus for sampled runs (default 1)")

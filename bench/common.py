@@ -42,7 +42,7 @@ class Shape:
     dimensions; `key` stays "auto" so rows of different runs line up.
     """
 
-    kind: str  # "plain" | "chain" | "tree" | "auto"
+    kind: str  # "plain" | "chain" | "tree" | "auto" | "adaptive" (depth: the most it may draft)
     depth: int = 0
     topk: int = 1
     nodes: int = 0
@@ -55,6 +55,8 @@ class Shape:
             return "plain"
         if self.kind == "chain":
             return f"chain {self.depth}{vocab}"
+        if self.kind == "adaptive":
+            return f"adaptive {self.depth}{vocab}"
         if self.kind == "auto":
             return f"auto{vocab}"
         return f"tree {self.depth}x{self.topk}x{self.nodes}{vocab}"
@@ -75,7 +77,7 @@ class Shape:
         if not self.depth:
             raise ValueError("resolve an auto shape before decoding with it")
         return SpecConfig(depth=self.depth, topk=self.topk, nodes=self.nodes if self.topk > 1 else None,
-                          draft_mode=draft_mode, draft_vocab=self.draft_vocab)
+                          draft_mode=draft_mode, draft_vocab=self.draft_vocab, adaptive=self.kind == "adaptive")
 
 
 PLAIN = Shape("plain")
@@ -112,13 +114,15 @@ def _split_vocab(item: str, flag: str) -> tuple[str, int | None]:
 
 
 def parse_shapes(chains: str, trees: str) -> list[Shape]:
-    """`--chains 1,2,3@2048` and `--trees 3x2x6,4x2,auto@2048` (depth x topk [x nodes], `@N`: draft
-    among the N lowest token ids) → shapes, in that order."""
+    """`--chains a3,1,2,3@2048` and `--trees 3x2x6,4x2,auto@2048` (depth x topk [x nodes], `@N`: draft
+    among the N lowest token ids; `aK`: adaptive speculation up to depth K, the engine's default)
+    → shapes, in that order; fixed chains and trees are pinned (`SpecConfig.adaptive` False)."""
     shapes = []
     for item in (c.strip() for c in chains.split(",")):
         if item:
             text, vocab = _split_vocab(item, "--chains")
-            shapes += [Shape("chain", d, 1, d, vocab) for d in parse_int_list(text, "--chains")]
+            kind = "adaptive" if text.startswith("a") else "chain"
+            shapes += [Shape(kind, d, 1, d, vocab) for d in parse_int_list(text.lstrip("a"), "--chains")]
     for item in (t.strip() for t in trees.split(",")):
         if not item:
             continue
@@ -133,7 +137,7 @@ def parse_shapes(chains: str, trees: str) -> list[Shape]:
         if len(dims) not in (2, 3):
             raise BenchError(f"--trees: {item!r} is not DEPTHxTOPK[xNODES] or auto")
         try:
-            spec = SpecConfig(depth=dims[0], topk=dims[1], nodes=dims[2] if len(dims) == 3 else None)
+            spec = SpecConfig(depth=dims[0], topk=dims[1], nodes=dims[2] if len(dims) == 3 else None, adaptive=False)
         except ConfigError as e:
             raise BenchError(f"--trees {item}: {e}") from None
         shapes.append(Shape("tree" if spec.topk > 1 else "chain", spec.depth, spec.topk, spec.n_nodes, vocab))

@@ -89,7 +89,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                 "speedup": paired_speedup(r, plain), "tau": s["tau"],
                 "decode_tokens_per_s": s["decode_tokens_per_s"],
                 "decode_speedup": paired_speedup(r, plain, "decode_tokens_per_s"),
-                "equal_to_plain": same, "best_chain": False,
+                "equal_to_plain": same, "best_chain": False, "depth_steps": s.get("depth_steps", []),
             })
         if a.ceiling:
             bar.set_postfix_str(f"batch {batch} verify cost")
@@ -107,7 +107,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     for batch in batch_sizes:
         body = []
         for r in (r for r in rows if r["batch_size"] == batch):
-            label = r["label"] + (" (best chain)" if r["best_chain"] else "")
+            label = r["label"] + (" (best chain)" if r["best_chain"] else "") + depth_share(r)
             equal = "" if r["kind"] == "plain" else ("n/a (sampled)" if r["equal_to_plain"] is None
                                                      else fmt(r["equal_to_plain"]))
             body.append([label, fmt(r["tau"]), fmt(r["tokens_per_s"], 1), fmt(r["tpot_p50_ms"]),
@@ -147,6 +147,10 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                      "step, same prompts, interleaved; step bound: tau / step cost, the decode speedup those "
                      "steps allow")
     notes += [f"auto at {k}: choose_tree picked {v} (depth x topk x nodes)" for k, v in auto_choices.items()]
+    if any(r["kind"] == "adaptive" for r in rows):
+        notes.append("adaptive K: the engine's default, each step's depth chosen in 0..K from step costs measured "
+                     "on this machine and the running acceptance (specdec.adaptive); [d0 …]: share of its steps "
+                     "run at each depth, d0 being plain steps")
     settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "batch_sizes": batch_sizes,
                 "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
                 "shapes": [s.key for s in shapes], "quick": a.quick, "compiled": eng.compiled is not None,
@@ -156,6 +160,14 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     report.plots = [("tokens_per_s", lambda: plots.tokens_per_s_vs_batch(rows)),
                     ("speedup", lambda: plots.speedup_vs_shape(rows))]
     return report
+
+
+def depth_share(row: dict) -> str:
+    """` [d0 12% d2 88%]`: an adaptive row's share of steps per depth ('' for other rows)."""
+    steps = row.get("depth_steps") or []
+    if row["kind"] != "adaptive" or not sum(steps):
+        return ""
+    return " [" + " ".join(f"d{d} {100 * n / sum(steps):.0f}%" for d, n in enumerate(steps) if n) + "]"
 
 
 def _add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: list[Shape]) -> None:

@@ -18,7 +18,7 @@ from functools import partial
 import torch
 
 from specdec import Engine, SpecConfig
-from specdec.speculative import SpeculativeDecoder
+from specdec.speculative import RowState, SpeculativeDecoder
 from specdec.tree import DraftTree, chain_tree, visible_slots
 
 MAX_NODES = 32
@@ -67,13 +67,14 @@ class StepBench:
     @torch.inference_mode()
     def decode(self):
         """One plain decode step (one token per row); call `reset` before the next."""
-        return self.eng._decode_step(self.cache, self.pending, self.batch)
+        return self.eng.decode_step(self.cache, self.pending, self.batch)
 
     @torch.inference_mode()
     def draft(self, spec: SpecConfig) -> DraftTree:
         """One MTP drafting phase of shape `spec` (chain or tree), as `SpeculativeDecoder._draft` runs it."""
         dec = SpeculativeDecoder(self.eng, spec, 0.0, 1.0, 0)
-        return dec._draft(self.cache, self.cache.lengths[: self.batch], self.draft_logits, self.draft_hidden)
+        state = RowState(self.pending, self.draft_logits, self.draft_hidden)
+        return dec._draft(self.cache, self.cache.lengths[: self.batch], state, spec.depth)
 
     @torch.inference_mode()
     def mtp_forward(self):
@@ -89,10 +90,11 @@ class StepBench:
 @torch.inference_mode()
 def prepare(eng: Engine, ids: list[list[int]], room: int = MAX_NODES + 8) -> StepBench:
     """Prefill `ids` (one row each) through the verifier and the MTP layer; leave `room` scratch slots."""
-    decoder = SpeculativeDecoder(eng, SpecConfig(depth=1), 0.0, 1.0, 0)
-    cache = eng._cache_for(len(ids), max(map(len, ids)) + room)
-    pending, logits, hidden = decoder._prefill(cache, ids)
-    return StepBench(eng, decoder, cache, cache.lengths[: len(ids)].clone(), pending, logits, hidden)
+    decoder = SpeculativeDecoder(eng, SpecConfig(depth=1, adaptive=False), 0.0, 1.0, 0)
+    cache = eng.cache_for(len(ids), max(map(len, ids)) + room)
+    state = decoder._prefill(cache, ids)
+    return StepBench(eng, decoder, cache, cache.lengths[: len(ids)].clone(), state.pending, state.draft_logits,
+                     state.draft_hidden)
 
 
 @torch.inference_mode()
@@ -106,9 +108,9 @@ def verify_costs(eng: Engine, ids: list[list[int]], widths: list[int], rounds: i
     compiled forward (the first two calls of each width compile and warm up, untimed). Rounds
     interleave the widths, so drift of a shared CPU reaches all of them alike.
     """
-    cache = eng._cache_for(len(ids), max(map(len, ids)) + max(widths))
-    tokens, lengths = eng._pad(ids)
-    eng._prefill(cache, tokens, lengths)
+    cache = eng.cache_for(len(ids), max(map(len, ids)) + max(widths))
+    tokens, lengths = eng.pad(ids)
+    eng.prefill(cache, tokens, lengths)
     generator = torch.Generator().manual_seed(seed)
     calls = {}
     for w in sorted(set(widths)):

@@ -39,6 +39,10 @@ def _get(stats: Any, name: str):
     return stats[name] if isinstance(stats, dict) else getattr(stats, name)
 
 
+def _has(stats: Any, name: str) -> bool:
+    return name in stats if isinstance(stats, dict) else hasattr(stats, name)
+
+
 def pool(stats_list: Sequence[Any]) -> dict:
     """Several generate calls' statistics as one.
 
@@ -46,7 +50,8 @@ def pool(stats_list: Sequence[Any]) -> dict:
     over the decode seconds. Rates per row-step (tau, acceptance per position, draft acceptance
     rate) are averaged weighting each call by its row_steps, i.e. pooled over all row-steps of all
     prompts. Latency samples are concatenated
-    (tpot_s) or listed per call (ttft_s). Plain calls (no acceptance) get tau 1.
+    (tpot_s) or listed per call (ttft_s). Plain calls (no acceptance) get tau 1. depth_steps: steps
+    per draft depth summed over calls (adaptive runs; [] for plain).
     """
     if not stats_list:
         raise ValueError("pool() needs at least one GenerationStats")
@@ -68,6 +73,8 @@ def pool(stats_list: Sequence[Any]) -> dict:
         rate = weighted(lambda s: _get(s, "draft_acceptance_rate"))
     tpot = [t for s in stats_list for t in _get(s, "tpot_s")]
     ttft = [_get(s, "ttft_s") for s in stats_list]
+    depth_lists = [list(_get(s, "depth_steps")) if _has(s, "depth_steps") else [] for s in stats_list]
+    depth_steps = [sum(d[i] for d in depth_lists if i < len(d)) for i in range(max(map(len, depth_lists)))]
     return {
         "calls": len(stats_list),
         "tokens": tokens,
@@ -86,6 +93,7 @@ def pool(stats_list: Sequence[Any]) -> dict:
         "tpot_p50_ms": None if not tpot else 1e3 * percentile(tpot, 50),
         "tpot_p90_ms": None if not tpot else 1e3 * percentile(tpot, 90),
         "tpot_samples": len(tpot),
+        "depth_steps": depth_steps,
     }
 
 

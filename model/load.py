@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.cpu_gemm import GemmTuner
 from model.args import ModelArgs, load_model_args
 from model.checkpoint import CheckpointReader, load_state, mtp_tensor_names
 from model.parallel import ParallelContext, prepare_cpu
@@ -20,6 +21,7 @@ def load_verifier(
     max_seq_len: int = 4096,
     keep_fp8: bool | None = None,
     show_progress: bool = True,
+    tuner: GemmTuner | None = None,
 ) -> tuple[Transformer, CheckpointReader]:
     """Load the main model (layers 0..L-1, norm, head) of the checkpoint at `path` for this rank.
 
@@ -30,6 +32,8 @@ def load_verifier(
         max_seq_len: longest sequence (prompt + generated + draft) the RoPE tables cover.
         keep_fp8: keep FP8 projections in FP8 (True) or dequantise at load (False);
             None: FP8 on CUDA, dequantised elsewhere.
+        tuner: times the CPU GEMM formulations for each weight shape (`kernels.cpu_gemm`);
+            None: the default formulation everywhere.
     Returns:
         (model, reader); the reader stays open for the MTP drafter, whose tensors
         (`model.layers.{L}.*`) the verifier leaves untouched.
@@ -44,6 +48,6 @@ def load_verifier(
     load_state(model, reader, "", device, show_progress and ctx.rank == 0, args.fp8_block_size or 128)
     model.init_rope(device)
     if torch.device(device).type == "cpu":
-        prepare_cpu(model, transposed_copies=(model.lm_head,))
+        prepare_cpu(model, tuner, heads=(model.lm_head,))
     model.mtp_tensors = mtp_tensor_names(reader, args.n_layers)
     return model.eval(), reader

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
+from kernels.cpu_gemm import GemmTuner, RowPlan, interleaved_seconds
 from model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RowParallelLinear
 
 
@@ -28,6 +29,10 @@ per row (32 slots), 20.6 → 16.5 ms for 4 (64 slots), 36.2 → 29.9 ms for 8, 2
 batch 16 × 64 tokens (2,048 slots, 1 GiB gathered per layer): 492 → 425 ms. The cap keeps the
 copies of larger experts (or longer calls) bounded; compiled calls hold at most 64 tokens per row.
 """
+
+
+EXPERT_FORMULATIONS = ("loop", "dense")
+"""How eager CPU calls run the routed experts (`MoE.tune_cpu` times them per token count)."""
 
 
 class MLP(nn.Module):
@@ -129,6 +134,7 @@ class MoE(nn.Module):
             if args.n_shared_experts > 0 else None
         )
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.expert_plan: RowPlan | None = None  # eager CPU: "loop" or "dense" per token count
 
     def fuse_for_cpu(self) -> None:
         """Stack the local experts' weights (unquantised ones) for `_routed_static`: gate and up as
@@ -147,19 +153,46 @@ class MoE(nn.Module):
             x.down_proj.prepare_cpu()
         self.stacked = (gate_up, down)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[..., dim]` → `[..., dim]`.
+    def tune_cpu(self, tuner: GemmTuner) -> None:
+        """Choose, by timing on this machine per token count, how eager CPU calls run the experts
+        (`RowPlan` over `EXPERT_FORMULATIONS`): "loop" (each chosen expert on its tokens) or
+        "dense" (every local expert on every token as two batched GEMMs, mixed by the routing
+        weights: more FLOPs, far fewer dispatched ops). Only for stacked (unquantised) experts."""
+        if self.stacked is None:
+            return
+        gate_up, down = self.stacked
+        dim = gate_up.shape[-1]
+        name = f"moe {gate_up.shape[0]}x{down.shape[-1]}x{dim} top{self.gate.topk} {gate_up.dtype}"
 
-        Routed slots (token, choice) are sorted by expert, so each local expert runs once on a
-        contiguous slice of gathered tokens and one `index_add_` scatters all results back.
-        """
+        def timer(candidates: tuple[str, ...], rows: int) -> dict[str, float]:
+            x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(rows)).to(gate_up.dtype)
+            with torch.inference_mode():
+                return interleaved_seconds({c: (lambda c=c: self._eager(x, c)) for c in candidates})
+
+        self.expert_plan = tuner.choose(name, EXPERT_FORMULATIONS, "loop", timer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[..., dim]` → `[..., dim]` (compiled: `_routed_static`; eager: the plan's formulation)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, indices = self.gate(flat)
         if torch.compiler.is_compiling() and self.stacked is not None:
+            weights, indices = self.gate(flat)
             return self._routed_static(flat, weights, indices).view(shape)
+        plan = self.expert_plan
+        return self._eager(flat, plan.for_rows(flat.shape[0]) if plan else "loop").view(shape)
+
+    def _eager(self, flat: torch.Tensor, formulation: str) -> torch.Tensor:
+        """flat `[N, dim]` through the experts by `formulation` ("loop" or "dense", see `tune_cpu`).
+
+        "loop": routed slots (token, choice) are sorted by expert, so each local expert runs once on
+        a contiguous slice of gathered tokens and one `index_add_` scatters all results back."""
+        weights, indices = self.gate(flat)
+        if formulation == "dense" and self.stacked is not None:
+            routed = self._routed_dense(flat, weights, indices)
+            self.ctx.all_reduce(routed)
+            return routed if self.shared_experts is None else routed + self.shared_experts(flat)
         if flat.shape[0] == 1:
-            return self._one_token(flat, weights, indices).view(shape)
+            return self._one_token(flat, weights, indices)
         expert_of = indices.flatten()
         order = expert_of.argsort()
         counts = torch.bincount(expert_of, minlength=self.n_routed_experts).tolist()
@@ -179,7 +212,7 @@ class MoE(nn.Module):
         self.ctx.all_reduce(routed)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(flat)
-        return routed.view(shape)
+        return routed
 
     def _one_token(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The single-token case (batch-1 decode, one draft step) without sorting or scattering."""
@@ -192,6 +225,20 @@ class MoE(nn.Module):
         if self.ctx.world_size > 1:
             routed = self.ctx.all_reduce(routed if routed is not None else torch.zeros_like(flat))
         return out if routed is None else out + routed
+
+    def _routed_dense(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's routed-expert sum for flat `[N, dim]`: every local expert on every token (two
+        batched GEMMs over the stacked weights), mixed by the (mostly zero) routing weights."""
+        gate_up, down = self.stacked
+        n_local, inter = gate_up.shape[0], down.shape[-1]
+        local = indices - self.local_experts.start
+        is_local = (local >= 0) & (local < n_local)
+        w = weights.masked_fill(~is_local, 0.0).to(flat.dtype)
+        h = torch.matmul(flat, gate_up.transpose(1, 2))  # [E, N, 2I]
+        y = torch.matmul(F.silu(h[..., :inter]) * h[..., inter:], down.transpose(1, 2))  # [E, N, dim]
+        mix = torch.zeros(flat.shape[0], n_local, dtype=flat.dtype, device=flat.device)
+        mix.scatter_add_(1, local.clamp(0, n_local - 1), w)
+        return torch.einsum("end,ne->nd", y, mix)
 
     def _routed_static(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """All experts (shared + routed) for `flat` `[N, dim]` with shapes that never depend on the
@@ -214,9 +261,6 @@ class MoE(nn.Module):
             y = torch.bmm(down[chosen], (F.silu(h[:, :inter]) * h[:, inter:]).unsqueeze(-1)).squeeze(-1)
             routed = (y.view(n, k, -1) * w.unsqueeze(-1)).sum(dim=1)
         else:
-            h = torch.matmul(flat, gate_up.transpose(1, 2))  # [E, N, 2I]
-            y = torch.matmul(F.silu(h[..., :inter]) * h[..., inter:], down.transpose(1, 2))  # [E, N, dim]
-            mix = torch.zeros(n, n_local, dtype=flat.dtype, device=flat.device).scatter_add(1, local, w)
-            routed = torch.einsum("end,ne->nd", y, mix)
+            routed = self._routed_dense(flat, weights, indices)
         self.ctx.all_reduce(routed)
         return routed if self.shared_experts is None else routed + self.shared_experts(flat)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels import cpu_gemm
+from kernels.cpu_gemm import DEFAULT_PLAN, RowPlan, GemmTuner
 from model.errors import ConfigError
 
 
@@ -40,6 +42,15 @@ class ParallelContext:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def broadcast_int(self, value: int, device: torch.device) -> int:
+        """Rank 0's `value` on every rank (one collective; no-op on one rank), e.g. a decision that
+        rests on per-rank timings and must be the same everywhere."""
+        if self.world_size == 1:
+            return value
+        box = torch.tensor([value], dtype=torch.long, device=device)
+        dist.broadcast(box, src=0, group=self.group)
+        return int(box)
 
     def split(self, size: int, what: str) -> tuple[int, int]:
         """(start, length) of this rank's equal share of `size` elements; `what` names them in errors."""
@@ -83,7 +94,8 @@ class Linear(nn.Module):
         else:
             self.register_parameter("weight_scale_inv", None)
 
-    weight_t: torch.Tensor | None = None  # `[in, out]` (view or copy) once `prepare_cpu` ran
+    gemm_plan: RowPlan | None = None  # the CPU formulation per row count once `prepare_cpu` ran
+    weight_copy: torch.Tensor | None = None  # `[in, out]` contiguous copy when the plan runs "x_wcopy"
 
     def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
         """x `[..., in]` → `[..., out]` in x's dtype; with `out_features`, only the first that many
@@ -92,42 +104,35 @@ class Linear(nn.Module):
             if out_features is not None:
                 raise ValueError("out_features needs an unquantised weight")
             return kernels.fp8_linear(x, self.weight, self.weight_scale_inv)
-        weight, weight_t = self.weight, self.weight_t
+        weight, weight_copy = self.weight, self.weight_copy
         if out_features is not None:
-            weight, weight_t = weight[:out_features], None if weight_t is None else weight_t[:, :out_features]
-        if _cpu_path(x, weight_t, weight):
-            return _cpu_linear(x, weight, weight_t)
+            weight, weight_copy = weight[:out_features], None if weight_copy is None else weight_copy[:, :out_features]
+        if _cpu_path(x, self.gemm_plan, weight):
+            return _cpu_linear(x, weight, weight_copy, self.gemm_plan)
         return F.linear(x, weight)
 
-    def prepare_cpu(self, transposed_copy: bool = False) -> None:
-        """Set up the CPU fast path for an unquantised weight (call after loading).
-
-        `weight_t` is `weight.t()` (a view), or with `transposed_copy` an `[in, out]` contiguous copy:
-        MKL's row-major GEMV over short rows (a vocabulary head with in = 256: 8192 dot products
-        of 256) runs at about a third of the speed of the column-major one (measured: 1.3 ms vs
-        0.5 ms for 8192 × 256 from DRAM), so the head, which every plain step and every draft step
-        runs on one row, pays `in × out` more memory for the copy.
-        """
+    def prepare_cpu(self, plan: RowPlan | None = None) -> None:
+        """Set up the CPU path for an unquantised weight (call after loading): each call runs the
+        formulation `plan` gives for its row count (`kernels.cpu_gemm`; default: keep the plan set
+        before, else `DEFAULT_PLAN`). A plan that runs "x_wcopy" gets an `[in, out]` copy of the
+        weight (in × out more memory), which only `prepare_cpu(module, tuner)` offers, to heads."""
         if self.weight_scale_inv is None:
-            w = self.weight.detach()
-            self.weight_t = w.t().contiguous() if transposed_copy else w.t()
+            self.gemm_plan = plan or self.gemm_plan or DEFAULT_PLAN
+            needs_copy = self.gemm_plan.needs_copy
+            self.weight_copy = self.weight.detach().t().contiguous() if needs_copy else None
 
 
-def _cpu_path(x: torch.Tensor, weight_t: torch.Tensor | None, weight: torch.Tensor) -> bool:
+def _cpu_path(x: torch.Tensor, plan: RowPlan | None, weight: torch.Tensor) -> bool:
     """Whether `_cpu_linear` serves x: the layer was prepared for the CPU and x is a CPU tensor of its dtype."""
-    return weight_t is not None and x.device.type == "cpu" and x.dtype == weight.dtype
+    return plan is not None and x.device.type == "cpu" and x.dtype == weight.dtype
 
 
-def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """x `[..., in]` @ weight`[out, in]`ᵀ on the CPU with as few dispatched ops as possible, in the
-    GEMM formulation MKL runs fastest: 2–16 rows as `weight @ xᵀ` (measured 2–4x faster than
-    `x @ weightᵀ` for the small shapes of a verify step), otherwise `x @ weight_t`."""
+def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None,
+                plan: RowPlan) -> torch.Tensor:
+    """x `[..., in]` @ weight`[out, in]`ᵀ on the CPU in the formulation `plan` measured fastest on
+    this machine for x's row count (see `kernels.cpu_gemm`), with as few dispatched ops as possible."""
     rows = x.numel() // x.shape[-1]
-    x2 = x.reshape(rows, x.shape[-1])
-    if 2 <= rows <= 16:
-        y = torch.mm(weight, x2.t()).t().contiguous()
-    else:
-        y = torch.mm(x2, weight_t)
+    y = cpu_gemm.gemm(x.reshape(rows, x.shape[-1]), weight, weight_copy, plan.for_rows(rows))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -145,12 +150,12 @@ class FusedLinears:
         larger stack); None: a new one."""
         self.parts = parts
         self.weight = torch.cat([p.weight.detach() for p in parts], out=storage)
-        self.weight_t = self.weight.t()
+        self.plan: RowPlan = DEFAULT_PLAN
         self.sizes = [p.weight.shape[0] for p in parts]
         start = 0
         for p, n in zip(parts, self.sizes):
             p.weight.data = self.weight[start : start + n]
-            p.weight_t = p.weight.detach().t()
+            p.prepare_cpu()
             start += n
 
     @staticmethod
@@ -159,20 +164,37 @@ class FusedLinears:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x `[..., in]` → one `[..., out_i]` per part."""
-        if not _cpu_path(x, self.weight_t, self.weight):
+        if not _cpu_path(x, self.plan, self.weight):
             return [p(x) for p in self.parts]
-        return list(_cpu_linear(x, self.weight, self.weight_t).split(self.sizes, dim=-1))
+        return list(_cpu_linear(x, self.weight, None, self.plan).split(self.sizes, dim=-1))
 
 
-def prepare_cpu(module: nn.Module, transposed_copies: tuple[Linear, ...] = ()) -> None:
-    """Set up `module` for the CPU after loading: `Linear.prepare_cpu` on every linear layer (copies for
-    those in `transposed_copies`), then `fuse_for_cpu()` on every submodule that has one."""
+def prepare_cpu(module: nn.Module, tuner: GemmTuner | None = None, heads: tuple[Linear, ...] = ()) -> None:
+    """Set up `module` for the CPU after loading: `fuse_for_cpu()` on every submodule that has one,
+    then a GEMM plan for every unquantised linear layer and fused group, timed by `tuner` on this
+    machine (None: the default formulation everywhere), then `tune_cpu(tuner)` on every submodule
+    that has one. Layers in `heads` (vocabulary heads) may also get a transposed copy of their
+    weight when the tuner finds it faster."""
     for sub in module.modules():
         if isinstance(sub, Linear):
-            sub.prepare_cpu(any(sub is t for t in transposed_copies))
+            sub.prepare_cpu()
     for sub in module.modules():
         if hasattr(sub, "fuse_for_cpu"):
             sub.fuse_for_cpu()
+    if tuner is None:
+        return
+    fused = [v for sub in module.modules() for v in vars(sub).values() if isinstance(v, FusedLinears)]
+    parts = {id(p) for f in fused for p in f.parts}  # run through their group on the CPU
+    for f in fused:
+        f.plan = tuner.plan(*f.weight.shape)
+    for sub in module.modules():
+        if isinstance(sub, Linear) and sub.weight_scale_inv is None and id(sub) not in parts:
+            out, inp = sub.weight.shape
+            sub.prepare_cpu(tuner.plan(out, inp, allow_copy=any(sub is h for h in heads)))
+    for sub in module.modules():
+        if hasattr(sub, "tune_cpu"):  # module-level choices (MoE expert formulation)
+            sub.tune_cpu(tuner)
+    tuner.save()
 
 
 class ColumnParallelLinear(Linear):

@@ -23,6 +23,7 @@ from torch import nn
 from model.checkpoint import CheckpointReader, load_state
 from model.errors import CheckpointError, ConfigError
 from model.mtp_layer import MTPLayer
+from kernels.cpu_gemm import GemmTuner
 from model.parallel import prepare_cpu
 from model.transformer import Transformer
 
@@ -147,7 +148,8 @@ def _same_as_main(reader: CheckpointReader, name: str, main_param: torch.Tensor,
 
 
 def load_drafter(main: Transformer, reader: CheckpointReader, device: torch.device | str,
-                 fp8_block: int | None, show_progress: bool = False) -> MTPDrafter:
+                 fp8_block: int | None, show_progress: bool = False,
+                 tuner: GemmTuner | None = None) -> MTPDrafter:
     """Load the first MTP layer of the checkpoint, sharded like the main layers.
 
     The MTP layer's `embed_tokens` and `shared_head.head` are duplicates of the main ones in the
@@ -168,6 +170,6 @@ def load_drafter(main: Transformer, reader: CheckpointReader, device: torch.devi
         layer.shared_head.head = None
     load_state(layer, reader, prefix, device, show_progress and ctx.rank == 0, args.fp8_block_size or 128)
     if torch.device(device).type == "cpu":
-        prepare_cpu(layer, transposed_copies=(layer.shared_head.head,) if layer.shared_head.head else ())
+        prepare_cpu(layer, tuner, heads=(layer.shared_head.head,) if layer.shared_head.head else ())
     return MTPDrafter(layer.eval(), main, cache_layer=index)
 

@@ -75,6 +75,17 @@ def accept_onehot(tree: DraftTree, target_probs: torch.Tensor, generator: torch.
     return _walk(tree, lambda b, node, kids: (_child_with_token(tokens[b], kids, y[b][node]), y[b][node]))
 
 
+def accept_chain(drafts: torch.Tensor, target: torch.Tensor) -> Acceptance:
+    """A chain's walk as tensor ops: drafts `[B, K]`, target `[B, K+1]` the verifier's token at every
+    node (its argmax when greedy; for one-hot drafts the draws y ~ p of `accept_onehot`, same draws).
+    The first a drafts equal to the target are accepted; the target at node a follows them. Same
+    result as `accept_greedy`/`accept_onehot` on `chain_tree(drafts)`, without the Python walk."""
+    batch, depth = drafts.shape
+    n_accepted = (drafts == target[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+    path = torch.arange(1, depth + 1, device=drafts.device).expand(batch, depth)
+    return Acceptance(n_accepted, path, target.gather(1, n_accepted.unsqueeze(1))[:, 0])
+
+
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm((p − q)+) over the last dim; falls back to p where p ≤ q everywhere (rejection then has probability 0)."""
     r = (p - q).clamp_min(0.0)

@@ -126,7 +126,7 @@ def choose_tree(engine, ids: list[list[int]], temperature: float, top_p: float, 
     recorder = _RankRecorder(engine, wide, temperature, top_p, seed)
     recorder.generate(ids, CALIBRATION_TOKENS)
     lengths = torch.tensor([len(p) for p in ids], device=engine.device)
-    engine._cache_for(len(ids), int(lengths.max()) + MAX_TOPK * MAX_DEPTH + 2)
+    engine.cache_for(len(ids), int(lengths.max()) + MAX_TOPK * MAX_DEPTH + 2)
 
     verify = {n: _verify_seconds(engine, lengths, n + 1) for n in
               sorted({k * d for k in range(1, MAX_TOPK + 1) for d in range(1, MAX_DEPTH + 1)} | {0})}

@@ -7,19 +7,22 @@ Plain decoding reads top-down in `_generate_plain`: prefill the ragged batch →
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from kernels.cpu_gemm import GemmTuner, machine_key, measure_enabled
 from model.errors import ConfigError, SpecdecError
 from model.load import load_verifier
 from model.parallel import ParallelContext
 from model.transformer import Transformer
 from mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
+from specdec.adaptive import SpeculationPolicy, StepCosts, default_cost_path
 from specdec.cache import SPAN_MULTIPLE, LatentCache, take_rows
+from specdec.config import GenerationOutput, GenerationStats, SpecConfig
 from specdec.compiled import CompiledDecode, check_compile_supported
 from specdec.defaults import default_model_path
 from specdec.distributed import default_device, init_parallel
@@ -28,105 +31,6 @@ from specdec.sampling import sample
 from specdec.speculative import SpeculativeDecoder
 from specdec.tokenizer import load_tokenizer
 from specdec.tree import visible_slots
-
-
-@dataclass(frozen=True)
-class SpecConfig:
-    """How the MTP drafter drafts.
-
-    depth: draft depth K (chain length, or tree depth).
-    topk: children per expanded node (1: a chain). nodes: draft nodes verified per step (trees;
-        default topk × depth; between depth and the full tree's topk + (depth-1)·topk²).
-    draft_mode: "onehot" drafts the MTP argmax; "sample" draws drafts from the MTP distribution q
-        (temperature > 0 only; greedy decoding always drafts the argmax).
-    verifier_hidden: which verifier state feeds the MTP layer: "normed" (after model.norm, the
-        head's input) or "prenorm" (the last block's output).
-    draft_hidden: which MTP state feeds the next depth: "normed" (after shared_head.norm) or "prenorm".
-    draft_vocab: the drafter proposes only token ids below this (None: the whole vocabulary); its
-        head then reads that many rows instead of all (see `MTPDrafter.forward`). Lossless either way.
-    """
-
-    depth: int = 3
-    topk: int = 1
-    nodes: int | None = None
-    draft_mode: str = "onehot"
-    verifier_hidden: str = "normed"
-    draft_hidden: str = "normed"
-    draft_vocab: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.draft_vocab is not None and self.draft_vocab < max(self.topk, 1):
-            raise ConfigError(f"draft vocabulary ({self.draft_vocab}) must be >= tree topk ({self.topk})")
-        if not isinstance(self.depth, int) or self.depth < 1:
-            raise ConfigError(f"draft depth must be an integer >= 1, got {self.depth}")
-        if self.topk < 1:
-            raise ConfigError(f"tree topk must be >= 1, got {self.topk}")
-        if self.nodes is not None and self.nodes < self.depth:
-            raise ConfigError(f"tree nodes ({self.nodes}) must be >= draft depth ({self.depth})")
-        full = self.topk + (self.depth - 1) * self.topk * self.topk
-        if self.nodes is not None and self.nodes > full:
-            raise ConfigError(f"tree nodes ({self.nodes}) exceed the full tree of depth {self.depth} and topk "
-                              f"{self.topk} ({full} nodes)")
-        for name, value, allowed in (("draft mode", self.draft_mode, ("onehot", "sample")),
-                                     ("verifier hidden", self.verifier_hidden, ("normed", "prenorm")),
-                                     ("draft hidden", self.draft_hidden, ("normed", "prenorm"))):
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-    @property
-    def n_nodes(self) -> int:
-        """Draft nodes verified per step (the chain's depth when topk is 1)."""
-        if self.topk == 1:
-            return self.depth
-        return self.nodes if self.nodes is not None else self.topk * self.depth
-
-    @property
-    def draft_slots(self) -> int:
-        """Cache slots a step may write beyond the committed length (verified nodes, MTP scratch rows)."""
-        return max(self.n_nodes + 1, (self.depth - 1) * self.topk + 1)
-
-
-@dataclass
-class GenerationStats:
-    """Metrics of one `generate` call (names as in vLLM/SGLang so numbers compare).
-
-    tokens: new tokens emitted over all rows. verify_steps: verifier forwards after prefill.
-    tau: tokens per verifier forward and row (accepted drafts + 1, before EOS/budget cuts; 1 when plain
-        or when no verify step ran).
-    acceptance_per_position: share of row-steps whose first i+1 drafted tokens were all accepted ([] plain).
-    draft_acceptance_rate: accepted drafts / drafted tokens. row_steps: verify steps summed over rows.
-    tokens_per_s: tokens / wall_s. wall_s: seconds for the whole call (prefill included).
-    prefill_s: seconds of the prefill forward; decode_s: seconds after it.
-    ttft_s: seconds from the call to the first new token of every row (prefill + first sample).
-    tpot_s: one entry per new token after each row's first: the seconds it took, i.e. the wall time
-        of the step that produced it divided by the tokens that step gave its row (for p50/p90).
-    """
-
-    tokens: int = 0
-    verify_steps: int = 0
-    tau: float = 0.0
-    acceptance_per_position: list[float] = field(default_factory=list)
-    tokens_per_s: float = 0.0
-    wall_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    batch_size: int = 0
-    draft_acceptance_rate: float = 0.0
-    row_steps: int = 0
-    ttft_s: float = 0.0
-    tpot_s: list[float] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class GenerationOutput:
-    """token_ids[i]: new tokens of prompt i (EOS included when it ended the row); texts[i]: their text."""
-
-    token_ids: list[list[int]]
-    texts: list[str]
-    stats: GenerationStats
 
 
 class StepClock:
@@ -179,6 +83,7 @@ class Engine:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
         self._cache: LatentCache | None = None
+        self.cost_tables: dict[str, StepCosts] = {}  # adaptive speculation's measured step costs
 
     @classmethod
     def from_pretrained(
@@ -190,12 +95,16 @@ class Engine:
         keep_fp8: bool | None = None,
         show_progress: bool = False,
         compile: bool = False,
+        tune: bool | GemmTuner | None = None,
     ) -> "Engine":
         """Load the checkpoint at `path` (None: the embedded default model) for this rank.
 
         Under torchrun the process group is joined here (gloo on CPU, nccl on CUDA) and each rank
         reads only its slices. `dtype` defaults to float32 on CPU and bfloat16 on CUDA. `compile`:
         run the decode-step forwards through `torch.compile` (`specdec.compiled`; CPU, one process).
+        `tune`: on the CPU, time the GEMM formulations of every weight shape on this machine and use
+        the fastest (`kernels.cpu_gemm`; verdicts cached in `~/.cache/specdec`); False: the default
+        formulation; None: on unless `SPECDEC_TUNE=0`; a `GemmTuner`: that one (e.g. to re-time).
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -206,10 +115,13 @@ class Engine:
         path = Path(path)
         if max_seq_len < 2:
             raise ConfigError(f"max_seq_len must be >= 2, got {max_seq_len}")
-        model, reader = load_verifier(path, ctx, device, dtype, max_seq_len, keep_fp8, show_progress)
+        tuner = None
+        if device.type == "cpu":
+            tuner = tune if isinstance(tune, GemmTuner) else GemmTuner(dtype, measure=tune)
+        model, reader = load_verifier(path, ctx, device, dtype, max_seq_len, keep_fp8, show_progress, tuner)
         drafter = None
         if has_mtp_layer(reader, model.args.n_layers):
-            drafter = load_drafter(model, reader, device, model.fp8_block, show_progress)
+            drafter = load_drafter(model, reader, device, model.fp8_block, show_progress, tuner)
         tokenizer = load_tokenizer(path)
         compiled = None
         if compile:
@@ -246,7 +158,7 @@ class Engine:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _cache_for(self, batch: int, seq_len: int) -> LatentCache:
+    def cache_for(self, batch: int, seq_len: int) -> LatentCache:
         """The shared latent cache, grown (reallocated) only when a call needs more rows or slots.
 
         Compiled forwards run over every row of the pool, so then it has exactly `batch` rows, and
@@ -288,9 +200,9 @@ class Engine:
         ids = self.encode(token_ids)
         longest = max(map(len, ids))
         self._check_length(longest, 0)
-        cache = self._cache_for(len(ids), longest)
-        tokens, lengths = self._pad(ids)
-        out = self._prefill(cache, tokens, lengths, all_logits=True)
+        cache = self.cache_for(len(ids), longest)
+        tokens, lengths = self.pad(ids)
+        out = self.prefill(cache, tokens, lengths, all_logits=True)
         valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
         return out.masked_fill(~valid.unsqueeze(-1), 0.0)
 
@@ -325,8 +237,31 @@ class Engine:
             self._check_length(len(p), max_new_tokens, i, draft_slots)
         if spec is None:
             return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed)
-        outputs, stats = SpeculativeDecoder(self, spec, temperature, top_p, seed).generate(ids, max_new_tokens)
+        policy = None
+        if spec.adapts and self.compiled is None:
+            policy = SpeculationPolicy(spec.depth, self.step_costs(spec))
+        outputs, stats = SpeculativeDecoder(self, spec, temperature, top_p, seed, policy).generate(ids, max_new_tokens)
+        if policy is not None:
+            policy.costs.save()
         return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
+
+    def step_costs(self, spec: SpecConfig) -> StepCosts:
+        """The measured step costs adaptive speculation uses with `spec`'s drafter settings on this
+        engine: one table per setting, kept for the engine's life and on disk between runs
+        (`~/.cache/specdec/step_costs.json`, keyed by machine, checkpoint and settings). Assign
+        `engine.cost_tables[key]` (key: `cost_key(spec)`) to impose costs (tests)."""
+        key = self.cost_key(spec)
+        if key not in self.cost_tables:
+            self.cost_tables[key] = StepCosts(default_cost_path() if measure_enabled() else None, key)
+        return self.cost_tables[key]
+
+    def cost_key(self, spec: SpecConfig) -> str:
+        """What a step's cost depends on besides depth and rows."""
+        config = hashlib.sha1((self.checkpoint / "config.json").read_bytes()).hexdigest()[:12] \
+            if (self.checkpoint / "config.json").is_file() else "?"
+        return (f"{machine_key(self.model.dtype)} | {self.device} | world {self.ctx.world_size} | "
+                f"{self.checkpoint.resolve()} {config} | fp8 {self.model.fp8_block is not None} | "
+                f"draft_vocab {spec.draft_vocab} | hidden {spec.verifier_hidden}/{spec.draft_hidden}")
 
     # ------------------------------------------------------------------ plain decoding
 
@@ -336,9 +271,9 @@ class Engine:
         start = time.perf_counter()
         generator = torch.Generator(self.device).manual_seed(seed)
         batch = len(ids)
-        cache = self._cache_for(batch, max(map(len, ids)) + max_new_tokens)
-        tokens, lengths = self._pad(ids)
-        logits = self._prefill(cache, tokens, lengths)
+        cache = self.cache_for(batch, max(map(len, ids)) + max_new_tokens)
+        tokens, lengths = self.pad(ids)
+        logits = self.prefill(cache, tokens, lengths)
         prefill_s = time.perf_counter() - start
 
         outputs: list[list[int]] = [[] for _ in range(batch)]
@@ -374,7 +309,7 @@ class Engine:
                     cache.move_row(src, dst)
             row_of = [row_of[r] for r in live]
             next_col = torch.tensor([next_tokens[r] for r in live], device=self.device)
-            logits = self._decode_step(cache, next_col, len(live))
+            logits = self.decode_step(cache, next_col, len(live))
             steps += 1
             row_steps += len(live)
         return steps, row_steps, clock.ttft, clock.tpot
@@ -418,7 +353,7 @@ class Engine:
             done.append(tok in self.eos_ids or len(outputs[row]) >= max_new_tokens)
         return done
 
-    def _prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,
+    def prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,
                  all_logits: bool = False) -> torch.Tensor:
         """Run right-padded prompts `[B, T]` through the verifier from slot 0.
 
@@ -432,7 +367,7 @@ class Engine:
         cache.lengths[:batch] = lengths
         return out.logits if all_logits else out.logits[:, 0]
 
-    def _decode_step(self, cache: LatentCache, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    def decode_step(self, cache: LatentCache, tokens: torch.Tensor, batch: int) -> torch.Tensor:
         """Append one token per active row (rows 0..batch-1) and return next-token logits `[batch, V]`."""
         lengths = cache.lengths[:batch]
         slots = lengths.unsqueeze(1)  # [B, 1]: the new token's slot (= its position)
@@ -441,7 +376,7 @@ class Engine:
         cache.lengths[:batch] += 1
         return out.logits[:, -1]
 
-    def _pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, ids))
         tokens = torch.zeros(len(ids), width, dtype=torch.long)
         for i, p in enumerate(ids):

@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--interactive", action="store_true", help="chat on the terminal (/exit, /clear)")
     p.add_argument("--spec", choices=["mtp", "none"], default=None,
                    help="mtp: MTP speculative decoding (default when the checkpoint has an MTP layer); none: plain")
-    p.add_argument("--draft-depth", type=int, default=3, help="drafted tokens per step (K)")
+    p.add_argument("--draft-depth", type=int, default=3,
+                   help="drafted tokens per step (K); adaptive (the default for chains): the most a step drafts")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="choose each step's draft depth in 0..K (0: a plain step) from step costs measured on this "
+                        "machine and the running acceptance, so MTP is never slower than plain decoding (default); "
+                        "--no-adaptive drafts K tokens every step. Trees and --compile always pin the shape")
     p.add_argument("--draft-mode", choices=["onehot", "sample"], default="onehot",
                    help="sampling: draft the MTP argmax (onehot) or draw drafts from the MTP distribution")
     p.add_argument("--draft-vocab", type=int, default=None,
@@ -107,10 +112,10 @@ def spec_config(engine: Engine, a: argparse.Namespace, prompts: list | None = No
         if engine.ctx.rank == 0:
             print(choice.report, file=sys.stderr)
         return SpecConfig(depth=choice.depth, topk=choice.topk, nodes=choice.nodes, draft_mode=a.draft_mode,
-                          draft_vocab=a.draft_vocab)
+                          draft_vocab=a.draft_vocab, adaptive=False)
     try:
         return SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_mode=a.draft_mode,
-                          draft_vocab=a.draft_vocab)
+                          draft_vocab=a.draft_vocab, adaptive=a.adaptive and not a.compile)
     except ConfigError as e:
         raise ConfigError(f"--draft-depth/--tree-topk/--tree-nodes/--draft-vocab: {e}") from None
 
@@ -152,6 +157,8 @@ def stats_line(label: str, s) -> str:
     if s.acceptance_per_position:
         accept = " ".join(f"{x:.2f}" for x in s.acceptance_per_position)
         line += f"; tau {s.tau:.2f}; acceptance per position {accept}"
+    if len(s.depth_steps) > 1 and sum(s.depth_steps):
+        line += "; steps by depth " + " ".join(f"d{d} {n}" for d, n in enumerate(s.depth_steps) if n)
     return line + "]"
 
 

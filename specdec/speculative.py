@@ -25,49 +25,96 @@ One step:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from model.transformer import ForwardOutput
 from mtp.tree_draft import expand_tree
-from specdec.acceptance import Acceptance, accept_greedy, accept_onehot, accept_sampled, cut_run
+from specdec.acceptance import Acceptance, accept_chain, accept_greedy, accept_onehot, accept_sampled, cut_run
+from specdec.adaptive import SpeculationPolicy
 from specdec.cache import LatentCache
+from specdec.config import GenerationStats
 from specdec.sampling import draw, probabilities, sample
 from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask, visible_slots
 
 
 @dataclass
 class AcceptanceCounts:
-    """Running totals for the metrics: per-position accepts over row-steps."""
+    """Running totals for the metrics over row-steps of any depth (0: a plain step).
+
+    per_position[i]: row-steps whose first i+1 drafts were all accepted; drafted_at[i]: row-steps
+    that drafted at least i+1 tokens; depth_steps[d]: steps (not row-steps) run at depth d."""
 
     row_steps: int = 0
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
-    per_position: list[int] | None = None
+    per_position: list[int] = field(default_factory=list)
+    drafted_at: list[int] = field(default_factory=list)
+    depth_steps: list[int] = field(default_factory=list)
 
     def add(self, n_accepted: list[int], depth: int) -> None:
-        if self.per_position is None:
-            self.per_position = [0] * depth
+        grow = depth + 1 - len(self.depth_steps)
+        if grow > 0:
+            self.depth_steps += [0] * grow
+            self.per_position += [0] * grow
+            self.drafted_at += [0] * grow
+        self.depth_steps[depth] += 1
         for a in n_accepted:
             self.row_steps += 1
             self.drafted += depth
             self.accepted += a
             self.emitted += a + 1
+            for i in range(depth):
+                self.drafted_at[i] += 1
             for i in range(a):
                 self.per_position[i] += 1
 
+    def acceptance_per_position(self, max_depth: int) -> list[float]:
+        """Share of the row-steps that drafted at least i+1 tokens whose first i+1 were all accepted."""
+        return [self.per_position[i] / self.drafted_at[i] if i < len(self.drafted_at) and self.drafted_at[i] else 0.0
+                for i in range(max_depth)]
+
+
+@dataclass
+class RowState:
+    """Per-row loop state between steps (B live rows, cache rows 0..B-1).
+
+    pending: `[B]` x_L. draft_logits `[B, V]` / draft_hidden `[B, dim]`: the MTP output at position
+    L-1 (first draft's distribution, depth-2 seed); stale while `lag_tokens` is set.
+    lag_hidden `[B, w, dim]` / lag_tokens `[B, w]`: the pairs (h_i, x_{i+1}), i = L-w..L-1, of the
+    last w plain steps, which the MTP cache has not seen yet (None: w = 0).
+    """
+
+    pending: torch.Tensor
+    draft_logits: torch.Tensor
+    draft_hidden: torch.Tensor
+    lag_hidden: torch.Tensor | None = None
+    lag_tokens: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> "RowState":
+        """The state of rows `index` (in that order)."""
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return RowState(*(pick(t) for t in (self.pending, self.draft_logits, self.draft_hidden, self.lag_hidden,
+                                            self.lag_tokens)))
+
 
 class SpeculativeDecoder:
-    """Runs the MTP speculative loop for one `generate` call (engine, settings, RNG, metrics)."""
+    """Runs the MTP speculative loop for one `generate` call (engine, settings, RNG, metrics).
 
-    def __init__(self, engine, spec, temperature: float, top_p: float, seed: int) -> None:
+    With `policy` (adaptive speculation, `specdec.adaptive`), each step's draft depth is chosen
+    in 0..spec.depth, 0 being a plain step (verifier only); None: every step drafts `spec.depth`.
+    """
+
+    def __init__(self, engine, spec, temperature: float, top_p: float, seed: int,
+                 policy: SpeculationPolicy | None = None) -> None:
         self.eng, self.spec = engine, spec
         self.model, self.drafter = engine.run_verifier, engine.run_drafter  # forwards (maybe compiled)
         self.temperature, self.top_p = temperature, top_p
         self.generator = torch.Generator(engine.device).manual_seed(seed)
         self.counts = AcceptanceCounts()
+        self.policy = policy
 
     # ------------------------------------------------------------------ the loop
 
@@ -77,38 +124,51 @@ class SpeculativeDecoder:
         eng = self.eng
         start = time.perf_counter()
         batch = len(ids)
-        cache = eng._cache_for(batch, max(map(len, ids)) + max_new_tokens + self.spec.draft_slots)
+        cache = eng.cache_for(batch, max(map(len, ids)) + max_new_tokens + self.spec.draft_slots)
         self.outputs: list[list[int]] = [[] for _ in range(batch)]
         # cache row r holds prompt row row_of[r]: `_loop` keeps the live rows a prefix, the
         # compiled chain loop moves them only into a smaller pool (`shrunk_rows`)
         self.row_of = list(range(batch))
-        pending, draft_logits, draft_hidden = self._prefill(cache, ids)
+        state = self._prefill(cache, ids)
         prefill_s = time.perf_counter() - start
-        live, _ = self._emit([[t] for t in pending.tolist()], self.row_of, max_new_tokens)
+        live, _ = self._emit([[t] for t in state.pending.tolist()], self.row_of, max_new_tokens)
         self.step_start = time.perf_counter()
         ttft, self.tpot = self.step_start - start, []
-        if eng.run_chain_step is not None and self.temperature == 0.0 and self.spec.topk == 1:
-            steps = self._loop_greedy_chain_step(cache, live, pending, draft_logits, draft_hidden, max_new_tokens)
+        if (eng.run_chain_step is not None and self.temperature == 0.0 and self.spec.topk == 1
+                and self.policy is None):
+            steps = self._loop_greedy_chain_step(cache, live, state.pending, state.draft_logits, state.draft_hidden,
+                                                 max_new_tokens)
         else:
-            steps = self._loop(cache, live, pending, draft_logits, draft_hidden, max_new_tokens)
+            steps = self._loop(cache, live, state, max_new_tokens)
         return self.outputs, self._stats(steps, start, prefill_s, batch, ttft, self.tpot)
 
-    def _loop(self, cache: LatentCache, live: list[int], pending: torch.Tensor, draft_logits: torch.Tensor,
-              draft_hidden: torch.Tensor, max_new_tokens: int) -> int:
+    def _loop(self, cache: LatentCache, live: list[int], state: RowState, max_new_tokens: int) -> int:
         """Steps until every row is finished; returns the number of steps."""
         steps = 0
         while live:
-            pending, draft_logits, draft_hidden = self._compact(cache, live, pending, draft_logits, draft_hidden)
-            lengths = cache.lengths[: len(self.row_of)]
-            tree = self._draft(cache, lengths, draft_logits, draft_hidden)                  # 1. draft
-            verified = self._verify(cache, lengths, pending, tree)                          # 2. verify
-            acc = self._accept(tree, verified.logits)                                       # 3. accept
-            pending, draft_logits, draft_hidden = self._commit(cache, tree, verified, acc)  # 4. commit
-            n_acc = acc.n_accepted.tolist()
-            self.counts.add(n_acc, self.spec.depth)
-            path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
-            runs = [path_tokens[r][:a] + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
+            state = self._compact(cache, live, state)
+            rows = len(self.row_of)
+            lengths = cache.lengths[:rows]
+            depth = self.spec.depth
+            if self.policy:  # timings differ per rank: rank 0's choice holds for all
+                depth = self.eng.ctx.broadcast_int(self.policy.choose(rows), self.eng.device)
+            t0 = time.perf_counter()
+            if depth == 0:                                                        # a plain step
+                state = self._plain_step(cache, lengths, state)
+                n_acc, runs = [0] * rows, [[t] for t in state.pending.tolist()]
+            else:
+                state = self._catch_up(cache, lengths, state)
+                tree = self._draft(cache, lengths, state, depth)                  # 1. draft
+                verified = self._verify(cache, lengths, state.pending, tree)      # 2. verify
+                acc = self._accept(tree, verified.logits)                         # 3. accept
+                state = self._commit(cache, tree, verified, acc)                  # 4. commit
+                n_acc = acc.n_accepted.tolist()
+                path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
+                runs = [path_tokens[r][:a] + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
+            self.counts.add(n_acc, depth)
             live, kept = self._emit(runs, self.row_of, max_new_tokens)
+            if self.policy:
+                self.policy.observe(depth, rows, time.perf_counter() - t0, n_acc)
             self._time_step(kept)
             steps += 1
         return steps
@@ -162,7 +222,7 @@ class SpeculativeDecoder:
     def _prefill(self, cache: LatentCache, ids: list[list[int]]):
         """Verifier over the prompts, first token, then the MTP layer over (h_i, x_{i+1}) for i < P."""
         eng = self.eng
-        tokens, lengths = eng._pad(ids)
+        tokens, lengths = eng.pad(ids)
         batch, width = tokens.shape
         pos = torch.arange(width, device=eng.device).expand(batch, width)
         mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
@@ -174,23 +234,49 @@ class SpeculativeDecoder:
         next_tokens[torch.arange(batch), lengths - 1] = first
         mtp = self.drafter(next_tokens, self._verifier_hidden(out), pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1),
                            self.spec.draft_vocab)
-        return first, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0]
+        return RowState(first, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
 
-    def _draft(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
-               hidden: torch.Tensor) -> DraftTree:
-        """A chain (topk 1) or an MTP-expanded tree of drafts per row."""
+    def _plain_step(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
+        """Depth 0: the verifier over x_L alone, then x_{L+1} sampled as plain decoding samples it.
+        The MTP layer does not run: the pair (h_L, x_{L+1}) joins the lag for `_catch_up`."""
+        slots = lengths.unsqueeze(1)
+        out = self.model(state.pending.unsqueeze(1), slots, cache.kv, cache.pe, slots,
+                         visible_slots(lengths, 1, int(lengths.max()) + 1))
+        token = sample(out.logits[:, 0], self.temperature, self.top_p, self.generator)
+        hidden, pair = self._verifier_hidden(out), token.unsqueeze(1)
+        if state.lag_tokens is not None:
+            hidden, pair = torch.cat([state.lag_hidden, hidden], 1), torch.cat([state.lag_tokens, pair], 1)
+        lengths += 1
+        return RowState(token, state.draft_logits, state.draft_hidden, hidden, pair)
+
+    def _catch_up(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
+        """After plain steps: the MTP layer over their w lagging pairs (positions L-w..L-1, one
+        forward), which fills its cache rows and yields the first draft's distribution again."""
+        if state.lag_tokens is None:
+            return state
+        width = state.lag_tokens.shape[1]
+        first = lengths - width
+        pos = first.unsqueeze(1) + torch.arange(width, device=lengths.device)
+        mtp = self.drafter(state.lag_tokens, state.lag_hidden, pos, cache.kv, cache.pe, pos,
+                           visible_slots(first, width, int(lengths.max())),
+                           torch.full_like(lengths, width - 1).unsqueeze(1), self.spec.draft_vocab)
+        return RowState(state.pending, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
+
+    def _draft(self, cache: LatentCache, lengths: torch.Tensor, state: RowState, depth: int) -> DraftTree:
+        """A chain of `depth` drafts (topk 1) or an MTP-expanded tree of drafts per row."""
+        logits, hidden = state.draft_logits, state.draft_hidden
         if self.spec.topk > 1:
             sampled = self.temperature > 0 and self.spec.draft_mode == "sample"
             return expand_tree(self.drafter, cache.kv, cache.pe, lengths, logits, hidden,
-                               self.spec.depth, self.spec.topk, self.spec.n_nodes, sampled, self.temperature,
+                               depth, self.spec.topk, self.spec.n_nodes, sampled, self.temperature,
                                self.top_p, self.spec.draft_hidden, self.generator, self.spec.draft_vocab)
-        return self._draft_chain(cache, lengths, logits, hidden)
+        return self._draft_chain(cache, lengths, logits, hidden, depth)
 
     def _draft_chain(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
-                     hidden: torch.Tensor) -> DraftTree:
-        """K drafts per row: d_1 from the committed MTP output, d_k (k ≥ 2) from MTP at position L+k-2."""
+                     hidden: torch.Tensor, depth: int) -> DraftTree:
+        """`depth` drafts per row: d_1 from the committed MTP output, d_k (k ≥ 2) from MTP at position L+k-2."""
         tokens, probs = [], []
-        for k in range(1, self.spec.depth + 1):
+        for k in range(1, depth + 1):
             if k > 1:
                 pos = (lengths + k - 2).unsqueeze(1)
                 mask = visible_slots(pos[:, 0], 1, int(pos.max()) + 1)
@@ -217,16 +303,22 @@ class SpeculativeDecoder:
         """One verifier forward over the root and the N nodes (positions L + depth, slots L..L+N, tree mask)."""
         tokens = tree.all_tokens(pending)
         batch, width = tokens.shape
-        pos = lengths.unsqueeze(1) + tree.all_depths()
         slots = lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)
+        if self.spec.topk == 1:  # a chain: positions are the slots, the tree mask is causal
+            return self.model(tokens, slots, cache.kv, cache.pe, slots,
+                              visible_slots(lengths, width, int(lengths.max()) + width))
+        pos = lengths.unsqueeze(1) + tree.all_depths()
         mask = tree_attention_mask(lengths, ancestor_matrix(tree.parents), int(lengths.max()) + width)
         return self.model(tokens, pos, cache.kv, cache.pe, slots, mask)
 
     def _accept(self, tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
+        chain = self.spec.topk == 1
         if self.temperature == 0.0:
-            return accept_greedy(tree, target_logits)
+            return accept_chain(tree.tokens, target_logits.argmax(-1)) if chain else accept_greedy(tree, target_logits)
         p = probabilities(target_logits, self.temperature, self.top_p)
         if tree.child_probs is None:
+            if chain:  # the one-hot rule's draws, in its order, walked as tensor ops
+                return accept_chain(tree.tokens, draw(p, self.generator))
             return accept_onehot(tree, p, self.generator)
         return accept_sampled(tree, p, self.generator)
 
@@ -235,7 +327,7 @@ class SpeculativeDecoder:
         batch, depth = acc.path.shape
         lengths = cache.lengths[:batch]
         rows = torch.arange(batch, device=lengths.device)
-        for j in range(1, depth + 1):  # path node j → slot L+j; sources never precede their targets
+        for j in range(1, depth + 1 if self.spec.topk > 1 else 1):  # node j → slot L+j (a chain's are in place)
             live = acc.n_accepted >= j
             src = lengths + acc.path[:, j - 1]
             dst = lengths + j
@@ -256,7 +348,7 @@ class SpeculativeDecoder:
         mtp = self.drafter(next_tokens, hidden, pos, cache.kv, cache.pe, pos, mask,
                            acc.n_accepted.unsqueeze(1), self.spec.draft_vocab)
         cache.lengths[:batch] += acc.n_accepted + 1
-        return acc.next_token, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0]
+        return RowState(acc.next_token, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -276,25 +368,24 @@ class SpeculativeDecoder:
                 live.append(r)
         return live, n_kept
 
-    def _compact(self, cache: LatentCache, live: list[int], *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Move live rows to the front of the cache, of `row_of` and of every per-row state tensor."""
+    def _compact(self, cache: LatentCache, live: list[int], state: RowState) -> RowState:
+        """Move live rows to the front of the cache, of `row_of` and of the per-row state."""
+        if live == list(range(len(self.row_of))):
+            return state
         for dst, src in enumerate(live):
             if dst != src:
                 cache.move_row(src, dst)
         self.row_of = [self.row_of[r] for r in live]
-        index = torch.tensor(live, device=state[0].device)
-        return tuple(s.index_select(0, index) for s in state)
+        return state.select(torch.tensor(live, device=state.pending.device))
 
-    def _stats(self, steps: int, start: float, prefill_s: float, batch: int, ttft_s: float, tpot_s: list[float]):
-        from specdec.engine import GenerationStats
-
+    def _stats(self, steps: int, start: float, prefill_s: float, batch: int, ttft_s: float,
+               tpot_s: list[float]) -> GenerationStats:
         wall = time.perf_counter() - start
         c = self.counts
         n_tokens = sum(map(len, self.outputs))
-        per_pos = [n / c.row_steps for n in c.per_position] if c.row_steps else [0.0] * self.spec.depth
         return GenerationStats(
             tokens=n_tokens, verify_steps=steps, tau=c.emitted / c.row_steps if c.row_steps else 1.0,
-            acceptance_per_position=per_pos, tokens_per_s=n_tokens / wall, wall_s=wall, prefill_s=prefill_s,
-            decode_s=wall - prefill_s, batch_size=batch,
+            acceptance_per_position=c.acceptance_per_position(self.spec.depth), tokens_per_s=n_tokens / wall,
+            wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch,
             draft_acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0, row_steps=c.row_steps,
-            ttft_s=ttft_s, tpot_s=tpot_s)
+            ttft_s=ttft_s, tpot_s=tpot_s, depth_steps=c.depth_steps + [0] * (self.spec.depth + 1 - len(c.depth_steps)))

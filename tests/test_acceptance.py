@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from specdec.acceptance import accept_greedy, accept_onehot, accept_sampled, cut_run, residual_distribution
+from specdec.acceptance import (accept_chain, accept_greedy, accept_onehot, accept_sampled, cut_run,
+                                residual_distribution)
+from specdec.sampling import draw
 from specdec.tree import DraftTree, chain_tree
 
 V = 6
@@ -93,3 +95,18 @@ def test_cut_run_at_eos_and_budget():
     assert cut_run([4, 5], frozenset({1}), 2) == ([4, 5], True)  # budget reached exactly
     assert cut_run([4, 5], frozenset({1}), 3) == ([4, 5], False)
     assert cut_run([4, 1], frozenset({1}), 1) == ([4], True)  # budget before the EOS
+
+
+def test_chain_fast_path_equals_the_walks():
+    """`accept_chain` (tensor ops) gives the walk's accepted count and token, greedy and one-hot."""
+    g = torch.Generator().manual_seed(0)
+    drafts = torch.randint(0, 2, (256, 4), generator=g)  # 2 tokens: every accepted length occurs
+    logits = torch.randn(256, 5, 2, generator=g) * 3
+    fast = accept_chain(drafts, logits.argmax(-1))
+    walk = accept_greedy(chain_tree(drafts), logits)
+    assert fast.n_accepted.tolist() == walk.n_accepted.tolist() and fast.next_token.tolist() == walk.next_token.tolist()
+    assert sorted(set(fast.n_accepted.tolist())) == [0, 1, 2, 3, 4]
+    probs = logits.softmax(-1)
+    fast = accept_chain(drafts, draw(probs, torch.Generator().manual_seed(5)))
+    walk = accept_onehot(chain_tree(drafts), probs, torch.Generator().manual_seed(5))
+    assert fast.n_accepted.tolist() == walk.n_accepted.tolist() and fast.next_token.tolist() == walk.next_token.tolist()

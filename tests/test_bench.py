@@ -220,8 +220,10 @@ def test_cli_latency_quick(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
     data = _read(out, "latency")
     rows = data["rows"]
     assert {(r["batch_size"], r["config"]) for r in rows} == {
-        (b, c) for b in (1, 2) for c in ("plain", "chain 1", "chain 2", "tree 2x2x4", "auto")}
+        (b, c) for b in (1, 2) for c in ("plain", "adaptive 2", "chain 1", "chain 2", "tree 2x2x4", "auto")}
     for r in rows:
+        if r["kind"] == "adaptive":
+            assert len(r["depth_steps"]) == 3 and sum(r["depth_steps"]) > 0
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ttft_mean_ms"] > 0 and r["decode_speedup"] > 0
         if r["kind"] == "plain":
             assert r["speedup"] == r["decode_speedup"] == 1.0 and r["equal_to_plain"] is None and r["tau"] == 1.0

@@ -55,7 +55,7 @@ def test_compiled_forward_pads_rows_and_writes_the_cache(engines):
     args, dim = eager.args, eager.args.dim
     pools = []
     for eng in (eager, compiled):
-        cache = eng._cache_for(2, 32)
+        cache = eng.cache_for(2, 32)
         cache.kv.zero_(), cache.pe.zero_()
         pools.append(cache)
     tokens = torch.tensor([[5, 17, 300]])  # one row of a two-row pool: the compiled call pads row 1
@@ -161,7 +161,7 @@ def test_compiled_pool_keeps_a_spare_block(engines):
 
     eager, compiled = engines
     compiled._cache = None  # the next call allocates afresh
-    assert compiled._cache_for(2, 40).seq_len == 40 + SPAN_MULTIPLE
+    assert compiled.cache_for(2, 40).seq_len == 40 + SPAN_MULTIPLE
 
 
 def test_greedy_step_costs_time_whole_compiled_steps(engines):

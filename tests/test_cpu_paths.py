@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_gemm import FORMULATIONS, ROW_BUCKETS, RowPlan
 from model.args import from_hf_config
 from model.moe import MoE
 from model.parallel import Linear, ParallelContext, RMSNorm, prepare_cpu
@@ -14,20 +15,21 @@ from model.synthetic import small_config
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])
-@pytest.mark.parametrize("transposed_copy", [False, True])
-def test_cpu_linear_equals_f_linear(rows, transposed_copy):
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_cpu_linear_equals_f_linear(rows, formulation):
     g = torch.Generator().manual_seed(rows)
     lin = Linear(48, 72, torch.float32)
     lin.weight.data = torch.randn(72, 48, generator=g)
     x = torch.randn(rows, 1, 48, generator=g)
-    assert lin.weight_t is None  # not prepared: the generic path
+    assert lin.gemm_plan is None  # not prepared: the generic path
     expected = F.linear(x, lin.weight)
     torch.testing.assert_close(lin(x), expected)
-    prepare_cpu(lin, transposed_copies=(lin,) if transposed_copy else ())
-    assert lin.weight_t is not None and lin.weight_t.is_contiguous() == transposed_copy
+    lin.prepare_cpu(RowPlan((formulation,) * len(ROW_BUCKETS)))
+    assert (lin.weight_copy is not None) == (formulation == "x_wcopy")
     got = lin(x)
     assert got.shape == (rows, 1, 72) and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin(x, out_features=30), expected[..., :30], rtol=1e-5, atol=1e-5)
 
 
 def test_rotate_equals_apply_rope():
@@ -63,6 +65,20 @@ def test_moe_single_token_path_equals_batched_path():
         batched = moe(tokens.view(1, 5, args.dim))[0]
         one_by_one = torch.cat([moe(tokens[i : i + 1]) for i in range(5)]).view(5, args.dim)
     torch.testing.assert_close(one_by_one, batched, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_moe_expert_formulations_agree(tokens):
+    args = from_hf_config(small_config())
+    torch.manual_seed(1)
+    moe = MoE(args, ParallelContext(), torch.float32, None)
+    for p in moe.parameters():
+        p.data = torch.randn_like(p) * 0.1
+    prepare_cpu(moe)
+    x = torch.randn(tokens, args.dim)
+    with torch.inference_mode():
+        loop, dense = moe._eager(x, "loop"), moe._eager(x, "dense")
+    torch.testing.assert_close(dense, loop, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_linears_share_storage_and_match_the_parts():

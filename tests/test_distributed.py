@@ -33,6 +33,9 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["spec_sampled"] == b["spec_sampled"]  # lockstep draws: every rank decides the same
     assert a["spec_tree"] == b["spec_tree"] == a["greedy"]
     assert a["spec_tree_sampled"] == b["spec_tree_sampled"]
+    assert a["spec_adaptive"] == b["spec_adaptive"] == a["greedy24"]  # depths switched, same tokens
+    assert sum(b["adaptive_depth_steps"]) > 0
+    assert all(len(row) == 12 for row in b["spec_adaptive_sampled"])  # ranks agreed on every step's depth
 
 
 def test_two_ranks_match_one_process(fp8_ckpt, single, tmp_path):

@@ -47,7 +47,7 @@ def test_visible_slots_is_causal_from_each_rows_length():
 @pytest.mark.parametrize("draft_vocab", [None, 5])
 def test_chain_step_emits_the_general_loops_tokens_and_counts(tiny_engine, depth, draft_vocab):
     prompts = random_prompts(8, [7, 7, 7], seed=1)
-    spec = SpecConfig(depth=depth, draft_vocab=draft_vocab)
+    spec = SpecConfig(depth=depth, draft_vocab=draft_vocab, adaptive=False)
     general = tiny_engine.generate(prompts, max_new_tokens=17, spec=spec)
     tiny_engine._cache = None  # a fresh pool, as tight as the call allows
     with step_hooks(tiny_engine):
@@ -70,8 +70,9 @@ def test_chain_step_retires_rows_at_eos(f32_engine):
     f32_engine.eos_ids = frozenset({stop})
     try:
         want = f32_engine.generate(prompts, max_new_tokens=14).token_ids
+        f32_engine._cache = None  # step modules span every pool row: a pool of exactly this batch
         with step_hooks(f32_engine):
-            got = f32_engine.generate(prompts, max_new_tokens=14, spec=SpecConfig(depth=2))
+            got = f32_engine.generate(prompts, max_new_tokens=14, spec=SpecConfig(depth=2, adaptive=False))
             got_plain = f32_engine.generate(prompts, max_new_tokens=14).token_ids
     finally:
         f32_engine.eos_ids = saved

@@ -45,12 +45,12 @@ def test_cached_decode_logits_match_for_16_steps(pair):
                              return_dict_in_generate=True, pad_token_id=2, eos_token_id=None)
     hf_logits = torch.stack(hf_out.logits, dim=1)[0]  # [17, V]
     hf_tokens = hf_out.sequences[0, prompt.shape[1]:]
-    cache = eng._cache_for(1, 64)
-    tokens, lengths = eng._pad(prompt.tolist())
+    cache = eng.cache_for(1, 64)
+    tokens, lengths = eng.pad(prompt.tolist())
     with torch.inference_mode():
-        logits = [eng._prefill(cache, tokens, lengths)[0]]
+        logits = [eng.prefill(cache, tokens, lengths)[0]]
         for t in hf_tokens[:-1]:
-            logits.append(eng._decode_step(cache, t.view(1), 1)[0])
+            logits.append(eng.decode_step(cache, t.view(1), 1)[0])
     ours = torch.stack(logits)
     assert len(ours) == 17  # prefill + 16 cached decode steps
     torch.testing.assert_close(ours, hf_logits, rtol=1e-4, atol=1e-4)

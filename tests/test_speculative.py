@@ -55,7 +55,7 @@ def test_greedy_equals_plain(eng, tiny, depth, batch):
     for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
         prompts = random_prompts(vocab, [7, 3, 11, 5][:batch], seed=depth * 10 + batch)
         plain = engine.generate(prompts, max_new_tokens=24).token_ids
-        spec = engine.generate(prompts, max_new_tokens=24, spec=SpecConfig(depth=depth))
+        spec = engine.generate(prompts, max_new_tokens=24, spec=SpecConfig(depth=depth, adaptive=False))
         ties += assert_same_or_tie(engine, prompts, spec.token_ids, plain)
         assert spec.stats.tokens == sum(map(len, spec.token_ids))
         assert len(spec.stats.acceptance_per_position) == depth
@@ -76,9 +76,10 @@ def test_draft_vocabulary_restricts_drafts(tiny):
     """Drafts really come from the subset: with 1 allowed id every drafted token is id 0."""
     dec = SpeculativeDecoder(tiny, SpecConfig(depth=2, draft_vocab=1), 0.0, 1.0, 0)
     with torch.inference_mode():  # the engine's cache is an inference tensor
-        cache = tiny._cache_for(2, 40)
-        _, logits, hidden = dec._prefill(cache, random_prompts(8, [5, 6], seed=2))
-        tree = dec._draft(cache, cache.lengths[:2], logits, hidden)
+        cache = tiny.cache_for(2, 40)
+        state = dec._prefill(cache, random_prompts(8, [5, 6], seed=2))
+        tree = dec._draft(cache, cache.lengths[:2], state, 2)
+        logits = state.draft_logits
     assert (tree.tokens == 0).all()
     assert torch.isinf(logits[:, 1:]).all() and torch.isfinite(logits[:, :1]).all()
 
@@ -109,15 +110,15 @@ class OracleDecoder(SpeculativeDecoder):
         self.truth = truth
         self.calls = 0
 
-    def _draft(self, cache, lengths, logits, hidden):
+    def _draft(self, cache, lengths, state, depth):
         rows = []
         for r, prompt_row in enumerate(self.row_of):
             done = len(self.outputs[prompt_row])
-            future = self.truth[prompt_row][done:done + self.spec.depth]
-            future = future + [0] * (self.spec.depth - len(future))
+            future = self.truth[prompt_row][done:done + depth]
+            future = future + [0] * (depth - len(future))
             self.calls += 1
             if self.calls % 3 == 0:
-                j = self.calls % self.spec.depth
+                j = self.calls % depth
                 future[j] = (future[j] + 1) % 8
             rows.append(future)
         return chain_tree(torch.tensor(rows))
@@ -126,7 +127,7 @@ class OracleDecoder(SpeculativeDecoder):
 def test_long_accepted_runs_stay_lossless(eng):
     prompts = random_prompts(eng.args.vocab_size, [7, 3, 11, 5], seed=5)
     plain = eng.generate(prompts, max_new_tokens=30).token_ids
-    dec = OracleDecoder(eng, SpecConfig(depth=4), 0.0, 1.0, 0, truth=plain)
+    dec = OracleDecoder(eng, SpecConfig(depth=4, adaptive=False), 0.0, 1.0, 0, truth=plain)
     out, stats = dec.generate(prompts, 30)
     assert assert_same_or_tie(eng, prompts, out, plain) == 0
     assert stats.tau > 2.0 and stats.acceptance_per_position[3] > 0.2
@@ -154,7 +155,7 @@ def assert_cache_equals_from_scratch(engine: Engine, spec: SpecConfig, max_new_t
 
 
 def test_refreshed_mtp_cache_equals_from_scratch_pass(eng):
-    assert_cache_equals_from_scratch(eng, SpecConfig(depth=3), 20)
+    assert_cache_equals_from_scratch(eng, SpecConfig(depth=3, adaptive=False), 20)
 
 
 def test_mtp_forward_matches_independent_implementation(eng, f32_ckpt):
@@ -261,7 +262,7 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]
     ("sample", 1.0, 1.0, 5)])  # drafts from 5 of the 8 ids: q is 0 elsewhere, the residual covers the rest
 def test_sampled_joint_distribution_matches_plain(tiny, mode, temperature, top_p, draft_vocab):
     prompt = [3, 5, 2, 7]
-    spec = SpecConfig(depth=2, draft_mode=mode, draft_vocab=draft_vocab)
+    spec = SpecConfig(depth=2, draft_mode=mode, draft_vocab=draft_vocab, adaptive=False)
     counts = sample_joint(tiny, prompt, 3, 6000, spec, temperature, top_p, seed=11)
     probs = exact_joint(tiny, prompt, 3, temperature, top_p)
     stat, crit = chi_square(counts, probs)
@@ -273,7 +274,8 @@ def test_biased_acceptance_rules_are_detected(tiny, monkeypatch):
     prompt = [3, 5, 2, 7]
     probs = exact_joint(tiny, prompt, 3, 1.0, 1.0)
     monkeypatch.setattr(specdec.acceptance, "residual_distribution", lambda p, q: p)  # ignores q
-    counts = sample_joint(tiny, prompt, 3, 6000, SpecConfig(depth=2, draft_mode="sample"), 1.0, 1.0, seed=11)
+    counts = sample_joint(tiny, prompt, 3, 6000, SpecConfig(depth=2, draft_mode="sample", adaptive=False), 1.0,
+                          1.0, seed=11)
     stat, crit = chi_square(counts, probs)
     assert stat > crit, (stat, crit)
     monkeypatch.undo()
@@ -284,8 +286,15 @@ def test_biased_acceptance_rules_are_detected(tiny, monkeypatch):
         path[:, 0] = 1
         return specdec.acceptance.Acceptance(acc.n_accepted.clamp_min(1), path, acc.next_token)
 
+    def always_accept_first_chain(drafts, target):  # the chain fast path, biased the same way
+        acc = specdec.acceptance.accept_chain(drafts, target)
+        n = acc.n_accepted.clamp_min(1)
+        return specdec.acceptance.Acceptance(n, acc.path, target.gather(1, n.unsqueeze(1))[:, 0])
+
     monkeypatch.setattr(specdec.speculative, "accept_onehot", always_accept_first)
-    counts = sample_joint(tiny, prompt, 3, 6000, SpecConfig(depth=2, draft_mode="onehot"), 1.0, 1.0, seed=11)
+    monkeypatch.setattr(specdec.speculative, "accept_chain", always_accept_first_chain)
+    counts = sample_joint(tiny, prompt, 3, 6000, SpecConfig(depth=2, draft_mode="onehot", adaptive=False), 1.0,
+                          1.0, seed=11)
     stat, crit = chi_square(counts, probs)
     assert stat > crit, (stat, crit)
 

@@ -68,11 +68,11 @@ def test_trees_accept_more_than_chains(tiny):
 class TreeChainDecoder(SpeculativeDecoder):
     """Drafts its chain through the tree expansion code with topk 1."""
 
-    def _draft(self, cache, lengths, logits, hidden):
+    def _draft(self, cache, lengths, state, depth):
         batch = lengths.shape[0]
         sampled = self.temperature > 0 and self.spec.draft_mode == "sample"
-        return expand_tree(self.drafter, cache.kv[:, :batch], cache.pe[:, :batch], lengths, logits, hidden,
-                           self.spec.depth, 1, self.spec.depth, sampled, self.temperature, self.top_p,
+        return expand_tree(self.drafter, cache.kv[:, :batch], cache.pe[:, :batch], lengths, state.draft_logits,
+                           state.draft_hidden, depth, 1, depth, sampled, self.temperature, self.top_p,
                            self.spec.draft_hidden, self.generator)
 
 
@@ -80,7 +80,7 @@ class TreeChainDecoder(SpeculativeDecoder):
 def test_topk1_tree_expansion_reproduces_the_chain(eng, tiny, temperature):
     for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
         prompts = random_prompts(vocab, [7, 3, 11, 5], seed=9)
-        spec = SpecConfig(depth=3)
+        spec = SpecConfig(depth=3, adaptive=False)
         chain = SpeculativeDecoder(engine, spec, temperature, 1.0, 4).generate(prompts, 24)
         tree = TreeChainDecoder(engine, spec, temperature, 1.0, 4).generate(prompts, 24)
         assert tree[0] == chain[0]

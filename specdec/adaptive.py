@@ -1,0 +1,194 @@
+"""Adaptive speculation: each step, how many tokens to draft (0 = a plain step), from measurements.
+
+The policy maximises expected tokens per second of the next step,
+
+    depth* = argmax_d  τ(d) / cost(d, rows),     τ(d) = 1 + Σ_{i ≤ d} Π_{j ≤ i} a_j,
+
+over d = 0 (plain decoding: one verifier forward over the pending token, no drafter) … K, where
+`a_j` is the running conditional acceptance of the j-th draft (accepted given drafts 1..j-1 were;
+decayed counts, so it follows the text) and `cost(d, rows)` is the measured wall time of a real
+step of depth d with that many rows on this machine (median of the last few, by row bucket;
+`StepCosts`, saved on disk between runs). Every step, whatever its depth, is lossless on its own,
+and the depth is a function of the past only, so switching depth never changes what is decoded:
+greedy output stays token-identical to plain decoding and sampled output follows the verifier's
+distribution (tests force the switching).
+
+Exploration: a row bucket with no cost for some depth runs that depth (two samples each, the
+deepest first so that every position's acceptance is seen). A depth that is not chosen is run
+again now and then (`FIRST_REVISIT` steps, doubling each time it is still not the best), which
+refreshes its cost and, for speculative depths, the acceptance that plain steps cannot measure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kernels.cpu_gemm import cache_dir
+
+SAMPLES_KEPT = 9
+"""Step timings kept per (depth, row bucket); the cost is their median."""
+MIN_SAMPLES = 2
+"""Timings a (depth, bucket) needs before it is exploited rather than explored."""
+ACCEPTANCE_DECAY = 0.97
+"""Per-step decay of the acceptance counts (a memory of roughly 30 steps)."""
+FIRST_REVISIT = 32
+MAX_REVISIT = 512
+"""A depth not chosen runs again after `FIRST_REVISIT` steps, then after twice as many each time it
+is still not the best (so a settled choice loses at most a few percent to revisits)."""
+PRIOR_ACCEPTANCE = 0.6
+"""Conditional acceptance assumed for a position before any draft there was verified (weight 1)."""
+
+
+def row_bucket(rows: int) -> int:
+    """Rows are timed in buckets 1, 2, 4, 8, …: the bucket is the largest power of two ≤ rows."""
+    return 1 << (max(rows, 1).bit_length() - 1)
+
+
+class StepCosts:
+    """Measured seconds per decoding step, by (depth, row bucket); optionally kept on disk.
+
+    `path`/`key`: the JSON file and the key (machine, model, settings) its samples are filed under;
+    None: in memory only. `fixed` (tests): {(depth, bucket): seconds} that replace measurement —
+    `add` then records nothing.
+    """
+
+    def __init__(self, path: Path | None = None, key: str = "", fixed: dict[tuple[int, int], float] | None = None):
+        self.path, self.key, self.fixed = path, key, fixed
+        self.samples: dict[tuple[int, int], deque[float]] = {}
+        if path is not None and fixed is None:
+            for name, values in self._load().get(key, {}).items():
+                depth, bucket = (int(x) for x in name.split("/"))
+                self.samples[(depth, bucket)] = deque(values[-SAMPLES_KEPT:], maxlen=SAMPLES_KEPT)
+
+    def add(self, depth: int, rows: int, seconds: float) -> None:
+        if self.fixed is None:
+            self.samples.setdefault((depth, row_bucket(rows)), deque(maxlen=SAMPLES_KEPT)).append(seconds)
+
+    def count(self, depth: int, rows: int) -> int:
+        if self.fixed is not None:
+            return MIN_SAMPLES if (depth, row_bucket(rows)) in self.fixed else 0
+        return len(self.samples.get((depth, row_bucket(rows)), ()))
+
+    def cost(self, depth: int, rows: int) -> float | None:
+        """Median seconds of a depth-`depth` step at this many rows (None: never measured)."""
+        if self.fixed is not None:
+            return self.fixed.get((depth, row_bucket(rows)))
+        s = self.samples.get((depth, row_bucket(rows)))
+        return statistics.median(s) if s else None
+
+    def table(self) -> dict[str, float]:
+        """{"depth/bucket": median seconds} of everything measured."""
+        keys = self.fixed.keys() if self.fixed is not None else self.samples.keys()
+        return {f"{d}/{b}": self.cost(d, b) for d, b in sorted(keys)}
+
+    def save(self) -> None:
+        """Merge this table into the file (atomically); an unwritable cache is not an error."""
+        if self.path is None or self.fixed is not None or not self.samples:
+            return
+        data = self._load()
+        data[self.key] = {f"{d}/{b}": list(s) for (d, b), s in sorted(self.samples.items())}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".step_costs.", dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def _load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+def default_cost_path() -> Path:
+    return cache_dir() / "step_costs.json"
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Decayed counts of draft position j being reached (drafts 1..j-1 accepted) and accepted."""
+
+    max_depth: int
+    reached: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reached = [0.0] * self.max_depth
+        self.accepted = [0.0] * self.max_depth
+
+    def add(self, n_accepted: list[int], depth: int) -> None:
+        """One step of depth `depth` ≥ 1: each row accepted `n_accepted[r]` of its drafts."""
+        for j in range(self.max_depth):
+            self.reached[j] *= ACCEPTANCE_DECAY
+            self.accepted[j] *= ACCEPTANCE_DECAY
+        for a in n_accepted:
+            for j in range(min(a + 1, depth)):  # positions 0..a were tried; 0..a-1 were accepted
+                self.reached[j] += 1
+                if j < a:
+                    self.accepted[j] += 1
+
+    def conditional(self, j: int) -> float:
+        """Estimated P(draft j+1 accepted | drafts 1..j accepted), with a weight-1 prior."""
+        return (self.accepted[j] + PRIOR_ACCEPTANCE) / (self.reached[j] + 1.0)
+
+    def expected_tokens(self, depth: int) -> float:
+        """τ(depth): expected tokens a row emits in one step of this depth (1 for a plain step)."""
+        tau, run = 1.0, 1.0
+        for j in range(depth):
+            run *= self.conditional(j)
+            tau += run
+        return tau
+
+
+class SpeculationPolicy:
+    """Chooses each step's draft depth in `min_depth`..`max_depth` (see the module docstring).
+
+    `min_depth` 1 keeps speculation on; `depths_run[d]` counts the steps run at depth d.
+    """
+
+    def __init__(self, max_depth: int, costs: StepCosts, min_depth: int = 0) -> None:
+        self.max_depth, self.min_depth, self.costs = max_depth, min_depth, costs
+        self.depths = range(min_depth, max_depth + 1)
+        self.acceptance = AcceptanceEstimate(max_depth)
+        self.depths_run = [0] * (max_depth + 1)
+        self.steps = 0
+        self.last_run = {d: 0 for d in self.depths}
+        self.interval = {d: FIRST_REVISIT for d in self.depths}
+
+    def choose(self, rows: int) -> int:
+        """The depth of the next step for a batch of `rows` rows."""
+        self.steps += 1
+        unexplored = [d for d in self.depths if self.costs.count(d, rows) < MIN_SAMPLES]
+        if unexplored:
+            return max(unexplored)  # deepest first: its steps measure every position's acceptance
+        best = max(self.depths, key=lambda d: (self.rate(d, rows), -d))
+        self.interval[best] = FIRST_REVISIT
+        due = [d for d in self.depths if d != best and self.steps - self.last_run[d] >= self.interval[d]]
+        if due:  # revisit a depth not chosen for a while (its cost or the acceptance may have moved)
+            d = min(due, key=lambda d: self.last_run[d])
+            self.interval[d] = min(2 * self.interval[d], MAX_REVISIT)
+            return d
+        return best
+
+    def rate(self, depth: int, rows: int) -> float:
+        """Predicted tokens per second per row of a depth-`depth` step."""
+        cost = self.costs.cost(depth, rows)
+        return self.acceptance.expected_tokens(depth) / cost if cost else 0.0
+
+    def observe(self, depth: int, rows: int, seconds: float, n_accepted: list[int]) -> None:
+        """A step ran: its depth, rows, wall seconds and (depth ≥ 1) each row's accepted drafts."""
+        self.depths_run[depth] += 1
+        self.last_run[depth] = self.steps
+        self.costs.add(depth, rows, seconds)
+        if depth > 0:
+            self.acceptance.add(n_accepted, depth)

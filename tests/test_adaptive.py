@@ -1,0 +1,190 @@
+"""Adaptive speculation (`specdec.adaptive`): the policy's choices, and losslessness while the
+draft depth changes from step to step (greedy equality, sampled distribution)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import SpecConfig
+from specdec.adaptive import (FIRST_REVISIT, MIN_SAMPLES, AcceptanceEstimate, SpeculationPolicy, StepCosts,
+                              row_bucket)
+from specdec.speculative import SpeculativeDecoder
+from tests.test_speculative import assert_same_or_tie, chi_square, exact_joint, random_prompts
+
+
+@pytest.fixture(scope="module")
+def eng(f32_engine):
+    return f32_engine
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_engine):
+    return tiny_engine
+
+
+class ScriptedPolicy:
+    """Forces the depth of every step from a repeating script (the switching under test)."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script, self.i, self.ran = script, 0, []
+
+    def choose(self, rows: int) -> int:
+        depth = self.script[self.i % len(self.script)]
+        self.i += 1
+        return depth
+
+    def observe(self, depth: int, rows: int, seconds: float, n_accepted: list[int]) -> None:
+        self.ran.append(depth)
+
+
+SCRIPT = [3, 0, 0, 1, 2, 0, 3, 3, 1, 0]  # plain runs of 1 and 2 steps between every depth
+
+
+# ----------------------------------------------------------------------------- lossless switching
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_equals_plain_while_depth_switches(eng, tiny, batch):
+    ties = 0
+    for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
+        prompts = random_prompts(vocab, [7, 3, 11, 5][:batch], seed=40 + batch)
+        plain = engine.generate(prompts, max_new_tokens=30).token_ids
+        policy = ScriptedPolicy(SCRIPT)
+        out, stats = SpeculativeDecoder(engine, SpecConfig(depth=3), 0.0, 1.0, 0, policy).generate(prompts, 30)
+        ties += assert_same_or_tie(engine, prompts, out, plain)
+        assert set(policy.ran) == {0, 1, 2, 3}
+        assert stats.depth_steps == [policy.ran.count(d) for d in range(4)]
+        assert stats.tokens == sum(map(len, out))
+    assert ties <= 1
+
+
+def test_mtp_cache_after_plain_steps_equals_a_fresh_pass(eng):
+    """After a run of plain steps, the catch-up leaves the MTP cache rows as a from-scratch MTP pass
+    over the whole sequence would: drafting after a switch sees what it would have seen."""
+    prompts = random_prompts(eng.args.vocab_size, [6, 9], seed=3)
+    dec = SpeculativeDecoder(eng, SpecConfig(depth=2), 0.0, 1.0, 0, ScriptedPolicy([0, 0, 0, 2]))
+    out, _ = dec.generate(prompts, 13)  # 1 prefill token + 3 plain steps + a depth-2 step + ...
+    with torch.inference_mode():
+        cache = eng.cache_for(2, 40)
+        live_kv = cache.kv[-1].clone()  # the MTP layer's rows as the loop left them
+        lengths = cache.lengths[:2].clone()
+    fresh = SpeculativeDecoder(eng, SpecConfig(depth=2, adaptive=False), 0.0, 1.0, 0)
+    full = [p + o[:-1] for p, o in zip(prompts, out)]  # every committed token (the last is pending)
+    with torch.inference_mode():
+        fresh._prefill(eng.cache_for(2, 40), full)
+        fresh_kv = eng.cache_for(2, 40).kv[-1]
+        for r in range(2):
+            n = int(lengths[r]) - 1  # positions whose pair (h_i, x_{i+1}) both runs know
+            torch.testing.assert_close(live_kv[r, :n], fresh_kv[r, :n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, temperature, top_p", [("onehot", 1.0, 1.0), ("sample", 0.8, 0.9)])
+def test_sampled_distribution_holds_while_depth_switches(tiny, mode, temperature, top_p):
+    """Three tokens: the prefill's, then two steps. Batches run every order of plain and draft
+    steps (plain → drafts exercises the MTP catch-up); their pooled samples must follow p."""
+    prompt = [3, 5, 2, 7]
+    n, rows = 3, 1200
+    counts = torch.zeros([8] * n)
+    ran = set()
+    for i, script in enumerate(([0, 1], [0, 2], [1, 0], [2, 0], [0, 0])):
+        policy = ScriptedPolicy(script)
+        spec = SpecConfig(depth=2, draft_mode=mode)
+        out, _ = SpeculativeDecoder(tiny, spec, temperature, top_p, 13 + i, policy).generate([prompt] * rows, n)
+        for toks in out:
+            counts[tuple(toks)] += 1
+        ran.add(tuple(policy.ran))
+    stat, crit = chi_square(counts, exact_joint(tiny, prompt, n, temperature, top_p))
+    assert ran == {(0, 1), (0, 2), (1, 0), (2, 0), (0, 0)}  # some of the 1,200 rows always need a second step
+    assert stat < crit, (stat, crit)
+
+
+# ----------------------------------------------------------------------------- the policy's choices
+
+
+def costs(plain: float, per_depth: list[float], buckets=(1, 2, 4)) -> StepCosts:
+    table = {}
+    for b in buckets:
+        table[(0, b)] = plain
+        for d, c in enumerate(per_depth, start=1):
+            table[(d, b)] = c
+    return StepCosts(fixed=table)
+
+
+def test_speculation_that_does_not_pay_decodes_plainly(eng):
+    """Measured costs say every draft depth loses: the run is plain steps only, and equals plain."""
+    spec = SpecConfig(depth=3)
+    eng.cost_tables[eng.cost_key(spec)] = costs(1.0, [50.0, 60.0, 70.0])
+    try:
+        prompts = random_prompts(eng.args.vocab_size, [5, 8], seed=9)
+        n = FIRST_REVISIT - 4  # shorter than the first revisit of a draft depth
+        out = eng.generate(prompts, max_new_tokens=n, spec=spec)
+        plain = eng.generate(prompts, max_new_tokens=n)
+    finally:
+        del eng.cost_tables[eng.cost_key(spec)]
+    assert out.stats.depth_steps == [n - 1, 0, 0, 0]
+    assert out.stats.tau == 1.0 and out.token_ids == plain.token_ids
+
+
+def test_cheap_speculation_runs_deep(eng):
+    spec = SpecConfig(depth=3)
+    eng.cost_tables[eng.cost_key(spec)] = costs(1.0, [1.0, 1.0, 1.0])  # drafting for free
+    try:
+        out = eng.generate(random_prompts(eng.args.vocab_size, [5], seed=2), max_new_tokens=24, spec=spec)
+    finally:
+        del eng.cost_tables[eng.cost_key(spec)]
+    assert out.stats.depth_steps[3] == out.stats.verify_steps  # deepest is best at equal cost
+
+
+def test_choice_follows_measured_costs_and_acceptance():
+    policy = SpeculationPolicy(3, costs(1.0, [1.2, 1.5, 1.9]))
+    for _ in range(40):  # drafts 1 and 2 always accepted, draft 3 never
+        policy.acceptance.add([2, 2], 3)
+    # tau(1) = 2, tau(2) = 3, tau(3) ≈ 3: rate 1.67, 2.0, 1.58 per cost unit, plain 1.0
+    assert policy.choose(2) == 2
+    policy = SpeculationPolicy(3, costs(1.0, [2.5, 3.5, 4.5]))
+    for _ in range(40):
+        policy.acceptance.add([2, 2], 3)
+    assert policy.choose(2) == 0  # every depth is slower per token than a plain step
+
+
+def test_unmeasured_depths_are_explored_deepest_first_then_revisited():
+    policy = SpeculationPolicy(2, StepCosts())
+    order = []
+    for _ in range(3 * MIN_SAMPLES):
+        d = policy.choose(1)
+        order.append(d)
+        policy.observe(d, 1, {0: 1.0, 1: 5.0, 2: 9.0}[d], [0] if d else [])
+    assert order == [2] * MIN_SAMPLES + [1] * MIN_SAMPLES + [0] * MIN_SAMPLES
+    run = []
+    for _ in range(3 * FIRST_REVISIT):
+        d = policy.choose(1)
+        run.append(d)
+        policy.observe(d, 1, {0: 1.0, 1: 5.0, 2: 9.0}[d], [0] if d else [])
+    assert run.count(0) >= len(run) - 4  # plain wins; draft depths only come back as revisits
+    assert 1 <= run.count(1) <= 2 and 1 <= run.count(2) <= 2
+
+
+def test_acceptance_estimate_is_conditional_per_position():
+    est = AcceptanceEstimate(3)
+    for _ in range(200):
+        est.add([0, 1, 3, 3], 3)  # position 1: 3/4 accepted; position 2: 2 of 3 reached; position 3: 2 of 2
+    assert est.conditional(0) == pytest.approx(0.75, abs=0.02)
+    assert est.conditional(1) == pytest.approx(2 / 3, abs=0.02)
+    assert est.conditional(2) == pytest.approx(1.0, abs=0.03)
+    assert est.expected_tokens(0) == 1.0
+    assert est.expected_tokens(2) == pytest.approx(1 + 0.75 + 0.5, abs=0.03)
+
+
+def test_row_buckets():
+    assert [row_bucket(r) for r in (1, 2, 3, 4, 7, 8, 9, 16, 31)] == [1, 2, 2, 4, 4, 8, 8, 16, 16]
+
+
+def test_step_costs_persist_per_key(tmp_path):
+    path = tmp_path / "costs.json"
+    a = StepCosts(path, "machine A")
+    for s in (3.0, 1.0, 2.0):
+        a.add(1, 3, s)
+    a.save()
+    assert StepCosts(path, "machine A").cost(1, 2) == 2.0  # same bucket (2..3 rows), median
+    assert StepCosts(path, "machine B").cost(1, 2) is None
