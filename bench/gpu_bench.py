@@ -121,7 +121,8 @@ def bench_verify(ckpt: str | None, nodes: list[int], batches: list[int], new_tok
     e2e, ok = [], True
     groups = [ids[i : i + 8] for i in range(0, len(ids), 8)][:1]
     plain_out = None
-    for label, spec in [("plain", None), ("chain 2", SpecConfig(depth=2)), ("tree 3x2x6", SpecConfig(3, 2, 6))]:
+    for label, spec in [("plain", None), ("chain 2", SpecConfig(depth=2, adaptive=False)),
+                        ("adaptive 3", SpecConfig(depth=3)), ("tree 3x2x6", SpecConfig(3, 2, 6))]:
         eng.generate(groups[0], max_new_tokens=8, spec=spec)  # warm-up (and Triton compilation)
         _sync()
         t0 = time.perf_counter()

@@ -16,18 +16,19 @@ Formulations (x2 `[rows, in]`, W `[out, in]`):
 
 from __future__ import annotations
 
-import bisect
-import json
 import os
-import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from kernels.machine_cache import cache_dir, cpu_model, machine_key, read_json, write_json
+
+__all__ = ["DEFAULT", "FORMULATIONS", "ROW_BUCKETS", "GemmTuner", "RowPlan", "cache_dir", "cpu_model", "gemm",
+           "interleaved_seconds", "machine_key", "measure_enabled"]
 
 FORMULATIONS = ("x_wt", "w_xt", "x_wcopy")
 DEFAULT = "x_wt"
@@ -58,7 +59,11 @@ class RowPlan:
     by_bucket: tuple[str, ...] = (DEFAULT,) * len(ROW_BUCKETS)
 
     def for_rows(self, rows: int) -> str:
-        return self.by_bucket[max(bisect.bisect_right(ROW_BUCKETS, rows) - 1, 0)]
+        bucket = 0
+        for i, first in enumerate(ROW_BUCKETS):  # a plain loop: torch.compile traces it (not bisect)
+            if rows >= first:
+                bucket = i
+        return self.by_bucket[bucket]
 
     @property
     def needs_copy(self) -> bool:
@@ -71,30 +76,6 @@ Timer = Callable[[tuple[str, ...], int, int, int], dict[str, float]]
 """timer(formulations, rows, out, in) → {formulation: seconds per call} (injectable for tests)."""
 ChoiceTimer = Callable[[tuple[str, ...], int], dict[str, float]]
 """timer(candidates, rows) → {candidate: seconds per call}: any per-row-count choice (`GemmTuner.choose`)."""
-
-
-def machine_key(dtype: torch.dtype) -> str:
-    """What the verdicts depend on: CPU model, torch version, intra-op threads, dtype."""
-    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {dtype}"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo; elsewhere platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def cache_dir() -> Path:
-    """`$SPECDEC_CACHE`, else `$XDG_CACHE_HOME/specdec`, else `~/.cache/specdec`."""
-    if os.environ.get("SPECDEC_CACHE"):
-        return Path(os.environ["SPECDEC_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "specdec"
 
 
 def measure_enabled() -> bool:
@@ -195,19 +176,8 @@ class GemmTuner:
         data = self._load()
         data[self.key] = {**data.get(self.key, {}), **self.entries}
         data["version"] = CACHE_VERSION
-        try:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".gemm_plans.", dir=self.cache_path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self.cache_path)
-            self.dirty = False
-        except OSError:
-            pass  # measured again next time
+        self.dirty = not write_json(self.cache_path, data)
 
     def _load(self) -> dict:
-        try:
-            data = json.loads(self.cache_path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) and data.get("version") == CACHE_VERSION else {}
+        data = read_json(self.cache_path)
+        return data if data.get("version") == CACHE_VERSION else {}

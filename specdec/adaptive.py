@@ -14,22 +14,22 @@ greedy output stays token-identical to plain decoding and sampled output follows
 distribution (tests force the switching).
 
 Exploration: a row bucket with no cost for some depth runs that depth (two samples each, the
-deepest first so that every position's acceptance is seen). A depth that is not chosen is run
+deepest first so that every position's acceptance is seen); while too few drafts have been
+verified to estimate acceptance, steps draft as deep as they may. The engine keeps the cost
+table (also on disk) and the acceptance estimate across calls, so short calls do not each start
+from scratch. A depth that is not chosen is run
 again now and then (`FIRST_REVISIT` steps, doubling each time it is still not the best), which
 refreshes its cost and, for speculative depths, the acceptance that plain steps cannot measure.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels.cpu_gemm import cache_dir
+from kernels.machine_cache import cache_dir, read_json, write_json
 
 SAMPLES_KEPT = 9
 """Step timings kept per (depth, row bucket); the cost is their median."""
@@ -37,6 +37,9 @@ MIN_SAMPLES = 2
 """Timings a (depth, bucket) needs before it is exploited rather than explored."""
 ACCEPTANCE_DECAY = 0.97
 """Per-step decay of the acceptance counts (a memory of roughly 30 steps)."""
+MIN_REACHED = 4.0
+"""Decayed row-steps at draft position 1 below which the acceptance counts as unknown: the policy
+then drafts as deep as it may, which measures every position at once."""
 FIRST_REVISIT = 32
 MAX_REVISIT = 512
 """A depth not chosen runs again after `FIRST_REVISIT` steps, then after twice as many each time it
@@ -62,7 +65,7 @@ class StepCosts:
         self.path, self.key, self.fixed = path, key, fixed
         self.samples: dict[tuple[int, int], deque[float]] = {}
         if path is not None and fixed is None:
-            for name, values in self._load().get(key, {}).items():
+            for name, values in read_json(path).get(key, {}).items():
                 depth, bucket = (int(x) for x in name.split("/"))
                 self.samples[(depth, bucket)] = deque(values[-SAMPLES_KEPT:], maxlen=SAMPLES_KEPT)
 
@@ -91,23 +94,9 @@ class StepCosts:
         """Merge this table into the file (atomically); an unwritable cache is not an error."""
         if self.path is None or self.fixed is not None or not self.samples:
             return
-        data = self._load()
+        data = read_json(self.path)
         data[self.key] = {f"{d}/{b}": list(s) for (d, b), s in sorted(self.samples.items())}
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".step_costs.", dir=self.path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
-
-    def _load(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        write_json(self.path, data)
 
 
 def default_cost_path() -> Path:
@@ -156,10 +145,15 @@ class SpeculationPolicy:
     `min_depth` 1 keeps speculation on; `depths_run[d]` counts the steps run at depth d.
     """
 
-    def __init__(self, max_depth: int, costs: StepCosts, min_depth: int = 0) -> None:
+    def __init__(self, max_depth: int, costs: StepCosts, min_depth: int = 0,
+                 acceptance: AcceptanceEstimate | None = None) -> None:
+        """`acceptance`: an estimate to continue from (the engine keeps one across calls, so a new
+        call starts from the acceptance seen so far rather than from the prior); None: a new one."""
         self.max_depth, self.min_depth, self.costs = max_depth, min_depth, costs
         self.depths = range(min_depth, max_depth + 1)
-        self.acceptance = AcceptanceEstimate(max_depth)
+        if acceptance is None or acceptance.max_depth < max_depth:
+            acceptance = AcceptanceEstimate(max_depth)
+        self.acceptance = acceptance
         self.depths_run = [0] * (max_depth + 1)
         self.steps = 0
         self.last_run = {d: 0 for d in self.depths}
@@ -171,6 +165,8 @@ class SpeculationPolicy:
         unexplored = [d for d in self.depths if self.costs.count(d, rows) < MIN_SAMPLES]
         if unexplored:
             return max(unexplored)  # deepest first: its steps measure every position's acceptance
+        if self.acceptance.reached[0] < MIN_REACHED and self.max_depth > 0:
+            return self.max_depth  # acceptance unknown (a new engine, or long plain stretches)
         best = max(self.depths, key=lambda d: (self.rate(d, rows), -d))
         self.interval[best] = FIRST_REVISIT
         due = [d for d in self.depths if d != best and self.steps - self.last_run[d] >= self.interval[d]]

@@ -114,7 +114,7 @@ def _loop_costs(engine, ids: list[list[int]], depth1_forwards: float) -> tuple[f
         runs = [engine.generate(ids, max_new_tokens=CALIBRATION_TOKENS // 2, spec=spec).stats for _ in range(3)]
         return statistics.median(r.decode_s / max(r.verify_steps, 1) for r in runs)
 
-    return per_step(None), max(per_step(SpecConfig(depth=1)) - depth1_forwards, 0.0)
+    return per_step(None), max(per_step(SpecConfig(depth=1, adaptive=False)) - depth1_forwards, 0.0)
 
 
 def choose_tree(engine, ids: list[list[int]], temperature: float, top_p: float, seed: int,

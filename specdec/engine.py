@@ -20,7 +20,7 @@ from model.load import load_verifier
 from model.parallel import ParallelContext
 from model.transformer import Transformer
 from mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
-from specdec.adaptive import SpeculationPolicy, StepCosts, default_cost_path
+from specdec.adaptive import AcceptanceEstimate, SpeculationPolicy, StepCosts, default_cost_path
 from specdec.cache import SPAN_MULTIPLE, LatentCache, take_rows
 from specdec.config import GenerationOutput, GenerationStats, SpecConfig
 from specdec.compiled import CompiledDecode, check_compile_supported
@@ -84,6 +84,7 @@ class Engine:
         self.eos_ids = frozenset(eos)
         self._cache: LatentCache | None = None
         self.cost_tables: dict[str, StepCosts] = {}  # adaptive speculation's measured step costs
+        self.acceptance: dict[str, AcceptanceEstimate] = {}  # and its running acceptance, per cost key
 
     @classmethod
     def from_pretrained(
@@ -239,7 +240,9 @@ class Engine:
             return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed)
         policy = None
         if spec.adapts and self.compiled is None:
-            policy = SpeculationPolicy(spec.depth, self.step_costs(spec))
+            key = self.cost_key(spec)
+            policy = SpeculationPolicy(spec.depth, self.step_costs(spec), acceptance=self.acceptance.get(key))
+            self.acceptance[key] = policy.acceptance  # the next call continues from what this one sees
         outputs, stats = SpeculativeDecoder(self, spec, temperature, top_p, seed, policy).generate(ids, max_new_tokens)
         if policy is not None:
             policy.costs.save()

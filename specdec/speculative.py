@@ -152,19 +152,20 @@ class SpeculativeDecoder:
             depth = self.spec.depth
             if self.policy:  # timings differ per rank: rank 0's choice holds for all
                 depth = self.eng.ctx.broadcast_int(self.policy.choose(rows), self.eng.device)
+            if depth > 0:  # after plain steps: not part of this step's cost (see `_catch_up`)
+                state = self._catch_up(cache, lengths, state)
             t0 = time.perf_counter()
             if depth == 0:                                                        # a plain step
                 state = self._plain_step(cache, lengths, state)
                 n_acc, runs = [0] * rows, [[t] for t in state.pending.tolist()]
             else:
-                state = self._catch_up(cache, lengths, state)
                 tree = self._draft(cache, lengths, state, depth)                  # 1. draft
                 verified = self._verify(cache, lengths, state.pending, tree)      # 2. verify
                 acc = self._accept(tree, verified.logits)                         # 3. accept
                 state = self._commit(cache, tree, verified, acc)                  # 4. commit
-                n_acc = acc.n_accepted.tolist()
+                n_acc, bonus = acc.n_accepted.tolist(), acc.next_token.tolist()
                 path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
-                runs = [path_tokens[r][:a] + [int(acc.next_token[r])] for r, a in enumerate(n_acc)]
+                runs = [path_tokens[r][:a] + [bonus[r]] for r, a in enumerate(n_acc)]
             self.counts.add(n_acc, depth)
             live, kept = self._emit(runs, self.row_of, max_new_tokens)
             if self.policy:
@@ -251,7 +252,10 @@ class SpeculativeDecoder:
 
     def _catch_up(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
         """After plain steps: the MTP layer over their w lagging pairs (positions L-w..L-1, one
-        forward), which fills its cache rows and yields the first draft's distribution again."""
+        forward), which fills its cache rows and yields the first draft's distribution again.
+        Its time is left out of the step costs the policy learns from: one batched forward for w
+        tokens is small beside w plain steps, and counting it against the draft step that follows
+        a plain stretch would make drafting look dearer the longer plain decoding ran."""
         if state.lag_tokens is None:
             return state
         width = state.lag_tokens.shape[1]

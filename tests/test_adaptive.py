@@ -10,17 +10,7 @@ from specdec import SpecConfig
 from specdec.adaptive import (FIRST_REVISIT, MIN_SAMPLES, AcceptanceEstimate, SpeculationPolicy, StepCosts,
                               row_bucket)
 from specdec.speculative import SpeculativeDecoder
-from tests.test_speculative import assert_same_or_tie, chi_square, exact_joint, random_prompts
-
-
-@pytest.fixture(scope="module")
-def eng(f32_engine):
-    return f32_engine
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_engine):
-    return tiny_engine
+from tests.test_speculative import assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, tiny  # noqa: F401
 
 
 class ScriptedPolicy:
@@ -115,13 +105,17 @@ def test_speculation_that_does_not_pay_decodes_plainly(eng):
     """Measured costs say every draft depth loses: the run is plain steps only, and equals plain."""
     spec = SpecConfig(depth=3)
     eng.cost_tables[eng.cost_key(spec)] = costs(1.0, [50.0, 60.0, 70.0])
+    known = AcceptanceEstimate(3)
+    for _ in range(10):
+        known.add([1, 2, 0, 3], 3)  # acceptance already measured (else the first steps draft deep to learn it)
+    eng.acceptance[eng.cost_key(spec)] = known
     try:
         prompts = random_prompts(eng.args.vocab_size, [5, 8], seed=9)
         n = FIRST_REVISIT - 4  # shorter than the first revisit of a draft depth
         out = eng.generate(prompts, max_new_tokens=n, spec=spec)
         plain = eng.generate(prompts, max_new_tokens=n)
     finally:
-        del eng.cost_tables[eng.cost_key(spec)]
+        del eng.cost_tables[eng.cost_key(spec)], eng.acceptance[eng.cost_key(spec)]
     assert out.stats.depth_steps == [n - 1, 0, 0, 0]
     assert out.stats.tau == 1.0 and out.token_ids == plain.token_ids
 
@@ -133,6 +127,7 @@ def test_cheap_speculation_runs_deep(eng):
         out = eng.generate(random_prompts(eng.args.vocab_size, [5], seed=2), max_new_tokens=24, spec=spec)
     finally:
         del eng.cost_tables[eng.cost_key(spec)]
+        eng.acceptance.pop(eng.cost_key(spec), None)
     assert out.stats.depth_steps[3] == out.stats.verify_steps  # deepest is best at equal cost
 
 
@@ -146,6 +141,20 @@ def test_choice_follows_measured_costs_and_acceptance():
     for _ in range(40):
         policy.acceptance.add([2, 2], 3)
     assert policy.choose(2) == 0  # every depth is slower per token than a plain step
+
+
+def test_unknown_acceptance_drafts_deep_and_carries_over_calls(eng):
+    policy = SpeculationPolicy(3, costs(1.0, [2.0, 3.0, 4.0]))
+    assert policy.choose(1) == 3  # costs known, acceptance not: learn it at every position
+    for _ in range(5):
+        policy.observe(3, 1, 4.0, [0])
+    assert policy.choose(1) == 0  # five drafts rejected at position 1: plain is faster
+    spec = SpecConfig(depth=3)
+    eng.acceptance.pop(eng.cost_key(spec), None)
+    eng.generate(random_prompts(eng.args.vocab_size, [5], seed=2), max_new_tokens=12, spec=spec)
+    seen = eng.acceptance[eng.cost_key(spec)]
+    assert seen.reached[0] > 0  # kept by the engine for its next call
+    eng.acceptance.pop(eng.cost_key(spec))
 
 
 def test_unmeasured_depths_are_explored_deepest_first_then_revisited():

@@ -53,13 +53,19 @@ def test_rmsnorm_fast_path_equals_float_path():
     torch.testing.assert_close(norm(x), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_moe_single_token_path_equals_batched_path():
-    args = from_hf_config(small_config())
-    torch.manual_seed(0)
-    moe = MoE(args, ParallelContext(), torch.float32, None)
+def random_moe(seed: int) -> MoE:
+    """An MoE layer of the small config with random weights, prepared for the CPU."""
+    torch.manual_seed(seed)
+    moe = MoE(from_hf_config(small_config()), ParallelContext(), torch.float32, None)
     for p in moe.parameters():
         p.data = torch.randn_like(p) * 0.1
     prepare_cpu(moe)
+    return moe
+
+
+def test_moe_single_token_path_equals_batched_path():
+    moe = random_moe(0)
+    args = from_hf_config(small_config())
     tokens = torch.randn(5, 1, args.dim)
     with torch.inference_mode():
         batched = moe(tokens.view(1, 5, args.dim))[0]
@@ -69,13 +75,8 @@ def test_moe_single_token_path_equals_batched_path():
 
 @pytest.mark.parametrize("tokens", [1, 3, 17])
 def test_moe_expert_formulations_agree(tokens):
-    args = from_hf_config(small_config())
-    torch.manual_seed(1)
-    moe = MoE(args, ParallelContext(), torch.float32, None)
-    for p in moe.parameters():
-        p.data = torch.randn_like(p) * 0.1
-    prepare_cpu(moe)
-    x = torch.randn(tokens, args.dim)
+    moe = random_moe(1)
+    x = torch.randn(tokens, moe.gate.weight.shape[1])
     with torch.inference_mode():
         loop, dense = moe._eager(x, "loop"), moe._eager(x, "dense")
     torch.testing.assert_close(dense, loop, rtol=1e-5, atol=1e-5)
