@@ -240,30 +240,33 @@ class Engine:
             return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed)
         policy = None
         if spec.adapts and self.compiled is None:
-            key = self.cost_key(spec)
-            policy = SpeculationPolicy(spec.depth, self.step_costs(spec), acceptance=self.acceptance.get(key))
+            sampled = temperature > 0
+            key = self.cost_key(spec, sampled)
+            policy = SpeculationPolicy(spec.depth, self.step_costs(spec, sampled), acceptance=self.acceptance.get(key))
             self.acceptance[key] = policy.acceptance  # the next call continues from what this one sees
         outputs, stats = SpeculativeDecoder(self, spec, temperature, top_p, seed, policy).generate(ids, max_new_tokens)
         if policy is not None:
             policy.costs.save()
         return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
 
-    def step_costs(self, spec: SpecConfig) -> StepCosts:
+    def step_costs(self, spec: SpecConfig, sampled: bool = False) -> StepCosts:
         """The measured step costs adaptive speculation uses with `spec`'s drafter settings on this
-        engine: one table per setting, kept for the engine's life and on disk between runs
+        engine, greedy or `sampled` (a sampled step costs more: distributions, draws): one table per
+        setting, kept for the engine's life and on disk between runs
         (`~/.cache/specdec/step_costs.json`, keyed by machine, checkpoint and settings). Assign
-        `engine.cost_tables[key]` (key: `cost_key(spec)`) to impose costs (tests)."""
-        key = self.cost_key(spec)
+        `engine.cost_tables[key]` (key: `cost_key(spec, sampled)`) to impose costs (tests)."""
+        key = self.cost_key(spec, sampled)
         if key not in self.cost_tables:
             self.cost_tables[key] = StepCosts(default_cost_path() if measure_enabled() else None, key)
         return self.cost_tables[key]
 
-    def cost_key(self, spec: SpecConfig) -> str:
-        """What a step's cost depends on besides depth and rows."""
+    def cost_key(self, spec: SpecConfig, sampled: bool = False) -> str:
+        """What a step's cost (and the acceptance) depends on besides depth and rows."""
         config = hashlib.sha1((self.checkpoint / "config.json").read_bytes()).hexdigest()[:12] \
             if (self.checkpoint / "config.json").is_file() else "?"
+        mode = f"sampled {spec.draft_mode}" if sampled else "greedy"
         return (f"{machine_key(self.model.dtype)} | {self.device} | world {self.ctx.world_size} | "
-                f"{self.checkpoint.resolve()} {config} | fp8 {self.model.fp8_block is not None} | "
+                f"{self.checkpoint.resolve()} {config} | fp8 {self.model.fp8_block is not None} | {mode} | "
                 f"draft_vocab {spec.draft_vocab} | hidden {spec.verifier_hidden}/{spec.draft_hidden}")
 
     # ------------------------------------------------------------------ plain decoding
@@ -272,7 +275,6 @@ class Engine:
     def _generate_plain(self, ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                         seed: int) -> GenerationOutput:
         start = time.perf_counter()
-        generator = torch.Generator(self.device).manual_seed(seed)
         batch = len(ids)
         cache = self.cache_for(batch, max(map(len, ids)) + max_new_tokens)
         tokens, lengths = self.pad(ids)
@@ -284,7 +286,7 @@ class Engine:
             steps, row_steps, ttft, tpot = self._plain_loop_greedy_step(cache, logits, outputs, max_new_tokens, start)
         else:
             steps, row_steps, ttft, tpot = self._plain_loop(cache, logits, outputs, max_new_tokens, start,
-                                                            temperature, top_p, generator)
+                                                            temperature, top_p, seed)
         wall = time.perf_counter() - start
         n_tokens = sum(map(len, outputs))
         stats = GenerationStats(tokens=n_tokens, verify_steps=steps, tau=1.0, tokens_per_s=n_tokens / wall,
@@ -293,15 +295,16 @@ class Engine:
         return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
 
     def _plain_loop(self, cache: LatentCache, logits: torch.Tensor, outputs: list[list[int]], max_new_tokens: int,
-                    start: float, temperature: float, top_p: float,
-                    generator: torch.Generator) -> tuple[int, int, float, list[float]]:
+                    start: float, temperature: float, top_p: float, seed: int) -> tuple[int, int, float, list[float]]:
         """sample → append → retire finished rows → one verifier step, until every row is finished.
+        Output token i of prompt r is drawn with u(seed, r, i) (`specdec.sampling`).
 
         Returns (steps, row steps, TTFT seconds, TPOT seconds per token)."""
         row_of = list(range(len(outputs)))  # cache row r holds prompt row_of[r]; active rows are a prefix
         steps, row_steps, clock = 0, 0, StepClock(start)
         while True:
-            next_tokens = sample(logits, temperature, top_p, generator).tolist()
+            emitted = [len(outputs[r]) for r in row_of]
+            next_tokens = sample(logits, temperature, top_p, seed, row_of, emitted).tolist()
             clock.tick(len(next_tokens))
             done = self._append(outputs, row_of, next_tokens, max_new_tokens)
             live = [r for r, d in enumerate(done) if not d]

@@ -1,7 +1,15 @@
 """Turning verifier logits into tokens: greedy, temperature, top-p; exact categorical draws.
 
-Every rank holds identical logits and the same seeded generator, so all ranks draw the same
-tokens in lockstep without a broadcast.
+Every rank holds identical logits and the same seeds, so all ranks draw the same tokens in
+lockstep without a broadcast.
+
+Token draws use one uniform per (seed, prompt, output position) (`position_uniforms`: a
+counter-based hash, not a sequential generator). Plain decoding draws output token i of prompt
+r with u(seed, r, i); speculative decoding with one-hot drafts draws the verifier's token at a
+node that would become output token i with the same u. So a prompt's sampled tokens do not depend
+on how many steps produced them, on the draft depth of each step, or on the other prompts in the
+batch: a seed reproduces its output under adaptive speculation, and one-hot speculative sampling
+emits plain sampling's tokens (up to float rounding of p at an interval edge).
 """
 
 from __future__ import annotations
@@ -25,6 +33,36 @@ def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) 
     return nucleus / nucleus.sum(dim=-1, keepdim=True)
 
 
+MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a 64-bit integer to a well-mixed 64-bit integer (exact Python ints)."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def position_uniforms(seed: int, streams: list[int], positions: list[list[int]]) -> torch.Tensor:
+    """`[B, W]` float64 uniforms in [0, 1): entry (b, j) is u(seed, streams[b], positions[b][j]),
+    a pure function of the three integers, the same on every machine and rank."""
+    base = _mix64(seed & MASK64)
+    out = [[(_mix64(_mix64(base ^ (stream & MASK64)) ^ (pos & MASK64)) >> 11) * 2.0 ** -53 for pos in row]
+           for stream, row in zip(streams, positions)]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def draw_at(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One categorical draw per row of `[..., V]` probabilities with the given uniforms `u` `[...]`
+    (see `draw`, which takes them from a generator)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    cdf = flat.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, u.reshape(-1, 1).to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:], right=True)
+    last_nonzero = flat.shape[-1] - 1 - (flat.flip(-1) > 0).to(torch.int8).argmax(dim=-1, keepdim=True)
+    return torch.minimum(index, last_nonzero).view(probs.shape[:-1])
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One categorical draw per row of `[..., V]` probabilities → `[...]` int64, by inverting the CDF.
 
@@ -33,16 +71,15 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     token of nonzero probability is taken. One uniform per row from `generator`, in row order.
     (`torch.multinomial` is exact too, but on the CPU it costs 6.5 ms for 32 rows of 8,192, this 0.2 ms.)
     """
-    flat = probs.reshape(-1, probs.shape[-1])
-    cdf = flat.cumsum(dim=-1)
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype)
-    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    last_nonzero = flat.shape[-1] - 1 - (flat.flip(-1) > 0).to(torch.int8).argmax(dim=-1, keepdim=True)
-    return torch.minimum(index, last_nonzero).view(probs.shape[:-1])
+    u = torch.rand(probs.shape[:-1], generator=generator, device=probs.device, dtype=torch.float32)
+    return draw_at(probs, u)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens `[B]` from logits `[B, V]`: argmax at temperature 0, else an exact categorical draw."""
+def sample(logits: torch.Tensor, temperature: float, top_p: float, seed: int, streams: list[int],
+           positions: list[int]) -> torch.Tensor:
+    """Next tokens `[B]` from logits `[B, V]`: argmax at temperature 0, else an exact categorical
+    draw for row b with u(seed, streams[b], positions[b]) (`position_uniforms`)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    return draw(probabilities(logits, temperature, top_p), generator)
+    u = position_uniforms(seed, streams, [[p] for p in positions])[:, 0]
+    return draw_at(probabilities(logits, temperature, top_p), u)

@@ -35,7 +35,7 @@ from specdec.acceptance import Acceptance, accept_chain, accept_greedy, accept_o
 from specdec.adaptive import SpeculationPolicy
 from specdec.cache import LatentCache
 from specdec.config import GenerationStats
-from specdec.sampling import draw, probabilities, sample
+from specdec.sampling import draw, draw_at, position_uniforms, probabilities, sample
 from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask, visible_slots
 
 
@@ -112,7 +112,8 @@ class SpeculativeDecoder:
         self.eng, self.spec = engine, spec
         self.model, self.drafter = engine.run_verifier, engine.run_drafter  # forwards (maybe compiled)
         self.temperature, self.top_p = temperature, top_p
-        self.generator = torch.Generator(engine.device).manual_seed(seed)
+        self.seed = seed  # token draws: u(seed, prompt, output position) (`specdec.sampling`)
+        self.generator = torch.Generator(engine.device).manual_seed(seed)  # sampled drafts and their acceptance
         self.counts = AcceptanceCounts()
         self.policy = policy
 
@@ -230,7 +231,7 @@ class SpeculativeDecoder:
         kv, pe = cache.kv, cache.pe
         out = self.model(tokens, pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1))
         cache.lengths[:batch] = lengths
-        first = sample(out.logits[:, 0], self.temperature, self.top_p, self.generator)
+        first = sample(out.logits[:, 0], self.temperature, self.top_p, self.seed, list(range(batch)), [0] * batch)
         next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
         next_tokens[torch.arange(batch), lengths - 1] = first
         mtp = self.drafter(next_tokens, self._verifier_hidden(out), pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1),
@@ -243,7 +244,8 @@ class SpeculativeDecoder:
         slots = lengths.unsqueeze(1)
         out = self.model(state.pending.unsqueeze(1), slots, cache.kv, cache.pe, slots,
                          visible_slots(lengths, 1, int(lengths.max()) + 1))
-        token = sample(out.logits[:, 0], self.temperature, self.top_p, self.generator)
+        token = sample(out.logits[:, 0], self.temperature, self.top_p, self.seed, self.row_of,
+                       [len(self.outputs[p]) for p in self.row_of])
         hidden, pair = self._verifier_hidden(out), token.unsqueeze(1)
         if state.lag_tokens is not None:
             hidden, pair = torch.cat([state.lag_hidden, hidden], 1), torch.cat([state.lag_tokens, pair], 1)
@@ -320,10 +322,12 @@ class SpeculativeDecoder:
         if self.temperature == 0.0:
             return accept_chain(tree.tokens, target_logits.argmax(-1)) if chain else accept_greedy(tree, target_logits)
         p = probabilities(target_logits, self.temperature, self.top_p)
-        if tree.child_probs is None:
-            if chain:  # the one-hot rule's draws, in its order, walked as tensor ops
-                return accept_chain(tree.tokens, draw(p, self.generator))
-            return accept_onehot(tree, p, self.generator)
+        if tree.child_probs is None:  # one-hot: node i's draw is the one output token L'+depth(i) would get
+            done = [len(self.outputs[r]) for r in self.row_of]
+            depths = tree.all_depths().tolist()
+            u = position_uniforms(self.seed, self.row_of, [[n + d for d in row] for n, row in zip(done, depths)])
+            y = draw_at(p, u)
+            return accept_chain(tree.tokens, y) if chain else accept_onehot(tree, p, draws=y)
         return accept_sampled(tree, p, self.generator)
 
     def _commit(self, cache: LatentCache, tree: DraftTree, verified: ForwardOutput, acc: Acceptance):

@@ -49,6 +49,23 @@ def test_greedy_equals_plain_while_depth_switches(eng, tiny, batch):
     assert ties <= 1
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampled_tokens_equal_plain_sampling_while_depth_switches(eng, tiny, temperature, top_p):
+    """One-hot drafts: a node's draw uses the uniform of the output position it would fill, so
+    speculative sampling emits plain sampling's tokens for the same seed, whatever the depths."""
+    for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
+        prompts = random_prompts(vocab, [7, 3, 11, 5], seed=60)
+        plain = engine.generate(prompts, max_new_tokens=30, temperature=temperature, top_p=top_p, seed=9).token_ids
+        policy = ScriptedPolicy(SCRIPT)
+        out, _ = SpeculativeDecoder(engine, SpecConfig(depth=3), temperature, top_p, 9, policy).generate(prompts, 30)
+        assert out == plain
+        again = engine.generate(prompts, max_new_tokens=30, temperature=temperature, top_p=top_p, seed=9,
+                                spec=SpecConfig(depth=3))  # the measured policy: a seed reproduces too
+        assert again.token_ids == plain
+    other = eng.generate(prompts[:1], max_new_tokens=30, temperature=temperature, top_p=top_p, seed=10).token_ids
+    assert other != plain[:1]  # the seed matters
+
+
 def test_mtp_cache_after_plain_steps_equals_a_fresh_pass(eng):
     """After a run of plain steps, the catch-up leaves the MTP cache rows as a from-scratch MTP pass
     over the whole sequence would: drafting after a switch sees what it would have seen."""

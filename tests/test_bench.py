@@ -13,6 +13,7 @@ import pytest
 from bench.__main__ import main as bench_main
 from bench.common import PLAIN, BenchError, Shape, batches, paired_speedup, parse_shapes, timed_runs
 from bench.prompt_set import HELDOUT_FILE, PromptFileError, load_prompt_file
+from bench.figures import figures_table
 from bench.stats import compare_outputs, conditional_acceptance, percentile, pool
 from specdec.engine import GenerationStats
 
@@ -231,6 +232,8 @@ def test_cli_latency_quick(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
             assert r["equal_to_plain"] is True and r["tau"] >= 1.0
     assert sum(r["best_chain"] for r in rows) == 2
     assert data["failures"] == []
+    table = figures_table([out]).splitlines()  # the README's figures table, generated from this JSON
+    assert len(table) == 2 + 2 and "| greedy | 1 |" in table[2] and "(chain " in table[3]
 
 
 def test_cli_latency_ceiling(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:

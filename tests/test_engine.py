@@ -81,11 +81,13 @@ def test_top_p_nucleus_is_smallest_set_reaching_p():
 
 
 def test_sampling_follows_the_distribution():
-    """Chi-square goodness of fit of 20,000 seeded draws (temperature 0.7, top-p 0.9)."""
+    """Chi-square goodness of fit of 20,000 seeded draws (temperature 0.7, top-p 0.9): 1,000 prompts
+    (streams) × 20 output positions, each with its own counter-based uniform."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 12, generator=gen) * 2
     target = probabilities(logits, 0.7, 0.9)[0]
-    draws = torch.stack([sample(logits.expand(1000, -1), 0.7, 0.9, gen) for _ in range(20)]).flatten()
+    draws = torch.stack([sample(logits.expand(1000, -1), 0.7, 0.9, 3, list(range(1000)), [i] * 1000)
+                         for i in range(20)]).flatten()
     counts = torch.bincount(draws, minlength=12).double()
     support = target > 0
     assert counts[~support].sum() == 0  # nothing outside the nucleus
@@ -93,3 +95,16 @@ def test_sampling_follows_the_distribution():
     chi2 = ((counts[support] - expected) ** 2 / expected).sum().item()
     dof = int(support.sum()) - 1
     assert chi2 < dof + 4 * (2 * dof) ** 0.5  # ~ p > 0.001 for these dof
+
+
+def test_position_uniforms_are_a_function_of_seed_stream_and_position():
+    from specdec.sampling import position_uniforms
+
+    u = position_uniforms(7, [0, 1, 0], [[0, 1, 2], [0, 1, 2], [0, 1, 2]])
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])  # same (seed, stream): same values
+    assert torch.equal(u[0, 1:], position_uniforms(7, [0], [[1, 2]])[0])  # independent of what came before
+    assert not torch.equal(u[0], position_uniforms(8, [0], [[0, 1, 2]])[0])
+    many = position_uniforms(0, list(range(200)), [list(range(50))] * 200).flatten()
+    assert ((many >= 0) & (many < 1)).all() and abs(float(many.mean()) - 0.5) < 0.01
+    hist = torch.histc(many.float(), bins=10, min=0, max=1)
+    assert ((hist - 1000).abs() < 150).all()  # 10,000 draws, flat over tenths

@@ -280,8 +280,8 @@ def test_biased_acceptance_rules_are_detected(tiny, monkeypatch):
     assert stat > crit, (stat, crit)
     monkeypatch.undo()
 
-    def always_accept_first(tree, target_probs, generator):
-        acc = specdec.acceptance.accept_onehot(tree, target_probs, generator)
+    def always_accept_first(tree, target_probs, generator=None, draws=None):
+        acc = specdec.acceptance.accept_onehot(tree, target_probs, generator, draws)
         path = acc.path.clone()
         path[:, 0] = 1
         return specdec.acceptance.Acceptance(acc.n_accepted.clamp_min(1), path, acc.next_token)
