@@ -167,7 +167,8 @@ class MoE(nn.Module):
         def timer(candidates: tuple[str, ...], rows: int) -> dict[str, float]:
             x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(rows)).to(gate_up.dtype)
             with torch.inference_mode():
-                return interleaved_seconds({c: (lambda c=c: self._eager(x, c)) for c in candidates})
+                return interleaved_seconds({c: (lambda c=c: self._routed_local(x, *self.gate(x), c))
+                                            for c in candidates})
 
         self.expert_plan = tuner.choose(name, EXPERT_FORMULATIONS, "loop", timer)
 
@@ -182,15 +183,27 @@ class MoE(nn.Module):
         return self._eager(flat, plan.for_rows(flat.shape[0]) if plan else "loop").view(shape)
 
     def _eager(self, flat: torch.Tensor, formulation: str) -> torch.Tensor:
-        """flat `[N, dim]` through the experts by `formulation` ("loop" or "dense", see `tune_cpu`).
+        """flat `[N, dim]` through the experts by `formulation` ("loop" or "dense", see `tune_cpu`):
+        this rank's routed sum, summed over ranks, plus the shared experts."""
+        routed = self._routed_local(flat, *self.gate(flat), formulation)
+        if self.ctx.world_size > 1:
+            routed = self.ctx.all_reduce(routed if routed is not None else torch.zeros_like(flat))
+        if self.shared_experts is None:
+            return routed if routed is not None else torch.zeros_like(flat)
+        shared = self.shared_experts(flat)
+        return shared if routed is None else routed + shared
+
+    def _routed_local(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                      formulation: str) -> torch.Tensor | None:
+        """This rank's routed-expert sum `[N, dim]` before the sum over ranks, so it can be timed on
+        its own (`tune_cpu`: no collectives, whose call counts would differ between ranks); None
+        when a single token chose no local expert.
 
         "loop": routed slots (token, choice) are sorted by expert, so each local expert runs once on
-        a contiguous slice of gathered tokens and one `index_add_` scatters all results back."""
-        weights, indices = self.gate(flat)
+        a contiguous slice of gathered tokens and one `index_add_` scatters all results back; a
+        single token skips the sort (`_one_token`). "dense": `_routed_dense`."""
         if formulation == "dense" and self.stacked is not None:
-            routed = self._routed_dense(flat, weights, indices)
-            self.ctx.all_reduce(routed)
-            return routed if self.shared_experts is None else routed + self.shared_experts(flat)
+            return self._routed_dense(flat, weights, indices)
         if flat.shape[0] == 1:
             return self._one_token(flat, weights, indices)
         expert_of = indices.flatten()
@@ -209,22 +222,17 @@ class MoE(nn.Module):
         if outs:
             scaled = torch.cat(outs) * weights.flatten()[slots].unsqueeze(1).to(flat.dtype)
             routed.index_add_(0, tokens, scaled)
-        self.ctx.all_reduce(routed)
-        if self.shared_experts is not None:
-            routed = routed + self.shared_experts(flat)
         return routed
 
-    def _one_token(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The single-token case (batch-1 decode, one draft step) without sorting or scattering."""
-        out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
+    def _one_token(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """The single-token case (batch-1 decode, one draft step) without sorting or scattering: this
+        rank's routed sum, or None when the token chose no local expert."""
         routed = None
         for e, w in zip(indices[0].tolist(), weights[0].to(flat.dtype).unbind()):
             if e in self.local_experts:
                 y = self.experts[str(e)](flat) * w
                 routed = y if routed is None else routed + y
-        if self.ctx.world_size > 1:
-            routed = self.ctx.all_reduce(routed if routed is not None else torch.zeros_like(flat))
-        return out if routed is None else out + routed
+        return routed
 
     def _routed_dense(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """This rank's routed-expert sum for flat `[N, dim]`: every local expert on every token (two

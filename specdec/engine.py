@@ -83,6 +83,9 @@ class Engine:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
         self._cache: LatentCache | None = None
+        config = checkpoint / "config.json"  # which checkpoint step costs were measured on (read once)
+        digest = hashlib.sha1(config.read_bytes()).hexdigest()[:12] if config.is_file() else "?"
+        self.checkpoint_id = f"{checkpoint.resolve()} {digest}"
         self.cost_tables: dict[str, StepCosts] = {}  # adaptive speculation's measured step costs
         self.acceptance: dict[str, AcceptanceEstimate] = {}  # and its running acceptance, per cost key
 
@@ -262,11 +265,9 @@ class Engine:
 
     def cost_key(self, spec: SpecConfig, sampled: bool = False) -> str:
         """What a step's cost (and the acceptance) depends on besides depth and rows."""
-        config = hashlib.sha1((self.checkpoint / "config.json").read_bytes()).hexdigest()[:12] \
-            if (self.checkpoint / "config.json").is_file() else "?"
         mode = f"sampled {spec.draft_mode}" if sampled else "greedy"
         return (f"{machine_key(self.model.dtype)} | {self.device} | world {self.ctx.world_size} | "
-                f"{self.checkpoint.resolve()} {config} | fp8 {self.model.fp8_block is not None} | {mode} | "
+                f"{self.checkpoint_id} | fp8 {self.model.fp8_block is not None} | {mode} | "
                 f"draft_vocab {spec.draft_vocab} | hidden {spec.verifier_hidden}/{spec.draft_hidden}")
 
     # ------------------------------------------------------------------ plain decoding
