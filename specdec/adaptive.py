@@ -16,8 +16,9 @@ distribution (tests force the switching).
 Exploration: a row bucket with no cost for some depth runs that depth (two samples each, the
 deepest first so that every position's acceptance is seen); while too few drafts have been
 verified to estimate acceptance, steps draft as deep as they may. The engine keeps the cost
-table (also on disk) and the acceptance estimate across calls, so short calls do not each start
-from scratch. A depth that is not chosen is run
+table (also on disk) and the policy (acceptance, settled choice, revisit clock) across calls, so short calls do not each start
+from scratch. Between depths whose predicted rates lie within `SWITCH_MARGIN` the policy keeps
+the one it runs. A depth that is not chosen is run
 again now and then (`FIRST_REVISIT` steps, doubling each time it is still not the best), which
 refreshes its cost and, for speculative depths, the acceptance that plain steps cannot measure.
 """
@@ -46,6 +47,10 @@ MAX_REVISIT = 512
 is still not the best (so a settled choice loses at most a few percent to revisits)."""
 PRIOR_ACCEPTANCE = 0.6
 """Conditional acceptance assumed for a position before any draft there was verified (weight 1)."""
+SWITCH_MARGIN = 0.03
+"""The policy leaves the depth it settled on only for one predicted ≥ 3% faster: step timings on a
+shared CPU wander by about that much, and flipping between two near-equal depths costs more than
+either (going from plain steps back to drafting runs the MTP catch-up)."""
 
 
 def row_bucket(rows: int) -> int:
@@ -142,13 +147,14 @@ class AcceptanceEstimate:
 class SpeculationPolicy:
     """Chooses each step's draft depth in `min_depth`..`max_depth` (see the module docstring).
 
-    `min_depth` 1 keeps speculation on; `depths_run[d]` counts the steps run at depth d.
+    The engine keeps one policy per setting for its whole life, so the acceptance, the choice it
+    settled on and the revisit clock carry over from call to call. `min_depth` 1 keeps speculation
+    on; `depths_run[d]` counts the steps run at depth d.
     """
 
     def __init__(self, max_depth: int, costs: StepCosts, min_depth: int = 0,
                  acceptance: AcceptanceEstimate | None = None) -> None:
-        """`acceptance`: an estimate to continue from (the engine keeps one across calls, so a new
-        call starts from the acceptance seen so far rather than from the prior); None: a new one."""
+        """`acceptance`: an estimate to continue from; None: a new one (the prior)."""
         self.max_depth, self.min_depth, self.costs = max_depth, min_depth, costs
         self.depths = range(min_depth, max_depth + 1)
         if acceptance is None or acceptance.max_depth < max_depth:
@@ -158,6 +164,7 @@ class SpeculationPolicy:
         self.steps = 0
         self.last_run = {d: 0 for d in self.depths}
         self.interval = {d: FIRST_REVISIT for d in self.depths}
+        self.settled: dict[int, int] = {}  # row bucket -> the depth exploited there last
 
     def choose(self, rows: int) -> int:
         """The depth of the next step for a batch of `rows` rows."""
@@ -167,13 +174,24 @@ class SpeculationPolicy:
             return max(unexplored)  # deepest first: its steps measure every position's acceptance
         if self.acceptance.reached[0] < MIN_REACHED and self.max_depth > 0:
             return self.max_depth  # acceptance unknown (a new engine, or long plain stretches)
-        best = max(self.depths, key=lambda d: (self.rate(d, rows), -d))
+        best = self._best(rows)
         self.interval[best] = FIRST_REVISIT
         due = [d for d in self.depths if d != best and self.steps - self.last_run[d] >= self.interval[d]]
         if due:  # revisit a depth not chosen for a while (its cost or the acceptance may have moved)
             d = min(due, key=lambda d: self.last_run[d])
             self.interval[d] = min(2 * self.interval[d], MAX_REVISIT)
             return d
+        return best
+
+    def _best(self, rows: int) -> int:
+        """The fastest depth by prediction, keeping the one settled on in this bucket unless another
+        beats it by more than `SWITCH_MARGIN`."""
+        rates = {d: self.rate(d, rows) for d in self.depths}
+        best = max(self.depths, key=lambda d: (rates[d], -d))
+        held = self.settled.get(row_bucket(rows))
+        if held in rates and rates[best] <= rates[held] * (1 + SWITCH_MARGIN):
+            best = held
+        self.settled[row_bucket(rows)] = best
         return best
 
     def rate(self, depth: int, rows: int) -> float:

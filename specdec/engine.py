@@ -20,7 +20,7 @@ from model.load import load_verifier
 from model.parallel import ParallelContext
 from model.transformer import Transformer
 from mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
-from specdec.adaptive import AcceptanceEstimate, SpeculationPolicy, StepCosts, default_cost_path
+from specdec.adaptive import SpeculationPolicy, StepCosts, default_cost_path
 from specdec.cache import SPAN_MULTIPLE, LatentCache, take_rows
 from specdec.config import GenerationOutput, GenerationStats, SpecConfig
 from specdec.compiled import CompiledDecode, check_compile_supported
@@ -87,7 +87,7 @@ class Engine:
         digest = hashlib.sha1(config.read_bytes()).hexdigest()[:12] if config.is_file() else "?"
         self.checkpoint_id = f"{checkpoint.resolve()} {digest}"
         self.cost_tables: dict[str, StepCosts] = {}  # adaptive speculation's measured step costs
-        self.acceptance: dict[str, AcceptanceEstimate] = {}  # and its running acceptance, per cost key
+        self.policies: dict[str, SpeculationPolicy] = {}  # and its policy (acceptance, choice), per cost key
 
     @classmethod
     def from_pretrained(
@@ -241,12 +241,7 @@ class Engine:
             self._check_length(len(p), max_new_tokens, i, draft_slots)
         if spec is None:
             return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed)
-        policy = None
-        if spec.adapts and self.compiled is None:
-            sampled = temperature > 0
-            key = self.cost_key(spec, sampled)
-            policy = SpeculationPolicy(spec.depth, self.step_costs(spec, sampled), acceptance=self.acceptance.get(key))
-            self.acceptance[key] = policy.acceptance  # the next call continues from what this one sees
+        policy = self.policy_for(spec, temperature > 0) if spec.adapts and self.compiled is None else None
         outputs, stats = SpeculativeDecoder(self, spec, temperature, top_p, seed, policy).generate(ids, max_new_tokens)
         if policy is not None:
             policy.costs.save()
@@ -262,6 +257,19 @@ class Engine:
         if key not in self.cost_tables:
             self.cost_tables[key] = StepCosts(default_cost_path() if measure_enabled() else None, key)
         return self.cost_tables[key]
+
+    def policy_for(self, spec: SpecConfig, sampled: bool = False) -> SpeculationPolicy:
+        """The adaptive policy for `spec`'s settings, kept for the engine's life: each call continues
+        from the acceptance, choices and revisit clock of the calls before it (a policy for another
+        depth limit starts anew from the acceptance seen so far)."""
+        key = self.cost_key(spec, sampled)
+        policy = self.policies.get(key)
+        if policy is None or policy.max_depth != spec.depth:
+            seen = policy.acceptance if policy is not None else None
+            policy = self.policies[key] = SpeculationPolicy(spec.depth, self.step_costs(spec, sampled),
+                                                            acceptance=seen)
+        policy.costs = self.step_costs(spec, sampled)  # tests may have imposed a table since
+        return policy
 
     def cost_key(self, spec: SpecConfig, sampled: bool = False) -> str:
         """What a step's cost (and the acceptance) depends on besides depth and rows."""

@@ -83,21 +83,22 @@ class RowState:
 
     pending: `[B]` x_L. draft_logits `[B, V]` / draft_hidden `[B, dim]`: the MTP output at position
     L-1 (first draft's distribution, depth-2 seed); stale while `lag_tokens` is set.
-    lag_hidden `[B, w, dim]` / lag_tokens `[B, w]`: the pairs (h_i, x_{i+1}), i = L-w..L-1, of the
-    last w plain steps, which the MTP cache has not seen yet (None: w = 0).
+    lag_hidden: w tensors `[B, 1, dim]` / lag_tokens: w tensors `[B, 1]`: the pairs (h_i, x_{i+1}),
+    i = L-w..L-1, of the last w plain steps, which the MTP cache has not seen yet (kept as lists and
+    joined once by `_catch_up`, so a plain stretch costs no growing copies).
     """
 
     pending: torch.Tensor
     draft_logits: torch.Tensor
     draft_hidden: torch.Tensor
-    lag_hidden: torch.Tensor | None = None
-    lag_tokens: torch.Tensor | None = None
+    lag_hidden: list[torch.Tensor] = field(default_factory=list)
+    lag_tokens: list[torch.Tensor] = field(default_factory=list)
 
     def select(self, index: torch.Tensor) -> "RowState":
         """The state of rows `index` (in that order)."""
-        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
-        return RowState(*(pick(t) for t in (self.pending, self.draft_logits, self.draft_hidden, self.lag_hidden,
-                                            self.lag_tokens)))
+        pick = lambda ts: [t.index_select(0, index) for t in ts]  # noqa: E731
+        return RowState(self.pending.index_select(0, index), self.draft_logits.index_select(0, index),
+                        self.draft_hidden.index_select(0, index), pick(self.lag_hidden), pick(self.lag_tokens))
 
 
 class SpeculativeDecoder:
@@ -246,11 +247,9 @@ class SpeculativeDecoder:
                          visible_slots(lengths, 1, int(lengths.max()) + 1))
         token = sample(out.logits[:, 0], self.temperature, self.top_p, self.seed, self.row_of,
                        [len(self.outputs[p]) for p in self.row_of])
-        hidden, pair = self._verifier_hidden(out), token.unsqueeze(1)
-        if state.lag_tokens is not None:
-            hidden, pair = torch.cat([state.lag_hidden, hidden], 1), torch.cat([state.lag_tokens, pair], 1)
         lengths += 1
-        return RowState(token, state.draft_logits, state.draft_hidden, hidden, pair)
+        return RowState(token, state.draft_logits, state.draft_hidden, state.lag_hidden + [self._verifier_hidden(out)],
+                        state.lag_tokens + [token.unsqueeze(1)])
 
     def _catch_up(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
         """After plain steps: the MTP layer over their w lagging pairs (positions L-w..L-1, one
@@ -258,12 +257,12 @@ class SpeculativeDecoder:
         Its time is left out of the step costs the policy learns from: one batched forward for w
         tokens is small beside w plain steps, and counting it against the draft step that follows
         a plain stretch would make drafting look dearer the longer plain decoding ran."""
-        if state.lag_tokens is None:
+        if not state.lag_tokens:
             return state
-        width = state.lag_tokens.shape[1]
+        width = len(state.lag_tokens)
         first = lengths - width
         pos = first.unsqueeze(1) + torch.arange(width, device=lengths.device)
-        mtp = self.drafter(state.lag_tokens, state.lag_hidden, pos, cache.kv, cache.pe, pos,
+        mtp = self.drafter(torch.cat(state.lag_tokens, 1), torch.cat(state.lag_hidden, 1), pos, cache.kv, cache.pe, pos,
                            visible_slots(first, width, int(lengths.max())),
                            torch.full_like(lengths, width - 1).unsqueeze(1), self.spec.draft_vocab)
         return RowState(state.pending, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specdec import SpecConfig
-from specdec.adaptive import (FIRST_REVISIT, MIN_SAMPLES, AcceptanceEstimate, SpeculationPolicy, StepCosts,
+from specdec.adaptive import (FIRST_REVISIT, MIN_SAMPLES, SWITCH_MARGIN, AcceptanceEstimate, SpeculationPolicy, StepCosts,
                               row_bucket)
 from specdec.speculative import SpeculativeDecoder
 from tests.test_speculative import assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, tiny  # noqa: F401
@@ -122,17 +122,16 @@ def test_speculation_that_does_not_pay_decodes_plainly(eng):
     """Measured costs say every draft depth loses: the run is plain steps only, and equals plain."""
     spec = SpecConfig(depth=3)
     eng.cost_tables[eng.cost_key(spec)] = costs(1.0, [50.0, 60.0, 70.0])
-    known = AcceptanceEstimate(3)
+    known = eng.policy_for(spec).acceptance
     for _ in range(10):
         known.add([1, 2, 0, 3], 3)  # acceptance already measured (else the first steps draft deep to learn it)
-    eng.acceptance[eng.cost_key(spec)] = known
     try:
         prompts = random_prompts(eng.args.vocab_size, [5, 8], seed=9)
         n = FIRST_REVISIT - 4  # shorter than the first revisit of a draft depth
         out = eng.generate(prompts, max_new_tokens=n, spec=spec)
         plain = eng.generate(prompts, max_new_tokens=n)
     finally:
-        del eng.cost_tables[eng.cost_key(spec)], eng.acceptance[eng.cost_key(spec)]
+        del eng.cost_tables[eng.cost_key(spec)], eng.policies[eng.cost_key(spec)]
     assert out.stats.depth_steps == [n - 1, 0, 0, 0]
     assert out.stats.tau == 1.0 and out.token_ids == plain.token_ids
 
@@ -144,7 +143,7 @@ def test_cheap_speculation_runs_deep(eng):
         out = eng.generate(random_prompts(eng.args.vocab_size, [5], seed=2), max_new_tokens=24, spec=spec)
     finally:
         del eng.cost_tables[eng.cost_key(spec)]
-        eng.acceptance.pop(eng.cost_key(spec), None)
+        eng.policies.pop(eng.cost_key(spec), None)
     assert out.stats.depth_steps[3] == out.stats.verify_steps  # deepest is best at equal cost
 
 
@@ -167,11 +166,13 @@ def test_unknown_acceptance_drafts_deep_and_carries_over_calls(eng):
         policy.observe(3, 1, 4.0, [0])
     assert policy.choose(1) == 0  # five drafts rejected at position 1: plain is faster
     spec = SpecConfig(depth=3)
-    eng.acceptance.pop(eng.cost_key(spec), None)
+    eng.policies.pop(eng.cost_key(spec), None)
     eng.generate(random_prompts(eng.args.vocab_size, [5], seed=2), max_new_tokens=12, spec=spec)
-    seen = eng.acceptance[eng.cost_key(spec)]
-    assert seen.reached[0] > 0  # kept by the engine for its next call
-    eng.acceptance.pop(eng.cost_key(spec))
+    kept = eng.policies[eng.cost_key(spec)]
+    assert kept.acceptance.reached[0] > 0 and kept.steps > 0  # kept by the engine for its next call
+    eng.generate(random_prompts(eng.args.vocab_size, [5], seed=3), max_new_tokens=12, spec=spec)
+    assert eng.policies[eng.cost_key(spec)] is kept and kept.steps > 11  # its clock runs on across calls
+    eng.policies.pop(eng.cost_key(spec))
 
 
 def test_unmeasured_depths_are_explored_deepest_first_then_revisited():
@@ -214,3 +215,22 @@ def test_step_costs_persist_per_key(tmp_path):
     a.save()
     assert StepCosts(path, "machine A").cost(1, 2) == 2.0  # same bucket (2..3 rows), median
     assert StepCosts(path, "machine B").cost(1, 2) is None
+
+
+def test_settled_depth_is_kept_within_the_switch_margin():
+    """Near-equal predicted rates do not flip the depth; a clear win does."""
+    table = costs(1.0, [1.5, 9.0, 9.0])
+    policy = SpeculationPolicy(3, table)
+    for _ in range(40):
+        policy.acceptance.add([1, 0], 3)  # position 1 accepted about half the time
+    tau1 = policy.acceptance.expected_tokens(1)
+    table.fixed[(1, 1)] = tau1  # depth 1 exactly as fast per token as plain: a tie goes shallow
+    assert policy.choose(1) == 0
+    table.fixed[(1, 1)] = tau1 / (1 + SWITCH_MARGIN / 2)  # depth 1 now predicted 1.5% faster: stay plain
+    assert policy.choose(1) == 0
+    table.fixed[(1, 1)] = tau1 / (1 + 2 * SWITCH_MARGIN)  # 6% faster: switch, and stay there
+    assert policy.choose(1) == 1
+    table.fixed[(1, 1)] = tau1 * (1 + SWITCH_MARGIN / 2)
+    assert policy.choose(1) == 1
+    table.fixed[(1, 1)] = tau1 * (1 + 2 * SWITCH_MARGIN)
+    assert policy.choose(1) == 0
