@@ -68,10 +68,11 @@ def accept_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
     return _walk(tree, lambda b, node, kids: (_child_with_token(tokens[b], kids, best[b][node]), best[b][node]))
 
 
-def accept_onehot(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None,
+def accept_onehot(tree: DraftTree, target_probs: torch.Tensor | None, generator: torch.Generator | None = None,
                   draws: torch.Tensor | None = None) -> Acceptance:
     """target_probs `[B, N+1, V]`: the verifier's sampling distribution at every node; `draws`
-    `[B, N+1]`: y ~ p at every node, drawn by the caller (else from `generator`, in node order)."""
+    `[B, N+1]`: y ~ p at every node, drawn by the caller (then `target_probs` is not read; else
+    they are drawn from `generator`, in node order)."""
     y = (draws if draws is not None else draw(target_probs, generator)).tolist()
     tokens = tree.tokens.tolist()
     return _walk(tree, lambda b, node, kids: (_child_with_token(tokens[b], kids, y[b][node]), y[b][node]))

@@ -1,8 +1,9 @@
 """`Engine`: load a checkpoint once, then generate for batches of prompts.
 
-Plain decoding reads top-down in `_generate_plain`: prefill the ragged batch → loop
-(sample → append → retire finished rows → one verifier step). MTP speculative decoding lives in
-`specdec.speculative` (draft → verify → accept → commit).
+Plain and MTP speculative decoding run the one decoding loop of `specdec.speculative` (sequences
+join, each step runs the live rows, finished rows leave; a speculative step is draft → verify →
+accept → commit, a plain step the verifier alone); `--compile` with greedy decoding runs whole
+compiled steps over a static batch instead (`specdec.greedy_step`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from specdec.compiled import CompiledDecode, check_compile_supported
 from specdec.defaults import default_model_path
 from specdec.distributed import default_device, init_parallel
 from specdec.greedy_step import shrunk_rows
-from specdec.sampling import sample
 from specdec.speculative import SpeculativeDecoder
 from specdec.tokenizer import load_tokenizer
 from specdec.tree import visible_slots
@@ -283,19 +283,19 @@ class Engine:
     @torch.inference_mode()
     def _generate_plain(self, ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                         seed: int) -> GenerationOutput:
+        """Plain decoding: the decoding loop without a drafter, or with `--compile` and greedy, whole
+        compiled steps over a static batch (`_plain_loop_greedy_step`)."""
+        if self.run_plain_step is None or temperature > 0.0:
+            outputs, stats = SpeculativeDecoder(self, None, temperature, top_p, seed).generate(ids, max_new_tokens)
+            return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
         start = time.perf_counter()
         batch = len(ids)
         cache = self.cache_for(batch, max(map(len, ids)) + max_new_tokens)
         tokens, lengths = self.pad(ids)
         logits = self.prefill(cache, tokens, lengths)
         prefill_s = time.perf_counter() - start
-
         outputs: list[list[int]] = [[] for _ in range(batch)]
-        if self.run_plain_step is not None and temperature == 0.0:
-            steps, row_steps, ttft, tpot = self._plain_loop_greedy_step(cache, logits, outputs, max_new_tokens, start)
-        else:
-            steps, row_steps, ttft, tpot = self._plain_loop(cache, logits, outputs, max_new_tokens, start,
-                                                            temperature, top_p, seed)
+        steps, row_steps, ttft, tpot = self._plain_loop_greedy_step(cache, logits, outputs, max_new_tokens, start)
         wall = time.perf_counter() - start
         n_tokens = sum(map(len, outputs))
         stats = GenerationStats(tokens=n_tokens, verify_steps=steps, tau=1.0, tokens_per_s=n_tokens / wall,
@@ -303,35 +303,9 @@ class Engine:
                                 ttft_s=ttft, tpot_s=tpot, row_steps=row_steps)
         return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
 
-    def _plain_loop(self, cache: LatentCache, logits: torch.Tensor, outputs: list[list[int]], max_new_tokens: int,
-                    start: float, temperature: float, top_p: float, seed: int) -> tuple[int, int, float, list[float]]:
-        """sample → append → retire finished rows → one verifier step, until every row is finished.
-        Output token i of prompt r is drawn with u(seed, r, i) (`specdec.sampling`).
-
-        Returns (steps, row steps, TTFT seconds, TPOT seconds per token)."""
-        row_of = list(range(len(outputs)))  # cache row r holds prompt row_of[r]; active rows are a prefix
-        steps, row_steps, clock = 0, 0, StepClock(start)
-        while True:
-            emitted = [len(outputs[r]) for r in row_of]
-            next_tokens = sample(logits, temperature, top_p, seed, row_of, emitted).tolist()
-            clock.tick(len(next_tokens))
-            done = self._append(outputs, row_of, next_tokens, max_new_tokens)
-            live = [r for r, d in enumerate(done) if not d]
-            if not live:
-                break
-            for dst, src in enumerate(live):  # keep active rows in a prefix of the cache
-                if dst != src:
-                    cache.move_row(src, dst)
-            row_of = [row_of[r] for r in live]
-            next_col = torch.tensor([next_tokens[r] for r in live], device=self.device)
-            logits = self.decode_step(cache, next_col, len(live))
-            steps += 1
-            row_steps += len(live)
-        return steps, row_steps, clock.ttft, clock.tpot
-
     def _plain_loop_greedy_step(self, cache: LatentCache, logits: torch.Tensor, outputs: list[list[int]],
                                 max_new_tokens: int, start: float) -> tuple[int, int, float, list[float]]:
-        """`_plain_loop` for greedy decoding with `--compile`: each step (forward + argmax) is one
+        """Plain greedy decoding with `--compile`: each step (forward + argmax) is one
         compiled graph (`run_plain_step`, `specdec.greedy_step.GreedyPlainStep`). Finished rows
         are parked (length 0, `live` 0) instead of compacted away, until at most half the rows are
         live: then those move into a pool of half as many rows (`shrunk_rows`)."""

@@ -14,6 +14,8 @@ emits plain sampling's tokens (up to float rounding of p at an interval edge).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -44,12 +46,13 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def position_uniforms(seed: int, streams: list[int], positions: list[list[int]]) -> torch.Tensor:
+def position_uniforms(seed: int | list[int], streams: list[int], positions: list[list[int]]) -> torch.Tensor:
     """`[B, W]` float64 uniforms in [0, 1): entry (b, j) is u(seed, streams[b], positions[b][j]),
-    a pure function of the three integers, the same on every machine and rank."""
-    base = _mix64(seed & MASK64)
-    out = [[(_mix64(_mix64(base ^ (stream & MASK64)) ^ (pos & MASK64)) >> 11) * 2.0 ** -53 for pos in row]
-           for stream, row in zip(streams, positions)]
+    a pure function of the three integers, the same on every machine and rank. `seed`: one for all
+    rows or one per row."""
+    seeds = seed if isinstance(seed, list) else [seed] * len(streams)
+    out = [[(_mix64(_mix64(_mix64(s & MASK64) ^ (stream & MASK64)) ^ (pos & MASK64)) >> 11) * 2.0 ** -53
+            for pos in row] for s, stream, row in zip(seeds, streams, positions)]
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -83,3 +86,66 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, seed: int, st
         return logits.argmax(dim=-1)
     u = position_uniforms(seed, streams, [[p] for p in positions])[:, 0]
     return draw_at(probabilities(logits, temperature, top_p), u)
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """Per-row sampling settings of a batch whose rows may differ (a server mixes requests).
+
+    temperature[b] (0: greedy), top_p[b], seed[b] and stream[b] of row b: its output token i is
+    drawn with u(seed[b], stream[b], i). `Engine.generate` gives prompt r the stream r; a server
+    request has its own seed and stream 0.
+    """
+
+    temperature: tuple[float, ...]
+    top_p: tuple[float, ...]
+    seed: tuple[int, ...]
+    stream: tuple[int, ...]
+
+    @staticmethod
+    def uniform(rows: int, temperature: float, top_p: float, seed: int) -> "RowSampling":
+        """Rows 0..rows-1 of one call: the same settings, streams 0..rows-1."""
+        return RowSampling((temperature,) * rows, (top_p,) * rows, (seed,) * rows, tuple(range(rows)))
+
+    def __len__(self) -> int:
+        return len(self.temperature)
+
+    def select(self, rows: list[int]) -> "RowSampling":
+        return RowSampling(*(tuple(field[r] for r in rows) for field in (self.temperature, self.top_p, self.seed,
+                                                                           self.stream)))
+
+    def __add__(self, other: "RowSampling") -> "RowSampling":
+        return RowSampling(self.temperature + other.temperature, self.top_p + other.top_p, self.seed + other.seed,
+                           self.stream + other.stream)
+
+    @property
+    def any_sampled(self) -> bool:
+        return any(t > 0 for t in self.temperature)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """`[B, ..., V]` float32: row b's sampling distribution (`probabilities` with its temperature
+        and top-p; rows with equal settings in one call). Greedy rows get their argmax as a point
+        mass, which is what greedy decoding draws from."""
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for b, key in enumerate(zip(self.temperature, self.top_p)):
+            groups.setdefault(key, []).append(b)
+        for (temperature, top_p), rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            part = logits.index_select(0, index)
+            if temperature == 0.0:
+                probs = torch.zeros_like(part, dtype=torch.float32).scatter_(-1, part.argmax(-1, keepdim=True), 1.0)
+            else:
+                probs = probabilities(part, temperature, top_p)
+            out.index_copy_(0, index, probs)
+        return out
+
+    def tokens(self, logits: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+        """`[B, W]` tokens from logits `[B, W, V]`: row b's argmax when greedy, else the draw of
+        output position positions[b][j] (u(seed[b], stream[b], position), `draw_at`)."""
+        if not self.any_sampled:
+            return logits.argmax(dim=-1)
+        u = position_uniforms(list(self.seed), list(self.stream), positions)
+        drawn = draw_at(self.probabilities(logits), u)
+        greedy = torch.tensor([t == 0.0 for t in self.temperature], device=logits.device)
+        return torch.where(greedy.unsqueeze(1), logits.argmax(dim=-1), drawn)

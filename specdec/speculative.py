@@ -1,4 +1,10 @@
-"""MTP speculative decoding, one step top-down: draft → verify → accept → commit.
+"""The decoding loop (continuous batching), and MTP speculative decoding, one step top-down:
+draft → verify → accept → commit.
+
+Sequences (`specdec.sequence`) join between steps (`SpeculativeDecoder.admit`: their prefill),
+every step runs all live rows together, and each leaves when it finishes; `Engine.generate` and
+the server (`specdec.scheduler`) both drive this one loop. A step of depth 0 is a plain step
+(the verifier alone): plain decoding is the loop with no drafter.
 
 State per active row b (cache rows are kept as a prefix 0..B-1 of the shared latent pool):
   * `cache.lengths[b]` = L: verifier cache holds tokens x_0..x_{L-1};
@@ -35,7 +41,8 @@ from specdec.acceptance import Acceptance, accept_chain, accept_greedy, accept_o
 from specdec.adaptive import SpeculationPolicy
 from specdec.cache import LatentCache
 from specdec.config import GenerationStats
-from specdec.sampling import draw, draw_at, position_uniforms, probabilities, sample
+from specdec.sampling import RowSampling, draw, probabilities
+from specdec.sequence import Sequence
 from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask, visible_slots
 
 
@@ -82,115 +89,176 @@ class RowState:
     """Per-row loop state between steps (B live rows, cache rows 0..B-1).
 
     pending: `[B]` x_L. draft_logits `[B, V]` / draft_hidden `[B, dim]`: the MTP output at position
-    L-1 (first draft's distribution, depth-2 seed); stale while `lag_tokens` is set.
+    L-1 (first draft's distribution, depth-2 seed); stale while `lag_tokens` is set; None when
+    decoding plainly.
     lag_hidden: w tensors `[B, 1, dim]` / lag_tokens: w tensors `[B, 1]`: the pairs (h_i, x_{i+1}),
     i = L-w..L-1, of the last w plain steps, which the MTP cache has not seen yet (kept as lists and
     joined once by `_catch_up`, so a plain stretch costs no growing copies).
     """
 
     pending: torch.Tensor
-    draft_logits: torch.Tensor
-    draft_hidden: torch.Tensor
+    draft_logits: torch.Tensor | None
+    draft_hidden: torch.Tensor | None
     lag_hidden: list[torch.Tensor] = field(default_factory=list)
     lag_tokens: list[torch.Tensor] = field(default_factory=list)
 
     def select(self, index: torch.Tensor) -> "RowState":
         """The state of rows `index` (in that order)."""
-        pick = lambda ts: [t.index_select(0, index) for t in ts]  # noqa: E731
-        return RowState(self.pending.index_select(0, index), self.draft_logits.index_select(0, index),
-                        self.draft_hidden.index_select(0, index), pick(self.lag_hidden), pick(self.lag_tokens))
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return RowState(pick(self.pending), pick(self.draft_logits), pick(self.draft_hidden),
+                        [pick(t) for t in self.lag_hidden], [pick(t) for t in self.lag_tokens])
+
+    def join(self, new: "RowState") -> "RowState":
+        """This state's rows followed by `new`'s (neither lagging: see `SpeculativeDecoder.admit`)."""
+        if self.lag_tokens or new.lag_tokens:
+            raise ValueError("rows that lag behind plain steps cannot be joined")
+        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        return RowState(both(self.pending, new.pending), both(self.draft_logits, new.draft_logits),
+                        both(self.draft_hidden, new.draft_hidden))
 
 
 class SpeculativeDecoder:
-    """Runs the MTP speculative loop for one `generate` call (engine, settings, RNG, metrics).
+    """The decoding loop: sequences join between steps, every step runs the live ones together, and
+    each leaves as it finishes (continuous batching over the rows of one latent-cache pool).
 
-    With `policy` (adaptive speculation, `specdec.adaptive`), each step's draft depth is chosen
-    in 0..spec.depth, 0 being a plain step (verifier only); None: every step drafts `spec.depth`.
+    `spec`: MTP drafting of that shape (None: plain decoding, the drafter never runs). With
+    `policy` (adaptive speculation, `specdec.adaptive`), each step's draft depth is chosen in
+    0..spec.depth, 0 being a plain step (verifier only); None: every step drafts `spec.depth`.
+    Sequences may differ in sampling settings (greedy and sampled rows mix) except with sampled
+    drafts (`draft_mode="sample"`), whose rows share the decoder's `temperature` and `top_p`.
+
+    `generate` decodes one batch of prompts to completion (`Engine.generate`); a server keeps one
+    decoder and calls `admit` and `step` (`specdec.scheduler`). Cache row r holds `running[r]`;
+    the live rows are a prefix of the pool.
     """
 
-    def __init__(self, engine, spec, temperature: float, top_p: float, seed: int,
+    def __init__(self, engine, spec, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  policy: SpeculationPolicy | None = None) -> None:
+        """`temperature`, `top_p`, `seed`: `generate`'s settings for every prompt, and the settings of
+        sampled drafts."""
         self.eng, self.spec = engine, spec
         self.model, self.drafter = engine.run_verifier, engine.run_drafter  # forwards (maybe compiled)
-        self.temperature, self.top_p = temperature, top_p
-        self.seed = seed  # token draws: u(seed, prompt, output position) (`specdec.sampling`)
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.sampled_drafts = spec is not None and spec.draft_mode == "sample" and temperature > 0
         self.generator = torch.Generator(engine.device).manual_seed(seed)  # sampled drafts and their acceptance
         self.counts = AcceptanceCounts()
         self.policy = policy
+        self.cache: LatentCache | None = None
+        self.running: list[Sequence] = []
+        self.sampling = RowSampling((), (), (), ())
+        self.state: RowState | None = None
+        self.steps = 0
+        self.tpot: list[float] = []
+        self.step_start = 0.0
 
     # ------------------------------------------------------------------ the loop
 
     @torch.inference_mode()
     def generate(self, ids: list[list[int]], max_new_tokens: int):
-        """Decode every prompt; returns (new tokens per prompt, GenerationStats)."""
+        """Decode every prompt (prompt r: stream r of the decoder's seed); returns (new tokens per
+        prompt, GenerationStats)."""
         eng = self.eng
         start = time.perf_counter()
-        batch = len(ids)
-        cache = eng.cache_for(batch, max(map(len, ids)) + max_new_tokens + self.spec.draft_slots)
-        self.outputs: list[list[int]] = [[] for _ in range(batch)]
-        # cache row r holds prompt row row_of[r]: `_loop` keeps the live rows a prefix, the
-        # compiled chain loop moves them only into a smaller pool (`shrunk_rows`)
-        self.row_of = list(range(batch))
-        state = self._prefill(cache, ids)
+        seqs = [Sequence(p, max_new_tokens, self.temperature, self.top_p, self.seed, r) for r, p in enumerate(ids)]
+        draft_slots = self.spec.draft_slots if self.spec is not None else 0
+        self.use_cache(eng.cache_for(len(ids), max(map(len, ids)) + max_new_tokens + draft_slots))
+        compiled_chain = (eng.run_chain_step is not None and self.temperature == 0.0 and self.spec is not None
+                          and self.spec.topk == 1 and self.policy is None)
+        self.admit(seqs, retire=not compiled_chain)  # the compiled loop parks finished rows instead
         prefill_s = time.perf_counter() - start
-        live, _ = self._emit([[t] for t in state.pending.tolist()], self.row_of, max_new_tokens)
         self.step_start = time.perf_counter()
-        ttft, self.tpot = self.step_start - start, []
-        if (eng.run_chain_step is not None and self.temperature == 0.0 and self.spec.topk == 1
-                and self.policy is None):
-            steps = self._loop_greedy_chain_step(cache, live, state.pending, state.draft_logits, state.draft_hidden,
-                                                 max_new_tokens)
+        ttft = self.step_start - start
+        if compiled_chain:
+            self._loop_greedy_chain_step()
         else:
-            steps = self._loop(cache, live, state, max_new_tokens)
-        return self.outputs, self._stats(steps, start, prefill_s, batch, ttft, self.tpot)
+            while self.running:
+                self.step()
+        return [s.output for s in seqs], self._stats(start, prefill_s, len(ids), ttft, sum(len(s.output) for s in seqs))
 
-    def _loop(self, cache: LatentCache, live: list[int], state: RowState, max_new_tokens: int) -> int:
-        """Steps until every row is finished; returns the number of steps."""
-        steps = 0
-        while live:
-            state = self._compact(cache, live, state)
-            rows = len(self.row_of)
-            lengths = cache.lengths[:rows]
-            depth = self.spec.depth
-            if self.policy:  # timings differ per rank: rank 0's choice holds for all
-                depth = self.eng.ctx.broadcast_int(self.policy.choose(rows), self.eng.device)
-            if depth > 0:  # after plain steps: not part of this step's cost (see `_catch_up`)
-                state = self._catch_up(cache, lengths, state)
-            t0 = time.perf_counter()
-            if depth == 0:                                                        # a plain step
-                state = self._plain_step(cache, lengths, state)
-                n_acc, runs = [0] * rows, [[t] for t in state.pending.tolist()]
-            else:
-                tree = self._draft(cache, lengths, state, depth)                  # 1. draft
-                verified = self._verify(cache, lengths, state.pending, tree)      # 2. verify
-                acc = self._accept(tree, verified.logits)                         # 3. accept
-                state = self._commit(cache, tree, verified, acc)                  # 4. commit
-                n_acc, bonus = acc.n_accepted.tolist(), acc.next_token.tolist()
-                path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
-                runs = [path_tokens[r][:a] + [bonus[r]] for r, a in enumerate(n_acc)]
-            self.counts.add(n_acc, depth)
-            live, kept = self._emit(runs, self.row_of, max_new_tokens)
-            if self.policy:
-                self.policy.observe(depth, rows, time.perf_counter() - t0, n_acc)
-            self._time_step(kept)
-            steps += 1
-        return steps
+    def use_cache(self, cache: LatentCache) -> None:
+        """Decode in `cache` (empty of live rows: before the first `admit`)."""
+        self.cache = cache
 
-    def _loop_greedy_chain_step(self, cache: LatentCache, live: list[int], pending: torch.Tensor,
-                                draft_logits: torch.Tensor, draft_hidden: torch.Tensor, max_new_tokens: int) -> int:
-        """`_loop` for greedy chains with `--compile`: each step (draft → verify → accept → commit) is
-        one compiled graph (`run_chain_step`, `specdec.greedy_step.GreedyChainStep`).
+    def free_rows(self) -> int:
+        return self.cache.batch - len(self.running)
+
+    @torch.inference_mode()
+    def admit(self, seqs: list[Sequence], retire: bool = True) -> None:
+        """Prefill `seqs` into the next free rows (one verifier forward, and the MTP layer over them
+        when drafting), emit each one's first token, and let them join the next step. Their prompt +
+        budget (+ draft slots) must fit the pool's slots and there must be free rows (the caller's
+        checks). Rows still lagging behind plain steps are caught up first, so all rows' lags agree."""
+        if not seqs:
+            return
+        first_row = len(self.running)
+        if self.state is not None and self.spec is not None:
+            self.state = self._catch_up(self.cache, self.cache.lengths[:first_row], self.state)
+        sampling = RowSampling.uniform(0, 0.0, 1.0, 0)
+        for s in seqs:
+            sampling = sampling + s.sampling()
+        new = self._prefill(self.cache, [s.prompt for s in seqs], first_row, sampling)
+        self.state = new if self.state is None else self.state.join(new)
+        self.running += seqs
+        self.sampling = self.sampling + sampling
+        now = time.perf_counter()
+        for s in seqs:
+            s.first_token_s = now
+        self._emit([[t] for t in new.pending.tolist()], first_row)
+        if retire:
+            self._retire()
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """One decoding step over the live sequences (those finished meanwhile are retired first);
+        returns how many tokens each live sequence kept, in row order."""
+        self._retire()
+        if not self.running:
+            return []
+        cache, state = self.cache, self.state
+        rows = len(self.running)
+        lengths = cache.lengths[:rows]
+        depth = self.spec.depth if self.spec is not None else 0
+        if self.policy:  # timings differ per rank: rank 0's choice holds for all
+            depth = self.eng.ctx.broadcast_int(self.policy.choose(rows), self.eng.device)
+        if depth > 0:  # after plain steps: not part of this step's cost (see `_catch_up`)
+            state = self._catch_up(cache, lengths, state)
+        t0 = time.perf_counter()
+        if depth == 0:                                                        # a plain step
+            state = self._plain_step(cache, lengths, state)
+            n_acc, runs = [0] * rows, [[t] for t in state.pending.tolist()]
+        else:
+            tree = self._draft(cache, lengths, state, depth)                  # 1. draft
+            verified = self._verify(cache, lengths, state.pending, tree)      # 2. verify
+            acc = self._accept(tree, verified.logits)                         # 3. accept
+            state = self._commit(cache, tree, verified, acc)                  # 4. commit
+            n_acc, bonus = acc.n_accepted.tolist(), acc.next_token.tolist()
+            path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
+            runs = [path_tokens[r][:a] + [bonus[r]] for r, a in enumerate(n_acc)]
+        self.state = state
+        self.counts.add(n_acc, depth)
+        kept = self._emit(runs)
+        if self.policy:
+            self.policy.observe(depth, rows, time.perf_counter() - t0, n_acc)
+        self._time_step(kept)
+        self.steps += 1
+        self._retire()
+        return kept
+
+    def _loop_greedy_chain_step(self) -> None:
+        """The loop for greedy chains with `--compile` (a static batch): each step (draft → verify →
+        accept → commit) is one compiled graph (`run_chain_step`, `specdec.greedy_step.GreedyChainStep`).
 
         Finished rows are parked (length 0, `live_mask` 0) instead of compacted away, until at most
         half the rows are live: then those move into a pool of half as many rows (`shrunk_rows`).
         A step advances a row by everything it accepted, even past what its budget lets it keep, so
-        a parked row's length must be reset, or its next writes could run past the pool. Returns
-        the number of steps."""
-        spec, run_step = self.spec, self.eng.run_chain_step
-        live_mask = torch.zeros(len(self.row_of), dtype=torch.long, device=pending.device)
+        a parked row's length must be reset, or its next writes could run past the pool."""
+        spec, run_step, cache, state = self.spec, self.eng.run_chain_step, self.cache, self.state
+        seq_of = list(self.running)  # cache row r decodes seq_of[r] (every row of the pool)
+        live = [r for r, seq in enumerate(seq_of) if not seq.finished]
+        live_mask = torch.zeros(len(seq_of), dtype=torch.long, device=state.pending.device)
         live_mask[live] = 1
-        first_draft = draft_logits.argmax(dim=-1)
-        steps = 0
+        cache.lengths[[r for r, seq in enumerate(seq_of) if seq.finished]] = 0  # parked (finished at prefill)
+        pending, first_draft, draft_hidden = state.pending, state.draft_logits.argmax(dim=-1), state.draft_hidden
         while live:
             out = run_step(*cache.span(spec.depth + 1), cache.lengths, live_mask, pending, first_draft, draft_hidden,
                            spec.depth, spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
@@ -200,18 +268,19 @@ class SpeculativeDecoder:
                                                                               out.draft_hidden))
             emitted, n_acc = out.emitted.tolist(), out.n_accepted.tolist()
             self.counts.add([n_acc[r] for r in live], spec.depth)
-            runs = [emitted[r][: n_acc[r] + 1] for r in live]
-            still, kept = self._emit(runs, [self.row_of[r] for r in live], max_new_tokens)
-            finished = [r for i, r in enumerate(live) if i not in still]
+            kept = []
+            for r in live:
+                kept.append(self._keep(seq_of[r], emitted[r][: n_acc[r] + 1]))
+            finished = [r for r in live if seq_of[r].finished]
             if finished:  # parked: frozen at length 0, their writes stay in slots 0..K of their own row
                 live_mask[finished] = 0
                 cache.lengths[finished] = 0
-            live = [live[i] for i in still]
-            cache, live, self.row_of, (pending, first_draft, draft_hidden, live_mask) = self.eng.shrink_pool(
-                cache, live, self.row_of, [pending, first_draft, draft_hidden, live_mask])
+            live = [r for r in live if not seq_of[r].finished]
+            cache, live, seq_of, (pending, first_draft, draft_hidden, live_mask) = self.eng.shrink_pool(
+                cache, live, seq_of, [pending, first_draft, draft_hidden, live_mask])
             self._time_step(kept)
-            steps += 1
-        return steps
+            self.steps += 1
+        self.cache, self.running, self.state = cache, [], None
 
     def _time_step(self, kept: list[int]) -> None:
         """Each token a row kept took the step's wall time over the tokens it kept (`tpot`)."""
@@ -222,17 +291,23 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------------------ steps
 
-    def _prefill(self, cache: LatentCache, ids: list[list[int]]):
-        """Verifier over the prompts, first token, then the MTP layer over (h_i, x_{i+1}) for i < P."""
+    def _prefill(self, cache: LatentCache, ids: list[list[int]], first_row: int = 0,
+                 sampling: RowSampling | None = None) -> RowState:
+        """Prompts `ids` into cache rows first_row.. : the verifier over them, each one's first token
+        (drawn with `sampling`, default: the decoder's settings, stream r for prompt r), then, when
+        drafting, the MTP layer over (h_i, x_{i+1}) for i < P."""
         eng = self.eng
+        sampling = sampling or RowSampling.uniform(len(ids), self.temperature, self.top_p, self.seed)
         tokens, lengths = eng.pad(ids)
         batch, width = tokens.shape
         pos = torch.arange(width, device=eng.device).expand(batch, width)
         mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
-        kv, pe = cache.kv, cache.pe
+        kv, pe = cache.kv[:, first_row:], cache.pe[:, first_row:]  # views: writes land in the pool
         out = self.model(tokens, pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1))
-        cache.lengths[:batch] = lengths
-        first = sample(out.logits[:, 0], self.temperature, self.top_p, self.seed, list(range(batch)), [0] * batch)
+        cache.lengths[first_row:first_row + batch] = lengths
+        first = sampling.tokens(out.logits[:, :1], [[0]] * batch)[:, 0]
+        if self.spec is None:
+            return RowState(first, None, None)
         next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
         next_tokens[torch.arange(batch), lengths - 1] = first
         mtp = self.drafter(next_tokens, self._verifier_hidden(out), pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1),
@@ -245,9 +320,10 @@ class SpeculativeDecoder:
         slots = lengths.unsqueeze(1)
         out = self.model(state.pending.unsqueeze(1), slots, cache.kv, cache.pe, slots,
                          visible_slots(lengths, 1, int(lengths.max()) + 1))
-        token = sample(out.logits[:, 0], self.temperature, self.top_p, self.seed, self.row_of,
-                       [len(self.outputs[p]) for p in self.row_of])
+        token = self.sampling.tokens(out.logits, [[len(s.output)] for s in self.running])[:, 0]
         lengths += 1
+        if self.spec is None:  # plain decoding: no drafter to catch up
+            return RowState(token, None, None)
         return RowState(token, state.draft_logits, state.draft_hidden, state.lag_hidden + [self._verifier_hidden(out)],
                         state.lag_tokens + [token.unsqueeze(1)])
 
@@ -271,9 +347,8 @@ class SpeculativeDecoder:
         """A chain of `depth` drafts (topk 1) or an MTP-expanded tree of drafts per row."""
         logits, hidden = state.draft_logits, state.draft_hidden
         if self.spec.topk > 1:
-            sampled = self.temperature > 0 and self.spec.draft_mode == "sample"
             return expand_tree(self.drafter, cache.kv, cache.pe, lengths, logits, hidden,
-                               depth, self.spec.topk, self.spec.n_nodes, sampled, self.temperature,
+                               depth, self.spec.topk, self.spec.n_nodes, self.sampled_drafts, self.temperature,
                                self.top_p, self.spec.draft_hidden, self.generator, self.spec.draft_vocab)
         return self._draft_chain(cache, lengths, logits, hidden, depth)
 
@@ -298,7 +373,7 @@ class SpeculativeDecoder:
 
     def _draft_token(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The MTP argmax (greedy / one-hot drafts) or a draw from q (sampled drafts, q returned)."""
-        if self.temperature == 0.0 or self.spec.draft_mode == "onehot":
+        if not self.sampled_drafts:
             return logits.argmax(dim=-1), None
         q = probabilities(logits, self.temperature, self.top_p)
         return draw(q, self.generator), q
@@ -318,16 +393,17 @@ class SpeculativeDecoder:
 
     def _accept(self, tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
         chain = self.spec.topk == 1
-        if self.temperature == 0.0:
+        if self.sampled_drafts:  # drafts drawn from q: speculative sampling (rows share the settings)
+            p = probabilities(target_logits, self.temperature, self.top_p)
+            return accept_sampled(tree, p, self.generator)
+        if not self.sampling.any_sampled:
             return accept_chain(tree.tokens, target_logits.argmax(-1)) if chain else accept_greedy(tree, target_logits)
-        p = probabilities(target_logits, self.temperature, self.top_p)
-        if tree.child_probs is None:  # one-hot: node i's draw is the one output token L'+depth(i) would get
-            done = [len(self.outputs[r]) for r in self.row_of]
-            depths = tree.all_depths().tolist()
-            u = position_uniforms(self.seed, self.row_of, [[n + d for d in row] for n, row in zip(done, depths)])
-            y = draw_at(p, u)
-            return accept_chain(tree.tokens, y) if chain else accept_onehot(tree, p, draws=y)
-        return accept_sampled(tree, p, self.generator)
+        # one-hot drafts: node i's token is the draw output position L' + depth(i) would get
+        # (greedy rows of a mixed batch: the argmax)
+        done = [len(s.output) for s in self.running]
+        depths = tree.all_depths().tolist()
+        y = self.sampling.tokens(target_logits, [[n + d for d in row] for n, row in zip(done, depths)])
+        return accept_chain(tree.tokens, y) if chain else accept_onehot(tree, None, draws=y)
 
     def _commit(self, cache: LatentCache, tree: DraftTree, verified: ForwardOutput, acc: Acceptance):
         """Compact the accepted path, set the new lengths, refresh the MTP rows from verifier states."""
@@ -362,37 +438,46 @@ class SpeculativeDecoder:
     def _verifier_hidden(self, out: ForwardOutput) -> torch.Tensor:
         return out.hidden if self.spec.verifier_hidden == "normed" else out.hidden_prenorm
 
-    def _emit(self, runs: list[list[int]], prompt_rows: list[int], max_new: int) -> tuple[list[int], list[int]]:
-        """Append run i to the output of prompt row `prompt_rows[i]`, cut at EOS (kept) and at the
-        budget; return the indices i still live and how many tokens each run kept."""
-        live, n_kept = [], []
-        for r, run in enumerate(runs):
-            out = self.outputs[prompt_rows[r]]
-            kept, finished = cut_run(run, self.eng.eos_ids, max_new - len(out))
-            out.extend(kept)
-            n_kept.append(len(kept))
-            if not finished:
-                live.append(r)
-        return live, n_kept
+    def _emit(self, runs: list[list[int]], first_row: int = 0) -> list[int]:
+        """Give run i to the sequence of row first_row + i (`_keep`); returns how many tokens each kept."""
+        return [self._keep(self.running[first_row + i], run) for i, run in enumerate(runs)]
 
-    def _compact(self, cache: LatentCache, live: list[int], state: RowState) -> RowState:
-        """Move live rows to the front of the cache, of `row_of` and of the per-row state."""
-        if live == list(range(len(self.row_of))):
-            return state
+    def _keep(self, seq: Sequence, run: list[int]) -> int:
+        """Append what `seq` keeps of `run` (cut at EOS, kept, and at its budget), finish it when
+        either cut it, and tell its client; returns the number of tokens kept."""
+        if seq.finished:  # finished by its client meanwhile: nothing more reaches it
+            return 0
+        kept, done = cut_run(run, self.eng.eos_ids, seq.max_new_tokens - len(seq.output))
+        seq.output.extend(kept)
+        if done:
+            seq.finish("stop" if kept and kept[-1] in self.eng.eos_ids else "length")
+        if seq.on_tokens is not None and kept:
+            seq.on_tokens(seq, kept)
+        return len(kept)
+
+    def _retire(self) -> None:
+        """Drop finished sequences: move the live rows to the front of the cache, of `running` and of
+        the per-row state (their rows become free)."""
+        live = [r for r, s in enumerate(self.running) if not s.finished]
+        if len(live) == len(self.running):
+            return
         for dst, src in enumerate(live):
             if dst != src:
-                cache.move_row(src, dst)
-        self.row_of = [self.row_of[r] for r in live]
-        return state.select(torch.tensor(live, device=state.pending.device))
+                self.cache.move_row(src, dst)
+        self.running = [self.running[r] for r in live]
+        self.sampling = self.sampling.select(live)
+        self.state = self.state.select(torch.tensor(live, dtype=torch.long, device=self.state.pending.device)) \
+            if live else None
 
-    def _stats(self, steps: int, start: float, prefill_s: float, batch: int, ttft_s: float,
-               tpot_s: list[float]) -> GenerationStats:
+    def _stats(self, start: float, prefill_s: float, batch: int, ttft_s: float, n_tokens: int) -> GenerationStats:
         wall = time.perf_counter() - start
         c = self.counts
-        n_tokens = sum(map(len, self.outputs))
+        depth = self.spec.depth if self.spec is not None else 0
+        plain = self.spec is None
         return GenerationStats(
-            tokens=n_tokens, verify_steps=steps, tau=c.emitted / c.row_steps if c.row_steps else 1.0,
-            acceptance_per_position=c.acceptance_per_position(self.spec.depth), tokens_per_s=n_tokens / wall,
+            tokens=n_tokens, verify_steps=self.steps, tau=c.emitted / c.row_steps if c.row_steps and not plain else 1.0,
+            acceptance_per_position=c.acceptance_per_position(depth), tokens_per_s=n_tokens / wall,
             wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch,
             draft_acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0, row_steps=c.row_steps,
-            ttft_s=ttft_s, tpot_s=tpot_s, depth_steps=c.depth_steps + [0] * (self.spec.depth + 1 - len(c.depth_steps)))
+            ttft_s=ttft_s, tpot_s=self.tpot,
+            depth_steps=[] if plain else c.depth_steps + [0] * (depth + 1 - len(c.depth_steps)))

@@ -112,9 +112,9 @@ class OracleDecoder(SpeculativeDecoder):
 
     def _draft(self, cache, lengths, state, depth):
         rows = []
-        for r, prompt_row in enumerate(self.row_of):
-            done = len(self.outputs[prompt_row])
-            future = self.truth[prompt_row][done:done + depth]
+        for seq in self.running:  # prompt r is stream r of the call
+            done = len(seq.output)
+            future = self.truth[seq.stream][done:done + depth]
             future = future + [0] * (depth - len(future))
             self.calls += 1
             if self.calls % 3 == 0:
