@@ -1,0 +1,113 @@
+"""Continuous batching: sequences join and leave the one decoding loop between steps, each with its
+own settings, and every output stays what plain decoding of that prompt alone gives."""
+
+import pytest
+import torch
+
+from model.errors import ConfigError
+from specdec import SpecConfig
+from specdec.scheduler import NotAccepting, QueueFull, Scheduler
+from specdec.sequence import Sequence
+from tests.test_speculative import assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, tiny  # noqa: F401
+
+
+@pytest.mark.parametrize("spec", [None, SpecConfig(depth=3), SpecConfig(depth=2, adaptive=False)])
+def test_greedy_equals_plain_through_joins_and_leaves(eng, spec):
+    """Eight prompts of different lengths and budgets through three rows: sequences join while
+    others run and leave at different steps; each equals plain greedy decoding of it alone."""
+    prompts = random_prompts(eng.args.vocab_size, [7, 3, 11, 5, 9, 4, 13, 6], seed=21)
+    budgets = [5, 17, 9, 30, 2, 12, 21, 8]
+    sched = Scheduler(eng, spec, max_rows=3, prefill_tokens=12)
+    seqs = [Sequence(p, n) for p, n in zip(prompts, budgets)]
+    joined_while_running = []
+    original_admit = sched.decoder.admit
+
+    def admit(joining, retire=True):
+        if joining:
+            joined_while_running.append(len(sched.decoder.running))
+        original_admit(joining, retire)
+
+    sched.decoder.admit = admit
+    sched.generate_all(seqs, timeout_s=600)
+    assert any(n > 0 for n in joined_while_running)  # some joined a batch already decoding
+    ties = 0
+    for p, n, s in zip(prompts, budgets, seqs):
+        plain = eng.generate([p], max_new_tokens=n).token_ids
+        ties += assert_same_or_tie(eng, [p], [s.output], plain)
+        assert s.finish_reason in ("length", "stop")
+    assert ties <= 1
+    assert sched.running == 0 and sched.decoder.free_rows() == 3
+
+
+def test_sampled_and_greedy_rows_mix(eng):
+    """Greedy and sampled sequences (own temperature, top-p, seed) in one batch: each equals plain
+    decoding of its prompt alone with its settings (the draw of output i depends only on its seed
+    and i)."""
+    prompts = random_prompts(eng.args.vocab_size, [6, 8, 5, 10, 7], seed=33)
+    settings = [(0.0, 1.0, 0), (0.9, 1.0, 11), (0.7, 0.8, 12), (0.0, 1.0, 0), (1.2, 0.95, 13)]
+    sched = Scheduler(eng, SpecConfig(depth=3), max_rows=4)
+    seqs = [Sequence(p, 16, t, tp, s) for p, (t, tp, s) in zip(prompts, settings)]
+    sched.generate_all(seqs, timeout_s=600)
+    for p, (t, tp, s), seq in zip(prompts, settings, seqs):
+        plain = eng.generate([p], max_new_tokens=16, temperature=t, top_p=tp, seed=s).token_ids
+        if t == 0:
+            assert assert_same_or_tie(eng, [p], [seq.output], plain) == 0
+        else:
+            assert seq.output == plain[0]
+
+
+def test_sampled_distribution_holds_while_others_join_and_leave(tiny):
+    """Samples of one prompt (each its own seed) decoded among greedy sequences that join and leave:
+    their pooled first three tokens follow the verifier's distribution (chi-square)."""
+    prompt, n = [3, 5, 2, 7], 3
+    others = random_prompts(8, [4, 6, 5, 3], seed=2)
+    seqs, samples = [], []
+    for i in range(900):
+        s = Sequence(prompt, n, 1.0, 1.0, 1000 + i)
+        samples.append(s)
+        seqs.append(s)
+        if i % 7 == 0:  # a greedy sequence of another length now and then
+            seqs.append(Sequence(others[i % 4], 1 + i % 5))
+    sched = Scheduler(tiny, SpecConfig(depth=2), max_rows=16)
+    sched.generate_all(seqs, timeout_s=600)
+    counts = torch.zeros([8] * n)
+    for s in samples:
+        counts[tuple(s.output)] += 1
+    stat, crit = chi_square(counts, exact_joint(tiny, prompt, n, 1.0, 1.0))
+    assert stat < crit, (stat, crit)
+
+
+def test_cancelled_sequences_free_their_rows(eng):
+    """Sequences finished by their client (cancelled) leave at the next step; waiting ones that were
+    cancelled never run; all rows are free afterwards."""
+    prompts = random_prompts(eng.args.vocab_size, [5, 6, 7, 8], seed=4)
+    sched = Scheduler(eng, SpecConfig(depth=2), max_rows=2)
+    seqs = [Sequence(p, 40) for p in prompts]
+
+    def cancel_after_three(seq, tokens):
+        if len(seq.output) >= 3:
+            seq.finish("cancelled")
+
+    seqs[0].on_tokens = cancel_after_three
+    seqs[3].finish("cancelled")  # gone before it was admitted
+    sched.generate_all(seqs, timeout_s=600)
+    assert seqs[0].finish_reason == "cancelled" and 3 <= len(seqs[0].output) < 40
+    assert seqs[3].output == [] and seqs[3].first_token_s is None
+    assert [s.finish_reason for s in seqs[1:3]] == ["length", "length"]
+    assert sched.running == 0 and sched.decoder.free_rows() == 2
+
+
+def test_limits_are_clear_errors(eng):
+    sched = Scheduler(eng, None, max_rows=1, max_waiting=1)
+    with pytest.raises(ConfigError, match="exceeds the context"):
+        sched.submit(Sequence([5] * 10, eng.max_seq_len))
+    sched.submit(Sequence([5, 6], 4))
+    with pytest.raises(QueueFull):
+        sched.submit(Sequence([5, 6], 4))
+    sched.drain()
+    with pytest.raises(NotAccepting):
+        sched.submit(Sequence([5, 6], 4))
+    sched.run()  # drains: the queued sequence runs to its end, then run returns
+    assert sched.running == 0 and not sched.waiting
+    with pytest.raises(ConfigError, match="--tree-topk"):
+        Scheduler(eng, SpecConfig(depth=2, topk=2))
