@@ -63,6 +63,7 @@ class Scheduler:
         self.engine, self.spec = engine, spec
         policy = engine.policy_for(spec) if spec is not None and spec.adapts else None
         self.decoder = SpeculativeDecoder(engine, spec, policy=policy)
+        self.decoder.record_tpot = False  # a server's metrics time tokens per request instead
         args = engine.args
         self.decoder.use_cache(LatentCache(args, args.n_layers + args.n_mtp_layers, max_rows, engine.max_seq_len,
                                            engine.model.dtype, engine.device))

@@ -148,7 +148,8 @@ class SpeculativeDecoder:
         self.sampling = RowSampling((), (), (), ())
         self.state: RowState | None = None
         self.steps = 0
-        self.tpot: list[float] = []
+        self.tpot: list[float] = []  # `generate`'s per-token latencies (`record_tpot` False: none kept)
+        self.record_tpot = True
         self.step_start = 0.0
 
     # ------------------------------------------------------------------ the loop
@@ -285,8 +286,10 @@ class SpeculativeDecoder:
     def _time_step(self, kept: list[int]) -> None:
         """Each token a row kept took the step's wall time over the tokens it kept (`tpot`)."""
         now = time.perf_counter()
-        for n in kept:
-            self.tpot.extend([(now - self.step_start) / n] * n)
+        if self.record_tpot:
+            for n in kept:
+                if n:
+                    self.tpot.extend([(now - self.step_start) / n] * n)
         self.step_start = now
 
     # ------------------------------------------------------------------ steps
