@@ -5,7 +5,9 @@
   latency     tokens/s, TPOT p50/p90, TTFT and speedup by batch size, plain vs MTP; greedy outputs
               checked token-equal to plain decoding
   peers       specdec plain / MTP vs transformers generate and its prompt-lookup decoding, same weights
-  all         the three, one after another (one model load for the first two)
+  serve       the OpenAI server under load (closed-loop clients, Poisson arrivals): tokens/s,
+              TTFT and TPOT p50/p99, adaptive MTP against plain, continuous against static batching
+  all         acceptance, latency and peers, one after another (one model load for the first two)
 
 Each writes `<name>.json` (machine, settings, rows), `<name>.md` (also printed) and PNG plots
 (with matplotlib: `pip install -e '.[bench]'`) into `--out` (default bench/results/).
@@ -36,6 +38,7 @@ DEFAULTS = {
     "latency": {"chains": "a3,1,2,3,4,a3@2048,2@2048,3@2048", "trees": "3x2x6,3x2x6@2048,auto",
                 "batch_sizes": "1,4,8,16"},
     "peers": {"chains": "2,2@2048", "trees": "auto"},
+    "serve": {"clients": "8", "rates": "", "max_batch": 16, "chains": "", "trees": ""},
 }
 QUICK = {
     "common": {"num_prompts": 4, "max_new_tokens": 16, "repeats": 1},
@@ -43,6 +46,7 @@ QUICK = {
                    "batch_size": 4},
     "latency": {"chains": "a2,1,2", "trees": "2x2x4,auto", "batch_sizes": "1,2"},
     "peers": {"chains": "2", "trees": "", "num_prompts": 2},
+    "serve": {"clients": "2", "rates": "", "max_batch": 2, "requests": 4, "chains": "", "trees": ""},
 }
 
 
@@ -96,10 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                 epilog="definitions and examples: the Benchmarks section of README.md")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{acceptance,latency,peers,all}")
+    srv = argparse.ArgumentParser(add_help=False)
+    g = srv.add_argument_group("serve")
+    g.add_argument("--clients", help="closed-loop concurrencies, comma-separated (default 8)")
+    g.add_argument("--rates", help="Poisson arrival rates in requests/s, comma-separated (default none)")
+    g.add_argument("--requests", type=int, help="requests per load point (default: twice --num-prompts)")
+    g.add_argument("--max-batch", type=int, help="server rows (default: 16, at least the largest --clients)")
+
+    sub = p.add_subparsers(dest="command", required=True, metavar="{acceptance,latency,peers,serve,all}")
     sub.add_parser("acceptance", parents=[common, acc], help="draft acceptance sweep")
     sub.add_parser("latency", parents=[common, lat], help="tokens/s, TPOT, TTFT by batch size")
     sub.add_parser("peers", parents=[common, peers], help="specdec vs transformers generate / prompt lookup")
+    sub.add_parser("serve", parents=[common, srv], help="the OpenAI server under load")
     sub.add_parser("all", parents=[common, acc, lat, peers], help="acceptance, latency and peers")
     return p
 
@@ -153,6 +165,14 @@ def check_bench(s: argparse.Namespace, name: str) -> None:
             raise BenchError("--batch-sizes: no batch sizes given")
         if s.temperature < 0:
             raise BenchError(f"--temperature must be >= 0, got {s.temperature}")
+    if name == "serve":
+        parse_int_list(s.clients, "--clients")
+        if s.rates:
+            parse_float_list(s.rates, "--rates")
+        if s.requests is not None and s.requests < 1:
+            raise BenchError(f"--requests must be >= 1, got {s.requests}")
+        if s.max_batch < 1:
+            raise BenchError(f"--max-batch must be >= 1, got {s.max_batch}")
     if name == "peers" and (s.prompt_lookup_tokens < 1 or s.max_matching_ngram < 1):
         raise BenchError("--prompt-lookup-tokens and --max-matching-ngram must be >= 1")
 

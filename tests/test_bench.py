@@ -304,3 +304,17 @@ def test_step_bound_is_tau_over_the_step_cost(monkeypatch) -> None:
     assert rows[1]["step_cost"] == pytest.approx(1.5) and rows[1]["step_bound"] == pytest.approx(1.2)
     assert rows[2]["step_ms"] == pytest.approx(25.0) and rows[2]["step_bound"] == pytest.approx(1.0)
     assert "step_cost" not in rows[3]
+
+
+def test_cli_serve_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
+    """The serving bench against its own loopback server: closed loop and Poisson, plain and MTP."""
+    out = tmp_path / "out"
+    assert bench_main(["serve", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out), "--rates", "20"]) == 0
+    rows = _read(out, "serve")["rows"]
+    assert [(r["config"], r["mode"]) for r in rows] == [
+        ("plain", "closed 2 clients"), ("plain", "Poisson 20/s"), ("adaptive 3", "closed 2 clients"),
+        ("adaptive 3", "Poisson 20/s"), ("adaptive 3, static batches", "closed 2 clients")]
+    for r in rows:
+        assert r["requests"] == 4 and r["tokens"] > 0 and r["tokens_per_s"] > 0
+    assert rows[0]["tau"] == 1.0 and rows[2]["tau"] >= 1.0
+    assert rows[0]["tokens"] == rows[2]["tokens"] == rows[4]["tokens"]  # greedy: same outputs, same lengths

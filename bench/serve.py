@@ -1,0 +1,206 @@
+"""`python -m bench serve`: the OpenAI server under load, adaptive MTP against plain decoding.
+
+For each configuration (plain, then adaptive MTP up to depth 3) the bench starts `specdec.serve`'s
+app on 127.0.0.1 (a free port, in this process, over the one loaded engine) and sends streamed
+greedy completions of the prompts (cycled): closed-loop with C concurrent clients (each sends its
+next request when the last one ends), and open-loop with Poisson arrivals at R requests/s. Per
+request: TTFT (send → first content chunk), TPOT ((last chunk − first chunk) / (tokens − 1)).
+Reported: output tokens/s (all new tokens / wall seconds of the run), TTFT and TPOT p50/p99,
+tau and tokens kept per request-step (the decoder's counts over the run), and, at each closed-loop
+concurrency, static batching (`Engine.generate` over batches of C prompts, adaptive MTP) for the
+same requests: what continuous batching gains over a batch that waits for its slowest row.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import statistics
+import threading
+import time
+from argparse import Namespace
+
+import httpx
+import uvicorn
+
+from bench.common import BenchError, Report, Table, fmt, parse_float_list, parse_int_list, progress
+from bench.prompt_set import Prompt
+from specdec import Engine, SpecConfig
+from specdec.serve import Server, ServerConfig, build_app
+
+MODEL = "bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Served:
+    """The app over `eng` behind uvicorn on a thread, on 127.0.0.1; `stop` shuts it down."""
+
+    def __init__(self, eng: Engine, spec: SpecConfig | None, max_batch: int) -> None:
+        self.server = Server(eng, spec, ServerConfig(MODEL, max_batch=max_batch, max_waiting=4096))
+        self.uvicorn = uvicorn.Server(uvicorn.Config(build_app(self.server), host="127.0.0.1", port=_free_port(),
+                                                     log_level="error"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.uvicorn.started:
+            if time.monotonic() > deadline:
+                raise BenchError("bench serve: the server did not start within 60 s")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.uvicorn.config.port}/v1/completions"
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=120)
+
+
+def _request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed greedy completion; its timings and token count."""
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise BenchError(f"bench serve: the server answered {r.status_code}: {r.read()[:200]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            if '"usage"' in line:
+                tokens = int(line.split('"completion_tokens": ')[1].split(",")[0])
+            elif first is None:
+                first = now
+            last = now
+    first = first or last
+    return {"ttft": first - t0, "tpot": (last - first) / (tokens - 1) if tokens > 1 else None, "tokens": tokens}
+
+
+def _closed_loop(url: str, jobs: list[tuple[str, int]], clients: int) -> tuple[list[dict], float]:
+    lock, results, queue = threading.Lock(), [], list(jobs)
+
+    def client_loop():
+        with httpx.Client(timeout=600) as client:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    prompt, n = queue.pop(0)
+                out = _request(client, url, prompt, n)
+                with lock:
+                    results.append(out)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - start
+
+
+def _poisson(url: str, jobs: list[tuple[str, int]], rate: float, seed: int) -> tuple[list[dict], float]:
+    rng = random.Random(seed)
+    results, lock, threads = [], threading.Lock(), []
+
+    def one(prompt, n):
+        with httpx.Client(timeout=600) as client:
+            out = _request(client, url, prompt, n)
+        with lock:
+            results.append(out)
+
+    start = time.perf_counter()
+    for prompt, n in jobs:
+        t = threading.Thread(target=one, args=(prompt, n))
+        t.start()
+        threads.append(t)
+        time.sleep(rng.expovariate(rate))
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - start
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _summary(label: str, mode: str, results: list[dict], wall: float, counts_before, counts_after) -> dict:
+    tokens = sum(r["tokens"] for r in results)
+    row_steps = counts_after[0] - counts_before[0]
+    emitted = counts_after[1] - counts_before[1]
+    return {"config": label, "mode": mode, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": 1e3 * _pct([r["ttft"] for r in results], 0.5),
+            "ttft_p99_ms": 1e3 * _pct([r["ttft"] for r in results], 0.99),
+            "tpot_p50_ms": 1e3 * (_pct([r["tpot"] for r in results], 0.5) or 0),
+            "tpot_p99_ms": 1e3 * (_pct([r["tpot"] for r in results], 0.99) or 0),
+            "tau": emitted / row_steps if row_steps else None,
+            "kept_per_row_step": (tokens - len(results)) / row_steps if row_steps else None}
+
+
+def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
+    clients = parse_int_list(a.clients, "--clients")
+    rates = parse_float_list(a.rates, "--rates") if a.rates else []
+    if not clients and not rates:
+        raise BenchError("serve: give --clients and/or --rates")
+    if any(r <= 0 for r in rates):
+        raise BenchError(f"--rates must be > 0, got {a.rates}")
+    n_requests = a.requests or 2 * len(prompts)
+    jobs = [(prompts[i % len(prompts)].prompt, a.max_new_tokens) for i in range(n_requests)]
+    configs = [("plain", None), ("adaptive 3", SpecConfig(depth=3))]
+    rows: list[dict] = []
+    bar = progress(len(configs) * (len(clients) + len(rates)) + len(clients), "serve")
+    for label, spec in configs:
+        served = _Served(eng, spec, max_batch=max(clients + [a.max_batch]))
+        try:
+            counts = served.server.scheduler.decoder.counts
+            snap = lambda: (counts.row_steps, counts.emitted)  # noqa: E731
+            _closed_loop(served.url, jobs[: min(4, len(jobs))], min(4, len(jobs)))  # warm-up
+            for c in clients:
+                before = snap()
+                results, wall = _closed_loop(served.url, jobs, c)
+                rows.append(_summary(label, f"closed {c} clients", results, wall, before, snap()))
+                bar.update(1)
+            for rate in rates:
+                before = snap()
+                results, wall = _poisson(served.url, jobs, rate, a.seed)
+                rows.append(_summary(label, f"Poisson {rate:g}/s", results, wall, before, snap()))
+                bar.update(1)
+        finally:
+            served.stop()
+    ids = eng.encode([p for p, _ in jobs])
+    for c in clients:  # static batching: batches of c requests, each waiting for its slowest row
+        start, tokens = time.perf_counter(), 0
+        for i in range(0, len(ids), c):
+            out = eng.generate(ids[i:i + c], max_new_tokens=a.max_new_tokens, spec=SpecConfig(depth=3))
+            tokens += out.stats.tokens
+        wall = time.perf_counter() - start
+        rows.append({"config": "adaptive 3, static batches", "mode": f"closed {c} clients", "requests": len(ids),
+                     "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall})
+        bar.update(1)
+    bar.close()
+    plain = {r["mode"]: r["tokens_per_s"] for r in rows if r["config"] == "plain"}
+    for r in rows:
+        r["vs_plain"] = r["tokens_per_s"] / plain[r["mode"]] if r["mode"] in plain else None
+    headers = ["config", "load", "requests", "tokens/s", "× plain", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
+               "TPOT p99 ms", "tau", "kept/row-step"]
+    table = Table("Serving: streamed greedy completions", headers,
+                  [[r["config"], r["mode"], str(r["requests"]), fmt(r["tokens_per_s"], 1), fmt(r["vs_plain"]),
+                    fmt(r.get("ttft_p50_ms"), 1), fmt(r.get("ttft_p99_ms"), 1), fmt(r.get("tpot_p50_ms"), 1),
+                    fmt(r.get("tpot_p99_ms"), 1), fmt(r.get("tau")), fmt(r.get("kept_per_row_step"))] for r in rows])
+    settings = {"prompts": len(prompts), "requests": n_requests, "max_new_tokens": a.max_new_tokens,
+                "clients": clients, "rates": rates, "max_batch": max(clients + [a.max_batch])}
+    notes = ["one server per configuration on 127.0.0.1, same engine and requests; tokens/s: new tokens over the "
+             "run's wall seconds; × plain: against plain decoding under the same load",
+             "tau: tokens emitted per row-step (bonus included, before budget cuts); kept/row-step: tokens the "
+             "clients received after each request's first (the prefill's) per row-step: tau less what budget "
+             "cuts drop",
+             "static batches: Engine.generate over batches of C requests (adaptive MTP), the same requests"]
+    return Report("serve", "Serving under load", settings, rows, [table], notes)
