@@ -7,8 +7,9 @@ next request when the last one ends), and open-loop with Poisson arrivals at R r
 request: TTFT (send → first content chunk), TPOT ((last chunk − first chunk) / (tokens − 1)).
 Reported: output tokens/s (all new tokens / wall seconds of the run), TTFT and TPOT p50/p99,
 tau and tokens kept per request-step (the decoder's counts over the run), and, at each closed-loop
-concurrency, static batching (`Engine.generate` over batches of C prompts, adaptive MTP) for the
-same requests: what continuous batching gains over a batch that waits for its slowest row.
+concurrency, static batching (the same server, admitting only into an empty batch of at most C
+requests, adaptive MTP) for the same requests: what continuous batching gains over a batch that
+waits for its slowest row, with the same HTTP path.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def _free_port() -> int:
 class _Served:
     """The app over `eng` behind uvicorn on a thread, on 127.0.0.1; `stop` shuts it down."""
 
-    def __init__(self, eng: Engine, spec: SpecConfig | None, max_batch: int) -> None:
-        self.server = Server(eng, spec, ServerConfig(MODEL, max_batch=max_batch, max_waiting=4096))
+    def __init__(self, eng: Engine, spec: SpecConfig | None, max_batch: int, static: bool = False) -> None:
+        self.server = Server(eng, spec, ServerConfig(MODEL, max_batch=max_batch, max_waiting=4096, static=static))
         self.uvicorn = uvicorn.Server(uvicorn.Config(build_app(self.server), host="127.0.0.1", port=_free_port(),
                                                      log_level="error"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
@@ -154,37 +155,30 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         raise BenchError(f"--rates must be > 0, got {a.rates}")
     n_requests = a.requests or 2 * len(prompts)
     jobs = [(prompts[i % len(prompts)].prompt, a.max_new_tokens) for i in range(n_requests)]
-    configs = [("plain", None), ("adaptive 3", SpecConfig(depth=3))]
+    configs = [("plain", None, False), ("adaptive 3", SpecConfig(depth=3), False),
+               ("adaptive 3, static batching", SpecConfig(depth=3), True)]
     rows: list[dict] = []
-    bar = progress(len(configs) * (len(clients) + len(rates)) + len(clients), "serve")
-    for label, spec in configs:
-        served = _Served(eng, spec, max_batch=max(clients + [a.max_batch]))
+    bar = progress(2 * (len(clients) + len(rates)) + len(clients), "serve")
+    for label, spec, static in configs:
+        served = _Served(eng, spec, max(clients + [a.max_batch]), static)
         try:
             counts = served.server.scheduler.decoder.counts
             snap = lambda: (counts.row_steps, counts.emitted)  # noqa: E731
             _closed_loop(served.url, jobs[: min(4, len(jobs))], min(4, len(jobs)))  # warm-up
             for c in clients:
+                if static:  # a batch of at most c requests at a time
+                    served.server.scheduler.max_rows = c
                 before = snap()
                 results, wall = _closed_loop(served.url, jobs, c)
                 rows.append(_summary(label, f"closed {c} clients", results, wall, before, snap()))
                 bar.update(1)
-            for rate in rates:
+            for rate in ([] if static else rates):
                 before = snap()
                 results, wall = _poisson(served.url, jobs, rate, a.seed)
                 rows.append(_summary(label, f"Poisson {rate:g}/s", results, wall, before, snap()))
                 bar.update(1)
         finally:
             served.stop()
-    ids = eng.encode([p for p, _ in jobs])
-    for c in clients:  # static batching: batches of c requests, each waiting for its slowest row
-        start, tokens = time.perf_counter(), 0
-        for i in range(0, len(ids), c):
-            out = eng.generate(ids[i:i + c], max_new_tokens=a.max_new_tokens, spec=SpecConfig(depth=3))
-            tokens += out.stats.tokens
-        wall = time.perf_counter() - start
-        rows.append({"config": "adaptive 3, static batches", "mode": f"closed {c} clients", "requests": len(ids),
-                     "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall})
-        bar.update(1)
     bar.close()
     plain = {r["mode"]: r["tokens_per_s"] for r in rows if r["config"] == "plain"}
     for r in rows:
@@ -202,5 +196,6 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
              "tau: tokens emitted per row-step (bonus included, before budget cuts); kept/row-step: tokens the "
              "clients received after each request's first (the prefill's) per row-step: tau less what budget "
              "cuts drop",
-             "static batches: Engine.generate over batches of C requests (adaptive MTP), the same requests"]
+             "static batching: the same server admitting only into an empty batch (up to C requests), which "
+             "runs until its slowest request ends; the same requests"]
     return Report("serve", "Serving under load", settings, rows, [table], notes)

@@ -44,12 +44,13 @@ class Scheduler:
     at once (cache rows). max_waiting: queue limit (`QueueFull` beyond it). prefill_tokens: prompt
     tokens admitted per round at most (one sequence is always admitted when a row is free).
     on_step(scheduler, kept): called on the loop thread after each step with the tokens each live
-    sequence kept (metrics).
+    sequence kept (metrics). static: admit only into an empty batch, which then runs until its
+    last sequence ends (static batching, the baseline `bench serve` compares against).
     """
 
     def __init__(self, engine, spec: SpecConfig | None, max_rows: int = 32, max_waiting: int = 256,
                  prefill_tokens: int = 2048,
-                 on_step: Callable[["Scheduler", list[int]], None] | None = None) -> None:
+                 on_step: Callable[["Scheduler", list[int]], None] | None = None, static: bool = False) -> None:
         if engine.compiled is not None:
             raise ConfigError("--compile: the server runs eager forwards only (compiled steps need a static batch)")
         if spec is not None and spec.topk > 1:
@@ -68,7 +69,7 @@ class Scheduler:
         self.decoder.use_cache(LatentCache(args, args.n_layers + args.n_mtp_layers, max_rows, engine.max_seq_len,
                                            engine.model.dtype, engine.device))
         self.max_rows, self.max_waiting, self.prefill_tokens = max_rows, max_waiting, prefill_tokens
-        self.on_step = on_step
+        self.on_step, self.static = on_step, static
         self.waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self.accepting = True
@@ -137,13 +138,15 @@ class Scheduler:
         """Pop the waiting sequences that join this round (caller holds the lock); ones finished
         while waiting (cancelled) are dropped."""
         joining, tokens = [], 0
-        free = self.decoder.free_rows()
+        free = min(self.decoder.free_rows(), self.max_rows - len(self.decoder.running))
+        if self.static and self.decoder.running:
+            return joining
         while self.waiting and len(joining) < free:
             seq = self.waiting[0]
             if seq.finished:
                 self.waiting.popleft()
                 continue
-            if joining and tokens + len(seq.prompt) > self.prefill_tokens:
+            if joining and tokens + len(seq.prompt) > self.prefill_tokens and not self.static:
                 break
             self.waiting.popleft()
             joining.append(seq)

@@ -48,6 +48,7 @@ class ServerConfig:
     max_batch: int = 32
     max_waiting: int = 256
     prefill_tokens: int = 2048
+    static: bool = False  # static batching (a baseline for benchmarks): see `Scheduler`
 
 
 class Server:
@@ -57,7 +58,7 @@ class Server:
         self.engine, self.config = engine, config
         self.metrics = ServerMetrics(config.model_name, spec.depth if spec is not None else 0)
         self.scheduler = Scheduler(engine, spec, config.max_batch, config.max_waiting, config.prefill_tokens,
-                                   on_step=lambda sched, kept: self.metrics.on_step(sched))
+                                   on_step=lambda sched, kept: self.metrics.on_step(sched), static=config.static)
         self.listeners: dict[Sequence, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None

@@ -313,7 +313,7 @@ def test_cli_serve_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
     rows = _read(out, "serve")["rows"]
     assert [(r["config"], r["mode"]) for r in rows] == [
         ("plain", "closed 2 clients"), ("plain", "Poisson 20/s"), ("adaptive 3", "closed 2 clients"),
-        ("adaptive 3", "Poisson 20/s"), ("adaptive 3, static batches", "closed 2 clients")]
+        ("adaptive 3", "Poisson 20/s"), ("adaptive 3, static batching", "closed 2 clients")]
     for r in rows:
         assert r["requests"] == 4 and r["tokens"] > 0 and r["tokens_per_s"] > 0
     assert rows[0]["tau"] == 1.0 and rows[2]["tau"] >= 1.0

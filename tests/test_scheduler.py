@@ -111,3 +111,23 @@ def test_limits_are_clear_errors(eng):
     assert sched.running == 0 and not sched.waiting
     with pytest.raises(ConfigError, match="--tree-topk"):
         Scheduler(eng, SpecConfig(depth=2, topk=2))
+
+
+def test_static_batching_admits_only_into_an_empty_batch(eng):
+    """The benchmark's baseline: a batch runs until its last sequence ends before others join."""
+    prompts = random_prompts(eng.args.vocab_size, [5, 6, 7, 8, 9], seed=8)
+    sched = Scheduler(eng, SpecConfig(depth=2), max_rows=2, static=True)
+    seqs = [Sequence(p, n) for p, n in zip(prompts, [3, 20, 4, 4, 6])]
+    sizes = []
+    original_admit = sched.decoder.admit
+
+    def admit(joining, retire=True):
+        if joining:
+            sizes.append((len(sched.decoder.running), len(joining)))
+        original_admit(joining, retire)
+
+    sched.decoder.admit = admit
+    sched.generate_all(seqs, timeout_s=600)
+    assert sizes == [(0, 2), (0, 2), (0, 1)]
+    for p, s in zip(prompts, seqs):
+        assert assert_same_or_tie(eng, [p], [s.output], eng.generate([p], max_new_tokens=s.max_new_tokens).token_ids) == 0
