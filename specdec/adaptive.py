@@ -69,24 +69,14 @@ class StepCosts:
     def __init__(self, path: Path | None = None, key: str = "", fixed: dict[tuple[int, int], float] | None = None):
         self.path, self.key, self.fixed = path, key, fixed
         self.samples: dict[tuple[int, int], deque[float]] = {}
-        self.fresh: set[tuple[int, int]] = set()  # (depth, bucket)s timed by this process
         if path is not None and fixed is None:
             for name, values in read_json(path).get(key, {}).items():
                 depth, bucket = (int(x) for x in name.split("/"))
                 self.samples[(depth, bucket)] = deque(values[-SAMPLES_KEPT:], maxlen=SAMPLES_KEPT)
 
     def add(self, depth: int, rows: int, seconds: float) -> None:
-        """A measured step. The first one of a (depth, bucket) in this process replaces the samples read
-        from disk: those only spare a new process its exploration, and may be stale (another load on
-        the machine, another version of the code), and a depth the policy rarely runs would take
-        many revisits to outvote them."""
-        if self.fixed is not None:
-            return
-        key = (depth, row_bucket(rows))
-        if key not in self.fresh:
-            self.fresh.add(key)
-            self.samples[key] = deque(maxlen=SAMPLES_KEPT)
-        self.samples[key].append(seconds)
+        if self.fixed is None:
+            self.samples.setdefault((depth, row_bucket(rows)), deque(maxlen=SAMPLES_KEPT)).append(seconds)
 
     def count(self, depth: int, rows: int) -> int:
         if self.fixed is not None:

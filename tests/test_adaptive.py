@@ -235,16 +235,3 @@ def test_settled_depth_is_kept_within_the_switch_margin():
     table.fixed[(1, 1)] = tau1 * (1 + 2 * SWITCH_MARGIN)
     assert policy.choose(1) == 0
 
-
-def test_costs_from_disk_give_way_to_this_process_timings(tmp_path):
-    path = tmp_path / "costs.json"
-    old = StepCosts(path, "k")
-    for _ in range(9):
-        old.add(0, 16, 0.030)  # stale: plain steps timed under load
-    old.save()
-    costs = StepCosts(path, "k")
-    assert costs.cost(0, 16) == pytest.approx(0.030)  # a new process starts from the disk's estimate
-    costs.add(0, 16, 0.019)
-    assert costs.cost(0, 16) == pytest.approx(0.019)  # one real timing replaces the stale nine
-    costs.add(0, 16, 0.021)
-    assert costs.cost(0, 16) == pytest.approx(0.020)
