@@ -14,6 +14,7 @@ waits for its slowest row, with the same HTTP path.
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import statistics
@@ -72,8 +73,9 @@ def _request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> di
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             now = time.perf_counter()
-            if '"usage"' in line:
-                tokens = int(line.split('"completion_tokens": ')[1].split(",")[0])
+            chunk = json.loads(line[len("data: "):])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
             elif first is None:
                 first = now
             last = now

@@ -78,16 +78,6 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return draw_at(probs, u)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, seed: int, streams: list[int],
-           positions: list[int]) -> torch.Tensor:
-    """Next tokens `[B]` from logits `[B, V]`: argmax at temperature 0, else an exact categorical
-    draw for row b with u(seed, streams[b], positions[b]) (`position_uniforms`)."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    u = position_uniforms(seed, streams, [[p] for p in positions])[:, 0]
-    return draw_at(probabilities(logits, temperature, top_p), u)
-
-
 @dataclass(frozen=True)
 class RowSampling:
     """Per-row sampling settings of a batch whose rows may differ (a server mixes requests).
@@ -146,6 +136,4 @@ class RowSampling:
         if not self.any_sampled:
             return logits.argmax(dim=-1)
         u = position_uniforms(list(self.seed), list(self.stream), positions)
-        drawn = draw_at(self.probabilities(logits), u)
-        greedy = torch.tensor([t == 0.0 for t in self.temperature], device=logits.device)
-        return torch.where(greedy.unsqueeze(1), logits.argmax(dim=-1), drawn)
+        return draw_at(self.probabilities(logits), u)  # a greedy row's point mass draws its argmax

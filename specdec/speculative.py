@@ -194,9 +194,7 @@ class SpeculativeDecoder:
         first_row = len(self.running)
         if self.state is not None and self.spec is not None:
             self.state = self._catch_up(self.cache, self.cache.lengths[:first_row], self.state)
-        sampling = RowSampling.uniform(0, 0.0, 1.0, 0)
-        for s in seqs:
-            sampling = sampling + s.sampling()
+        sampling = sum((s.sampling() for s in seqs), RowSampling((), (), (), ()))
         new = self._prefill(self.cache, [s.prompt for s in seqs], first_row, sampling)
         self.state = new if self.state is None else self.state.join(new)
         self.running += seqs

@@ -7,7 +7,7 @@ import torch
 
 from model.errors import ConfigError
 from specdec import Engine, SpecConfig
-from specdec.sampling import probabilities, sample
+from specdec.sampling import RowSampling, probabilities
 
 PROMPTS = [[5, 17, 300, 42, 9, 77, 12], [8, 100, 3], [250, 251, 252, 253, 254]]
 
@@ -86,8 +86,8 @@ def test_sampling_follows_the_distribution():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 12, generator=gen) * 2
     target = probabilities(logits, 0.7, 0.9)[0]
-    draws = torch.stack([sample(logits.expand(1000, -1), 0.7, 0.9, 3, list(range(1000)), [i] * 1000)
-                         for i in range(20)]).flatten()
+    rows = RowSampling((0.7,) * 1000, (0.9,) * 1000, (3,) * 1000, tuple(range(1000)))
+    draws = torch.stack([rows.tokens(logits.expand(1000, 1, -1), [[i]] * 1000)[:, 0] for i in range(20)]).flatten()
     counts = torch.bincount(draws, minlength=12).double()
     support = target > 0
     assert counts[~support].sum() == 0  # nothing outside the nucleus
