@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels import paged
 from model.args import ModelArgs
 from model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RMSNorm, RowParallelLinear
 from model.rope import rotate
@@ -70,6 +71,7 @@ class MLA(nn.Module):
         layer: int,
         write_slots: torch.Tensor,
         attn_mask: torch.Tensor,
+        block_table: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend new tokens to the cache, writing their latents first.
 
@@ -83,11 +85,14 @@ class MLA(nn.Module):
                 in-place write into a view of a compiled graph's input costs a copy of the input.)
             write_slots: `[B, T]` int64 cache slot for each new token's latent.
             attn_mask: `[B, T, S_kv]` bool, True where token t may attend to slot s (S_kv ≤ S).
+            block_table: None for a dense pool (row b = pool row b, slot s = pool slot s); for a paged
+                pool `[layers, n_blocks, block_size, ·]`, `[≥B, max_blocks]` int64: row b's slot s lives
+                in block `block_table[b, s // block_size]` (`kernels.paged`).
         Returns:
             `[B, T, dim]` attention output (summed over ranks).
         """
         bsz, seqlen, _ = x.shape
-        if kv_pool.shape[1] < bsz:
+        if block_table is None and kv_pool.shape[1] < bsz:
             raise ValueError(f"cache rows ({kv_pool.shape[1]}) < batch rows ({bsz})")
         if self.q_kv_a is not None:
             q_a, kv_a = self.q_kv_a(x)
@@ -101,20 +106,24 @@ class MLA(nn.Module):
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = rotate(k_pe.unsqueeze(2), rope).squeeze(2)
 
-        rows = torch.arange(bsz, device=x.device).unsqueeze(1)
-        where = (rows.new_full((), layer), rows, write_slots)
-        kv_pool.index_put_(where, self.kv_a_layernorm(latent).to(kv_pool.dtype))
-        pe_pool.index_put_(where, k_pe.to(pe_pool.dtype))
-
         kv_len = attn_mask.shape[-1]
+        if block_table is None:
+            rows = torch.arange(bsz, device=x.device).unsqueeze(1)
+            where = (rows.new_full((), layer), rows, write_slots)
+            kv_pool.index_put_(where, self.kv_a_layernorm(latent).to(kv_pool.dtype))
+            pe_pool.index_put_(where, k_pe.to(pe_pool.dtype))
+            kv, pe = kv_pool[layer, :bsz, :kv_len], pe_pool[layer, :bsz, :kv_len]
+        else:
+            paged.write_slots(kv_pool, layer, block_table, write_slots, self.kv_a_layernorm(latent))
+            paged.write_slots(pe_pool, layer, block_table, write_slots, k_pe)
+            kv = paged.gather_rows(kv_pool, layer, block_table, bsz, kv_len)
+            pe = paged.gather_rows(pe_pool, layer, block_table, bsz, kv_len)
         w_kv_b = self._kv_b()
         heads = self.n_local_heads
         # absorb W_uk into the queries: per head [B·T, nope] @ [nope, C] (one batched GEMM over heads)
         q_latent = torch.bmm(q_nope.reshape(bsz * seqlen, heads, self.nope_dim).transpose(0, 1),
                              w_kv_b[:, : self.nope_dim]).transpose(0, 1).reshape(bsz, seqlen, heads, -1)
-        out_latent = kernels.mla_attention(
-            q_latent, q_pe, kv_pool[layer, :bsz, :kv_len], pe_pool[layer, :bsz, :kv_len], attn_mask, self.softmax_scale
-        )
+        out_latent = kernels.mla_attention(q_latent, q_pe, kv, pe, attn_mask, self.softmax_scale)
         # W_uv after attention: per head [B·T, C] @ [C, v]
         out = torch.bmm(out_latent.reshape(bsz * seqlen, heads, -1).transpose(0, 1),
                         w_kv_b[:, self.nope_dim :].transpose(1, 2))

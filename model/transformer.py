@@ -32,9 +32,11 @@ class Block(nn.Module):
         self.mlp = MLP(args.dim, args.inter_dim, ctx, dtype, fp8_block) if dense else MoE(args, ctx, dtype, fp8_block)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_pool: torch.Tensor, pe_pool: torch.Tensor,
-                layer: int, write_slots: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+                layer: int, write_slots: torch.Tensor, attn_mask: torch.Tensor,
+                block_table: torch.Tensor | None = None) -> torch.Tensor:
         """x `[B, T, dim]` → `[B, T, dim]`; see `MLA.forward` for the other arguments."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_pool, pe_pool, layer, write_slots, attn_mask)
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_pool, pe_pool, layer, write_slots, attn_mask,
+                               block_table)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -100,6 +102,7 @@ class Transformer(nn.Module):
         write_slots: torch.Tensor,
         attn_mask: torch.Tensor,
         logits_at: torch.Tensor | None = None,
+        block_table: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Run the new tokens through every layer, writing their cache rows.
 
@@ -112,11 +115,14 @@ class Transformer(nn.Module):
             write_slots: `[B, T]` int64 cache slot of each new token.
             attn_mask: `[B, T, S_kv]` bool attention mask over cache slots `0 .. S_kv-1`.
             logits_at: optional `[B, K]` int64 indices into T: logits only there (saves the head's work).
+            block_table: `[≥B, max_blocks]` int64 for a paged pool `[layers, n_blocks, block_size, ·]`
+                (`specdec.paged_cache`; row b's slot s is in block `block_table[b, s // block_size]`);
+                None for a dense pool as above.
         """
         rope = self.rope_cis[positions]
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, rope, kv_cache, pe_cache, i, write_slots, attn_mask)
+            h = layer(h, rope, kv_cache, pe_cache, i, write_slots, attn_mask, block_table)
         hidden = self.model.norm(h)
         picked = hidden if logits_at is None else hidden.gather(
             1, logits_at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

@@ -9,6 +9,12 @@ cross-entropy to the main model's next-next-token distribution on the training s
 
     loss = − Σ_v p_main(v | t_≤i+1) · log q_mtp(v | h_i, t_{i+1})
 
+With `--depth D > 1` the loss is averaged over the chain the drafter actually runs: depth k is fed
+depth k−1's normed output and the true token t_{i+k}, attends to the committed depth-1 rows and
+its own chain's scratch rows (`DeepSeekV3ForTraining.mtp_chain_forward`), and is scored against
+p_main(t_{i+k+1} | t_≤i+k). Depths ≥ 2 reuse the one MTP layer, so without this the layer never
+sees its own output as input while training.
+
 The last `--qat-frac` of the steps see the FP8 round trip of the MTP projections
 (quantisation-aware, as in `mtp.train`). The output is the same checkpoint with only the MTP
 layer's tensors replaced (FP8 + `weight_scale_inv`, as released); `python -m mtp.eval` measures
@@ -37,13 +43,21 @@ from mtp.train import FP8_BLOCK, autocast, dequantized
 from mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors
 
 
-def distill_loss(model: DeepSeekV3ForTraining, window: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy of the MTP head to the main model's next-next distribution; window `[B, T+2]`."""
+def distill_loss(model: DeepSeekV3ForTraining, window: torch.Tensor, depth: int = 1) -> torch.Tensor:
+    """Soft cross-entropy of the chained MTP head to the main model, averaged over depths 1..`depth`.
+
+    window `[B, T + depth + 1]`: anchors i = 0..T-1; depth k at anchor i is scored against the main
+    model's distribution of t_{i+k+1} given the true prefix (see `mtp_chain_forward`).
+    """
+    seqlen = window.shape[1] - depth - 1
     with torch.no_grad():
         hidden, logits, _ = model.main_forward(window[:, :-1])  # position j predicts token j+1
-        target = logits[:, 1:].float().softmax(dim=-1)  # main model's p(t_{i+2} | t_≤i+1), i = 0..T-1
-    mtp_logits, _ = model.mtp_forward(hidden[:, :-1], window[:, 1:-1])
-    return -(target * mtp_logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()
+    drafts = model.mtp_chain_forward(hidden[:, :seqlen], window[:, 1:seqlen + depth], depth)
+    loss = window.new_zeros((), dtype=torch.float32)
+    for k, draft_logits in enumerate(drafts, start=1):
+        target = logits[:, k:k + seqlen].float().softmax(dim=-1)
+        loss = loss - (target * draft_logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()
+    return loss / depth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-heldout-chars", type=int, default=4_000_000, help="as mtp.train ran (token cache key)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--depth", type=int, default=3,
+                   help="train the chain the drafter runs: depths 1..D, each fed the previous one's output "
+                        "(default 3; 1 trains the single MTP step only)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--qat-frac", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=2)
@@ -72,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if corpus.tokenizer.get_vocab() != shipped_vocab:
         raise SystemExit(f"{a.work_dir}: its token cache was made with another tokenizer than {a.ckpt}'s")
     stored = CheckpointReader(a.ckpt).read_all()
-    model = DeepSeekV3ForTraining(args, a.seq_len + 2)
+    if a.depth < 1:
+        raise SystemExit(f"--depth must be >= 1, got {a.depth}")
+    model = DeepSeekV3ForTraining(args, a.seq_len + a.depth + 1)
     load_tensors(model, dequantized(stored))
     mtp_prefix = f"model.layers.{args.n_layers}."
     trained = []
@@ -91,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         progress_now = progress()
         for g in opt.param_groups:
             g["lr"] = a.lr * (1.0 - progress_now)  # linear decay to 0 over the budget
-        window = train_batch(corpus.train, a.batch_size, a.seq_len + 2, a.seed, step)
+        window = train_batch(corpus.train, a.batch_size, a.seq_len + a.depth + 1, a.seed, step)
         qat = progress_now >= 1.0 - a.qat_frac
         opt.zero_grad(set_to_none=True)
         with fake_fp8_weights(model, FP8_BLOCK) if qat else contextlib.nullcontext():
             with autocast(True):
-                loss = distill_loss(model, window)
+                loss = distill_loss(model, window, a.depth)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()

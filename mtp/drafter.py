@@ -80,6 +80,7 @@ class MTPDrafter(nn.Module):
         attn_mask: torch.Tensor,
         logits_at: torch.Tensor | None = None,
         draft_vocab: int | None = None,
+        block_table: torch.Tensor | None = None,
     ) -> MTPOutput:
         """One MTP pass over T positions per row.
 
@@ -96,13 +97,14 @@ class MTPDrafter(nn.Module):
                 just those rows and the other logits are -inf. Byte-level BPE numbers tokens in
                 merge order, so low ids are the frequent ones (FR-Spec's frequency-ranked draft
                 vocabulary). Verification is untouched, so decoding stays lossless.
+            block_table: a paged pool's block table (see `Transformer.forward`), None for a dense pool.
         """
         main = self.main[0]
         embed = main.model.embed_tokens if self.shares_embedding else self.layer.embed_tokens
         x = torch.cat([self.layer.enorm(embed(next_tokens)), self.layer.hnorm(hidden)], dim=-1)
         x = self.layer.eh_proj(x)
         rope = main.rope_cis[positions]
-        g = self.layer(x, rope, kv_cache, pe_cache, self.cache_layer, write_slots, attn_mask)
+        g = self.layer(x, rope, kv_cache, pe_cache, self.cache_layer, write_slots, attn_mask, block_table)
         if logits_at is not None:
             g = g.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, g.shape[-1]))
         normed = self.layer.shared_head.norm(g)

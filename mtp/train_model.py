@@ -82,6 +82,17 @@ class MLA(nn.Module):
         Returns:
             `[B, T, dim]`.
         """
+        q, k, v = self.project(x, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return self.output(out)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head queries, keys and values of `x` `[B, T, dim]`, RoPE applied at the tables' positions.
+
+        Returns:
+            q, k `[B, H, T, nope + rope]` and v `[B, H, T, v_head_dim]`.
+        """
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(bsz, seqlen, self.n_heads, self.nope_dim + self.rope_dim)
@@ -93,9 +104,12 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe.to(q_nope.dtype)], dim=-1)
         k = torch.cat([k_nope, k_pe.to(k_nope.dtype).expand(-1, -1, self.n_heads, -1)], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.v_dim))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def output(self, heads: torch.Tensor) -> torch.Tensor:
+        """Attention output per head `[B, H, T, v_head_dim]` → `[B, T, dim]` through o_proj."""
+        bsz, _, seqlen, _ = heads.shape
+        return self.o_proj(heads.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.v_dim))
 
 
 class MLP(nn.Module):
@@ -201,7 +215,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x `[B, T, dim]` → (`[B, T, dim]`, per-expert token counts `[E]` or None for a dense layer)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return self.ffn(x + self.self_attn(self.input_layernorm(x), cos, sin))
+
+    def ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's second half: x + mlp(norm(x)), and the MoE's per-expert counts `[E]` (None if dense)."""
         ffn_in = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, counts = self.mlp(ffn_in)
@@ -331,6 +348,48 @@ class DeepSeekV3ForTraining(nn.Module):
         x = mtp.combine(self.model.embed_tokens(next_tokens), hidden)
         x, counts = mtp(x, cos, sin)
         return self.head(mtp.shared_head.norm(x)), counts
+
+    def mtp_chain_forward(self, hidden: torch.Tensor, tokens: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        """The MTP module run as the drafter chains it: depth k feeds depth k+1 its normed output.
+
+        Anchored at every position i = 0..T-1, depth k (1-based) sits at RoPE position i+k-1, reads
+        token t_{i+k} and predicts t_{i+k+1}. Its query sees what it sees while drafting: the depth-1
+        keys of positions ≤ i (the rows committed from verifier states) and the keys of depths 2..k of
+        its own chain (the scratch rows written earlier in the same draft), nothing else. Depth 1 is
+        `mtp_forward`.
+
+        Args:
+            hidden: `[B, T, dim]` main hidden h_i after model.norm at the anchors.
+            tokens: `[B, T + depth]` the window's tokens t_1 .. t_{T+depth} (position p holds t_{p+1}).
+            depth: chain length K ≥ 1.
+        Returns:
+            K logits `[B, T, vocab]` float32; entry k-1 at anchor i is the distribution of t_{i+k+1}.
+        """
+        bsz, seqlen, _ = hidden.shape
+        if tokens.shape[1] < seqlen + depth - 1:
+            raise ValueError(f"tokens [{tokens.shape[1]}] must cover the {seqlen} anchors plus {depth - 1} chained")
+        cos_all, sin_all = self._rope(seqlen + depth - 1)
+        mtp, attn = self.mtp, self.mtp.self_attn
+        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=hidden.device).tril()
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        logits, h = [], hidden
+        for k in range(depth):
+            x = mtp.combine(self.model.embed_tokens(tokens[:, k:k + seqlen]), h)
+            q, key, value = attn.project(mtp.input_layernorm(x), cos_all[:, k:k + seqlen], sin_all[:, k:k + seqlen])
+            keys.append(key)
+            values.append(value)
+            committed = (q @ keys[0].transpose(-1, -2)).masked_fill(~causal, float("-inf"))  # [B, H, T, T]
+            own_chain = [(q * kk).sum(-1, keepdim=True) for kk in keys[1:]]  # [B, H, T, 1] each
+            weights = (torch.cat([committed, *own_chain], dim=-1).float() * attn.softmax_scale).softmax(-1)
+            weights = weights.to(value.dtype)
+            heads = weights[..., :seqlen] @ values[0]
+            for j, vv in enumerate(values[1:]):
+                heads = heads + weights[..., seqlen + j:seqlen + j + 1] * vv
+            x, _ = mtp.ffn(x + attn.output(heads))
+            h = mtp.shared_head.norm(x)
+            logits.append(self.head(h))
+        return logits
 
     def forward(self, tokens: torch.Tensor, with_mtp: bool = True) -> Forward:
         """tokens `[B, T+1]` (T inputs plus the token after them, which feeds the MTP module) → `Forward` over T."""

@@ -56,12 +56,32 @@ class LatentCache:
         new.lengths = take_rows(self.lengths, rows, n_rows)
         return new
 
+    block_table = None
+    """A dense pool has no block table (the paged pool's interface, `specdec.paged_cache`)."""
+
+    def reserve(self, row: int, n_slots: int) -> bool:
+        """Every row holds all `seq_len` slots from the start: True when `n_slots` fit."""
+        return n_slots <= self.seq_len
+
+    def release(self, row: int) -> None:
+        """Nothing to give back: a dense row keeps its slots (and its length, for inspection) until a
+        prefill or `move_row` reuses it."""
+
+    def rows_from(self, first_row: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """(kv, pe, None) through which a batch's row b is this pool's row first_row + b (views)."""
+        return self.kv[:, first_row:], self.pe[:, first_row:], None
+
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src` (its committed slots) into row `dst`, e.g. to keep active rows in a prefix."""
         n = int(self.lengths[src])
         self.kv[:, dst, :n] = self.kv[:, src, :n]
         self.pe[:, dst, :n] = self.pe[:, src, :n]
         self.lengths[dst] = n
+
+    def copy_slots(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """For each i, copy slot src[i] of row rows[i] to its slot dst[i], in every layer."""
+        self.kv[:, rows, dst] = self.kv[:, rows, src]
+        self.pe[:, rows, dst] = self.pe[:, rows, src]
 
 
 def take_rows(t: torch.Tensor, rows: list[int], n_rows: int, dim: int = 0) -> torch.Tensor:

@@ -134,10 +134,11 @@ class CompiledDecode:
 
     def verifier(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                  pe_cache: torch.Tensor, write_slots: torch.Tensor, attn_mask: torch.Tensor,
-                 logits_at: torch.Tensor | None = None) -> ForwardOutput:
-        """`Transformer.forward`; `kv_cache`/`pe_cache` are the whole pool (its rows set the padding)."""
-        if tokens.shape[1] > self.max_tokens:
-            return self.model(tokens, positions, kv_cache, pe_cache, write_slots, attn_mask, logits_at)
+                 logits_at: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> ForwardOutput:
+        """`Transformer.forward`; `kv_cache`/`pe_cache` are the whole pool (its rows set the padding).
+        Prefill-sized calls and paged pools (`block_table`) run eagerly."""
+        if tokens.shape[1] > self.max_tokens or block_table is not None:
+            return self.model(tokens, positions, kv_cache, pe_cache, write_slots, attn_mask, logits_at, block_table)
         batch, rows = tokens.shape[0], kv_cache.shape[1]
         padded = [_pad_rows(t, rows) for t in (tokens, positions, write_slots, attn_mask, logits_at)]
         tokens_p, positions_p, slots_p, mask_p, logits_at_p = padded
@@ -147,11 +148,13 @@ class CompiledDecode:
 
     def draft(self, next_tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
               kv_cache: torch.Tensor, pe_cache: torch.Tensor, write_slots: torch.Tensor, attn_mask: torch.Tensor,
-              logits_at: torch.Tensor | None = None, draft_vocab: int | None = None) -> MTPOutput:
-        """`MTPDrafter.forward`; `kv_cache`/`pe_cache` are the whole pool (its rows set the padding)."""
-        if next_tokens.shape[1] > self.max_tokens:
+              logits_at: torch.Tensor | None = None, draft_vocab: int | None = None,
+              block_table: torch.Tensor | None = None) -> MTPOutput:
+        """`MTPDrafter.forward`; `kv_cache`/`pe_cache` are the whole pool (its rows set the padding).
+        Prefill-sized calls and paged pools (`block_table`) run eagerly."""
+        if next_tokens.shape[1] > self.max_tokens or block_table is not None:
             return self.drafter(next_tokens, hidden, positions, kv_cache, pe_cache, write_slots, attn_mask,
-                                logits_at, draft_vocab)
+                                logits_at, draft_vocab, block_table)
         batch, rows = next_tokens.shape[0], kv_cache.shape[1]
         padded = [_pad_rows(t, rows) for t in (next_tokens, hidden, positions, write_slots, attn_mask, logits_at)]
         tokens_p, hidden_p, positions_p, slots_p, mask_p, logits_at_p = padded

@@ -7,11 +7,17 @@ step, which waiting sequences join: first come first served, while rows are free
 tokens admitted in this round stay within `prefill_tokens` (at least one sequence per round), so
 running streams keep getting steps while a burst of prompts is prefilled.
 
-Cache: one pool of `max_rows` rows × `max_seq_len` slots, allocated up front; a sequence holds one
-row from its admission to its end, so a sequence whose prompt, budget and draft slots fit
-`max_seq_len` can never run out of cache mid-generation (nothing is preempted). Not here yet: a
-paged pool (blocks shared out by need), chunked prefill of a single long prompt, and lockstep
-followers under torchrun.
+Cache: a paged pool (`specdec.paged_cache`) of `cache_tokens` slots in blocks of `block_size`,
+shared by up to `max_rows` sequences. A sequence joins when a row is free and the pool has blocks
+for its context and first step; before each step every row is given blocks for what the step may
+write. When the pool runs dry mid-generation, the most recently admitted sequences are preempted:
+their blocks go back and they return to the front of the queue, to be prefilled again over their
+prompt and what they emitted (recomputation: nothing they emitted is lost or changed).
+
+Prefill budget: at most `prefill_tokens` context tokens are prefilled per round. A context longer
+than that is prefilled in chunks, one per round within what the round's budget leaves, in a row of
+its own while the running streams keep stepping (chunked prefill; one such sequence at a time).
+Not here yet: lockstep followers under torchrun.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 
 from model.errors import ConfigError, SpecdecError
-from specdec.cache import LatentCache
+from specdec.paged_cache import PagedLatentCache
 from specdec.config import SpecConfig
 from specdec.sequence import Sequence
 from specdec.speculative import SpeculativeDecoder
@@ -46,19 +52,24 @@ class Scheduler:
     on_step(scheduler, kept): called on the loop thread after each step with the tokens each live
     sequence kept (metrics). static: admit only into an empty batch, which then runs until its
     last sequence ends (static batching, the baseline `bench serve` compares against).
+    cache_tokens: slots in the paged pool (default: `max_rows` × the context, which never preempts);
+    block_size: slots per block.
     """
 
     def __init__(self, engine, spec: SpecConfig | None, max_rows: int = 32, max_waiting: int = 256,
-                 prefill_tokens: int = 2048,
-                 on_step: Callable[["Scheduler", list[int]], None] | None = None, static: bool = False) -> None:
+                 prefill_tokens: int = 512,
+                 on_step: Callable[["Scheduler", list[int]], None] | None = None, static: bool = False,
+                 cache_tokens: int | None = None, block_size: int = 16) -> None:
         if engine.compiled is not None:
             raise ConfigError("--compile: the server runs eager forwards only (compiled steps need a static batch)")
         if spec is not None and spec.topk > 1:
             raise ConfigError("--tree-topk: the server drafts chains only (trees are not supported here yet)")
         if spec is not None and spec.draft_mode != "onehot":
             raise ConfigError("--draft-mode: the server drafts one-hot (argmax) chains only")
+        cache_tokens = max_rows * engine.max_seq_len if cache_tokens is None else cache_tokens
         for name, value in (("--max-batch", max_rows), ("--max-waiting", max_waiting),
-                            ("--prefill-tokens", prefill_tokens)):
+                            ("--prefill-tokens", prefill_tokens), ("--cache-tokens", cache_tokens),
+                            ("--block-size", block_size)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         self.engine, self.spec = engine, spec
@@ -66,14 +77,17 @@ class Scheduler:
         self.decoder = SpeculativeDecoder(engine, spec, policy=policy)
         self.decoder.record_tpot = False  # a server's metrics time tokens per request instead
         args = engine.args
-        self.decoder.use_cache(LatentCache(args, args.n_layers + args.n_mtp_layers, max_rows, engine.max_seq_len,
-                                           engine.model.dtype, engine.device))
+        self.cache = PagedLatentCache(args, args.n_layers + args.n_mtp_layers, max_rows,
+                                      -(-cache_tokens // block_size), block_size, engine.max_seq_len,
+                                      engine.model.dtype, engine.device)
+        self.decoder.use_cache(self.cache)
         self.max_rows, self.max_waiting, self.prefill_tokens = max_rows, max_waiting, prefill_tokens
         self.on_step, self.static = on_step, static
         self.waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self.accepting = True
         self.steps = 0
+        self._preemptions = 0
 
     # ------------------------------------------------------------------ any thread
 
@@ -81,16 +95,21 @@ class Scheduler:
     def draft_slots(self) -> int:
         return self.spec.draft_slots if self.spec is not None else 0
 
+    @property
+    def context_limit(self) -> int:
+        """Slots one sequence may use: the context, and no more than the whole pool holds."""
+        return min(self.engine.max_seq_len, self.cache.n_blocks * self.cache.block_size)
+
     def max_new_tokens_for(self, prompt_len: int) -> int:
         """The largest budget a prompt of this many tokens can have (0: the prompt alone is too long)."""
-        return max(self.engine.max_seq_len - prompt_len - self.draft_slots, 0)
+        return max(self.context_limit - prompt_len - self.decoder.step_slots + 1, 0)
 
     def submit(self, seq: Sequence) -> None:
         """Queue `seq` (its prompt + budget must fit: `max_new_tokens_for`). Raises `NotAccepting`
         while draining and `QueueFull` at the queue limit."""
         if seq.max_new_tokens > self.max_new_tokens_for(len(seq.prompt)):
             raise ConfigError(f"prompt of {len(seq.prompt)} tokens + max_tokens {seq.max_new_tokens} exceeds the "
-                              f"context of {self.engine.max_seq_len} tokens")
+                              f"context of {self.context_limit} tokens")
         with self._wake:
             if not self.accepting:
                 raise NotAccepting("the server is shutting down")
@@ -110,8 +129,12 @@ class Scheduler:
         return len(self.decoder.running)
 
     def cache_usage(self) -> float:
-        """Share of the pool's rows held by sequences (0..1)."""
-        return self.running / self.max_rows
+        """Share of the pool's blocks held by sequences (0..1)."""
+        return self.cache.used_blocks / self.cache.n_blocks
+
+    @property
+    def preemptions(self) -> int:
+        return self._preemptions
 
     # ------------------------------------------------------------------ the loop's thread
 
@@ -119,17 +142,30 @@ class Scheduler:
         """Admit and step until drained and empty (blocks; run it on its own thread)."""
         while True:
             with self._wake:
-                while not self.waiting and not self.decoder.running and self.accepting:
+                while not self.waiting and not self.busy and self.accepting:
                     self._wake.wait(idle_wait_s)
-                if not self.waiting and not self.decoder.running and not self.accepting:
+                if not self.waiting and not self.busy and not self.accepting:
                     return
                 joining = self._take_admissible()
             self.run_once(joining)
 
+    @property
+    def busy(self) -> bool:
+        """Sequences are decoding or being prefilled in chunks."""
+        return bool(self.decoder.running) or self.decoder.prefilling is not None
+
     def run_once(self, joining: list[Sequence]) -> None:
-        """Admit `joining`, then one step over everything live."""
+        """Admit `joining`, prefill a chunk of a long context with what is left of the round's
+        prefill budget, then one step over everything live."""
         self.decoder.admit(joining)
+        self.decoder.prefill_chunk(self.prefill_tokens - sum(len(s.context) for s in joining))
         kept = self.decoder.step()
+        if self.decoder.preempted:  # back to the front of the queue, oldest first
+            with self._wake:
+                for seq in self.decoder.preempted:
+                    self.waiting.appendleft(seq)
+                self._preemptions += len(self.decoder.preempted)
+            self.decoder.preempted = []
         self.steps += 1
         if self.on_step is not None:
             self.on_step(self, kept)
@@ -137,27 +173,34 @@ class Scheduler:
     def _take_admissible(self) -> list[Sequence]:
         """Pop the waiting sequences that join this round (caller holds the lock); ones finished
         while waiting (cancelled) are dropped."""
-        joining, tokens = [], 0
-        free = min(self.decoder.free_rows(), self.max_rows - len(self.decoder.running))
+        joining, tokens, blocks = [], 0, 0
         if self.static and self.decoder.running:
             return joining
-        while self.waiting and len(joining) < free:
+        while self.waiting:
             seq = self.waiting[0]
             if seq.finished:
                 self.waiting.popleft()
                 continue
-            if joining and tokens + len(seq.prompt) > self.prefill_tokens and not self.static:
+            if len(seq.context) > self.prefill_tokens and not self.static:  # chunked, in a row of its own
+                if self.decoder.prefilling is not None or not self.decoder.admits_now(seq, len(joining) + 1, blocks):
+                    break
+                self.decoder.start_prefill(self.waiting.popleft())
+                break
+            if not self.decoder.admits_now(seq, len(joining), blocks):
+                break
+            if joining and tokens + len(seq.context) > self.prefill_tokens and not self.static:
                 break
             self.waiting.popleft()
             joining.append(seq)
-            tokens += len(seq.prompt)
+            tokens += len(seq.context)
+            blocks += self.cache.blocks_for(len(seq.context) + self.decoder.step_slots)
         return joining
 
     def generate_all(self, seqs: list[Sequence], timeout_s: float | None = None) -> None:
         """Submit `seqs` and run the loop on this thread until all of them finish (tests, offline use)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = list(seqs)
-        while pending or self.waiting or self.decoder.running:
+        while pending or self.waiting or self.busy:
             while pending and len(self.waiting) < self.max_waiting:
                 self.submit(pending.pop(0))
             with self._wake:

@@ -22,7 +22,8 @@ class Sequence:
     far (EOS included when it ended the sequence). finish_reason: None while running, else one of
     `FINISH_REASONS`. on_tokens(seq, tokens): told, on the loop's thread, each run of tokens the
     sequence keeps (a server forwards them to its client and may call `finish`). arrival_s /
-    first_token_s: `time.perf_counter()` at submission and at the first new token.
+    first_token_s: `time.perf_counter()` at submission and at the first new token. preemptions:
+    how often the loop gave its cache back to resume it later (recomputing its context).
     """
 
     prompt: list[int]
@@ -36,6 +37,7 @@ class Sequence:
     finish_reason: str | None = None
     arrival_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
+    preemptions: int = 0
 
     @property
     def finished(self) -> bool:
@@ -48,6 +50,12 @@ class Sequence:
             raise ValueError(f"finish reason must be one of {FINISH_REASONS}, got {reason!r}")
         if self.finish_reason is None:
             self.finish_reason = reason
+
+    @property
+    def context(self) -> list[int]:
+        """What a (re)admission prefills: the prompt and every emitted token but the last, which
+        is the pending one (not in the cache yet). A fresh sequence: the prompt."""
+        return self.prompt + self.output[:-1]
 
     def sampling(self) -> RowSampling:
         """This sequence's settings as one row of a batch."""

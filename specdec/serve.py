@@ -42,13 +42,17 @@ FAILED = "error"  # queue item: the decoding loop stopped on an error
 @dataclass
 class ServerConfig:
     """model_name: what /v1/models lists and requests must name. max_batch: sequences decoded at
-    once (cache rows). max_waiting: queue limit. prefill_tokens: prompt tokens admitted per step."""
+    once (cache rows). max_waiting: queue limit. prefill_tokens: prompt tokens admitted per step.
+    cache_tokens: slots of the paged latent-cache pool (None: max_batch × the context); block_size:
+    slots per block."""
 
     model_name: str = "specdec-default"
     max_batch: int = 32
     max_waiting: int = 256
-    prefill_tokens: int = 2048
+    prefill_tokens: int = 512
     static: bool = False  # static batching (a baseline for benchmarks): see `Scheduler`
+    cache_tokens: int | None = None
+    block_size: int = 16
 
 
 class Server:
@@ -58,7 +62,8 @@ class Server:
         self.engine, self.config = engine, config
         self.metrics = ServerMetrics(config.model_name, spec.depth if spec is not None else 0)
         self.scheduler = Scheduler(engine, spec, config.max_batch, config.max_waiting, config.prefill_tokens,
-                                   on_step=lambda sched, kept: self.metrics.on_step(sched), static=config.static)
+                                   on_step=lambda sched, kept: self.metrics.on_step(sched), static=config.static,
+                                   cache_tokens=config.cache_tokens, block_size=config.block_size)
         self.listeners: dict[Sequence, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
@@ -276,8 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=2048, help="context: prompt + generation (default 2048)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded at once (default 32)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default 256)")
-    p.add_argument("--prefill-tokens", type=int, default=2048,
-                   help="prompt tokens admitted per step at most (default 2048)")
+    p.add_argument("--prefill-tokens", type=int, default=512,
+                   help="prompt tokens prefilled per step at most; longer prompts go in chunks (default 512)")
+    p.add_argument("--cache-tokens", type=int, default=None,
+                   help="slots in the paged latent-cache pool (default: max-batch × max-seq-len); when it runs "
+                        "out, the newest requests are preempted and recomputed later")
+    p.add_argument("--block-size", type=int, default=16, help="slots per cache block (default 16)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
@@ -305,7 +314,8 @@ def load_server(a: argparse.Namespace) -> Server:
         spec = SpecConfig(depth=a.draft_depth, draft_vocab=a.draft_vocab, adaptive=a.adaptive)
         engine.drafter.check_draft_vocab(spec.draft_vocab)
     name = a.served_model_name or ("specdec-default" if a.ckpt_path is None else engine.checkpoint.resolve().name)
-    return Server(engine, spec, ServerConfig(name, a.max_batch, a.max_waiting, a.prefill_tokens))
+    return Server(engine, spec, ServerConfig(name, a.max_batch, a.max_waiting, a.prefill_tokens,
+                                             cache_tokens=a.cache_tokens, block_size=a.block_size))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"specdec.serve: serving '{server.config.model_name}' on http://{a.host}:{a.port}/v1 "
           f"({'MTP depth ' + str(server.scheduler.spec.depth) if server.scheduler.spec else 'plain decoding'}, "
-          f"{server.config.max_batch} rows)", file=sys.stderr, flush=True)
+          f"{server.config.max_batch} rows, {server.scheduler.cache.n_blocks} cache blocks of "
+          f"{server.scheduler.cache.block_size})", file=sys.stderr, flush=True)
     uvicorn.run(build_app(server), host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=None)
     return 0
 

@@ -1,7 +1,7 @@
 """The server's Prometheus metrics, named as vLLM names them (so its dashboards work unchanged).
 
 Gauges: `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`
-(share of the cache pool's rows held), `specdec:cache_rows_used`. Counters: `vllm:prompt_tokens`,
+(share of the paged cache pool's blocks held), `specdec:cache_blocks_used`, `specdec:num_preemptions`. Counters: `vllm:prompt_tokens`,
 `vllm:generation_tokens`, `vllm:request_success` (label finished_reason), the spec-decode
 counters `vllm:spec_decode_num_drafts` (row-steps that drafted), `vllm:spec_decode_num_draft_tokens`,
 `vllm:spec_decode_num_accepted_tokens`, `vllm:spec_decode_num_accepted_tokens_per_pos` (label
@@ -34,10 +34,12 @@ class ServerMetrics:
         labels, r = ["model_name"], self.registry
         self.running = Gauge("vllm:num_requests_running", "Requests in the decoding batch", labels, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests queued for admission", labels, registry=r)
-        self.cache_usage = Gauge("vllm:kv_cache_usage_perc", "Share of the latent-cache pool's rows in use (0..1)",
+        self.cache_usage = Gauge("vllm:kv_cache_usage_perc", "Share of the latent-cache pool's blocks in use (0..1)",
                                  labels, registry=r)
-        self.rows_used = Gauge("specdec:cache_rows_used", "Latent-cache pool rows held by requests", labels,
-                               registry=r)
+        self.blocks_used = Gauge("specdec:cache_blocks_used", "Latent-cache pool blocks held by requests", labels,
+                                 registry=r)
+        self.preemptions = Gauge("specdec:num_preemptions", "Requests preempted (their cache recomputed later) so far",
+                                 labels, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens prefilled", labels, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", labels, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests", labels + ["finished_reason"], registry=r)
@@ -67,7 +69,8 @@ class ServerMetrics:
         self.running.labels(m).set(scheduler.running)
         self.waiting.labels(m).set(len(scheduler.waiting))
         self.cache_usage.labels(m).set(scheduler.cache_usage())
-        self.rows_used.labels(m).set(scheduler.running)
+        self.blocks_used.labels(m).set(scheduler.cache.used_blocks)
+        self.preemptions.labels(m).set(scheduler.preemptions)
         c = dec.counts
         now = (c.drafted_at[0] if c.drafted_at else 0, c.drafted, c.accepted, list(c.per_position),
                list(c.depth_steps))

@@ -41,6 +41,7 @@ from specdec.acceptance import Acceptance, accept_chain, accept_greedy, accept_o
 from specdec.adaptive import SpeculationPolicy
 from specdec.cache import LatentCache
 from specdec.config import GenerationStats
+from specdec.paged_cache import PagedLatentCache
 from specdec.sampling import RowSampling, draw, probabilities
 from specdec.sequence import Sequence
 from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask, visible_slots
@@ -143,7 +144,10 @@ class SpeculativeDecoder:
         self.generator = torch.Generator(engine.device).manual_seed(seed)  # sampled drafts and their acceptance
         self.counts = AcceptanceCounts()
         self.policy = policy
-        self.cache: LatentCache | None = None
+        self.cache: LatentCache | PagedLatentCache | None = None
+        self.preempted: list[Sequence] = []  # taken out for want of blocks; the scheduler queues them again
+        self.prefilling: Sequence | None = None  # being prefilled in chunks (`start_prefill`)
+        self.prefilled = 0  # its context tokens in the cache so far
         self.running: list[Sequence] = []
         self.sampling = RowSampling((), (), (), ())
         self.state: RowState | None = None
@@ -176,12 +180,12 @@ class SpeculativeDecoder:
                 self.step()
         return [s.output for s in seqs], self._stats(start, prefill_s, len(ids), ttft, sum(len(s.output) for s in seqs))
 
-    def use_cache(self, cache: LatentCache) -> None:
-        """Decode in `cache` (empty of live rows: before the first `admit`)."""
+    def use_cache(self, cache: LatentCache | PagedLatentCache) -> None:
+        """Decode in `cache` (empty of live rows: before the first `admit`): a dense pool, or a paged
+        one (chains and plain steps only: tree drafting writes dense rows)."""
+        if cache.block_table is not None and self.spec is not None and self.spec.topk > 1:
+            raise ValueError("a paged cache decodes chains only (tree drafting needs a dense pool)")
         self.cache = cache
-
-    def free_rows(self) -> int:
-        return self.cache.batch - len(self.running)
 
     @torch.inference_mode()
     def admit(self, seqs: list[Sequence], retire: bool = True) -> None:
@@ -192,25 +196,106 @@ class SpeculativeDecoder:
         if not seqs:
             return
         first_row = len(self.running)
-        if self.state is not None and self.spec is not None:
-            self.state = self._catch_up(self.cache, self.cache.lengths[:first_row], self.state)
+        for row, seq in enumerate(seqs, start=first_row):
+            if not self.cache.reserve(row, len(seq.context)):
+                raise RuntimeError(f"admit: no cache for a context of {len(seq.context)} tokens (check admits_now)")
+        self._catch_up_live()
         sampling = sum((s.sampling() for s in seqs), RowSampling((), (), (), ()))
-        new = self._prefill(self.cache, [s.prompt for s in seqs], first_row, sampling)
+        resumed = [s.output[-1] if s.output else None for s in seqs]
+        self._join(seqs, self._prefill(self.cache, [s.context for s in seqs], first_row, sampling, resumed), sampling)
+        if retire:
+            self._retire()
+
+    def _catch_up_live(self) -> None:
+        """Bring the live rows' MTP cache level with their verifier cache (before rows join)."""
+        if self.state is not None and self.spec is not None:
+            self.state = self._catch_up(self.cache, self.cache.lengths[:len(self.running)], self.state)
+
+    def _join(self, seqs: list[Sequence], new: RowState, sampling: RowSampling) -> None:
+        """Prefilled `seqs` (cache rows len(running).., state `new`) join the loop; each fresh one
+        keeps its first token (a resumed one emitted its pending token before it was preempted)."""
         self.state = new if self.state is None else self.state.join(new)
         self.running += seqs
         self.sampling = self.sampling + sampling
         now = time.perf_counter()
-        for s in seqs:
-            s.first_token_s = now
-        self._emit([[t] for t in new.pending.tolist()], first_row)
-        if retire:
-            self._retire()
+        for seq, token in zip(seqs, new.pending.tolist()):
+            if not seq.output:
+                seq.first_token_s = now
+                self._keep(seq, [token])
+
+    # ------------------------------------------------------------------ chunked prefill
+
+    def start_prefill(self, seq: Sequence) -> None:
+        """Take `seq` to be prefilled in chunks (`prefill_chunk`) in a row of its own (the pool's
+        last), while the live rows keep stepping; it joins them after its last chunk. One at a time."""
+        if self.prefilling is not None:
+            raise RuntimeError("a chunked prefill is already in progress")
+        self.prefilling, self.prefilled = seq, 0
+
+    @torch.inference_mode()
+    def prefill_chunk(self, budget: int) -> int:
+        """Prefill up to `budget` more context tokens of the sequence taken by `start_prefill` (the
+        verifier, then the MTP layer over the chunk's pairs); after its last chunk it joins the live
+        rows. Returns the tokens prefilled (0: none pending, or the pool lacks blocks for now)."""
+        seq, cache = self.prefilling, self.cache
+        if seq is None or budget < 1:
+            return 0
+        if seq.finished:  # cancelled meanwhile
+            cache.release(cache.batch - 1)
+            self.prefilling = None
+            return 0
+        row, context, start = cache.batch - 1, seq.context, self.prefilled
+        end = min(len(context), start + budget)
+        last = end == len(context)
+        if not cache.reserve(row, end + (self.step_slots if last else 0)):
+            return 0
+        width = end - start
+        device = cache.lengths.device
+        tokens = torch.tensor([context[start:end]], device=device)
+        pos = torch.arange(start, end, device=device).unsqueeze(0)
+        mask = visible_slots(pos[:, 0], width, end)
+        kv, pe, table = cache.rows_from(row)
+        at_last = torch.tensor([[width - 1]], device=device)
+        out = self.model(tokens, pos, kv, pe, pos, mask, at_last, block_table=table)
+        cache.lengths[row] = end
+        self.prefilled = end
+        sampling = seq.sampling()
+        first = sampling.tokens(out.logits, [[0]])[:, 0] if not seq.output else torch.tensor([seq.output[-1]])
+        new = RowState(first.to(device), None, None)
+        if self.spec is not None:
+            after = context[start + 1:end] + ([int(first)] if last else [context[end]])
+            mtp = self.drafter(torch.tensor([after], device=device), self._verifier_hidden(out), pos, kv, pe, pos, mask,
+                               at_last, self.spec.draft_vocab, block_table=table)
+            new = RowState(new.pending, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
+        if last:
+            self._catch_up_live()
+            if len(self.running) != row:
+                cache.move_row(row, len(self.running))
+            self.prefilling = None
+            self._join([seq], new, sampling)
+        return width
+
+    def admits_now(self, seq: Sequence, rows_taken: int = 0, blocks_taken: int = 0) -> bool:
+        """Whether `seq` fits now beside `rows_taken` rows and `blocks_taken` blocks already promised
+        this round: a free row, and (a paged pool) free blocks for its context and its first step."""
+        if len(self.running) + rows_taken + (self.prefilling is not None) >= self.cache.batch:
+            return False
+        if self.cache.block_table is None:
+            return True
+        need = self.cache.blocks_for(len(seq.context) + self.step_slots)
+        return blocks_taken + need <= self.cache.free_blocks
+
+    @property
+    def step_slots(self) -> int:
+        """Slots a step writes past a row's committed tokens at most (the root and the drafts)."""
+        return 1 + (self.spec.draft_slots if self.spec is not None else 0)
 
     @torch.inference_mode()
     def step(self) -> list[int]:
         """One decoding step over the live sequences (those finished meanwhile are retired first);
         returns how many tokens each live sequence kept, in row order."""
         self._retire()
+        self._reserve_step()
         if not self.running:
             return []
         cache, state = self.cache, self.state
@@ -293,26 +378,30 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ steps
 
     def _prefill(self, cache: LatentCache, ids: list[list[int]], first_row: int = 0,
-                 sampling: RowSampling | None = None) -> RowState:
+                 sampling: RowSampling | None = None, resumed: list[int | None] | None = None) -> RowState:
         """Prompts `ids` into cache rows first_row.. : the verifier over them, each one's first token
-        (drawn with `sampling`, default: the decoder's settings, stream r for prompt r), then, when
-        drafting, the MTP layer over (h_i, x_{i+1}) for i < P."""
+        (drawn with `sampling`, default: the decoder's settings, stream r for prompt r; or, for a
+        resumed sequence, its pending token `resumed[r]`, already emitted), then, when drafting, the
+        MTP layer over (h_i, x_{i+1}) for i < P."""
         eng = self.eng
         sampling = sampling or RowSampling.uniform(len(ids), self.temperature, self.top_p, self.seed)
         tokens, lengths = eng.pad(ids)
         batch, width = tokens.shape
         pos = torch.arange(width, device=eng.device).expand(batch, width)
         mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
-        kv, pe = cache.kv[:, first_row:], cache.pe[:, first_row:]  # views: writes land in the pool
-        out = self.model(tokens, pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1))
+        kv, pe, table = cache.rows_from(first_row)  # views: writes land in the pool
+        out = self.model(tokens, pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1), block_table=table)
         cache.lengths[first_row:first_row + batch] = lengths
         first = sampling.tokens(out.logits[:, :1], [[0]] * batch)[:, 0]
+        if resumed is not None and any(t is not None for t in resumed):
+            known = [i for i, t in enumerate(resumed) if t is not None]
+            first[known] = torch.tensor([resumed[i] for i in known], dtype=first.dtype, device=first.device)
         if self.spec is None:
             return RowState(first, None, None)
         next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
         next_tokens[torch.arange(batch), lengths - 1] = first
         mtp = self.drafter(next_tokens, self._verifier_hidden(out), pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1),
-                           self.spec.draft_vocab)
+                           self.spec.draft_vocab, block_table=table)
         return RowState(first, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
 
     def _plain_step(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
@@ -320,7 +409,7 @@ class SpeculativeDecoder:
         The MTP layer does not run: the pair (h_L, x_{L+1}) joins the lag for `_catch_up`."""
         slots = lengths.unsqueeze(1)
         out = self.model(state.pending.unsqueeze(1), slots, cache.kv, cache.pe, slots,
-                         visible_slots(lengths, 1, int(lengths.max()) + 1))
+                         visible_slots(lengths, 1, int(lengths.max()) + 1), block_table=cache.block_table)
         token = self.sampling.tokens(out.logits, [[len(s.output)] for s in self.running])[:, 0]
         lengths += 1
         if self.spec is None:  # plain decoding: no drafter to catch up
@@ -341,7 +430,8 @@ class SpeculativeDecoder:
         pos = first.unsqueeze(1) + torch.arange(width, device=lengths.device)
         mtp = self.drafter(torch.cat(state.lag_tokens, 1), torch.cat(state.lag_hidden, 1), pos, cache.kv, cache.pe, pos,
                            visible_slots(first, width, int(lengths.max())),
-                           torch.full_like(lengths, width - 1).unsqueeze(1), self.spec.draft_vocab)
+                           torch.full_like(lengths, width - 1).unsqueeze(1), self.spec.draft_vocab,
+                           block_table=cache.block_table)
         return RowState(state.pending, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
 
     def _draft(self, cache: LatentCache, lengths: torch.Tensor, state: RowState, depth: int) -> DraftTree:
@@ -362,7 +452,7 @@ class SpeculativeDecoder:
                 pos = (lengths + k - 2).unsqueeze(1)
                 mask = visible_slots(pos[:, 0], 1, int(pos.max()) + 1)
                 out = self.drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv, cache.pe, pos, mask,
-                                   draft_vocab=self.spec.draft_vocab)
+                                   draft_vocab=self.spec.draft_vocab, block_table=cache.block_table)
                 logits, hidden = out.logits[:, 0], out.hidden(self.spec.draft_hidden)[:, 0]
             token, q = self._draft_token(logits)
             tokens.append(token)
@@ -387,10 +477,10 @@ class SpeculativeDecoder:
         slots = lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)
         if self.spec.topk == 1:  # a chain: positions are the slots, the tree mask is causal
             return self.model(tokens, slots, cache.kv, cache.pe, slots,
-                              visible_slots(lengths, width, int(lengths.max()) + width))
+                              visible_slots(lengths, width, int(lengths.max()) + width), block_table=cache.block_table)
         pos = lengths.unsqueeze(1) + tree.all_depths()
         mask = tree_attention_mask(lengths, ancestor_matrix(tree.parents), int(lengths.max()) + width)
-        return self.model(tokens, pos, cache.kv, cache.pe, slots, mask)
+        return self.model(tokens, pos, cache.kv, cache.pe, slots, mask, block_table=cache.block_table)
 
     def _accept(self, tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
         chain = self.spec.topk == 1
@@ -417,9 +507,7 @@ class SpeculativeDecoder:
             dst = lengths + j
             move = live & (src != dst)
             if move.any():
-                r, s, d = rows[move], src[move], dst[move]
-                cache.kv[:, r, d] = cache.kv[:, r, s]
-                cache.pe[:, r, d] = cache.pe[:, r, s]
+                cache.copy_slots(rows[move], src[move], dst[move])
         # pair j = (h at path node j, token of path node j+1), j = 0..a; the verifier's token at j = a
         nodes = torch.cat([torch.zeros_like(acc.path[:, :1]), acc.path], dim=1)  # [B, depth+1], root first
         width = depth + 1
@@ -430,7 +518,7 @@ class SpeculativeDecoder:
         pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)
         mask = visible_slots(lengths, width, int(lengths.max()) + width)
         mtp = self.drafter(next_tokens, hidden, pos, cache.kv, cache.pe, pos, mask,
-                           acc.n_accepted.unsqueeze(1), self.spec.draft_vocab)
+                           acc.n_accepted.unsqueeze(1), self.spec.draft_vocab, block_table=cache.block_table)
         cache.lengths[:batch] += acc.n_accepted + 1
         return RowState(acc.next_token, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
 
@@ -457,11 +545,40 @@ class SpeculativeDecoder:
         return len(kept)
 
     def _retire(self) -> None:
-        """Drop finished sequences: move the live rows to the front of the cache, of `running` and of
-        the per-row state (their rows become free)."""
-        live = [r for r, s in enumerate(self.running) if not s.finished]
-        if len(live) == len(self.running):
+        """Drop finished sequences (their rows, and a paged pool's blocks, become free)."""
+        self._drop([r for r, s in enumerate(self.running) if s.finished])
+
+    def _reserve_step(self) -> None:
+        """Make every live row hold the slots the next step may write (a paged pool), preempting the
+        most recently admitted sequences while the pool has too few free blocks: their blocks go back,
+        and they wait in `preempted` to be admitted again (recomputing their context; see `admit`)."""
+        cache = self.cache
+        if cache.block_table is None:
             return
+        lengths = cache.lengths[:len(self.running)].tolist()
+        row = 0
+        while row < len(self.running):
+            while not cache.reserve(row, lengths[row] + self.step_slots):
+                victim = len(self.running) - 1
+                if victim == 0:  # the scheduler admits no sequence that could outgrow the pool alone
+                    raise RuntimeError("paged cache: one sequence alone needs more blocks than the pool has")
+                seq = self.running[victim]
+                seq.preemptions += 1
+                self.preempted.append(seq)
+                self._drop([victim])
+                if victim == row:
+                    return
+            row += 1
+
+    def _drop(self, rows: list[int]) -> None:
+        """Take the sequences of `rows` out of the loop: release their rows, then move the other live
+        rows to the front of the cache, of `running` and of the per-row state."""
+        if not rows:
+            return
+        for r in rows:
+            self.cache.release(r)
+        gone = set(rows)
+        live = [r for r in range(len(self.running)) if r not in gone]
         for dst, src in enumerate(live):
             if dst != src:
                 self.cache.move_row(src, dst)

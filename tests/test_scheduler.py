@@ -36,7 +36,7 @@ def test_greedy_equals_plain_through_joins_and_leaves(eng, spec):
         ties += assert_same_or_tie(eng, [p], [s.output], plain)
         assert s.finish_reason in ("length", "stop")
     assert ties <= 1
-    assert sched.running == 0 and sched.decoder.free_rows() == 3
+    assert sched.running == 0 and sched.cache.used_blocks == 0
 
 
 def test_sampled_and_greedy_rows_mix(eng):
@@ -94,7 +94,73 @@ def test_cancelled_sequences_free_their_rows(eng):
     assert seqs[0].finish_reason == "cancelled" and 3 <= len(seqs[0].output) < 40
     assert seqs[3].output == [] and seqs[3].first_token_s is None
     assert [s.finish_reason for s in seqs[1:3]] == ["length", "length"]
-    assert sched.running == 0 and sched.decoder.free_rows() == 2
+    assert sched.running == 0 and sched.cache.used_blocks == 0
+
+
+@pytest.mark.parametrize("spec", [None, SpecConfig(depth=3), SpecConfig(depth=2, adaptive=False)])
+def test_preempted_sequences_resume_unchanged(eng, spec):
+    """A pool too small for the batch: the newest sequences are preempted (blocks back to the pool),
+    queued again and recomputed; every output, greedy or sampled, equals decoding its prompt alone,
+    and no block stays allocated."""
+    prompts = random_prompts(eng.args.vocab_size, [9, 6, 12, 7, 10, 8], seed=41)
+    settings = [(0.0, 1.0, 0), (0.9, 1.0, 5), (0.0, 1.0, 0), (0.8, 0.9, 6), (0.0, 1.0, 0), (1.1, 1.0, 7)]
+    sched = Scheduler(eng, spec, max_rows=4, cache_tokens=96, block_size=8)
+    seqs = [Sequence(p, 30, t, tp, sd) for p, (t, tp, sd) in zip(prompts, settings)]
+    sched.generate_all(seqs, timeout_s=600)
+    assert sched.preemptions > 0 and any(s.preemptions for s in seqs)
+    for p, (t, tp, sd), seq in zip(prompts, settings, seqs):
+        plain = eng.generate([p], max_new_tokens=30, temperature=t, top_p=tp, seed=sd).token_ids
+        if t == 0:
+            assert assert_same_or_tie(eng, [p], [seq.output], plain) == 0
+        else:
+            assert seq.output == plain[0]
+    assert sched.running == 0 and sched.cache.used_blocks == 0 and sched.cache.free_blocks == 12
+
+
+@pytest.mark.parametrize("spec", [None, SpecConfig(depth=3)])
+def test_chunked_prefill_keeps_outputs_and_streams_flowing(eng, spec):
+    """Contexts longer than the round's prefill budget are prefilled a chunk per round in a row of
+    their own while the others keep stepping; every output (greedy and sampled) equals decoding that
+    prompt alone, also when the pool is small enough to preempt."""
+    prompts = random_prompts(eng.args.vocab_size, [5, 23, 6, 31, 4], seed=17)
+    settings = [(0.0, 1.0, 0), (0.0, 1.0, 0), (0.9, 1.0, 3), (0.8, 0.9, 4), (0.0, 1.0, 0)]
+    sched = Scheduler(eng, spec, max_rows=4, prefill_tokens=8, cache_tokens=128, block_size=8)
+    seqs = [Sequence(p, 24, t, tp, sd) for p, (t, tp, sd) in zip(prompts, settings)]
+    chunks, steps_during = [], []
+    original = sched.decoder.prefill_chunk
+
+    def prefill_chunk(budget):
+        n = original(budget)
+        if n:
+            chunks.append(n)
+            steps_during.append(len(sched.decoder.running))
+        return n
+
+    sched.decoder.prefill_chunk = prefill_chunk
+    sched.generate_all(seqs, timeout_s=600)
+    assert max(chunks) <= 8 and sum(chunks) >= 23 + 31  # the two long prompts went in chunks
+    assert any(n > 0 for n in steps_during)  # others decoded meanwhile
+    for p, (t, tp, sd), seq in zip(prompts, settings, seqs):
+        plain = eng.generate([p], max_new_tokens=24, temperature=t, top_p=tp, seed=sd).token_ids
+        if t == 0:
+            assert assert_same_or_tie(eng, [p], [seq.output], plain) == 0
+        else:
+            assert seq.output == plain[0]
+    assert sched.running == 0 and sched.cache.used_blocks == 0 and sched.decoder.prefilling is None
+
+
+def test_admission_waits_for_blocks(eng):
+    """A sequence joins only when the pool has blocks for its context and first step; one that could
+    never fit the pool alone is refused at submission."""
+    sched = Scheduler(eng, SpecConfig(depth=2), max_rows=4, cache_tokens=64, block_size=8)
+    with pytest.raises(ConfigError, match="context of 64"):
+        sched.submit(Sequence(list(range(3, 40)), 30))
+    prompts = random_prompts(eng.args.vocab_size, [30, 30, 30], seed=5)
+    for p in prompts:
+        sched.submit(Sequence(p, 4))
+    joining = sched._take_admissible()
+    assert len(joining) == 1  # 30 + 3 slots = 5 blocks each: the second does not fit the other 3
+    assert len(sched.waiting) == 2
 
 
 def test_limits_are_clear_errors(eng):

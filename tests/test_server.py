@@ -217,9 +217,9 @@ def test_cancelled_streams_free_every_row(served):
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         assert all(pool.map(open_and_drop, range(100)))
     wait_idle(served)
-    assert served.server.scheduler.decoder.free_rows() == 8 and not served.server.listeners
+    assert served.server.scheduler.cache.used_blocks == 0 and not served.server.listeners
     text = httpx.get(served.url + "/metrics").text
-    assert 'specdec:cache_rows_used{model_name="test-model"} 0.0' in text
+    assert 'specdec:cache_blocks_used{model_name="test-model"} 0.0' in text
 
 
 def test_text_stream_holds_back_partial_stop_strings():

@@ -443,3 +443,31 @@ def test_mtp_distillation_changes_only_the_mtp_layer_and_lowers_its_loss(trained
             losses.append(D.distill_loss(model, windows).item())
     assert losses[1] < losses[0]  # held-out soft cross-entropy to the main model went down
     assert Engine.from_pretrained(out, device="cpu", max_seq_len=64).drafter is not None
+
+
+def _mtp_normed(model: DeepSeekV3ForTraining, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """shared_head.norm of the MTP block run causally over inputs (hidden_j, t_{j+1}) at positions 0..T-1."""
+    cos, sin = model._rope(hidden.shape[1])
+    x, _ = model.mtp(model.mtp.combine(model.model.embed_tokens(tokens), hidden), cos, sin)
+    return model.mtp.shared_head.norm(x)
+
+
+def test_chained_mtp_forward_sees_what_the_drafter_sees() -> None:
+    """Depth k at anchor i equals a causal MTP pass over the committed rows 0..i followed by the chain's own
+    k-1 earlier inputs (each the previous depth's normed output with the next true token): the drafter's cache."""
+    args = tiny_args()
+    torch.manual_seed(0)
+    model = _random_model(args, seed=1)
+    depth, seqlen = 3, 12
+    window = torch.randint(0, args.vocab_size, (2, seqlen + depth + 1))
+    with torch.no_grad():
+        hidden, _, _ = model.main_forward(window[:, :-1])
+        chained = model.mtp_chain_forward(hidden[:, :seqlen], window[:, 1:seqlen + depth], depth)
+        assert torch.allclose(chained[0], model.mtp_forward(hidden[:, :seqlen], window[:, 1:seqlen + 1])[0],
+                              atol=1e-4)
+        for anchor in (0, 5, seqlen - 1):
+            states = hidden[:, :anchor + 1]
+            for k in range(1, depth + 1):
+                normed = _mtp_normed(model, states, window[:, 1:anchor + k + 1])
+                assert torch.allclose(model.head(normed[:, -1]), chained[k - 1][:, anchor], atol=1e-4), (anchor, k)
+                states = torch.cat([states, normed[:, -1:]], dim=1)
