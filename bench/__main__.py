@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rates", help="Poisson arrival rates in requests/s, comma-separated (default none)")
     g.add_argument("--requests", type=int, help="requests per load point (default: twice --num-prompts)")
     g.add_argument("--max-batch", type=int, help="server rows (default: 16, at least the largest --clients)")
+    g.add_argument("--long-prompt", type=int, default=0,
+                   help="also time the streams while a prompt of this many tokens is prefilled (default: off)")
 
     sub = p.add_subparsers(dest="command", required=True, metavar="{acceptance,latency,peers,serve,all}")
     sub.add_parser("acceptance", parents=[common, acc], help="draft acceptance sweep")

@@ -60,8 +60,9 @@ class _Served:
         self.thread.join(timeout=120)
 
 
-def _request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed greedy completion; its timings and token count."""
+def _request(client: httpx.Client, url: str, prompt: str | list[int], max_tokens: int,
+             arrivals: list[float] | None = None) -> dict:
+    """One streamed greedy completion; its timings and token count (`arrivals`: each chunk's time)."""
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
@@ -78,6 +79,8 @@ def _request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> di
                 tokens = chunk["usage"]["completion_tokens"]
             elif first is None:
                 first = now
+            if arrivals is not None and not chunk.get("usage"):
+                arrivals.append(now)
             last = now
     first = first or last
     return {"ttft": first - t0, "tpot": (last - first) / (tokens - 1) if tokens > 1 else None, "tokens": tokens}
@@ -127,6 +130,44 @@ def _poisson(url: str, jobs: list[tuple[str, int]], rate: float, seed: int) -> t
     return results, time.perf_counter() - start
 
 
+def _long_prefill(url: str, short: list[tuple[str, int]], long_prompt: list[int], clients: int) -> dict:
+    """`clients` streams decode while one `len(long_prompt)`-token prompt arrives and is prefilled:
+    the streams' gaps between chunks during that prefill (submission to its first token) against
+    their gaps outside it."""
+    arrivals: list[list[float]] = [[] for _ in range(clients)]
+    window: list[float] = []
+
+    def stream(i: int) -> None:
+        with httpx.Client(timeout=600) as client:
+            _request(client, url, short[i % len(short)][0], short[i % len(short)][1], arrivals[i])
+
+    def long_request() -> None:
+        with httpx.Client(timeout=600) as client:
+            window.append(time.perf_counter())
+            out = _request(client, url, long_prompt, 1)
+            window.append(window[0] + out["ttft"])
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    while not all(len(a) >= 3 for a in arrivals):  # every stream is decoding
+        time.sleep(0.01)
+    longer = threading.Thread(target=long_request)
+    longer.start()
+    for t in threads + [longer]:
+        t.join()
+    start, end = window
+    during, outside = [], []
+    for a in arrivals:
+        for t0, t1 in zip(a[1:], a[2:]):
+            (during if t0 >= start and t1 <= end else outside).append(t1 - t0)
+    return {"long_prompt_tokens": len(long_prompt), "long_ttft_ms": 1e3 * (end - start),
+            "gaps_during": len(during), "gap_during_p50_ms": 1e3 * (_pct(during, 0.5) or 0),
+            "gap_during_p99_ms": 1e3 * (_pct(during, 0.99) or 0),
+            "gap_outside_p50_ms": 1e3 * (_pct(outside, 0.5) or 0),
+            "gap_outside_p99_ms": 1e3 * (_pct(outside, 0.99) or 0)}
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     xs = sorted(x for x in xs if x is not None)
     if not xs:
@@ -160,6 +201,16 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     configs = [("plain", None, False), ("adaptive 3", SpecConfig(depth=3), False),
                ("adaptive 3, static batching", SpecConfig(depth=3), True)]
     rows: list[dict] = []
+    stalls: list[dict] = []
+    long_prompt = []
+    if a.long_prompt:
+        if a.long_prompt < 2 or a.long_prompt + 1 > eng.max_seq_len - 8:
+            raise BenchError(f"--long-prompt must be in 2..{eng.max_seq_len - 9} tokens, got {a.long_prompt}")
+        text = "\n".join(p.prompt for p in prompts)
+        ids = eng.tokenizer.encode(text, add_special_tokens=False)
+        while len(long_prompt) < a.long_prompt:
+            long_prompt += ids
+        long_prompt = long_prompt[: a.long_prompt]
     bar = progress(2 * (len(clients) + len(rates)) + len(clients), "serve")
     for label, spec, static in configs:
         served = _Served(eng, spec, max(clients + [a.max_batch]), static)
@@ -174,6 +225,11 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                 results, wall = _closed_loop(served.url, jobs, c)
                 rows.append(_summary(label, f"closed {c} clients", results, wall, before, snap()))
                 bar.update(1)
+            if long_prompt and not static:
+                streams = max(1, min(min(clients), served.server.scheduler.max_rows - 1))  # a row left for it
+                stall = _long_prefill(served.url, [(p, 4 * n) for p, n in jobs], long_prompt, streams)
+                stalls.append({"config": label, "clients": streams,
+                               "prefill_tokens": served.server.scheduler.prefill_tokens, **stall})
             for rate in ([] if static else rates):
                 before = snap()
                 results, wall = _poisson(served.url, jobs, rate, a.seed)
@@ -191,8 +247,17 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                   [[r["config"], r["mode"], str(r["requests"]), fmt(r["tokens_per_s"], 1), fmt(r["vs_plain"]),
                     fmt(r.get("ttft_p50_ms"), 1), fmt(r.get("ttft_p99_ms"), 1), fmt(r.get("tpot_p50_ms"), 1),
                     fmt(r.get("tpot_p99_ms"), 1), fmt(r.get("tau")), fmt(r.get("kept_per_row_step"))] for r in rows])
+    tables = [table]
+    if stalls:
+        tables.append(Table(f"Streams while a {len(long_prompt)}-token prompt is prefilled",
+                            ["config", "streams", "prefill tokens/step", "long prompt TTFT ms", "gaps during",
+                             "gap p50 ms during", "gap p99 ms during", "gap p50 ms outside", "gap p99 ms outside"],
+                            [[r["config"], str(r["clients"]), str(r["prefill_tokens"]), fmt(r["long_ttft_ms"], 1),
+                              str(r["gaps_during"]), fmt(r["gap_during_p50_ms"], 1), fmt(r["gap_during_p99_ms"], 1),
+                              fmt(r["gap_outside_p50_ms"], 1), fmt(r["gap_outside_p99_ms"], 1)] for r in stalls]))
     settings = {"prompts": len(prompts), "requests": n_requests, "max_new_tokens": a.max_new_tokens,
-                "clients": clients, "rates": rates, "max_batch": max(clients + [a.max_batch])}
+                "clients": clients, "rates": rates, "max_batch": max(clients + [a.max_batch]),
+                "long_prompt": a.long_prompt}
     notes = ["one server per configuration on 127.0.0.1, same engine and requests; tokens/s: new tokens over the "
              "run's wall seconds; × plain: against plain decoding under the same load",
              "tau: tokens emitted per row-step (bonus included, before budget cuts); kept/row-step: tokens the "
@@ -200,4 +265,9 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
              "cuts drop",
              "static batching: the same server admitting only into an empty batch (up to C requests), which "
              "runs until its slowest request ends; the same requests"]
-    return Report("serve", "Serving under load", settings, rows, [table], notes)
+    if stalls:
+        notes.append("long prompt: the streams (the smallest --clients count, at most the server's rows less one; budgets 4x --max-new-tokens) are decoding "
+                     "when one prompt of --long-prompt tokens arrives; gap: time between a stream's consecutive "
+                     "chunks (one step: one token plain, several with MTP), during = between the long prompt's "
+                     "submission and its first token")
+    return Report("serve", "Serving under load", settings, rows + stalls, tables, notes)
