@@ -17,6 +17,9 @@ prompt and what they emitted (recomputation: nothing they emitted is lost or cha
 Prefill budget: at most `prefill_tokens` context tokens are prefilled per round. A context longer
 than that is prefilled in chunks, one per round within what the round's budget leaves, in a row of
 its own while the running streams keep stepping (chunked prefill; one such sequence at a time).
+While streams are running, a chunk is also cut to what takes `CHUNK_STEP_SHARE` of one decoding
+step, from the step time and the prefill time per token measured on this machine as it runs
+(running averages), so that a stream's time per token at most about doubles during a long prefill.
 Not here yet: lockstep followers under torchrun.
 """
 
@@ -32,6 +35,14 @@ from specdec.paged_cache import PagedLatentCache
 from specdec.config import SpecConfig
 from specdec.sequence import Sequence
 from specdec.speculative import SpeculativeDecoder
+
+
+CHUNK_STEP_SHARE = 0.8
+"""A chunk prefilled beside running streams takes about this share of one decoding step's time."""
+MIN_CHUNK = 16
+"""Fewest tokens a chunk is cut to (a long prompt still advances when steps are quick)."""
+EMA = 0.2
+"""Weight of the newest timing in the running averages of step time and prefill time per token."""
 
 
 class QueueFull(SpecdecError):
@@ -88,6 +99,8 @@ class Scheduler:
         self.accepting = True
         self.steps = 0
         self._preemptions = 0
+        self._step_s: float | None = None  # running average of a decoding step's seconds
+        self._prefill_token_s: float | None = None  # and of a chunk's seconds per token
 
     # ------------------------------------------------------------------ any thread
 
@@ -158,8 +171,19 @@ class Scheduler:
         """Admit `joining`, prefill a chunk of a long context with what is left of the round's
         prefill budget, then one step over everything live."""
         self.decoder.admit(joining)
-        self.decoder.prefill_chunk(self.prefill_tokens - sum(len(s.context) for s in joining))
+        budget = self.prefill_tokens - sum(len(s.context) for s in joining)
+        if self.decoder.running:  # until both are timed, chunks start at the smallest
+            fits = (MIN_CHUNK if not (self._step_s and self._prefill_token_s)
+                    else int(CHUNK_STEP_SHARE * self._step_s / self._prefill_token_s))
+            budget = min(budget, max(MIN_CHUNK, fits))
+        t0 = time.perf_counter()
+        n = self.decoder.prefill_chunk(budget)
+        t1 = time.perf_counter()
+        if n:
+            self._prefill_token_s = _average(self._prefill_token_s, (t1 - t0) / n)
         kept = self.decoder.step()
+        if kept:
+            self._step_s = _average(self._step_s, time.perf_counter() - t1)
         if self.decoder.preempted:  # back to the front of the queue, oldest first
             with self._wake:
                 for seq in self.decoder.preempted:
@@ -208,3 +232,8 @@ class Scheduler:
             self.run_once(joining)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("generate_all ran past its deadline")
+
+
+def _average(old: float | None, new: float) -> float:
+    """Running average with weight `EMA` on the newest value (the first value as is)."""
+    return new if old is None else (1 - EMA) * old + EMA * new
