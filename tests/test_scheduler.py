@@ -11,6 +11,17 @@ from specdec.sequence import Sequence
 from tests.test_speculative import assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, tiny  # noqa: F401
 
 
+def assert_each_equals_decoding_alone(eng, prompts, settings, seqs, max_new_tokens: int) -> None:
+    """Each sequence's output equals `Engine.generate` of its prompt alone with its (temperature, top_p,
+    seed): greedy ones up to logit ties (none allowed here), sampled ones exactly."""
+    for p, (t, tp, seed), seq in zip(prompts, settings, seqs):
+        plain = eng.generate([p], max_new_tokens=max_new_tokens, temperature=t, top_p=tp, seed=seed).token_ids
+        if t == 0:
+            assert assert_same_or_tie(eng, [p], [seq.output], plain) == 0
+        else:
+            assert seq.output == plain[0]
+
+
 @pytest.mark.parametrize("spec", [None, SpecConfig(depth=3), SpecConfig(depth=2, adaptive=False)])
 def test_greedy_equals_plain_through_joins_and_leaves(eng, spec):
     """Eight prompts of different lengths and budgets through three rows: sequences join while
@@ -48,12 +59,7 @@ def test_sampled_and_greedy_rows_mix(eng):
     sched = Scheduler(eng, SpecConfig(depth=3), max_rows=4)
     seqs = [Sequence(p, 16, t, tp, s) for p, (t, tp, s) in zip(prompts, settings)]
     sched.generate_all(seqs, timeout_s=600)
-    for p, (t, tp, s), seq in zip(prompts, settings, seqs):
-        plain = eng.generate([p], max_new_tokens=16, temperature=t, top_p=tp, seed=s).token_ids
-        if t == 0:
-            assert assert_same_or_tie(eng, [p], [seq.output], plain) == 0
-        else:
-            assert seq.output == plain[0]
+    assert_each_equals_decoding_alone(eng, prompts, settings, seqs, 16)
 
 
 def test_sampled_distribution_holds_while_others_join_and_leave(tiny):
@@ -108,12 +114,7 @@ def test_preempted_sequences_resume_unchanged(eng, spec):
     seqs = [Sequence(p, 30, t, tp, sd) for p, (t, tp, sd) in zip(prompts, settings)]
     sched.generate_all(seqs, timeout_s=600)
     assert sched.preemptions > 0 and any(s.preemptions for s in seqs)
-    for p, (t, tp, sd), seq in zip(prompts, settings, seqs):
-        plain = eng.generate([p], max_new_tokens=30, temperature=t, top_p=tp, seed=sd).token_ids
-        if t == 0:
-            assert assert_same_or_tie(eng, [p], [seq.output], plain) == 0
-        else:
-            assert seq.output == plain[0]
+    assert_each_equals_decoding_alone(eng, prompts, settings, seqs, 30)
     assert sched.running == 0 and sched.cache.used_blocks == 0 and sched.cache.free_blocks == 12
 
 
@@ -140,12 +141,7 @@ def test_chunked_prefill_keeps_outputs_and_streams_flowing(eng, spec):
     sched.generate_all(seqs, timeout_s=600)
     assert max(chunks) <= 8 and sum(chunks) >= 23 + 31  # the two long prompts went in chunks
     assert any(n > 0 for n in steps_during)  # others decoded meanwhile
-    for p, (t, tp, sd), seq in zip(prompts, settings, seqs):
-        plain = eng.generate([p], max_new_tokens=24, temperature=t, top_p=tp, seed=sd).token_ids
-        if t == 0:
-            assert assert_same_or_tie(eng, [p], [seq.output], plain) == 0
-        else:
-            assert seq.output == plain[0]
+    assert_each_equals_decoding_alone(eng, prompts, settings, seqs, 24)
     assert sched.running == 0 and sched.cache.used_blocks == 0 and sched.decoder.prefilling is None
 
 
