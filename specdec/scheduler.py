@@ -206,7 +206,7 @@ class Scheduler:
                 self.waiting.popleft()
                 continue
             if len(seq.context) > self.prefill_tokens and not self.static:  # chunked, in a row of its own
-                if self.decoder.prefilling is not None or not self.decoder.admits_now(seq, len(joining) + 1, blocks):
+                if self.decoder.prefilling is not None or not self.decoder.admits_now(seq, len(joining), blocks):
                     break
                 self.decoder.start_prefill(self.waiting.popleft())
                 break

@@ -145,6 +145,16 @@ def test_chunked_prefill_keeps_outputs_and_streams_flowing(eng, spec):
     assert sched.running == 0 and sched.cache.used_blocks == 0 and sched.decoder.prefilling is None
 
 
+def test_a_long_prompt_is_chunked_even_with_one_row(eng):
+    """With a single row a context longer than the prefill budget still gets its row and is chunked."""
+    prompt = random_prompts(eng.args.vocab_size, [20], seed=9)[0]
+    sched = Scheduler(eng, SpecConfig(depth=2), max_rows=1, prefill_tokens=8)
+    seq = Sequence(prompt, 6)
+    sched.generate_all([seq], timeout_s=120)
+    assert_each_equals_decoding_alone(eng, [prompt], [(0.0, 1.0, 0)], [seq], 6)
+    assert sched.cache.used_blocks == 0
+
+
 def test_admission_waits_for_blocks(eng):
     """A sequence joins only when the pool has blocks for its context and first step; one that could
     never fit the pool alone is refused at submission."""
