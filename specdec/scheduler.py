@@ -98,7 +98,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self.accepting = True
         self.steps = 0
-        self._preemptions = 0
+        self.preemptions = 0  # sequences preempted so far
         self._step_s: float | None = None  # running average of a decoding step's seconds
         self._prefill_token_s: float | None = None  # and of a chunk's seconds per token
 
@@ -115,7 +115,7 @@ class Scheduler:
 
     def max_new_tokens_for(self, prompt_len: int) -> int:
         """The largest budget a prompt of this many tokens can have (0: the prompt alone is too long)."""
-        return max(self.context_limit - prompt_len - self.decoder.step_slots + 1, 0)
+        return max(self.context_limit - prompt_len - self.draft_slots, 0)
 
     def submit(self, seq: Sequence) -> None:
         """Queue `seq` (its prompt + budget must fit: `max_new_tokens_for`). Raises `NotAccepting`
@@ -145,9 +145,6 @@ class Scheduler:
         """Share of the pool's blocks held by sequences (0..1)."""
         return self.cache.used_blocks / self.cache.n_blocks
 
-    @property
-    def preemptions(self) -> int:
-        return self._preemptions
 
     # ------------------------------------------------------------------ the loop's thread
 
@@ -188,7 +185,7 @@ class Scheduler:
             with self._wake:
                 for seq in self.decoder.preempted:
                     self.waiting.appendleft(seq)
-                self._preemptions += len(self.decoder.preempted)
+                self.preemptions += len(self.decoder.preempted)
             self.decoder.preempted = []
         self.steps += 1
         if self.on_step is not None:

@@ -146,8 +146,7 @@ class SpeculativeDecoder:
         self.policy = policy
         self.cache: LatentCache | PagedLatentCache | None = None
         self.preempted: list[Sequence] = []  # taken out for want of blocks; the scheduler queues them again
-        self.prefilling: Sequence | None = None  # being prefilled in chunks (`start_prefill`)
-        self.prefilled = 0  # its context tokens in the cache so far
+        self.prefilling: Sequence | None = None  # being prefilled in chunks (`start_prefill`), in the last row
         self.running: list[Sequence] = []
         self.sampling = RowSampling((), (), (), ())
         self.state: RowState | None = None
@@ -230,7 +229,7 @@ class SpeculativeDecoder:
         last), while the live rows keep stepping; it joins them after its last chunk. One at a time."""
         if self.prefilling is not None:
             raise RuntimeError("a chunked prefill is already in progress")
-        self.prefilling, self.prefilled = seq, 0
+        self.prefilling = seq
 
     @torch.inference_mode()
     def prefill_chunk(self, budget: int) -> int:
@@ -244,7 +243,8 @@ class SpeculativeDecoder:
             cache.release(cache.batch - 1)
             self.prefilling = None
             return 0
-        row, context, start = cache.batch - 1, seq.context, self.prefilled
+        row, context = cache.batch - 1, seq.context
+        start = int(cache.lengths[row])  # context tokens prefilled so far
         end = min(len(context), start + budget)
         last = end == len(context)
         if not cache.reserve(row, end + (self.step_slots if last else 0)):
@@ -258,16 +258,19 @@ class SpeculativeDecoder:
         at_last = torch.tensor([[width - 1]], device=device)
         out = self.model(tokens, pos, kv, pe, pos, mask, at_last, block_table=table)
         cache.lengths[row] = end
-        self.prefilled = end
         sampling = seq.sampling()
-        first = sampling.tokens(out.logits, [[0]])[:, 0] if not seq.output else torch.tensor([seq.output[-1]])
-        new = RowState(first.to(device), None, None)
+        if last:  # its first token (a resumed sequence's pending one); else the next chunk's first
+            following = int(sampling.tokens(out.logits, [[0]])[0, 0]) if not seq.output else seq.output[-1]
+        else:
+            following = context[end]
         if self.spec is not None:
-            after = context[start + 1:end] + ([int(first)] if last else [context[end]])
-            mtp = self.drafter(torch.tensor([after], device=device), self._verifier_hidden(out), pos, kv, pe, pos, mask,
-                               at_last, self.spec.draft_vocab, block_table=table)
-            new = RowState(new.pending, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
+            after = torch.tensor([context[start + 1:end] + [following]], device=device)
+            mtp = self.drafter(after, self._verifier_hidden(out), pos, kv, pe, pos, mask, at_last,
+                               self.spec.draft_vocab, block_table=table)
         if last:
+            pending = torch.tensor([following], device=device)
+            new = RowState(pending, None, None) if self.spec is None else \
+                RowState(pending, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
             self._catch_up_live()
             if len(self.running) != row:
                 cache.move_row(row, len(self.running))
@@ -393,8 +396,8 @@ class SpeculativeDecoder:
         out = self.model(tokens, pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1), block_table=table)
         cache.lengths[first_row:first_row + batch] = lengths
         first = sampling.tokens(out.logits[:, :1], [[0]] * batch)[:, 0]
-        if resumed is not None and any(t is not None for t in resumed):
-            known = [i for i, t in enumerate(resumed) if t is not None]
+        known = [i for i, t in enumerate(resumed or []) if t is not None]
+        if known:
             first[known] = torch.tensor([resumed[i] for i in known], dtype=first.dtype, device=first.device)
         if self.spec is None:
             return RowState(first, None, None)
