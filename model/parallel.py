@@ -52,6 +52,15 @@ class ParallelContext:
         dist.broadcast(box, src=0, group=self.group)
         return int(box)
 
+    def broadcast_object(self, obj: Any, device: torch.device) -> Any:
+        """Rank 0's picklable `obj` on every rank (other ranks pass anything, e.g. None; no-op on one
+        rank): how followers under torchrun learn a scheduler's decisions."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group, device=device if device.type == "cuda" else None)
+        return box[0]
+
     def split(self, size: int, what: str) -> tuple[int, int]:
         """(start, length) of this rank's equal share of `size` elements; `what` names them in errors."""
         if size % self.world_size:

@@ -20,7 +20,14 @@ its own while the running streams keep stepping (chunked prefill; one such seque
 While streams are running, a chunk is also cut to what takes `CHUNK_STEP_SHARE` of one decoding
 step, from the step time and the prefill time per token measured on this machine as it runs
 (running averages), so that a stream's time per token at most about doubles during a long prefill.
-Not here yet: lockstep followers under torchrun.
+
+Under torchrun (tensor/expert-parallel ranks) rank 0 schedules and the other ranks follow: before
+each round rank 0 broadcasts what it decided (`Round`: which sequences its clients finished, which
+join, which long context starts its chunks, the chunk budget), and each follower replays it on its
+own copy of the sequences (`follow`). Everything else a step decides is either computed the same on
+every rank from the same tensors (tokens, EOS, preemption by free blocks) or broadcast inside the
+step (the adaptive depth). So that a client's cancel or stop string ends a sequence at the same step
+on every rank, clients end sequences through `Scheduler.finish`, which takes effect at the next round.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from model.errors import ConfigError, SpecdecError
 from specdec.paged_cache import PagedLatentCache
@@ -43,6 +51,26 @@ MIN_CHUNK = 16
 """Fewest tokens a chunk is cut to (a long prompt still advances when steps are quick)."""
 EMA = 0.2
 """Weight of the newest timing in the running averages of step time and prefill time per token."""
+
+
+@dataclass
+class Round:
+    """What rank 0 decided for one round of the loop, as followers replay it.
+
+    finish: (sequence id, reason) for each sequence a client ended since the last round. join:
+    sequences admitted this round, each as `_wire` gives it (id, then its request fields, or only
+    the id of one the followers already hold: a preempted one). chunked: the long context that
+    starts its chunked prefill this round (same form), or None. budget: context tokens the round
+    may prefill in chunks. step: False for a heartbeat (nothing to do; keeps idle followers from
+    timing out). stop: the loop has ended; followers return.
+    """
+
+    finish: list[tuple[int, str]] = field(default_factory=list)
+    join: list[tuple] = field(default_factory=list)
+    chunked: tuple | None = None
+    budget: int = 0
+    step: bool = True
+    stop: bool = False
 
 
 class QueueFull(SpecdecError):
@@ -101,6 +129,11 @@ class Scheduler:
         self.preemptions = 0  # sequences preempted so far
         self._step_s: float | None = None  # running average of a decoding step's seconds
         self._prefill_token_s: float | None = None  # and of a chunk's seconds per token
+        self.lockstep = engine.ctx.world_size > 1  # torchrun: rank 0 schedules, the others follow
+        self._finishing: list[tuple[Sequence, str]] = []  # lockstep: ends asked for since the last round
+        self._ids: dict[Sequence, int] = {}  # lockstep, rank 0: the id followers know each sequence by
+        self._next_id = 0
+        self._closed = False
 
     # ------------------------------------------------------------------ any thread
 
@@ -131,6 +164,16 @@ class Scheduler:
             self.waiting.append(seq)
             self._wake.notify()
 
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End `seq` for its client (any thread; see `Sequence.finish`). Alone it ends at once; under
+        torchrun it ends at the start of the next round, on every rank at the same step."""
+        if not self.lockstep:
+            seq.finish(reason)
+            return
+        with self._wake:
+            self._finishing.append((seq, reason))
+            self._wake.notify()
+
     def drain(self) -> None:
         """Stop admitting new requests; `run` returns once the queued and running ones finish."""
         with self._wake:
@@ -149,30 +192,55 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop's thread
 
     def run(self, idle_wait_s: float = 0.5) -> None:
-        """Admit and step until drained and empty (blocks; run it on its own thread)."""
+        """Admit and step until drained and empty (blocks; run it on its own thread); then release
+        the followers, if any (after an error they are left waiting: a collective may be half done)."""
         while True:
             with self._wake:
-                while not self.waiting and not self.busy and self.accepting:
-                    self._wake.wait(idle_wait_s)
-                if not self.waiting and not self.busy and not self.accepting:
-                    return
-                joining = self._take_admissible()
-            self.run_once(joining)
+                while not self.waiting and not self.busy and self.accepting and not self._finishing:
+                    if not self._wake.wait(idle_wait_s) and self.lockstep:
+                        self._send(Round(step=False))
+                finished = self._apply_finishing()
+                if not self.waiting and not self.busy:
+                    if finished and self.lockstep:  # ends of preempted sequences the followers hold
+                        self._send(Round(finished, step=False))
+                    if not self.accepting:
+                        break
+                    continue
+                joining, chunked = self._take_admissible()
+            self.run_once(joining, chunked, finished)
+        self.close()
 
     @property
     def busy(self) -> bool:
         """Sequences are decoding or being prefilled in chunks."""
         return bool(self.decoder.running) or self.decoder.prefilling is not None
 
-    def run_once(self, joining: list[Sequence]) -> None:
-        """Admit `joining`, prefill a chunk of a long context with what is left of the round's
-        prefill budget, then one step over everything live."""
-        self.decoder.admit(joining)
+    def run_once(self, joining: list[Sequence], chunked: Sequence | None = None,
+                 finished: list[tuple[int, str]] | None = None) -> None:
+        """One round (rank 0): admit `joining`, start the chunked prefill of `chunked`, prefill a chunk
+        with what is left of the round's prefill budget, then one step over everything live. Under
+        torchrun the round is first sent to the followers (`finished`: the ends they must apply)."""
+        round_ = Round(finished or [], [self._wire(s) for s in joining],
+                       self._wire(chunked) if chunked is not None else None, self._chunk_budget(joining))
+        if self.lockstep:
+            self._send(round_)
+        self._play(joining, chunked, round_.budget)
+
+    def _chunk_budget(self, joining: list[Sequence]) -> int:
+        """Context tokens this round may prefill in chunks: what admitting `joining` left of the
+        prefill budget and, while streams will run, what fits in `CHUNK_STEP_SHARE` of a step."""
         budget = self.prefill_tokens - sum(len(s.context) for s in joining)
-        if self.decoder.running:  # until both are timed, chunks start at the smallest
+        if joining or any(not s.finished for s in self.decoder.running):  # until both are timed, chunks start small
             fits = (MIN_CHUNK if not (self._step_s and self._prefill_token_s)
                     else int(CHUNK_STEP_SHARE * self._step_s / self._prefill_token_s))
             budget = min(budget, max(MIN_CHUNK, fits))
+        return budget
+
+    def _play(self, joining: list[Sequence], chunked: Sequence | None, budget: int) -> None:
+        """Carry out one round on this rank (rank 0 and followers alike)."""
+        if chunked is not None:
+            self.decoder.start_prefill(chunked)
+        self.decoder.admit(joining)
         t0 = time.perf_counter()
         n = self.decoder.prefill_chunk(budget)
         t1 = time.perf_counter()
@@ -181,22 +249,82 @@ class Scheduler:
         kept = self.decoder.step()
         if kept:
             self._step_s = _average(self._step_s, time.perf_counter() - t1)
-        if self.decoder.preempted:  # back to the front of the queue, oldest first
-            with self._wake:
-                for seq in self.decoder.preempted:
-                    self.waiting.appendleft(seq)
-                self.preemptions += len(self.decoder.preempted)
+        if self.decoder.preempted:  # back to the front of the queue, oldest first (followers keep them by id)
+            if not self.following:
+                with self._wake:
+                    for seq in self.decoder.preempted:
+                        self.waiting.appendleft(seq)
+            self.preemptions += len(self.decoder.preempted)
             self.decoder.preempted = []
         self.steps += 1
         if self.on_step is not None:
             self.on_step(self, kept)
 
-    def _take_admissible(self) -> list[Sequence]:
-        """Pop the waiting sequences that join this round (caller holds the lock); ones finished
-        while waiting (cancelled) are dropped."""
+    # ------------------------------------------------------------------ torchrun lockstep
+
+    @property
+    def following(self) -> bool:
+        """This rank replays rank 0's rounds (torchrun, rank > 0)."""
+        return self.lockstep and self.engine.ctx.rank != 0
+
+    def _send(self, round_: Round) -> None:
+        self.engine.ctx.broadcast_object(round_, self.engine.device)
+
+    def _apply_finishing(self) -> list[tuple[int, str]]:
+        """End the sequences clients asked to end since the last round (caller holds the lock);
+        returns (id, reason) for those the followers hold."""
+        ends = [(self._ids[seq], reason) for seq, reason in self._finishing if seq in self._ids]
+        for seq, reason in self._finishing:
+            seq.finish(reason)
+        self._finishing = []
+        for seq in [s for s in self._ids if s.finished]:
+            del self._ids[seq]
+        return ends
+
+    def _wire(self, seq: Sequence) -> tuple:
+        """`seq` as a round names it: (id,) when followers hold it, else its id and request fields."""
+        if seq in self._ids:
+            return (self._ids[seq],)
+        self._ids[seq] = uid = self._next_id
+        self._next_id += 1
+        return (uid, seq.prompt, seq.max_new_tokens, seq.temperature, seq.top_p, seq.seed, seq.stream)
+
+    def follow(self) -> None:
+        """Replay rank 0's rounds until its loop ends (torchrun ranks > 0; blocks)."""
+        held: dict[int, Sequence] = {}
+
+        def local(wire: tuple) -> Sequence:
+            if len(wire) == 1:
+                return held[wire[0]]
+            uid, prompt, max_new, temperature, top_p, seed, stream = wire
+            held[uid] = Sequence(list(prompt), max_new, temperature, top_p, seed, stream)
+            return held[uid]
+
+        while True:
+            round_: Round = self.engine.ctx.broadcast_object(None, self.engine.device)
+            if round_.stop:
+                return
+            for uid, reason in round_.finish:
+                if uid in held:
+                    held.pop(uid).finish(reason)
+            if round_.step:
+                self._play([local(w) for w in round_.join],
+                           local(round_.chunked) if round_.chunked is not None else None, round_.budget)
+            for uid in [u for u, s in held.items() if s.finished]:
+                del held[uid]
+
+    def close(self) -> None:
+        """Release the followers (rank 0 under torchrun; once; a no-op otherwise)."""
+        if self.lockstep and not self.following and not self._closed:
+            self._closed = True
+            self._send(Round(step=False, stop=True))
+
+    def _take_admissible(self) -> tuple[list[Sequence], Sequence | None]:
+        """Pop the waiting sequences that join this round, and the long context (if any) that starts
+        its chunked prefill (caller holds the lock); ones finished while waiting (cancelled) are dropped."""
         joining, tokens, blocks = [], 0, 0
         if self.static and self.decoder.running:
-            return joining
+            return joining, None
         while self.waiting:
             seq = self.waiting[0]
             if seq.finished:
@@ -205,8 +333,7 @@ class Scheduler:
             if len(seq.context) > self.prefill_tokens and not self.static:  # chunked, in a row of its own
                 if self.decoder.prefilling is not None or not self.decoder.admits_now(seq, len(joining), blocks):
                     break
-                self.decoder.start_prefill(self.waiting.popleft())
-                break
+                return joining, self.waiting.popleft()
             if not self.decoder.admits_now(seq, len(joining), blocks):
                 break
             if joining and tokens + len(seq.context) > self.prefill_tokens and not self.static:
@@ -215,18 +342,20 @@ class Scheduler:
             joining.append(seq)
             tokens += len(seq.context)
             blocks += self.cache.blocks_for(len(seq.context) + self.decoder.step_slots)
-        return joining
+        return joining, None
 
     def generate_all(self, seqs: list[Sequence], timeout_s: float | None = None) -> None:
-        """Submit `seqs` and run the loop on this thread until all of them finish (tests, offline use)."""
+        """Submit `seqs` and run the loop on this thread until all of them finish (tests, offline use;
+        under torchrun on rank 0, with `follow` on the others, and `close` once done)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = list(seqs)
         while pending or self.waiting or self.busy:
             while pending and len(self.waiting) < self.max_waiting:
                 self.submit(pending.pop(0))
             with self._wake:
-                joining = self._take_admissible()
-            self.run_once(joining)
+                finished = self._apply_finishing()
+                joining, chunked = self._take_admissible()
+            self.run_once(joining, chunked, finished)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("generate_all ran past its deadline")
 

@@ -9,7 +9,8 @@ several tokens sends them in one chunk. Errors use OpenAI's error body: 400 for 
 context), 429 with Retry-After when the queue is full, 503 while shutting down. A client that
 disconnects mid-stream cancels its request. SIGTERM: stop accepting, finish what runs, exit.
 
-Built on FastAPI + uvicorn and prometheus_client. One process (torchrun is not supported here yet).
+Built on FastAPI + uvicorn and prometheus_client. Under torchrun, rank 0 serves HTTP and schedules;
+the other ranks follow its rounds in lockstep (`Scheduler.follow`) and exit when it has drained.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import threading
 import time
@@ -29,10 +31,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.errors import ConfigError, SpecdecError
+from specdec.distributed import shutdown
 from specdec.openai_protocol import (DEFAULT_CHAT_TEMPLATE, CompletionParams, RequestError, chunk_body,
                                      completion_body, new_id, parse_chat, parse_completion, usage)
 from specdec.scheduler import NotAccepting, QueueFull, Scheduler
-from specdec.sequence import Sequence
+from specdec.sequence import FINISH_REASONS, Sequence
 from specdec.server_metrics import ServerMetrics
 from specdec.text_stream import TextStream
 
@@ -147,11 +150,12 @@ class Server:
             raise RequestError(str(e), "max_tokens") from None
         return queue
 
-    def done(self, seq: Sequence) -> None:
-        """The request's handler is finished with `seq` (completed, stopped or disconnected)."""
-        seq.finish("cancelled")  # no-op when it already ended
+    def done(self, seq: Sequence, finish: str | None) -> None:
+        """The request's handler is finished with `seq`: `finish` is how it ended (None: the client
+        went away)."""
+        self.scheduler.finish(seq, finish or "cancelled")  # no-op when it already ended
         self.listeners.pop(seq, None)
-        self.metrics.on_finish(seq)
+        self.metrics.on_finish(seq, finish if finish in FINISH_REASONS else "cancelled")
 
     async def complete(self, params: CompletionParams, chat: bool):
         ids = self.prompt_ids(params)
@@ -161,30 +165,31 @@ class Server:
         text = TextStream(self.engine.decode, params.stop)
         if params.stream:
             return self._stream(seq, queue, text, rid, model, chat, params.include_usage)
+        finish = None
         try:
-            parts, finish = [], None
+            parts = []
             while finish is None:
                 tokens, finish = await queue.get()
                 if finish == FAILED:
                     raise RequestError("the decoding loop stopped on an error", status=500, type_="server_error")
                 parts.append(text.push(tokens))
                 if text.stopped:
-                    seq.finish("stop")
+                    self.scheduler.finish(seq, "stop")
                     finish = "stop"
             parts.append(text.flush())
             return completion_body(rid, model, "".join(parts), finish, usage(len(ids), len(seq.output)), chat)
         finally:
-            self.done(seq)
+            self.done(seq, finish)
 
     async def _stream(self, seq: Sequence, queue: asyncio.Queue, text: TextStream, rid: str, model: str,
                       chat: bool, include_usage: bool):
         def event(body: dict) -> str:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        finish = None
         try:
             if chat:
                 yield event(chunk_body(rid, model, None, None, chat, first=True))
-            finish = None
             while finish is None:
                 tokens, finish = await queue.get()
                 if finish == FAILED:
@@ -193,7 +198,7 @@ class Server:
                     return
                 piece = text.push(tokens)
                 if text.stopped:
-                    seq.finish("stop")
+                    self.scheduler.finish(seq, "stop")
                     finish = "stop"
                 elif finish is not None:
                     piece += text.flush()
@@ -207,7 +212,7 @@ class Server:
                 yield event(body)
             yield "data: [DONE]\n\n"
         finally:
-            self.done(seq)
+            self.done(seq, finish)
 
 
 def build_app(server: Server):
@@ -305,8 +310,6 @@ def load_server(a: argparse.Namespace) -> Server:
     if a.draft_depth < 1:
         raise ConfigError(f"--draft-depth must be >= 1, got {a.draft_depth}")
     engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len)
-    if engine.ctx.world_size > 1:
-        raise ConfigError("specdec.serve runs in one process; under torchrun use specdec.generate")
     spec = None
     if (a.spec or ("mtp" if engine.drafter is not None else "none")) == "mtp":
         if engine.drafter is None:
@@ -325,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     except SpecdecError as e:
         print(f"specdec.serve: error: {e}", file=sys.stderr)
         return 2
+    if server.scheduler.following:
+        return follow(server)
     import uvicorn
 
     print(f"specdec.serve: serving '{server.config.model_name}' on http://{a.host}:{a.port}/v1 "
@@ -332,6 +337,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{server.config.max_batch} rows, {server.scheduler.cache.n_blocks} cache blocks of "
           f"{server.scheduler.cache.block_size})", file=sys.stderr, flush=True)
     uvicorn.run(build_app(server), host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=None)
+    shutdown()  # the followers were released when the loop drained
+    return 0
+
+
+def follow(server: Server) -> int:
+    """A torchrun rank > 0: replay rank 0's rounds until its server drains. SIGTERM and SIGINT are
+    left to rank 0 (torchrun sends them to every rank): it finishes the running requests and then
+    releases this rank."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with torch.inference_mode():
+        server.scheduler.follow()
+    shutdown()
     return 0
 
 

@@ -102,7 +102,8 @@ class ServerMetrics:
             self.tpot.labels(m).observe((now - last) / max(n, 1))
         self._last_token[id(seq)] = now
 
-    def on_finish(self, seq: Sequence) -> None:
+    def on_finish(self, seq: Sequence, reason: str) -> None:
+        """`seq`'s request ended for `reason` (one of `FINISH_REASONS`)."""
         self._last_token.pop(id(seq), None)
-        self.success.labels(self.model, seq.finish_reason or "cancelled").inc()
+        self.success.labels(self.model, reason).inc()
         self.e2e.labels(self.model).observe(time.perf_counter() - seq.arrival_s)

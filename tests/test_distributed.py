@@ -68,3 +68,22 @@ def test_cli_under_torchrun_prints_once_and_matches(fp8_ckpt, tmp_path):
     assert two.stdout.count(">>> def f(x):") == 1, two.stdout  # only rank 0 prints
     r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ("1.json", "2.json"))
     assert [r["token_ids"] for r in r1["results"]] == [r["token_ids"] for r in r2["results"]], (r1, r2)
+
+
+def test_scheduler_followers_replay_rank0_in_lockstep(fp8_ckpt, tmp_path):
+    """Under torchrun rank 0 schedules (joins, leaves, chunked prefill, preemption, a cancel, adaptive
+    depths) and rank 1 replays its rounds: both ranks' copies of every sequence emit the same tokens,
+    greedy ones equal decoding the prompt alone, sampled ones equal it exactly."""
+    out = tmp_path / "sched.json"
+    proc = run_cli([*TORCHRUN, "tests/dist_scheduler.py", str(fp8_ckpt), str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    rank0, rank1 = r["ranks"]
+    assert r["world_size"] == 2 and rank0 == rank1
+    assert r["preemptions"] > 0 and sum(r["depth_steps"]) > 0
+    assert max(r["prompt_lens"]) > 8  # longer than the prefill budget: chunked
+    for i, (output, reason, _) in enumerate(rank0):
+        if i == 1:  # cancelled by its client after 3 tokens
+            assert reason == "cancelled" and 3 <= len(output) < 30 and output == r["alone"][i][:len(output)]
+        else:
+            assert output == r["alone"][i] and reason == "length"

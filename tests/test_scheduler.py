@@ -164,8 +164,8 @@ def test_admission_waits_for_blocks(eng):
     prompts = random_prompts(eng.args.vocab_size, [30, 30, 30], seed=5)
     for p in prompts:
         sched.submit(Sequence(p, 4))
-    joining = sched._take_admissible()
-    assert len(joining) == 1  # 30 + 3 slots = 5 blocks each: the second does not fit the other 3
+    joining, chunked = sched._take_admissible()
+    assert len(joining) == 1 and chunked is None  # 30 + 3 slots = 5 blocks each: the second does not fit the other 3
     assert len(sched.waiting) == 2
 
 

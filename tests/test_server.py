@@ -5,6 +5,7 @@ format, cancellation that frees the cache rows, metrics, and SIGTERM draining.""
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -234,22 +235,36 @@ def test_text_stream_holds_back_partial_stop_strings():
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_running_streams_then_exits(tmp_path, f32_ckpt, f32_engine):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_finishes_running_streams_then_exits(tmp_path, f32_ckpt, f32_engine, ranks):
+    """The server as a process (under torchrun with 2 ranks: rank 0 serves, rank 1 follows in lockstep):
+    requests in flight at once and a dropped stream; then SIGTERM mid-stream lets that stream finish
+    and every process exit."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "specdec.serve", "--ckpt-path", str(f32_ckpt), "--port", str(port),
-                             "--max-seq-len", "160", "--served-model-name", MODEL], stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if ranks == 2 else []
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "specdec.serve", "--ckpt-path", str(f32_ckpt),
+                             "--port", str(port), "--max-seq-len", "160", "--served-model-name", MODEL],
+                            stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.2)
+        with httpx.stream("POST", url + "/v1/completions", timeout=120,  # dropped after its first chunk
+                          json={"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 100, "stream": True}) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda p: client.completions.create(model=MODEL, prompt=p, max_tokens=24,
+                                                                      temperature=0).choices[0].text, PROMPTS[:4]))
+        assert texts == [plain_text(f32_engine, f32_engine.encode([p])[0], 24) for p in PROMPTS[:4]]
         events = []
         with httpx.stream("POST", url + "/v1/completions", timeout=120,
                           json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0,
@@ -265,10 +280,15 @@ def test_sigterm_finishes_running_streams_then_exits(tmp_path, f32_ckpt, f32_eng
         want = f32_engine.generate([f32_engine.encode([PROMPTS[0]])[0]], max_new_tokens=100).token_ids[0]
         assert last["usage"]["completion_tokens"] == len(want) > 10  # ran to its own end after the signal
         assert last["choices"][0]["finish_reason"] in ("length", "stop")
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+        code = proc.wait(timeout=90)
+        if ranks == 1:
+            assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
+        logged = (tmp_path / "server.log").read_text()
+        assert not re.search(r'File ".*/(specdec|model)/', logged), logged  # torchrun reports the signal itself
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        log.close()
