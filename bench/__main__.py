@@ -1,4 +1,4 @@
-"""`python -m bench {acceptance,latency,peers,all}`: the benchmark suite.
+"""`python -m bench {acceptance,latency,peers,serve,soak,all}`: the benchmark suite.
 
   acceptance  MTP draft acceptance (tau, per-position unconditional/conditional, draft acceptance
               rate) over draft shapes x temperatures x draft modes
@@ -7,6 +7,8 @@
   peers       specdec plain / MTP vs transformers generate and its prompt-lookup decoding, same weights
   serve       the OpenAI server under load (closed-loop clients, Poisson arrivals): tokens/s,
               TTFT and TPOT p50/p99, adaptive MTP against plain, continuous against static batching
+  soak        many concurrent streams for minutes against the server: errors, cache blocks back
+              to zero, resident memory flat
   all         acceptance, latency and peers, one after another (one model load for the first two)
 
 Each writes `<name>.json` (machine, settings, rows), `<name>.md` (also printed) and PNG plots
@@ -39,6 +41,7 @@ DEFAULTS = {
                 "batch_sizes": "1,4,8,16"},
     "peers": {"chains": "2,2@2048", "trees": "auto"},
     "serve": {"clients": "8", "rates": "", "max_batch": 16, "chains": "", "trees": ""},
+    "soak": {"streams": 64, "minutes": 10.0, "cache_tokens": 8192, "sample_s": 10.0, "chains": "", "trees": ""},
 }
 QUICK = {
     "common": {"num_prompts": 4, "max_new_tokens": 16, "repeats": 1},
@@ -47,6 +50,7 @@ QUICK = {
     "latency": {"chains": "a2,1,2", "trees": "2x2x4,auto", "batch_sizes": "1,2"},
     "peers": {"chains": "2", "trees": "", "num_prompts": 2},
     "serve": {"clients": "2", "rates": "", "max_batch": 2, "requests": 4, "chains": "", "trees": ""},
+    "soak": {"streams": 4, "minutes": 0.2, "cache_tokens": 512, "sample_s": 1.0},
 }
 
 
@@ -109,11 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--long-prompt", type=int, default=0,
                    help="also time the streams while a prompt of this many tokens is prefilled (default: off)")
 
-    sub = p.add_subparsers(dest="command", required=True, metavar="{acceptance,latency,peers,serve,all}")
+    soak = argparse.ArgumentParser(add_help=False)
+    g = soak.add_argument_group("soak")
+    g.add_argument("--streams", type=int, help="concurrent client streams (default 64; --quick 4)")
+    g.add_argument("--minutes", type=float, help="how long the clients keep sending (default 10; --quick 0.2)")
+    g.add_argument("--cache-tokens", type=int,
+                   help="slots in the server's paged cache: small enough to preempt now and then (default 8192)")
+    g.add_argument("--sample-s", type=float, help="seconds between samples of memory and cache (default 10)")
+    g.add_argument("--max-batch", type=int, help="server rows (default: --streams)")
+    g.add_argument("--rss-slack", type=float, default=0.05,
+                   help="allowed growth of resident memory after the first quarter (default 0.05)")
+
+    sub = p.add_subparsers(dest="command", required=True, metavar="{acceptance,latency,peers,serve,soak,all}")
     sub.add_parser("acceptance", parents=[common, acc], help="draft acceptance sweep")
     sub.add_parser("latency", parents=[common, lat], help="tokens/s, TPOT, TTFT by batch size")
     sub.add_parser("peers", parents=[common, peers], help="specdec vs transformers generate / prompt lookup")
     sub.add_parser("serve", parents=[common, srv], help="the OpenAI server under load")
+    sub.add_parser("soak", parents=[common, soak], help="concurrent streams for minutes against the server")
     sub.add_parser("all", parents=[common, acc, lat, peers], help="acceptance, latency and peers")
     return p
 

@@ -42,8 +42,10 @@ def _free_port() -> int:
 class _Served:
     """The app over `eng` behind uvicorn on a thread, on 127.0.0.1; `stop` shuts it down."""
 
-    def __init__(self, eng: Engine, spec: SpecConfig | None, max_batch: int, static: bool = False) -> None:
-        self.server = Server(eng, spec, ServerConfig(MODEL, max_batch=max_batch, max_waiting=4096, static=static))
+    def __init__(self, eng: Engine, spec: SpecConfig | None, max_batch: int, static: bool = False,
+                 cache_tokens: int | None = None) -> None:
+        self.server = Server(eng, spec, ServerConfig(MODEL, max_batch=max_batch, max_waiting=4096, static=static,
+                                                     cache_tokens=cache_tokens))
         self.uvicorn = uvicorn.Server(uvicorn.Config(build_app(self.server), host="127.0.0.1", port=_free_port(),
                                                      log_level="error"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
@@ -255,7 +257,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                             [[r["config"], str(r["clients"]), str(r["prefill_tokens"]), fmt(r["long_ttft_ms"], 1),
                               str(r["gaps_during"]), fmt(r["gap_during_p50_ms"], 1), fmt(r["gap_during_p99_ms"], 1),
                               fmt(r["gap_outside_p50_ms"], 1), fmt(r["gap_outside_p99_ms"], 1)] for r in stalls]))
-    settings = {"prompts": len(prompts), "requests": n_requests, "max_new_tokens": a.max_new_tokens,
+    settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "requests": n_requests,
+                "max_new_tokens": a.max_new_tokens,
                 "clients": clients, "rates": rates, "max_batch": max(clients + [a.max_batch]),
                 "long_prompt": a.long_prompt}
     notes = ["one server per configuration on 127.0.0.1, same engine and requests; tokens/s: new tokens over the "

@@ -113,7 +113,7 @@ class Server:
     def sequence(self, params: CompletionParams, ids: list[int]) -> Sequence:
         where = "messages" if params.messages is not None else "prompt"
         room = self.scheduler.max_new_tokens_for(len(ids))
-        context = self.engine.max_seq_len
+        context = self.scheduler.context_limit
         if room < 1:
             raise RequestError(f"'{where}' has {len(ids)} tokens; the context holds {context} "
                                f"(with {self.scheduler.draft_slots} draft slots)", where)

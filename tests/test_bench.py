@@ -318,3 +318,16 @@ def test_cli_serve_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
         assert r["requests"] == 4 and r["tokens"] > 0 and r["tokens_per_s"] > 0
     assert rows[0]["tau"] == 1.0 and rows[2]["tau"] >= 1.0
     assert rows[0]["tokens"] == rows[2]["tokens"] == rows[4]["tokens"]  # greedy: same outputs, same lengths
+
+
+def test_cli_soak_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
+    """The soak against its own loopback server with a pool small enough to preempt: requests finish or
+    are cancelled, none fails, every block comes back; the samples cover the run."""
+    out = tmp_path / "out"
+    assert bench_main(["soak", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out), "--minutes", "0.25",
+                       "--rss-slack", "1.0"]) == 0
+    rows = _read(out, "soak")["rows"]
+    summary, samples = rows[0], rows[1:]
+    assert summary["errors"] == 0 and summary["requests_done"] > 0 and summary["blocks_used_end"] == 0
+    assert samples[-1]["running"] == samples[-1]["waiting"] == 0 and samples[-1]["t_s"] >= 15
+    assert max(s["blocks_used"] for s in samples) > 0
