@@ -1,4 +1,4 @@
-"""`python -m bench {acceptance,latency,peers,serve,soak,all}`: the benchmark suite.
+"""`python -m bench {acceptance,latency,peers,serve,soak,compile,all}`: the benchmark suite.
 
   acceptance  MTP draft acceptance (tau, per-position unconditional/conditional, draft acceptance
               rate) over draft shapes x temperatures x draft modes
@@ -9,6 +9,8 @@
               TTFT and TPOT p50/p99, adaptive MTP against plain, continuous against static batching
   soak        many concurrent streams for minutes against the server: errors, cache blocks back
               to zero, resident memory flat
+  compile     what --compile costs on a first and a second run (inductor's on-disk caches) against
+              the default eager path, and the job size from which it pays
   all         acceptance, latency and peers, one after another (one model load for the first two)
 
 Each writes `<name>.json` (machine, settings, rows), `<name>.md` (also printed) and PNG plots
@@ -41,6 +43,7 @@ DEFAULTS = {
                 "batch_sizes": "1,4,8,16"},
     "peers": {"chains": "2,2@2048", "trees": "auto"},
     "serve": {"clients": "8", "rates": "", "max_batch": 16, "chains": "", "trees": ""},
+    "compile": {"batch_size": 1, "chains": "", "trees": ""},
     "soak": {"streams": 64, "minutes": 10.0, "cache_tokens": 8192, "sample_s": 10.0, "chains": "", "trees": ""},
 }
 QUICK = {
@@ -50,6 +53,7 @@ QUICK = {
     "latency": {"chains": "a2,1,2", "trees": "2x2x4,auto", "batch_sizes": "1,2"},
     "peers": {"chains": "2", "trees": "", "num_prompts": 2},
     "serve": {"clients": "2", "rates": "", "max_batch": 2, "requests": 4, "chains": "", "trees": ""},
+    "compile": {"num_prompts": 1, "max_new_tokens": 8},
     "soak": {"streams": 4, "minutes": 0.2, "cache_tokens": 512, "sample_s": 1.0},
 }
 
@@ -124,12 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rss-slack", type=float, default=0.05,
                    help="allowed growth of resident memory after the first quarter (default 0.05)")
 
-    sub = p.add_subparsers(dest="command", required=True, metavar="{acceptance,latency,peers,serve,soak,all}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{acceptance,latency,peers,serve,soak,compile,all}")
     sub.add_parser("acceptance", parents=[common, acc], help="draft acceptance sweep")
     sub.add_parser("latency", parents=[common, lat], help="tokens/s, TPOT, TTFT by batch size")
     sub.add_parser("peers", parents=[common, peers], help="specdec vs transformers generate / prompt lookup")
     sub.add_parser("serve", parents=[common, srv], help="the OpenAI server under load")
     sub.add_parser("soak", parents=[common, soak], help="concurrent streams for minutes against the server")
+    comp = argparse.ArgumentParser(add_help=False)
+    g = comp.add_argument_group("compile")
+    g.add_argument("--batch-size", type=int, help="prompts per generate call (default 1)")
+    sub.add_parser("compile", parents=[common, comp], help="--compile's cost, first and second run, against eager")
     sub.add_parser("all", parents=[common, acc, lat, peers], help="acceptance, latency and peers")
     return p
 
@@ -217,11 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in benches:
             s = resolve(a, name)
             prompts = all_prompts[: s.num_prompts]
-            if name == "peers":
-                from bench import peers
-
+            if name in ("peers", "compile"):  # they load the model themselves
                 ckpt = Path(a.ckpt_path) if a.ckpt_path else (eng.checkpoint if eng else _default_checkpoint())
-                report = peers.run(ckpt, prompts, s)
+                module = importlib.import_module("bench.peers" if name == "peers" else "bench.compile_cost")
+                report = module.run(ckpt, prompts, s)
             else:
                 if eng is None:
                     from specdec import Engine

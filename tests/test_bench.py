@@ -331,3 +331,21 @@ def test_cli_soak_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
     assert summary["errors"] == 0 and summary["requests_done"] > 0 and summary["blocks_used_end"] == 0
     assert samples[-1]["running"] == samples[-1]["waiting"] == 0 and samples[-1]["t_s"] >= 15
     assert max(s["blocks_used"] for s in samples) > 0
+
+
+def test_compile_break_even_counts_load_and_overhead() -> None:
+    """Break-even: the new tokens after which the compiled process, its extra load and compile
+    included, finishes first; none when compiling is not faster."""
+    from bench.compile_cost import compare
+
+    rows = [{"load_s": 5.0, "overhead_s": 0.0, "tokens_per_s": 100.0},
+            {"load_s": 7.0, "overhead_s": 28.0, "tokens_per_s": 300.0},
+            {"load_s": 5.0, "overhead_s": 10.0, "tokens_per_s": 90.0}]
+    compare(rows)
+    # 30 s extra; each token saves 1/100 - 1/300 s: 4,500 tokens
+    assert rows[1]["break_even_tokens"] == pytest.approx(4500) and rows[1]["speedup"] == pytest.approx(3.0)
+    assert rows[2]["break_even_tokens"] is None
+
+
+def test_cli_compile_rejects_bad_batch_size(tmp_path: Path) -> None:
+    assert bench_main(["compile", "--batch-size", "0", "--out", str(tmp_path)]) == 2
