@@ -19,8 +19,9 @@ verified to estimate acceptance, steps draft as deep as they may. The engine kee
 table (also on disk) and the policy (acceptance, settled choice, revisit clock) across calls, so short calls do not each start
 from scratch. Between depths whose predicted rates lie within `SWITCH_MARGIN` the policy keeps
 the one it runs. A depth that is not chosen is run
-again now and then (`FIRST_REVISIT` steps, doubling each time it is still not the best), which
-refreshes its cost and, for speculative depths, the acceptance that plain steps cannot measure.
+again now and then (`FIRST_REVISIT` steps, doubling each time it is still not the best, and spaced
+further when a revisit would cost much: `REVISIT_BUDGET`), which refreshes its cost and, for
+speculative depths, the acceptance that plain steps cannot measure.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ MAX_REVISIT = 512
 is still not the best (so a settled choice loses at most a few percent to revisits)."""
 PRIOR_ACCEPTANCE = 0.6
 """Conditional acceptance assumed for a position before any draft there was verified (weight 1)."""
+REVISIT_BUDGET = 0.01
+"""A depth not chosen is revisited no more often than keeps its revisits' cost within this share of
+the time: a revisit of depth d loses cost(d)/cost(best) × (1 − rate(d)/rate(best)) of a best step,
+so a depth that would lose little comes back after `FIRST_REVISIT` steps and one that costs much
+more (deep drafts at a large batch) only every few hundred."""
 SWITCH_MARGIN = 0.03
 """The policy leaves the depth it settled on only for one predicted ≥ 3% faster: step timings on a
 shared CPU wander by about that much, and flipping between two near-equal depths costs more than
@@ -176,12 +182,23 @@ class SpeculationPolicy:
             return self.max_depth  # acceptance unknown (a new engine, or long plain stretches)
         best = self._best(rows)
         self.interval[best] = FIRST_REVISIT
-        due = [d for d in self.depths if d != best and self.steps - self.last_run[d] >= self.interval[d]]
+        due = [d for d in self.depths
+               if d != best and self.steps - self.last_run[d] >= max(self.interval[d], self._spacing(d, best, rows))]
         if due:  # revisit a depth not chosen for a while (its cost or the acceptance may have moved)
             d = min(due, key=lambda d: self.last_run[d])
             self.interval[d] = min(2 * self.interval[d], MAX_REVISIT)
             return d
         return best
+
+    def _spacing(self, depth: int, best: int, rows: int) -> float:
+        """Fewest steps between revisits of `depth` that keeps their loss against `best` within
+        `REVISIT_BUDGET` (at most `MAX_REVISIT`)."""
+        rate, best_rate = self.rate(depth, rows), self.rate(best, rows)
+        cost, best_cost = self.costs.cost(depth, rows), self.costs.cost(best, rows)
+        if not (best_rate and cost and best_cost):
+            return 0.0
+        lost = cost / best_cost * max(0.0, 1.0 - rate / best_rate)  # best steps one revisit costs
+        return min(lost / REVISIT_BUDGET, MAX_REVISIT)
 
     def _best(self, rows: int) -> int:
         """The fastest depth by prediction, keeping the one settled on in this bucket unless another

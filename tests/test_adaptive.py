@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specdec import SpecConfig
-from specdec.adaptive import (FIRST_REVISIT, MIN_SAMPLES, SWITCH_MARGIN, AcceptanceEstimate, SpeculationPolicy, StepCosts,
+from specdec.adaptive import (FIRST_REVISIT, MAX_REVISIT, MIN_SAMPLES, SWITCH_MARGIN, AcceptanceEstimate, SpeculationPolicy, StepCosts,
                               row_bucket)
 from specdec.speculative import SpeculativeDecoder
 from tests.test_speculative import assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, tiny  # noqa: F401
@@ -184,12 +184,34 @@ def test_unmeasured_depths_are_explored_deepest_first_then_revisited():
         policy.observe(d, 1, {0: 1.0, 1: 5.0, 2: 9.0}[d], [0] if d else [])
     assert order == [2] * MIN_SAMPLES + [1] * MIN_SAMPLES + [0] * MIN_SAMPLES
     run = []
-    for _ in range(3 * FIRST_REVISIT):
+    for _ in range(3 * MAX_REVISIT):
         d = policy.choose(1)
         run.append(d)
         policy.observe(d, 1, {0: 1.0, 1: 5.0, 2: 9.0}[d], [0] if d else [])
-    assert run.count(0) >= len(run) - 4  # plain wins; draft depths only come back as revisits
-    assert 1 <= run.count(1) <= 2 and 1 <= run.count(2) <= 2
+    assert run.count(0) >= len(run) - 6  # plain wins; draft depths only come back as revisits
+    assert 1 <= run.count(1) <= 3 and 1 <= run.count(2) <= 3
+    assert set(run[4:3 * FIRST_REVISIT]) == {0}  # (after learning the acceptance) a revisit costs 4-8 plain steps
+
+
+def test_revisits_are_spaced_by_what_they_cost():
+    """A depth that loses little to the best is revisited after FIRST_REVISIT steps; one whose revisit
+    costs several best steps only every few hundred (its revisits stay within REVISIT_BUDGET)."""
+    def revisits(cost_of_depth_1: float, steps: int) -> list[int]:
+        policy = SpeculationPolicy(1, costs(1.0, [cost_of_depth_1]))
+        for _ in range(20):
+            policy.acceptance.add([0, 0], 1)  # drafts rejected: tau(1) = 1 plus the prior's share
+        at = []
+        for step in range(steps):
+            d = policy.choose(1)
+            if d:
+                at.append(step)
+            policy.observe(d, 1, 0.0, [0] if d else [])
+        return at
+
+    assert revisits(1.05, 2 * FIRST_REVISIT)[0] == FIRST_REVISIT - 1  # a revisit loses ~3% of a step
+    costly = revisits(3.0, MAX_REVISIT + 1)  # a revisit loses ~2 steps: ~200 steps apart
+    gaps = [b - a for a, b in zip([-1] + costly, costly)]
+    assert 1 <= len(costly) <= 3 and min(gaps) >= 150
 
 
 def test_acceptance_estimate_is_conditional_per_position():
