@@ -152,10 +152,11 @@ class Server:
 
     def done(self, seq: Sequence, finish: str | None) -> None:
         """The request's handler is finished with `seq`: `finish` is how it ended (None: the client
-        went away)."""
-        self.scheduler.finish(seq, finish or "cancelled")  # no-op when it already ended
+        went away; `FAILED`: the decoding loop stopped)."""
+        reason = finish if finish in FINISH_REASONS else "cancelled"  # gone away, or the loop failed
+        self.scheduler.finish(seq, reason)  # no-op when it already ended
         self.listeners.pop(seq, None)
-        self.metrics.on_finish(seq, finish if finish in FINISH_REASONS else "cancelled")
+        self.metrics.on_finish(seq, reason)
 
     async def complete(self, params: CompletionParams, chat: bool):
         ids = self.prompt_ids(params)

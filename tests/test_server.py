@@ -223,6 +223,25 @@ def test_cancelled_streams_free_every_row(served):
     assert 'specdec:cache_blocks_used{model_name="test-model"} 0.0' in text
 
 
+def test_a_failed_decoding_loop_answers_500_in_openai_format(f32_engine):
+    """When the decoding loop raises, the waiting request gets a 500 with an OpenAI error body (and the
+    request is counted as cancelled), not a bare server error."""
+    running = RunningServer(f32_engine, None, max_batch=2)
+    try:
+        def broken_step():
+            raise RuntimeError("injected failure")
+
+        running.server.scheduler.decoder.step = broken_step
+        r = httpx.post(running.url + "/v1/completions", timeout=60,
+                       json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 8})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "stopped on an error" in r.json()["error"]["message"]
+        text = httpx.get(running.url + "/metrics").text
+        assert 'vllm:request_success_total{finished_reason="cancelled",model_name="test-model"} 1.0' in text
+    finally:
+        running.stop()
+
+
 def test_text_stream_holds_back_partial_stop_strings():
     vocab = {1: "ab", 2: "c", 3: "STO", 4: "P", 5: "d"}
     stream = TextStream(lambda ids: "".join(vocab[i] for i in ids), ["STOP"])
