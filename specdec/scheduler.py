@@ -220,11 +220,11 @@ class Scheduler:
         """One round (rank 0): admit `joining`, start the chunked prefill of `chunked`, prefill a chunk
         with what is left of the round's prefill budget, then one step over everything live. Under
         torchrun the round is first sent to the followers (`finished`: the ends they must apply)."""
-        round_ = Round(finished or [], [self._wire(s) for s in joining],
-                       self._wire(chunked) if chunked is not None else None, self._chunk_budget(joining))
+        budget = self._chunk_budget(joining)
         if self.lockstep:
-            self._send(round_)
-        self._play(joining, chunked, round_.budget)
+            self._send(Round(finished or [], [self._wire(s) for s in joining],
+                             self._wire(chunked) if chunked is not None else None, budget))
+        self._play(joining, chunked, budget)
 
     def _chunk_budget(self, joining: list[Sequence]) -> int:
         """Context tokens this round may prefill in chunks: what admitting `joining` left of the
