@@ -8,26 +8,62 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from model.errors import ConfigError
 from model.parallel import ParallelContext
 
 
+def rank_device(device: torch.device, local_rank: int, world_size: int, visible_gpus: int) -> torch.device:
+    """The device this rank runs on. A CPU device stays. `cuda` without an index becomes the rank's
+    own GPU: cuda:LOCAL_RANK when this process sees several GPUs, cuda:0 when it sees one (each rank
+    given its own by CUDA_VISIBLE_DEVICES). Under torchrun, an explicit `cuda:i` that is not the
+    rank's own GPU is refused: every rank would launch its kernels on GPU i."""
+    if device.type != "cuda":
+        return device
+    if visible_gpus < 1:
+        raise ConfigError(f"--device {device}: no CUDA device is visible to this process")
+    own = local_rank if visible_gpus > 1 and world_size > 1 else 0
+    if own >= visible_gpus:
+        raise ConfigError(f"LOCAL_RANK={local_rank} but this process sees only {visible_gpus} GPU(s): "
+                          f"run at most {visible_gpus} ranks per node, or give each its GPU with CUDA_VISIBLE_DEVICES")
+    if device.index is None:
+        return torch.device("cuda", own)
+    if world_size > 1 and device.index != own:
+        raise ConfigError(f"--device {device} under torchrun: rank {local_rank} on this node must run on cuda:{own}; "
+                          "pass --device cuda and each rank takes its own GPU")
+    return device
+
+
+def bind_device(device: torch.device) -> torch.device:
+    """Resolve `device` for this process (`rank_device`, from torchrun's LOCAL_RANK and WORLD_SIZE) and,
+    for CUDA, make it the current device, so Triton launches, NCCL collectives and
+    `broadcast_object_list` use this rank's GPU rather than GPU 0. Call before `init_parallel`."""
+    if device.type != "cuda":
+        return device
+    bound = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                        torch.cuda.device_count())
+    torch.cuda.set_device(bound)
+    return bound
+
+
 def init_parallel(device: torch.device, timeout_s: float = 600.0) -> ParallelContext:
-    """ParallelContext for this process; joins the torchrun process group when WORLD_SIZE > 1."""
+    """ParallelContext for this process; joins the torchrun process group when WORLD_SIZE > 1 (gloo
+    on the CPU; NCCL bound to `device`, this rank's GPU from `bind_device`, on CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return ParallelContext()
     rank = int(os.environ["RANK"])
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        if device.type == "cuda":
+            dist.init_process_group("nccl", rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout_s), device_id=device)
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     return ParallelContext(world_size=world_size, rank=rank)
 
 
 def default_device() -> torch.device:
-    """This rank's CUDA device when CUDA is present (LOCAL_RANK picks it), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """`cuda` when CUDA is present (`bind_device` picks the rank's GPU), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def shutdown(wait_for_peers: bool = False) -> None:

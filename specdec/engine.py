@@ -26,7 +26,7 @@ from specdec.cache import SPAN_MULTIPLE, LatentCache, take_rows
 from specdec.config import GenerationOutput, GenerationStats, SpecConfig
 from specdec.compiled import CompiledDecode, check_compile_supported
 from specdec.defaults import default_model_path
-from specdec.distributed import default_device, init_parallel
+from specdec.distributed import bind_device, default_device, init_parallel
 from specdec.greedy_step import shrunk_rows
 from specdec.speculative import SpeculativeDecoder
 from specdec.tokenizer import load_tokenizer
@@ -110,7 +110,7 @@ class Engine:
         the fastest (`kernels.cpu_gemm`; verdicts cached in `~/.cache/specdec`); False: the default
         formulation; None: on unless `SPECDEC_TUNE=0`; a `GemmTuner`: that one (e.g. to re-time).
         """
-        device = torch.device(device) if device is not None else default_device()
+        device = bind_device(torch.device(device) if device is not None else default_device())
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ctx = init_parallel(device)
         notice = None

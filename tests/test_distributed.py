@@ -87,3 +87,53 @@ def test_scheduler_followers_replay_rank0_in_lockstep(fp8_ckpt, tmp_path):
             assert reason == "cancelled" and 3 <= len(output) < 30 and output == r["alone"][i][:len(output)]
         else:
             assert output == r["alone"][i] and reason == "length"
+
+
+# ---------------------------------------------------------------------- device binding (no GPU needed)
+
+@pytest.mark.parametrize("device, local_rank, world, gpus, expected", [
+    ("cpu", 3, 4, 0, "cpu"),
+    ("cuda", 0, 1, 1, "cuda:0"),
+    ("cuda:2", 0, 1, 4, "cuda:2"),      # one process may pick any GPU
+    ("cuda", 5, 8, 8, "cuda:5"),        # torchrun: rank r of the node on GPU r
+    ("cuda:5", 5, 8, 8, "cuda:5"),
+    ("cuda", 5, 8, 1, "cuda:0"),        # each rank sees only its own GPU (CUDA_VISIBLE_DEVICES)
+])
+def test_each_rank_runs_on_its_own_gpu(device, local_rank, world, gpus, expected):
+    from specdec.distributed import rank_device
+    assert rank_device(torch.device(device), local_rank, world, gpus) == torch.device(expected)
+
+
+@pytest.mark.parametrize("device, local_rank, world, gpus, message", [
+    ("cuda:0", 1, 2, 2, "rank 1 on this node must run on cuda:1"),   # every rank on GPU 0: the bug it prevents
+    ("cuda", 8, 16, 8, "LOCAL_RANK=8 but this process sees only 8 GPU"),
+    ("cuda", 0, 1, 0, "no CUDA device"),
+])
+def test_a_wrong_gpu_for_a_rank_is_refused(device, local_rank, world, gpus, message):
+    from model.errors import ConfigError
+    from specdec.distributed import rank_device
+    with pytest.raises(ConfigError, match=message):
+        rank_device(torch.device(device), local_rank, world, gpus)
+
+
+def test_binding_sets_the_current_gpu_and_hands_it_to_nccl(monkeypatch):
+    """What the CPU can prove of CUDA binding: `bind_device` makes the rank's GPU current (Triton
+    launches and `broadcast_object_list` use it) and the NCCL group is created with that `device_id`."""
+    import torch.distributed as dist
+
+    from specdec import distributed
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "6")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.setdefault("init", (backend, kw)))
+    device = distributed.bind_device(torch.device("cuda"))
+    ctx = distributed.init_parallel(device)
+    assert device == torch.device("cuda", 2) == calls["set_device"]
+    backend, kw = calls["init"]
+    assert backend == "nccl" and kw["device_id"] == torch.device("cuda", 2)
+    assert (ctx.rank, ctx.world_size) == (6, 4)
+    assert distributed.bind_device(torch.device("cpu")) == torch.device("cpu")  # the CPU binds nothing
