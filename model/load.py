@@ -9,6 +9,7 @@ import torch
 from kernels.cpu_gemm import GemmTuner
 from model.args import ModelArgs, load_model_args
 from model.checkpoint import CheckpointReader, load_state, mtp_tensor_names
+from model.mla import absorb_once
 from model.parallel import ParallelContext, prepare_cpu
 from model.transformer import Transformer
 
@@ -47,6 +48,7 @@ def load_verifier(
         model = Transformer(args, ctx, dtype, fp8_block, max_seq_len)
     load_state(model, reader, "", device, show_progress and ctx.rank == 0, args.fp8_block_size or 128)
     model.init_rope(device)
+    absorb_once(model)
     if torch.device(device).type == "cpu":
         prepare_cpu(model, tuner, heads=(model.lm_head,))
     model.mtp_tensors = mtp_tensor_names(reader, args.n_layers)

@@ -45,6 +45,15 @@ class MLA(nn.Module):
         self.o_proj = RowParallelLinear(args.n_heads * args.v_head_dim, args.dim, ctx, dtype, fp8_block,
                                         "num_attention_heads*v_head_dim")
         self.q_kv_a: FusedLinears | None = None
+        self.register_buffer("kv_b_absorbed", None, persistent=False)
+
+    def absorb_once(self) -> None:
+        """After load: when kv_b_proj is held in FP8, dequantise it once into `kv_b_absorbed`
+        (`[local_heads, nope_dim + v_dim, kv_lora_rank]`, compute dtype; not saved in state dicts),
+        which every forward then reads instead of dequantising per call. A float kv_b_proj is
+        already in that form (a view), so nothing is added."""
+        if self.kv_b_proj.weight_scale_inv is not None:
+            self.kv_b_absorbed = self._kv_b()
 
     def fuse_for_cpu(self) -> None:
         """Run q_a_proj and kv_a_proj_with_mqa (both read x) as one GEMM on the CPU (see `FusedLinears`)."""
@@ -53,6 +62,8 @@ class MLA(nn.Module):
 
     def _kv_b(self) -> torch.Tensor:
         """kv_b_proj weight as `[local_heads, nope_dim + v_dim, kv_lora_rank]` in the compute dtype."""
+        if self.kv_b_absorbed is not None:
+            return self.kv_b_absorbed
         w = self.kv_b_proj.weight
         if self.kv_b_proj.weight_scale_inv is not None:
             w = kernels.weight_dequant(w, self.kv_b_proj.weight_scale_inv, out_dtype=self.compute_dtype())
@@ -128,3 +139,10 @@ class MLA(nn.Module):
         out = torch.bmm(out_latent.reshape(bsz * seqlen, heads, -1).transpose(0, 1),
                         w_kv_b[:, self.nope_dim :].transpose(1, 2))
         return self.o_proj(out.transpose(0, 1).reshape(bsz, seqlen, heads * self.v_dim))
+
+
+def absorb_once(module: nn.Module) -> None:
+    """`MLA.absorb_once` on every attention layer of a loaded `module` (see there)."""
+    for sub in module.modules():
+        if isinstance(sub, MLA):
+            sub.absorb_once()

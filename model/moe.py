@@ -83,13 +83,18 @@ class Gate(nn.Module):
     `e_score_correction_bias` (V3) shifts the scores used for *selection* only; the weights come
     from the unbiased scores (normalised over the chosen k when `norm_topk_prob`), times
     `routed_scaling_factor`.
+
+    Scores are computed in float32 (as DeepSeek-V3's reference does); the weight is held in float32
+    from load on (the stored bf16 values, exactly), so no call copies it. It is `n_routed_experts ×
+    dim` per MoE layer: 7 MB at V3's size.
     """
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
         self.score_func, self.route_scale, self.norm_topk_prob = args.score_func, args.route_scale, args.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=torch.float32),
+                                   requires_grad=False)
         if args.has_score_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts), requires_grad=False)
         else:
@@ -97,7 +102,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[N, dim]` → (weights `[N, topk]` float32, expert indices `[N, topk]` int64)."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight)
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_groups > 1:
@@ -125,7 +130,7 @@ class MoE(nn.Module):
         self.n_routed_experts = args.n_routed_experts
         start, n_local = ctx.split(args.n_routed_experts, "n_routed_experts")
         self.local_experts = range(start, start + n_local)
-        self.gate = Gate(args, dtype)
+        self.gate = Gate(args)
         self.experts = nn.ModuleDict(
             {str(i): Expert(args.dim, args.moe_inter_dim, dtype, fp8_block) for i in self.local_experts}
         )

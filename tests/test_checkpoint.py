@@ -204,3 +204,31 @@ def test_heads_not_divisible_by_world_size(fp8_ckpt, tmp_path):
     with pytest.raises(Exception, match="not divisible by world size 3"):
         load_verifier(ck, ParallelContext(3, 0), show_progress=False)
     assert cfg["num_attention_heads"] % 3
+
+
+def test_fp8_kv_b_is_dequantised_once_at_load(fp8_ckpt, monkeypatch):
+    """An FP8 kv_b_proj is dequantised at load (verifier and MTP layer), not in every forward; the
+    forward's output is what per-call dequantisation gave."""
+    from model import mla
+    from mtp.drafter import load_drafter
+    model, reader = load_verifier(fp8_ckpt, ParallelContext(), keep_fp8=True, show_progress=False)
+    drafter = load_drafter(model, reader, "cpu", model.fp8_block, False)
+    layers = [m for m in list(model.modules()) + list(drafter.layer.modules()) if isinstance(m, mla.MLA)]
+    assert len(layers) == model.args.n_layers + 1 and all(m.kv_b_absorbed is not None for m in layers)
+    assert "kv_b_absorbed" not in "".join(model.state_dict())  # not a checkpoint tensor
+    ids = torch.randint(3, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(8).expand(1, 8)
+
+    def logits() -> torch.Tensor:
+        kv, pe = torch.zeros(4, 1, 8, 128), torch.zeros(4, 1, 8, 32)
+        with torch.inference_mode():
+            return model(ids, pos, kv, pe, pos, pos.unsqueeze(-1) >= pos.unsqueeze(1)).logits
+
+    once = logits()
+    calls = []
+    real = kernels.weight_dequant
+    monkeypatch.setattr(kernels, "weight_dequant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(logits(), once) and not calls  # the forward dequantises nothing
+    for m in layers:
+        m.kv_b_absorbed = None  # back to dequantising per call
+    assert torch.equal(logits(), once) and calls
