@@ -136,6 +136,30 @@ def fp8_gemm(
     return mod.fp8_gemm(a, a_s, b, b_s, out_dtype=out_dtype, block_size=block_size)
 
 
+def grouped_fp8_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    expert_ids: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    impl: str = "auto",
+    block_size: int = ref.BLOCK_SIZE,
+) -> torch.Tensor:
+    """Many experts' block-scaled FP8 matmuls in one call: `C[s] = A[s] @ W[expert_ids[s]]^T`.
+
+    Args:
+        a: `[S, K]` float8_e4m3fn; a_s: `[S, ceil(K / b)]` float32.
+        w: `[E, N, K]` float8_e4m3fn; w_s: `[E, ceil(N / b), ceil(K / b)]` float32.
+        expert_ids: `[S]` integer expert of each row; ids outside `[0, E)` give zero rows.
+        out_dtype: result dtype. impl: "auto", "torch" or "triton". block_size: block b.
+    Returns:
+        `[S, N]` tensor of `out_dtype`.
+    """
+    mod = _triton_impl() if _use_triton(impl, a) else ref
+    return mod.grouped_fp8_gemm(a, a_s, w, w_s, expert_ids, out_dtype=out_dtype, block_size=block_size)
+
+
 def fp8_linear(
     x: torch.Tensor,
     w_fp8: torch.Tensor,

@@ -208,3 +208,53 @@ def fp8_gemm(
         part = a[..., cols].float() @ b[:, cols].float().T
         acc += part * a_s[..., kb, None].float() * b_s_rows[:, kb]
     return acc.to(out_dtype)
+
+
+def check_grouped_shapes(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor,
+                         expert_ids: torch.Tensor, block_size: int) -> None:
+    """Raise ValueError unless the operands of `grouped_fp8_gemm` are consistent."""
+    if a.dtype != FP8_DTYPE or w.dtype != FP8_DTYPE:
+        raise ValueError(f"grouped_fp8_gemm expects {FP8_DTYPE} operands, got {a.dtype} and {w.dtype}")
+    if a.dim() != 2 or w.dim() != 3 or a.shape[1] != w.shape[2]:
+        raise ValueError(f"grouped_fp8_gemm shape mismatch: a {tuple(a.shape)} (is [S, K]), "
+                         f"w {tuple(w.shape)} (is [E, N, K])")
+    e, n, k = w.shape
+    kb = cdiv(k, block_size)
+    if tuple(a_s.shape) != (a.shape[0], kb):
+        raise ValueError(f"a_s shape {tuple(a_s.shape)} != {(a.shape[0], kb)}")
+    if tuple(w_s.shape) != (e, cdiv(n, block_size), kb):
+        raise ValueError(f"w_s shape {tuple(w_s.shape)} != {(e, cdiv(n, block_size), kb)}")
+    if tuple(expert_ids.shape) != (a.shape[0],) or expert_ids.dtype.is_floating_point:
+        raise ValueError(f"expert_ids must be [{a.shape[0]}] integers, got {expert_ids.dtype} {tuple(expert_ids.shape)}")
+
+
+def grouped_fp8_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    expert_ids: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    block_size: int = BLOCK_SIZE,
+) -> torch.Tensor:
+    """Block-scaled FP8 matmuls of many experts at once: `C[s] = A[s] @ W[expert_ids[s]]^T`.
+
+    Each row s (a routed slot: one token's visit to one expert) is multiplied by the weight of its
+    expert, with `fp8_gemm`'s maths; a row whose id is outside `[0, E)` (e.g. -1: an expert held
+    by another rank) gives zeros. Experts may get any number of rows, none included.
+
+    Args:
+        a: `[S, K]` float8_e4m3fn activations; a_s: `[S, ceil(K / b)]` float32 scales.
+        w: `[E, N, K]` float8_e4m3fn expert weights; w_s: `[E, ceil(N / b), ceil(K / b)]` float32.
+        expert_ids: `[S]` integer expert of each row.
+        out_dtype: dtype of the result; block_size: quantisation block b.
+    Returns:
+        `[S, N]` tensor of `out_dtype`.
+    """
+    check_grouped_shapes(a, a_s, w, w_s, expert_ids, block_size)
+    out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float32, device=a.device)
+    for e in range(w.shape[0]):
+        rows = (expert_ids == e).nonzero().squeeze(1)
+        if rows.numel():
+            out[rows] = fp8_gemm(a[rows], a_s[rows], w[e], w_s[e], torch.float32, block_size)
+    return out.to(out_dtype)

@@ -144,6 +144,42 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, KB,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _grouped_fp8_gemm_kernel(a_ptr, w_ptr, c_ptr, a_s_ptr, w_s_ptr, rows_ptr, block_expert_ptr, N, K, KB, NB,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One `[BLOCK_M, BLOCK_N]` tile of the grouped GEMM: BLOCK_M rows of one expert.
+
+    `rows[P]` int32: row of `a`/`c` at each padded position (-1: padding), grouped by expert with
+    every expert's group padded to a multiple of BLOCK_M (`align_by_expert`); `block_expert[P /
+    BLOCK_M]` int32: the expert of each BLOCK_M tile (-1: none). `a[S, K]` fp8, `a_s[S, KB]`,
+    `w[E, N, K]` fp8, `w_s[E, NB, KB]` float32; `c[S, N]`: only the tile's real rows are written.
+    """
+    expert = tl.load(block_expert_ptr + tl.program_id(0))
+    if expert >= 0:
+        rows = tl.load(rows_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = rows >= 0
+        rows = tl.where(row_ok, rows, 0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * K + ks[None, :]
+        b_ptrs = w_ptr + expert.to(tl.int64) * N * K + cols[None, :].to(tl.int64) * K + ks[:, None]
+        a_s_ptrs = a_s_ptr + rows * KB
+        b_s_ptrs = w_s_ptr + expert.to(tl.int64) * NB * KB + (cols // BLOCK_K) * KB
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, KB):
+            k_ok = ks < K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            a_s = tl.load(a_s_ptrs + kb, mask=row_ok, other=0.0)
+            b_s = tl.load(b_s_ptrs + kb, mask=col_ok, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        c_ptrs = c_ptr + rows[:, None] * N + cols[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 INTERPRETED: bool = isinstance(_act_quant_kernel, InterpretedFunction)
 """True when the kernels above were built for the interpreter (TRITON_INTERPRET=1 at import)."""
 
@@ -266,3 +302,81 @@ def fp8_gemm(
             m, n, k, kb, BLOCK_K=block_size, **cfg,
         )
     return c.reshape(*a.shape[:-1], n).to(out_dtype)
+
+
+def align_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group rows by expert for `_grouped_fp8_gemm_kernel`, on the device (no host read).
+
+    Rows are stably sorted by expert id, each expert's group padded to a multiple of `block_m`;
+    rows whose id is outside `[0, n_experts)` are left out. The padded length P has a bound known
+    without reading the ids (every expert wastes < block_m slots), so shapes never depend on the
+    routing. Returns (rows `[P]` int32, -1 at padding; block_expert `[P / block_m]` int32, -1 for
+    tiles past the last expert's group).
+    """
+    s = expert_ids.shape[0]
+    device = expert_ids.device
+    padded_len = ref.cdiv(s + n_experts * (block_m - 1), block_m) * block_m
+    ids = expert_ids.long()
+    valid = (ids >= 0) & (ids < n_experts)
+    key = torch.where(valid, ids, n_experts)  # rows of other ranks' experts sort last and are dropped
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:n_experts]  # bincount would sync on CUDA
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order].clamp(max=n_experts - 1)
+    rank = torch.arange(s, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_key]
+    dest = torch.where(key[order] < n_experts, padded_end[sorted_key] - padded[sorted_key] + rank, padded_len)
+    rows = torch.full((padded_len + 1,), -1, dtype=torch.int32, device=device)
+    rows.scatter_(0, dest, order.to(torch.int32))
+    starts = torch.arange(0, padded_len, block_m, device=device)
+    block_expert = torch.searchsorted(padded_end, starts, right=True)
+    block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
+    return rows[:padded_len], block_expert
+
+
+def _grouped_config(rows: int, n_experts: int) -> dict[str, int]:
+    """Launch configuration of `_grouped_fp8_gemm_kernel` from the rows per expert on average."""
+    per_expert = rows / max(n_experts, 1)
+    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
+    if INTERPRETED:
+        return {"BLOCK_M": block_m, "BLOCK_N": 64}
+    return {"BLOCK_M": block_m, "BLOCK_N": 64 if block_m <= 32 else 128, "num_warps": 4, "num_stages": 4}
+
+
+def grouped_fp8_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    expert_ids: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    block_size: int = ref.BLOCK_SIZE,
+) -> torch.Tensor:
+    """Triton version of `kernels.reference.grouped_fp8_gemm`: every expert's rows in one launch,
+    grouped on the device (`align_by_expert`), so a MoE layer's routed GEMM costs one kernel
+    launch instead of one per expert, and no host read of the routing.
+
+    Args:
+        a: `[S, K]` fp8; a_s: `[S, ceil(K / b)]` float32.
+        w: `[E, N, K]` fp8; w_s: `[E, ceil(N / b), ceil(K / b)]` float32.
+        expert_ids: `[S]` expert of each row (outside `[0, E)`: zeros).
+        out_dtype: result dtype; block_size: quantisation block b (power of two).
+    Returns:
+        `[S, N]` tensor of `out_dtype`.
+    """
+    ref.check_grouped_shapes(a, a_s, w, w_s, expert_ids, block_size)
+    _check_launchable(a, block_size)
+    n_experts, n, k = w.shape
+    kb = ref.cdiv(k, block_size)
+    c = torch.zeros(a.shape[0], n, dtype=_storage_dtype(out_dtype), device=a.device)
+    if c.numel() == 0 or n_experts == 0:
+        return c.to(out_dtype)
+    cfg = _grouped_config(a.shape[0], n_experts)
+    rows, block_expert = align_by_expert(expert_ids, n_experts, cfg["BLOCK_M"])
+    grid = (block_expert.shape[0], ref.cdiv(n, cfg["BLOCK_N"]))
+    _grouped_fp8_gemm_kernel[grid](
+        a.contiguous(), w.contiguous(), c, a_s.contiguous().float(), w_s.contiguous().float(), rows, block_expert,
+        n, k, kb, ref.cdiv(n, block_size), BLOCK_K=block_size, **cfg,
+    )
+    return c.to(out_dtype)

@@ -9,9 +9,20 @@ import torch
 from kernels.cpu_gemm import GemmTuner
 from model.args import ModelArgs, load_model_args
 from model.checkpoint import CheckpointReader, load_state, mtp_tensor_names
-from model.mla import absorb_once
+from model.mla import MLA
+from model.moe import MoE
 from model.parallel import ParallelContext, prepare_cpu
 from model.transformer import Transformer
+
+
+def prepare_loaded(module: torch.nn.Module) -> None:
+    """Work done once after loading, on every device: FP8 `kv_b_proj` dequantised for the absorbed
+    attention (`MLA.absorb_once`) and FP8 experts stacked for grouped GEMMs (`MoE.stack_fp8`)."""
+    for sub in module.modules():
+        if isinstance(sub, MLA):
+            sub.absorb_once()
+        elif isinstance(sub, MoE):
+            sub.stack_fp8()
 
 
 def load_verifier(
@@ -48,7 +59,7 @@ def load_verifier(
         model = Transformer(args, ctx, dtype, fp8_block, max_seq_len)
     load_state(model, reader, "", device, show_progress and ctx.rank == 0, args.fp8_block_size or 128)
     model.init_rope(device)
-    absorb_once(model)
+    prepare_loaded(model)
     if torch.device(device).type == "cpu":
         prepare_cpu(model, tuner, heads=(model.lm_head,))
     model.mtp_tensors = mtp_tensor_names(reader, args.n_layers)

@@ -140,9 +140,3 @@ class MLA(nn.Module):
                         w_kv_b[:, self.nope_dim :].transpose(1, 2))
         return self.o_proj(out.transpose(0, 1).reshape(bsz, seqlen, heads * self.v_dim))
 
-
-def absorb_once(module: nn.Module) -> None:
-    """`MLA.absorb_once` on every attention layer of a loaded `module` (see there)."""
-    for sub in module.modules():
-        if isinstance(sub, MLA):
-            sub.absorb_once()

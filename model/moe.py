@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from model.args import ModelArgs
 from kernels.cpu_gemm import GemmTuner, RowPlan, interleaved_seconds
 from model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RowParallelLinear
@@ -140,6 +141,27 @@ class MoE(nn.Module):
         )
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
         self.expert_plan: RowPlan | None = None  # eager CPU: "loop" or "dense" per token count
+        # FP8 experts after `stack_fp8`: projection name -> (weights [E, out, in] fp8, scales [E, out/b, in/b])
+        self.fp8_stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def stack_fp8(self) -> None:
+        """After load, for FP8 experts: stack the local experts' gate, up and down weights and
+        their block scales (`[E, out, in]` float8_e4m3fn, `[E, ceil(out/b), ceil(in/b)]` float32), so
+        every routed projection runs as one grouped GEMM over all local experts
+        (`kernels.grouped_fp8_gemm`). Each expert's parameters become views of its slice, so no
+        memory is added and names are unchanged."""
+        experts = [self.experts[str(e)] for e in self.local_experts]
+        if not experts or experts[0].gate_proj.weight_scale_inv is None:
+            return
+        stacked = {}
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            linears = [getattr(x, name) for x in experts]
+            w = torch.stack([lin.weight.detach() for lin in linears])
+            s = torch.stack([lin.weight_scale_inv.detach() for lin in linears])
+            for lin, w_e, s_e in zip(linears, w, s):
+                lin.weight.data, lin.weight_scale_inv.data = w_e, s_e
+            stacked[name] = (w, s)
+        self.fp8_stacked = stacked
 
     def fuse_for_cpu(self) -> None:
         """Stack the local experts' weights (unquantised ones) for `_routed_static`: gate and up as
@@ -206,7 +228,10 @@ class MoE(nn.Module):
 
         "loop": routed slots (token, choice) are sorted by expert, so each local expert runs once on
         a contiguous slice of gathered tokens and one `index_add_` scatters all results back; a
-        single token skips the sort (`_one_token`). "dense": `_routed_dense`."""
+        single token skips the sort (`_one_token`). "dense": `_routed_dense`. FP8 experts stacked
+        by `stack_fp8` always run grouped (`_routed_grouped`)."""
+        if self.fp8_stacked is not None:
+            return self._routed_grouped(flat, weights, indices)
         if formulation == "dense" and self.stacked is not None:
             return self._routed_dense(flat, weights, indices)
         if flat.shape[0] == 1:
@@ -228,6 +253,25 @@ class MoE(nn.Module):
             scaled = torch.cat(outs) * weights.flatten()[slots].unsqueeze(1).to(flat.dtype)
             routed.index_add_(0, tokens, scaled)
         return routed
+
+    def _routed_grouped(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's routed-expert sum `[N, dim]` for FP8 experts: each projection is one grouped
+        FP8 GEMM over all routed slots (token, choice), rows of other ranks' experts giving zeros;
+        shapes and launches never depend on the routing and nothing is read back to the host (with
+        the Triton kernels). Same maths as each expert's `fp8_linear` on its tokens."""
+        n, k = indices.shape
+        block = self.experts[str(self.local_experts.start)].gate_proj.fp8_block
+        (gate_w, gate_s), (up_w, up_s), (down_w, down_s) = (self.fp8_stacked[p] for p in
+                                                             ("gate_proj", "up_proj", "down_proj"))
+        expert_ids = (indices - self.local_experts.start).flatten()  # outside [0, E): another rank's
+        xq, xs = kernels.act_quant(flat, block_size=block)  # each token quantised once, then per slot
+        slot_token = torch.arange(n, device=flat.device).repeat_interleave(k)
+        xq, xs = xq[slot_token], xs[slot_token]
+        gate = kernels.grouped_fp8_gemm(xq, xs, gate_w, gate_s, expert_ids, flat.dtype, block_size=block)
+        up = kernels.grouped_fp8_gemm(xq, xs, up_w, up_s, expert_ids, flat.dtype, block_size=block)
+        hq, hs = kernels.act_quant(F.silu(gate) * up, block_size=block)
+        y = kernels.grouped_fp8_gemm(hq, hs, down_w, down_s, expert_ids, flat.dtype, block_size=block)
+        return (y.view(n, k, -1) * weights.to(flat.dtype).unsqueeze(-1)).sum(dim=1)
 
     def _one_token(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
         """The single-token case (batch-1 decode, one draft step) without sorting or scattering: this

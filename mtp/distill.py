@@ -15,9 +15,13 @@ its own chain's scratch rows (`DeepSeekV3ForTraining.mtp_chain_forward`), and is
 p_main(t_{i+k+1} | t_≤i+k). Depths ≥ 2 reuse the one MTP layer, so without this the layer never
 sees its own output as input while training.
 
+`--self-data FILE` (from `python -m mtp.self_data`) mixes in windows of the main model's own greedy
+continuations of training prompts, `--self-frac` of every batch: the text the drafter is run on.
+
 The last `--qat-frac` of the steps see the FP8 round trip of the MTP projections
 (quantisation-aware, as in `mtp.train`). The output is the same checkpoint with only the MTP
-layer's tensors replaced (FP8 + `weight_scale_inv`, as released); `python -m mtp.eval` measures
+layer's tensors replaced (FP8 + `weight_scale_inv`, as released), written every `--save-every`
+minutes and at the end, so a stopped run leaves its latest state; `python -m mtp.eval` measures
 the agreement before and after.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -38,6 +43,8 @@ from tqdm import tqdm
 from model.args import from_hf_config
 from model.checkpoint import CheckpointReader
 from model.export import quantize_state, write_checkpoint
+import numpy as np
+
 from mtp.data import build_corpus, train_batch
 from mtp.train import FP8_BLOCK, autocast, dequantized
 from mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors
@@ -60,6 +67,47 @@ def distill_loss(model: DeepSeekV3ForTraining, window: torch.Tensor, depth: int 
     return loss / depth
 
 
+def mixed_batch(corpus_train: np.ndarray, self_windows: np.ndarray | None, self_frac: float,
+                batch_size: int, window: int, seed: int, step: int) -> torch.Tensor:
+    """Step `step`'s batch `[batch_size, window]` int64: `round(self_frac · batch_size)` rows drawn from
+    `self_windows` `[N, W ≥ window]` (cropped at a random offset), the rest random corpus windows."""
+    n_self = round(self_frac * batch_size) if self_windows is not None else 0
+    rows = [train_batch(corpus_train, batch_size - n_self, window, seed, step)] if n_self < batch_size else []
+    if n_self:
+        rng = np.random.default_rng([seed, step, 1])
+        pick = rng.integers(0, len(self_windows), size=n_self)
+        offset = rng.integers(0, self_windows.shape[1] - window + 1, size=n_self)
+        idx = offset[:, None] + np.arange(window)[None, :]
+        rows.append(torch.from_numpy(self_windows[pick[:, None], idx].astype(np.int64)))
+    return torch.cat(rows)
+
+
+def write_distilled(out: Path, ckpt: Path, cfg: dict, stored: dict[str, torch.Tensor],
+                    model: DeepSeekV3ForTraining, mtp_prefix: str) -> None:
+    """Write `stored` with the MTP layer's tensors replaced by `model`'s (FP8-quantised) to `out`.
+
+    Written to a sibling directory first and swapped in, so `out` is never half-written."""
+    new = quantize_state({k: v for k, v in export_tensors(model).items() if k.startswith(mtp_prefix)}, FP8_BLOCK)
+    for name in new:  # the MTP layer's copies of embed/head stay as stored (the main ones are frozen)
+        if name.endswith(("embed_tokens.weight", "shared_head.head.weight")):
+            new[name] = stored[name]
+    if set(new) - set(stored):
+        raise SystemExit(f"unexpected tensors: {sorted(set(new) - set(stored))[:3]}")
+    files = {f.name: f.read_bytes() for f in ckpt.iterdir()
+             if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json"}
+    tmp, old = out.with_name(out.name + ".writing"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(tmp, {**stored, **new}, cfg, files, shard_bytes=1 << 30)
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtp.distill", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, default=Path("specdec/default_model"))
@@ -79,7 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qat-frac", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--self-data", type=Path, help="windows of the main model's own text (mtp.self_data's .npy)")
+    p.add_argument("--self-frac", type=float, default=0.5, help="share of every batch from --self-data (default 0.5)")
+    p.add_argument("--save-every", type=float, default=10.0, help="write the checkpoint every this many minutes")
     a = p.parse_args(argv)
+    if not 0.0 <= a.self_frac <= 1.0:
+        raise SystemExit(f"--self-frac must be in [0, 1], got {a.self_frac}")
+    window_len = a.seq_len + a.depth + 1
+    self_windows = None
+    if a.self_data is not None:
+        try:
+            self_windows = np.load(a.self_data)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--self-data {a.self_data}: cannot read it as .npy ({e})")
+        if self_windows.ndim != 2 or self_windows.shape[1] < window_len or len(self_windows) == 0:
+            raise SystemExit(f"--self-data {a.self_data}: need [N, >= {window_len}] token ids "
+                             f"(--seq-len + --depth + 1), got shape {list(self_windows.shape)}")
     torch.set_num_threads(a.threads)
     cfg = json.loads((a.ckpt / "config.json").read_text())
     args = from_hf_config(cfg)
@@ -101,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             trained.append(param)
     opt = torch.optim.AdamW(trained, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start, step = time.time(), 0
+    last_save = start
 
     def progress() -> float:
         return step / a.steps if a.steps else (time.time() - start) / (a.minutes * 60)
@@ -110,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         progress_now = progress()
         for g in opt.param_groups:
             g["lr"] = a.lr * (1.0 - progress_now)  # linear decay to 0 over the budget
-        window = train_batch(corpus.train, a.batch_size, a.seq_len + a.depth + 1, a.seed, step)
+        window = mixed_batch(corpus.train, self_windows, a.self_frac, a.batch_size, window_len, a.seed, step)
         qat = progress_now >= 1.0 - a.qat_frac
         opt.zero_grad(set_to_none=True)
         with fake_fp8_weights(model, FP8_BLOCK) if qat else contextlib.nullcontext():
@@ -122,19 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", qat=qat, refresh=False)
+        if time.time() - last_save > a.save_every * 60:
+            write_distilled(a.out, a.ckpt, cfg, stored, model, mtp_prefix)
+            last_save = time.time()
     bar.close()
-    new = quantize_state({k: v for k, v in export_tensors(model).items() if k.startswith(mtp_prefix)}, FP8_BLOCK)
-    for name in new:  # the MTP layer's copies of embed/head stay as stored (the main ones are frozen)
-        if name.endswith(("embed_tokens.weight", "shared_head.head.weight")):
-            new[name] = stored[name]
-    if set(new) - set(stored):
-        raise SystemExit(f"unexpected tensors: {sorted(set(new) - set(stored))[:3]}")
-    files = {f.name: f.read_bytes() for f in a.ckpt.iterdir()
-             if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json"}
-    write_checkpoint(a.out, {**stored, **new}, cfg, files, shard_bytes=1 << 30)
-    a.out.chmod(0o755)
-    for f in a.out.iterdir():
-        f.chmod(0o644)
+    write_distilled(a.out, a.ckpt, cfg, stored, model, mtp_prefix)
     print(f"distilled the MTP layer for {step} steps ({(time.time() - start) / 60:.1f} min); wrote {a.out}",
           file=sys.stderr)
     return 0

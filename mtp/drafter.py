@@ -22,7 +22,7 @@ from torch import nn
 
 from model.checkpoint import CheckpointReader, load_state
 from model.errors import CheckpointError, ConfigError
-from model.mla import absorb_once
+from model.load import prepare_loaded
 from model.mtp_layer import MTPLayer
 from kernels.cpu_gemm import GemmTuner
 from model.parallel import prepare_cpu
@@ -172,7 +172,7 @@ def load_drafter(main: Transformer, reader: CheckpointReader, device: torch.devi
     if _same_as_main(reader, prefix + "shared_head.head.weight", main.lm_head.weight, main.lm_head.shard_start):
         layer.shared_head.head = None
     load_state(layer, reader, prefix, device, show_progress and ctx.rank == 0, args.fp8_block_size or 128)
-    absorb_once(layer)
+    prepare_loaded(layer)
     if torch.device(device).type == "cpu":
         prepare_cpu(layer, tuner, heads=(layer.shared_head.head,) if layer.shared_head.head else ())
     return MTPDrafter(layer.eval(), main, cache_layer=index)

@@ -232,3 +232,29 @@ def test_fp8_kv_b_is_dequantised_once_at_load(fp8_ckpt, monkeypatch):
     for m in layers:
         m.kv_b_absorbed = None  # back to dequantising per call
     assert torch.equal(logits(), once) and calls
+
+
+@pytest.mark.parametrize("local", [None, (2, 6)])
+def test_fp8_experts_run_grouped_like_one_by_one(fp8_ckpt, local):
+    """FP8 experts are stacked at load and run as grouped GEMMs (one per projection for all local
+    experts); this rank's routed sum equals running each chosen expert on its tokens, also when the
+    rank holds only some experts (expert parallelism: the others' slots give zeros)."""
+    model, _ = load_verifier(fp8_ckpt, ParallelContext(), keep_fp8=True, show_progress=False)
+    moe = model.model.layers[1].mlp
+    assert moe.fp8_stacked is not None
+    w, _ = moe.fp8_stacked["down_proj"]
+    assert moe.experts[str(moe.local_experts.start)].down_proj.weight.data_ptr() == w.data_ptr()  # views, no copy
+    if local is not None:
+        moe.local_experts = range(*local)
+        moe.stack_fp8()
+    flat = torch.randn(7, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    weights, indices = moe.gate(flat)
+    with torch.inference_mode():
+        grouped = moe._routed_local(flat, weights, indices, "loop")
+        stacked, moe.fp8_stacked = moe.fp8_stacked, None
+        one_by_one = moe._routed_local(flat, weights, indices, "loop")
+    torch.testing.assert_close(grouped, one_by_one, rtol=1e-5, atol=1e-5)
+    if local is not None:
+        others = ~((indices >= local[0]) & (indices < local[1])).any(dim=1)
+        assert torch.equal(grouped[others], torch.zeros_like(grouped[others]))  # no local expert: zero
+    assert stacked["gate_proj"][0].shape[0] == len(moe.local_experts)

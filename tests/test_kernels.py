@@ -211,6 +211,18 @@ def test_fp8_linear_approximates_float_linear(dtype: torch.dtype) -> None:
     assert kernels.fp8_linear(x, w_fp8, w_s, out_dtype=torch.float32, impl="torch").dtype == torch.float32
 
 
+def test_grouped_fp8_gemm_reference_is_per_expert_fp8_gemm() -> None:
+    """Each row is its expert's `fp8_gemm`; rows of experts outside [0, E) are zero; an expert
+    with no rows is fine."""
+    a, a_s, w, w_s, ids = _grouped_case(9, 3, 40, 70, ids=[2, 0, 2, -1, 2, 0, 3, 2, 2])
+    got = kernels.grouped_fp8_gemm(a, a_s, w, w_s, ids, impl="torch")
+    for s, e in enumerate(ids.tolist()):
+        want = kernels.fp8_gemm(a[s:s + 1], a_s[s:s + 1], w[e], w_s[e], impl="torch")[0] if 0 <= e < 3 else 0 * got[s]
+        assert torch.equal(got[s], want), f"row {s} (expert {e})"
+    with pytest.raises(ValueError, match="w_s shape"):
+        kernels.grouped_fp8_gemm(a, a_s, w, w_s[:1], ids, impl="torch")
+
+
 # ------------------------------------------- 2. Triton kernels (interpreter subprocess)
 
 
@@ -267,6 +279,38 @@ def _check_fp8_linear() -> None:
     assert kernels.fp8_linear(x, w_fp8, w_s, impl="triton").dtype == torch.bfloat16
 
 
+def _grouped_case(rows: int, n_experts: int, n: int, k: int, ids: list[int] | None = None, seed: int = 0):
+    """Operands of a grouped FP8 GEMM: `rows` slots over `n_experts` experts `[n, k]` (ids given,
+    or random with some outside the range: experts of another rank)."""
+    g = torch.Generator().manual_seed(seed)
+    a, a_s = ref.act_quant(torch.randn(rows, k, generator=g))
+    quantised = [ref.weight_quant(torch.randn(n, k, generator=g)) for _ in range(n_experts)]
+    w, w_s = torch.stack([q[0] for q in quantised]), torch.stack([q[1] for q in quantised])
+    expert_ids = torch.tensor(ids) if ids is not None else torch.randint(-1, n_experts + 1, (rows,), generator=g)
+    return a, a_s, w, w_s, expert_ids
+
+
+def _check_grouped_fp8_gemm() -> None:
+    from kernels.triton_fp8 import align_by_expert
+    cases = [
+        _grouped_case(37, 4, 200, 130),                                   # random, partial blocks, ids -1 and E
+        _grouped_case(5, 6, 64, 256, ids=[3, 3, 3, 3, 3]),                # one expert has every row, five none
+        _grouped_case(40, 3, 96, 128, ids=[0] * 33 + [2] * 7, seed=1),    # uneven: 33 rows (3 tiles of 16), 0, 7
+        _grouped_case(3, 2, 64, 64, ids=[-1, -1, -1], seed=2),            # no local rows at all
+    ]
+    for a, a_s, w, w_s, ids in cases:
+        want = kernels.grouped_fp8_gemm(a, a_s, w, w_s, ids, impl="torch")
+        got = kernels.grouped_fp8_gemm(a, a_s, w, w_s, ids, impl="triton")
+        label = f"{tuple(a.shape)} x {tuple(w.shape)} ids {ids.tolist()[:8]}"
+        assert got.shape == want.shape and got.dtype == torch.float32, label
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(want.abs().max().item(), 1e-6), msg=label)
+        bf16 = kernels.grouped_fp8_gemm(a, a_s, w, w_s, ids, out_dtype=torch.bfloat16, impl="triton")
+        assert bf16.dtype == torch.bfloat16, label
+    rows, block_expert = align_by_expert(torch.tensor([2, 0, 2, -1, 2, 5]), 3, 2)
+    assert rows.tolist()[:6] == [1, -1, 0, 2, 4, -1] and block_expert.tolist()[:3] == [0, 2, 2]
+    assert all(b == -1 for b in block_expert.tolist()[3:])
+
+
 def _check_kernels_are_interpreted() -> None:
     from kernels import triton_fp8
 
@@ -279,6 +323,7 @@ INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
     "weight_dequant": _check_weight_dequant,
     "fp8_gemm": _check_fp8_gemm,
     "fp8_linear": _check_fp8_linear,
+    "grouped_fp8_gemm": _check_grouped_fp8_gemm,
 }
 
 
