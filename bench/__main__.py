@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")
     g.add_argument("--max-seq-len", type=int, default=1024, help="engine cache/RoPE length (default 1024)")
     g.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    g.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
+                        "about half of bf16's bytes; changes logits slightly, see README)")
     g.add_argument("--compile", action="store_true",
                    help="specdec compiled (`--compile` of specdec.generate: whole greedy steps, else the "
                         "decode-step forwards; CPU): "
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                     from specdec import Engine
 
                     eng = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
-                                                 compile=a.compile)
+                                                 compile=a.compile, kv_cache_dtype=a.kv_cache_dtype)
                     if eng.notice:
                         print(eng.notice, file=sys.stderr)
                 report = importlib.import_module(f"bench.{name}").run(eng, prompts, s)

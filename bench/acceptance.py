@@ -117,7 +117,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     notes = [f"{len(prompts)} prompts in {len(groups)} call(s) of {a.batch_size} rows; rates pooled over "
              "row-steps; cond.[i] = uncond.[i] / uncond.[i-1]; tree shapes are depth x topk x verified nodes"]
     notes += [f"auto at {k}: choose_tree picked {v} (depth x topk x nodes)" for k, v in auto_choices.items()]
-    settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "batch_size": a.batch_size,
+    settings = {"checkpoint": str(eng.checkpoint), "kv_cache_dtype": eng.kv_cache_dtype, "prompts": len(prompts),
+                "batch_size": a.batch_size,
                 "max_new_tokens": a.max_new_tokens, "temperatures": temperatures, "draft_modes": modes,
                 "top_p": a.top_p, "seed": a.seed, "shapes": [s.key for s in shapes], "quick": a.quick}
     report = Report("acceptance", "MTP draft acceptance", settings, rows, tables, notes, failures,

@@ -151,7 +151,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         notes.append("adaptive K: the engine's default, each step's depth chosen in 0..K from step costs measured "
                      "on this machine and the running acceptance (specdec.adaptive); [d0 …]: share of its steps "
                      "run at each depth, d0 being plain steps")
-    settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "batch_sizes": batch_sizes,
+    settings = {"checkpoint": str(eng.checkpoint), "kv_cache_dtype": eng.kv_cache_dtype, "prompts": len(prompts),
+                "batch_sizes": batch_sizes,
                 "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
                 "shapes": [s.key for s in shapes], "quick": a.quick, "compiled": eng.compiled is not None,
                 "ceiling": a.ceiling}

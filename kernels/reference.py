@@ -201,6 +201,8 @@ def fp8_gemm(
     """
     check_gemm_shapes(a, a_s, b, b_s, block_size)
     n, k = b.shape
+    if a.device.type == "meta":  # a dry run (`specdec.dry_run`): the shapes, checked above, are all there is
+        return torch.empty(*a.shape[:-1], n, dtype=out_dtype, device="meta")
     b_s_rows = b_s.float().repeat_interleave(block_size, dim=0)[:n]  # [N, KB]
     acc = torch.zeros(*a.shape[:-1], n, dtype=torch.float32, device=a.device)
     for kb, start in enumerate(range(0, k, block_size)):
@@ -252,6 +254,8 @@ def grouped_fp8_gemm(
         `[S, N]` tensor of `out_dtype`.
     """
     check_grouped_shapes(a, a_s, w, w_s, expert_ids, block_size)
+    if a.device.type == "meta":  # a dry run (`specdec.dry_run`): shapes only, rows per expert are unknown
+        return torch.empty(a.shape[0], w.shape[1], dtype=out_dtype, device="meta")
     out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float32, device=a.device)
     for e in range(w.shape[0]):
         rows = (expert_ids == e).nonzero().squeeze(1)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import kernels
-from kernels import paged
+from kernels import fp8_cache, paged
 from model.args import ModelArgs
 from model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RMSNorm, RowParallelLinear
 from model.rope import rotate
@@ -69,6 +69,12 @@ class MLA(nn.Module):
             w = kernels.weight_dequant(w, self.kv_b_proj.weight_scale_inv, out_dtype=self.compute_dtype())
         return w.view(self.n_local_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
 
+    def _stored_latent(self, latent: torch.Tensor, kv_pool: torch.Tensor) -> torch.Tensor:
+        """The normalised latents `[B, T, C]` as the pool stores them: its dtype, or the FP8 format
+        (`kernels.fp8_cache`) when the pool is a uint8 FP8 latent pool."""
+        normed = self.kv_a_layernorm(latent)
+        return fp8_cache.encode(normed) if fp8_cache.is_fp8(kv_pool) else normed.to(kv_pool.dtype)
+
     def compute_dtype(self) -> torch.dtype:
         """Compute dtype of this layer (the dtype of its norm weights)."""
         return self.kv_a_layernorm.weight.dtype
@@ -90,7 +96,8 @@ class MLA(nn.Module):
             x: `[B, T, dim]` normed hidden states of the new tokens.
             rope: `[B, T, rope_dim/2]` complex64 rotation (cos + i·sin) at each token's position.
             kv_pool: `[layers, ≥B, S, kv_lora_rank]` latent cache pool (written in place); this layer
-                uses `kv_pool[layer]`, rows 0..B-1 (further rows are left alone).
+                uses `kv_pool[layer]`, rows 0..B-1 (further rows are left alone). A uint8 pool of
+                width kv_lora_rank + 4 holds FP8 latents with per-token scales (`kernels.fp8_cache`).
             pe_pool: `[layers, ≥B, S, rope_dim]` rotated RoPE-key pool (written in place), as kv_pool.
             layer: this layer's index in the pools. (The pools, not per-layer views, are written: an
                 in-place write into a view of a compiled graph's input costs a copy of the input.)
@@ -121,14 +128,16 @@ class MLA(nn.Module):
         if block_table is None:
             rows = torch.arange(bsz, device=x.device).unsqueeze(1)
             where = (rows.new_full((), layer), rows, write_slots)
-            kv_pool.index_put_(where, self.kv_a_layernorm(latent).to(kv_pool.dtype))
+            kv_pool.index_put_(where, self._stored_latent(latent, kv_pool))
             pe_pool.index_put_(where, k_pe.to(pe_pool.dtype))
             kv, pe = kv_pool[layer, :bsz, :kv_len], pe_pool[layer, :bsz, :kv_len]
         else:
-            paged.write_slots(kv_pool, layer, block_table, write_slots, self.kv_a_layernorm(latent))
+            paged.write_slots(kv_pool, layer, block_table, write_slots, self._stored_latent(latent, kv_pool))
             paged.write_slots(pe_pool, layer, block_table, write_slots, k_pe)
             kv = paged.gather_rows(kv_pool, layer, block_table, bsz, kv_len)
             pe = paged.gather_rows(pe_pool, layer, block_table, bsz, kv_len)
+        if fp8_cache.is_fp8(kv):
+            kv = fp8_cache.decode(kv, self.compute_dtype())
         w_kv_b = self._kv_b()
         heads = self.n_local_heads
         # absorb W_uk into the queries: per head [B·T, nope] @ [nope, C] (one batched GEMM over heads)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import fp8_cache
 from model.args import ModelArgs
 
 
@@ -19,22 +20,26 @@ class LatentCache:
     """Preallocated latent + RoPE-key cache for `n_layers` layers × `batch` rows × `seq_len` slots.
 
     Attributes:
-        kv: `[n_layers, batch, seq_len, kv_lora_rank]` latents.
+        kv: `[n_layers, batch, seq_len, kv_lora_rank]` latents in `dtype`; with kv_cache_dtype "fp8",
+            `[n_layers, batch, seq_len, kv_lora_rank + 4]` uint8 (FP8 codes + scale, `kernels.fp8_cache`).
         pe: `[n_layers, batch, seq_len, qk_rope_head_dim]` rotated RoPE keys.
         lengths: `[batch]` int64 committed tokens per row.
     """
 
     def __init__(self, args: ModelArgs, n_layers: int, batch: int, seq_len: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, kv_cache_dtype: str = "auto") -> None:
         self.batch, self.seq_len = batch, seq_len
-        self.kv = torch.zeros(n_layers, batch, seq_len, args.kv_lora_rank, dtype=dtype, device=device)
+        kv_dtype, width = fp8_cache.latent_storage(kv_cache_dtype, args.kv_lora_rank, dtype)
+        self.kv = torch.zeros(n_layers, batch, seq_len, width, dtype=kv_dtype, device=device)
         self.pe = torch.zeros(n_layers, batch, seq_len, args.qk_rope_head_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
     @staticmethod
-    def bytes_per_token(args: ModelArgs, n_layers: int, dtype: torch.dtype) -> int:
+    def bytes_per_token(args: ModelArgs, n_layers: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
         """Cache bytes one token costs over `n_layers` layers."""
-        return (args.kv_lora_rank + args.qk_rope_head_dim) * n_layers * torch.empty((), dtype=dtype).element_size()
+        kv_dtype, width = fp8_cache.latent_storage(kv_cache_dtype, args.kv_lora_rank, dtype)
+        size = lambda d: torch.empty((), dtype=d).element_size()  # noqa: E731
+        return (width * size(kv_dtype) + args.qk_rope_head_dim * size(dtype)) * n_layers
 
     def span(self, extra: int, multiple: int = SPAN_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of `kv` and `pe` over their first n slots, `[n_layers, batch, n, ·]`: every row's

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from kernels import fp8_cache
 from kernels.cpu_gemm import GemmTuner, machine_key, measure_enabled
 from model.errors import ConfigError, SpecdecError
 from model.load import load_verifier
@@ -63,7 +64,9 @@ class Engine:
 
     def __init__(self, model: Transformer, drafter: MTPDrafter | None, tokenizer, ctx: ParallelContext,
                  device: torch.device, checkpoint: Path, notice: str | None = None,
-                 compiled: CompiledDecode | None = None) -> None:
+                 compiled: CompiledDecode | None = None, kv_cache_dtype: str = "auto") -> None:
+        fp8_cache.latent_storage(kv_cache_dtype, model.args.kv_lora_rank, model.dtype)  # validates it
+        self.kv_cache_dtype = kv_cache_dtype  # latent cache format: "auto" (compute dtype) or "fp8"
         self.model, self.drafter, self.tokenizer, self.ctx, self.device = model, drafter, tokenizer, ctx, device
         self.compiled = compiled
         # the forwards every decoding step calls (same signatures as the modules' forward; compiled
@@ -100,6 +103,7 @@ class Engine:
         show_progress: bool = False,
         compile: bool = False,
         tune: bool | GemmTuner | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> "Engine":
         """Load the checkpoint at `path` (None: the embedded default model) for this rank.
 
@@ -109,7 +113,12 @@ class Engine:
         `tune`: on the CPU, time the GEMM formulations of every weight shape on this machine and use
         the fastest (`kernels.cpu_gemm`; verdicts cached in `~/.cache/specdec`); False: the default
         formulation; None: on unless `SPECDEC_TUNE=0`; a `GemmTuner`: that one (e.g. to re-time).
+        `kv_cache_dtype`: "auto" keeps cached latents in `dtype`; "fp8" as e4m3 codes with one float32
+        scale per token (`kernels.fp8_cache`: about half of bf16's cache bytes).
         """
+        if kv_cache_dtype not in fp8_cache.KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(fp8_cache.KV_CACHE_DTYPES)}, "
+                              f"got {kv_cache_dtype!r}")
         device = bind_device(torch.device(device) if device is not None else default_device())
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ctx = init_parallel(device)
@@ -131,7 +140,7 @@ class Engine:
         if compile:
             check_compile_supported(model, ctx, device)
             compiled = CompiledDecode(model, drafter)
-        return cls(model, drafter, tokenizer, ctx, device, path, notice, compiled)
+        return cls(model, drafter, tokenizer, ctx, device, path, notice, compiled, kv_cache_dtype)
 
     def describe_drafter(self) -> str:
         """One line on the MTP drafter: present or not, and which tensors it shares with the verifier."""
@@ -176,7 +185,7 @@ class Engine:
             slots = max(seq_len, old.seq_len if old else 0)
             self._cache = None
             self._cache = LatentCache(self.args, self.args.n_layers + self.args.n_mtp_layers, rows, slots,
-                                      self.model.dtype, self.device)
+                                      self.model.dtype, self.device, self.kv_cache_dtype)
         return self._cache
 
     def shrink_pool(self, cache: LatentCache, rows: list[int], prompt_of: list[int],
@@ -275,7 +284,7 @@ class Engine:
         """What a step's cost (and the acceptance) depends on besides depth and rows."""
         mode = f"sampled {spec.draft_mode}" if sampled else "greedy"
         return (f"{machine_key(self.model.dtype)} | {self.device} | world {self.ctx.world_size} | "
-                f"{self.checkpoint_id} | fp8 {self.model.fp8_block is not None} | {mode} | "
+                f"{self.checkpoint_id} | fp8 {self.model.fp8_block is not None} | cache {self.kv_cache_dtype} | {mode} | "
                 f"draft_vocab {spec.draft_vocab} | hidden {spec.verifier_hidden}/{spec.draft_hidden}")
 
     # ------------------------------------------------------------------ plain decoding

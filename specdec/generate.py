@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also decode plainly and report the speedup")
     p.add_argument("--json", dest="json_path", help="write results and stats to this JSON file (atomically)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
+                        "about half of bf16's bytes; changes logits slightly, see README)")
     p.add_argument("--compile", action="store_true",
                    help="compile decoding with torch.compile: whole steps for greedy plain decoding and greedy "
                         "chains, the per-step forwards otherwise (CPU, one process; the first use of each batch "
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(a)
         prompts = a.prompt or (read_prompts(a.input_file) if a.input_file else [])
         engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
-                                        show_progress=True, compile=a.compile)
+                                        show_progress=True, compile=a.compile, kv_cache_dtype=a.kv_cache_dtype)
         if engine.ctx.rank == 0:
             if engine.notice:
                 print(engine.notice, file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import fp8_cache
 from model.args import ModelArgs
 
 
@@ -23,21 +24,23 @@ class PagedLatentCache:
     most `seq_len` slots each.
 
     Attributes:
-        kv: `[n_layers, n_blocks + 1, block_size, kv_lora_rank]` latents (block 0: the null block).
+        kv: `[n_layers, n_blocks + 1, block_size, kv_lora_rank]` latents (block 0: the null block);
+            uint8 of width kv_lora_rank + 4 with kv_cache_dtype "fp8" (`kernels.fp8_cache`).
         pe: `[n_layers, n_blocks + 1, block_size, qk_rope_head_dim]` rotated RoPE keys.
         block_table: `[rows, seq_len / block_size]` int64, row r's blocks in slot order (0: none).
         lengths: `[rows]` int64 committed tokens per row.
     """
 
     def __init__(self, args: ModelArgs, n_layers: int, rows: int, n_blocks: int, block_size: int, seq_len: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, kv_cache_dtype: str = "auto") -> None:
         if block_size < 1 or n_blocks < 1 or rows < 1:
             raise ValueError(f"paged cache: block_size ({block_size}), blocks ({n_blocks}) and rows ({rows}) "
                              f"must be >= 1")
         self.batch, self.block_size, self.n_blocks = rows, block_size, n_blocks
         self.max_blocks = -(-seq_len // block_size)
         self.seq_len = self.max_blocks * block_size
-        self.kv = torch.zeros(n_layers, n_blocks + 1, block_size, args.kv_lora_rank, dtype=dtype, device=device)
+        kv_dtype, width = fp8_cache.latent_storage(kv_cache_dtype, args.kv_lora_rank, dtype)
+        self.kv = torch.zeros(n_layers, n_blocks + 1, block_size, width, dtype=kv_dtype, device=device)
         self.pe = torch.zeros(n_layers, n_blocks + 1, block_size, args.qk_rope_head_dim, dtype=dtype, device=device)
         self.block_table = torch.zeros(rows, self.max_blocks, dtype=torch.long, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)

@@ -5,10 +5,10 @@
 
 Weights are counted from the very modules the loader fills, built on the meta device with this
 rank's `ParallelContext` (so the sharding rules are the loader's, exactly): FP8 projections and
-their float32 scales, BF16 embeddings/head/norms/router, float32 router bias, and the MTP layer
-(without its embedding/head copies, which specdec shares with the verifier). The shared MLA cache
-holds (kv_lora_rank + qk_rope_head_dim) values per token for every main layer and the MTP layer,
-replicated on every rank, for `max_seq_len` plus the draft's scratch slots. Activations are
+their float32 scales, BF16 embeddings/head/norms, float32 router weights and bias, and the MTP
+layer (without its embedding/head copies, which specdec shares with the verifier). The shared MLA
+cache holds (kv_lora_rank + qk_rope_head_dim) values per token for every main layer and the MTP
+layer (`--kv-cache-dtype fp8`: the latent as FP8 + a 4-byte scale), replicated on every rank, for `max_seq_len` plus the draft's scratch slots. Activations are
 estimated for the largest verify step (batch × (nodes+1) tokens).
 """
 
@@ -25,6 +25,7 @@ from model.errors import SpecdecError
 from model.mtp_layer import MTPLayer
 from model.parallel import ParallelContext
 from model.transformer import Transformer
+from specdec.cache import LatentCache
 
 GIB = 1 << 30
 
@@ -46,11 +47,12 @@ class MemoryPlan:
         return self.fp8_weights + self.fp8_scales + self.other_weights + self.cache + self.activations
 
 
-def rank_modules(args: ModelArgs, ctx: ParallelContext, dtype: torch.dtype, keep_fp8: bool, with_mtp: bool):
+def rank_modules(args: ModelArgs, ctx: ParallelContext, dtype: torch.dtype, keep_fp8: bool, with_mtp: bool,
+                 max_seq_len: int = 2):
     """The verifier and (optionally) MTP layer of this rank on the meta device, as the loader builds them."""
     fp8_block = args.fp8_block_size if keep_fp8 else None
     with torch.device("meta"):
-        main = Transformer(args, ctx, dtype, fp8_block, 2)
+        main = Transformer(args, ctx, dtype, fp8_block, max_seq_len)
         mtp = MTPLayer(args.n_layers, args, ctx, dtype, fp8_block) if with_mtp else None
     if mtp is not None:  # specdec reuses the verifier's embedding and head (identical copies in the release)
         mtp.embed_tokens = None
@@ -72,7 +74,8 @@ def _weight_bytes(module: torch.nn.Module) -> tuple[int, int, int]:
 
 
 def plan(args: ModelArgs, world_size: int, max_batch: int, max_seq_len: int, spec_nodes: int | None,
-         dtype: torch.dtype = torch.bfloat16, keep_fp8: bool = True, rank: int = 0) -> MemoryPlan:
+         dtype: torch.dtype = torch.bfloat16, keep_fp8: bool = True, rank: int = 0,
+         kv_cache_dtype: str = "auto") -> MemoryPlan:
     """Per-rank memory for `max_batch` sequences of `max_seq_len` tokens (spec_nodes: draft nodes, None: plain)."""
     ctx = ParallelContext(world_size, rank)
     with_mtp = spec_nodes is not None and args.n_mtp_layers > 0
@@ -85,7 +88,7 @@ def plan(args: ModelArgs, world_size: int, max_batch: int, max_seq_len: int, spe
         mtp_bytes = m_fp8 + m_scales + m_other
     elem = torch.empty((), dtype=dtype).element_size()
     n_cache_layers = args.n_layers + (1 if with_mtp else 0)
-    per_token = (args.kv_lora_rank + args.qk_rope_head_dim) * n_cache_layers * elem
+    per_token = LatentCache.bytes_per_token(args, n_cache_layers, dtype, kv_cache_dtype)
     draft_slots = (spec_nodes + 1) if spec_nodes else 0
     cache = per_token * max_batch * (max_seq_len + draft_slots)
     tokens = max_batch * (spec_nodes + 1 if spec_nodes else 1)
@@ -114,11 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", choices=["mtp", "none"], default="mtp")
     p.add_argument("--tree-nodes", type=int, default=3, help="draft nodes per step (chain: the draft depth)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="latent cache format (fp8: e4m3 latents + one scale per token)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="also build every rank's modules on the meta device and push a prefill chunk and the "
+                        "largest verify step through them (all shapes checked, no weights needed)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk of the dry run (default 512)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU")
     a = p.parse_args(argv)
     try:
         for flag, value in (("--world-size", a.world_size), ("--max-batch-size", a.max_batch_size),
-                            ("--max-seq-len", a.max_seq_len), ("--tree-nodes", a.tree_nodes)):
+                            ("--max-seq-len", a.max_seq_len), ("--tree-nodes", a.tree_nodes),
+                            ("--prefill-chunk", a.prefill_chunk)):
             if value < 1:
                 raise SpecdecError(f"{flag} must be >= 1, got {value}")
         args = load_model_args(a.config)
@@ -126,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if nodes is not None and args.n_mtp_layers == 0:
             raise SpecdecError(f"{a.config}: config has no MTP layer (num_nextn_predict_layers = 0); use --spec none")
         dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-        m = plan(args, a.world_size, a.max_batch_size, a.max_seq_len, nodes, dtype)
+        m = plan(args, a.world_size, a.max_batch_size, a.max_seq_len, nodes, dtype, kv_cache_dtype=a.kv_cache_dtype)
     except SpecdecError as e:
         print(f"specdec.plan: error: {e}", file=sys.stderr)
         return 2
@@ -141,6 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  activations (est.)   {_gib(m.activations)}")
     print(f"  total                {_gib(m.total)}  of {a.gpu_mem_gib:.0f} GiB: "
           f"{'fits' if m.total <= budget else 'DOES NOT FIT'} ({100 * m.total / budget:.0f}%)")
+    if a.dry_run:
+        from specdec.dry_run import dry_run
+
+        print("dry run on the meta device (shapes only):")
+        try:
+            for line in dry_run(args, a.world_size, a.max_batch_size, a.max_seq_len, nodes, dtype, a.prefill_chunk,
+                                a.kv_cache_dtype):
+                print("  " + line, flush=True)
+        except (SpecdecError, RuntimeError, ValueError, AssertionError) as e:
+            print(f"specdec.plan: dry run failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
     return 0 if m.total <= budget else 1
 
 

@@ -118,7 +118,7 @@ class Scheduler:
         args = engine.args
         self.cache = PagedLatentCache(args, args.n_layers + args.n_mtp_layers, max_rows,
                                       -(-cache_tokens // block_size), block_size, engine.max_seq_len,
-                                      engine.model.dtype, engine.device)
+                                      engine.model.dtype, engine.device, engine.kv_cache_dtype)
         self.decoder.use_cache(self.cache)
         self.max_rows, self.max_waiting, self.prefill_tokens = max_rows, max_waiting, prefill_tokens
         self.on_step, self.static = on_step, static

@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slots in the paged latent-cache pool (default: max-batch × max-seq-len); when it runs "
                         "out, the newest requests are preempted and recomputed later")
     p.add_argument("--block-size", type=int, default=16, help="slots per cache block (default 16)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
+                        "about half of bf16's bytes; changes logits slightly, see README)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
@@ -310,7 +313,8 @@ def load_server(a: argparse.Namespace) -> Server:
         raise ConfigError(f"--port must be in 1..65535, got {a.port}")
     if a.draft_depth < 1:
         raise ConfigError(f"--draft-depth must be >= 1, got {a.draft_depth}")
-    engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len)
+    engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
+                                    kv_cache_dtype=a.kv_cache_dtype)
     spec = None
     if (a.spec or ("mtp" if engine.drafter is not None else "none")) == "mtp":
         if engine.drafter is None:

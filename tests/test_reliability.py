@@ -119,3 +119,38 @@ def test_planner_cli_on_the_671b_config():
     assert "69.8 KiB per token" in proc.stdout and "fits" in proc.stdout
     proc = run_cli(["-m", "specdec.plan", "--config", "configs/config_671B.json", "--world-size", "3"])
     assert proc.returncode == 2 and "not divisible by world size 3" in proc.stderr
+
+
+@pytest.mark.parametrize("config, world_size, spec_nodes, ranks", [
+    ("configs/config_671B.json", 8, 3, [7]),    # ranks differ only in their slices: the last one's
+    ("configs/config_671B.json", 16, 8, [0]),
+    ("configs/config_236B.json", 8, None, [0]),   # V2: bf16 experts, no MTP layer
+    ("configs/config_236B.json", 16, None, [15]),
+])
+def test_dry_run_pushes_full_size_steps_through_each_rank(config, world_size, spec_nodes, ranks):
+    """Every shape of the real model, built as the loader builds it for a rank (on the meta device):
+    a 512-token prefill chunk at the end of the context and the largest verify step."""
+    from specdec.dry_run import dry_run
+    lines = dry_run(load_model_args(config), world_size, 32, 16384, spec_nodes, torch.bfloat16, 512,
+                    kv_cache_dtype="fp8" if world_size == 16 else "auto", ranks=ranks)
+    width = spec_nodes + 1 if spec_nodes else 1
+    assert len(lines) == len(ranks)
+    for rank, line in zip(ranks, lines):
+        assert line.startswith(f"rank {rank}/{world_size}: prefill chunk [1 x 512 tokens")
+        assert f"verify step [32 x {width} tokens" in line
+        assert line.count("MTP layer ok") == (2 if spec_nodes else 0)
+
+
+def test_dry_run_cli_says_what_it_checked(tmp_path):
+    import json
+
+    from model.synthetic import small_config
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(small_config()))
+    proc = run_cli(["-m", "specdec.plan", "--config", str(config), "--world-size", "2", "--max-seq-len", "64",
+                    "--dry-run", "--prefill-chunk", "16"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("verifier ok, MTP layer ok") == 4 and "rank 1/2" in proc.stdout
+    proc = run_cli(["-m", "specdec.plan", "--config", "configs/config_236B.json", "--world-size", "8",
+                    "--spec", "none", "--dry-run", "--prefill-chunk", "0"])
+    assert proc.returncode == 2 and "--prefill-chunk must be >= 1, got 0" in proc.stderr
