@@ -18,6 +18,7 @@ from functools import partial
 import torch
 
 from specdec import Engine, SpecConfig
+from specdec.auto_tree import finished
 from specdec.speculative import RowState, SpeculativeDecoder
 from specdec.tree import DraftTree, chain_tree, visible_slots
 
@@ -130,7 +131,7 @@ def _interleaved_medians(calls: list[Callable[[], object]], rounds: int) -> list
     for _ in range(rounds):
         for t, call in zip(times, calls):
             start = time.perf_counter()
-            call()
+            finished(call())
             t.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 

@@ -71,12 +71,20 @@ class TreeChoice:
 
 
 def _median_seconds(fn, repeats: int = 3) -> float:
+    """Median wall seconds of `fn()`; a CUDA result is waited for (kernels launch asynchronously)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        finished(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def finished(result) -> None:
+    """Wait until the device work behind `result` (a tensor, or a tuple holding tensors) is done."""
+    tensors = [t for t in (result if isinstance(result, tuple) else (result,)) if isinstance(t, torch.Tensor)]
+    if any(t.is_cuda for t in tensors):
+        torch.cuda.synchronize(tensors[0].device)
 
 
 def _verify_seconds(engine, lengths: torch.Tensor, width: int) -> float:
