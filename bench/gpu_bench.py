@@ -92,6 +92,46 @@ def bench_gemm(rows: list[int], shapes=SHAPES_671B) -> list[dict]:
     return out
 
 
+def bench_grouped(tokens: list[int], n_experts: int = 32, topk: int = 8, n: int = 2048, k: int = 7168) -> list[dict]:
+    """One MoE projection of a rank holding `n_experts` of V3's 256 experts ([2048, 7168] each;
+    32 = one rank of 8), `tokens` tokens × `topk` routed slots spread uniformly over all 256
+    experts: the grouped FP8 GEMM (one launch) against a loop of per-expert `fp8_gemm` calls and
+    against dequantise + BF16 matmul per expert. TFLOP/s counts the local slots' FLOPs only."""
+    import kernels
+    from kernels import reference as ref
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    quantised = [ref.weight_quant(torch.randn(n, k, device="cuda", generator=g)) for _ in range(n_experts)]
+    w, w_s = torch.stack([q[0] for q in quantised]), torch.stack([q[1] for q in quantised])
+    del quantised
+    out = []
+    for t in tokens:
+        ids = torch.randint(0, 256, (t * topk,), device="cuda", generator=g)
+        local = torch.where(ids < n_experts, ids, -1)
+        a, a_s = kernels.act_quant(torch.randn(t * topk, k, device="cuda", generator=g).bfloat16(), impl="triton")
+        rows_of = [(local == e).nonzero().squeeze(1) for e in range(n_experts)]
+
+        def loop(dequant: bool) -> None:
+            for e, rows in enumerate(rows_of):
+                if rows.numel():
+                    if dequant:
+                        kernels.weight_dequant(w[e], w_s[e], out_dtype=torch.bfloat16, impl="triton")
+                    else:
+                        kernels.fp8_gemm(a[rows], a_s[rows], w[e], w_s[e], out_dtype=torch.bfloat16, impl="triton")
+
+        times = {
+            "grouped fp8 (1 launch)": _ms(lambda: kernels.grouped_fp8_gemm(a, a_s, w, w_s, local, torch.bfloat16,
+                                                                            impl="triton")),
+            "fp8_gemm per expert": _ms(lambda: loop(False)),
+            "dequant per expert (no matmul)": _ms(lambda: loop(True)),
+        }
+        flop = 2.0 * int((local >= 0).sum()) * n * k
+        out.append({"tokens": t, "local slots": int((local >= 0).sum()), "experts": n_experts,
+                    **{f"{impl} ms": v for impl, v in times.items()},
+                    **{f"{impl} TFLOP/s": flop / (v * 1e-3) / 1e12 for impl, v in times.items()}})
+    return out
+
+
 def bench_verify(ckpt: str | None, nodes: list[int], batches: list[int], new_tokens: int) -> tuple[list[dict], list[dict], bool]:
     import time
 
@@ -180,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
             impls = ["triton fp8_gemm", "triton fp8_linear", "dequant + bf16 matmul", "bf16 matmul (pre-dequantised)"]
             print("### FP8 GEMM, DeepSeek-V3 671B shapes (TFLOP/s; higher is better)\n")
             print(table(rows, ["shape", "M", "N", "K"] + [f"{i} TFLOP/s" for i in impls]))
+            print()
+            grouped = bench_grouped([1, 8, 32, 128, 512])
+            result["grouped"] = grouped
+            impls = ["grouped fp8 (1 launch)", "fp8_gemm per expert", "dequant per expert (no matmul)"]
+            print("### Grouped FP8 experts: 32 local experts [2048, 7168], top-8 of 256 (ms; lower is better)\n")
+            print(table(grouped, ["tokens", "local slots"] + [f"{i} ms" for i in impls] +
+                        ["grouped fp8 (1 launch) TFLOP/s"]))
             print()
     if a.what in ("verify", "all"):
         steps, e2e, ok = bench_verify(a.ckpt_path, [int(n) for n in a.nodes.split(",")],

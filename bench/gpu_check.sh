@@ -10,11 +10,12 @@
 #    install); its dependencies (triton, safetensors, tokenizers, transformers, tqdm, numpy) are
 #    pip-installed only if they do not import.
 # 2. Kernels: bench/gpu_kernels.py compiles the Triton kernels of kernels/ for this GPU and
-#    compares them with the torch references (act_quant and weight_dequant bit-exact, fp8_gemm
-#    and mla_attention within tolerance, including DeepSeek-V3 sizes). The test suite only runs
+#    compares them with the torch references (act_quant and weight_dequant bit-exact, fp8_gemm,
+#    grouped_fp8_gemm and mla_attention within tolerance, including DeepSeek-V3 sizes). The test suite only runs
 #    them under TRITON_INTERPRET=1 on the CPU.
 # 3. FP8 GEMM micro-benchmark: Triton fp8_gemm / fp8_linear vs dequant+matmul vs BF16 matmul at
-#    DeepSeek-V3 671B projection shapes, TFLOP/s (bench/gpu_bench.py gemm).
+#    DeepSeek-V3 671B projection shapes, TFLOP/s, and the grouped FP8 expert GEMM (one launch for
+#    32 local experts) against per-expert calls (bench/gpu_bench.py gemm).
 # 4. Verify-step micro-benchmark on the embedded default model on CUDA: plain decode step vs
 #    verifier forward over 1/4/8/16 tree nodes, MTP forward, and greedy generate (plain, chain,
 #    tree) checked token-equal to plain decoding (bench/gpu_bench.py verify).

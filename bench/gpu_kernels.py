@@ -119,6 +119,25 @@ def check_fp8_linear() -> None:
         assert torch.equal(auto, got), "impl='auto' did not take the Triton kernel on this GPU"
 
 
+def check_grouped_fp8_gemm() -> None:
+    """Grouped FP8 expert GEMM (one launch for all experts) against the per-expert reference: uneven
+    and empty experts, rows of other ranks' experts (-1), and (not in a dry run) V3's expert shape
+    [2048, 7168] for 32 local experts (one rank of 8) and 512 routed slots."""
+    cases = [(37, 4, 200, 130, None), (40, 3, 96, 128, [0] * 33 + [2] * 7), (5, 6, 64, 256, [3] * 5)]
+    if LARGE:
+        cases.append((512, 32, 2048, 7168, None))
+    for seed, (rows, n_experts, n, k, ids) in enumerate(cases):
+        a, a_s = ref.act_quant(torch.randn(rows, k, device=DEV, generator=_gen(40 + seed)))
+        w = torch.randn(n_experts, n, k, device=DEV, generator=_gen(50 + seed))
+        quantised = [ref.weight_quant(w_e) for w_e in w]
+        w_fp8, w_s = torch.stack([q[0] for q in quantised]), torch.stack([q[1] for q in quantised])
+        expert_ids = (torch.tensor(ids, device=DEV) if ids is not None else
+                      torch.randint(-1, n_experts, (rows,), device=DEV, generator=_gen(60 + seed)))
+        got = kernels.grouped_fp8_gemm(a, a_s, w_fp8, w_s, expert_ids, impl="triton")
+        want = kernels.grouped_fp8_gemm(a, a_s, w_fp8, w_s, expert_ids, impl="torch")
+        _close(got, want, 2e-3, f"grouped_fp8_gemm {rows} rows x {n_experts} experts [{n}, {k}]")
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -204,6 +223,7 @@ def check_attention_deepseek_sizes() -> None:
 
 
 CHECKS: dict[str, tuple[Callable[[], None], bool]] = {  # name -> (check, needs FP8)
+    "grouped_fp8_gemm": (check_grouped_fp8_gemm, True),
     "act_quant": (check_act_quant, True),
     "weight_dequant": (check_weight_dequant, True),
     "fp8_gemm": (check_fp8_gemm, True),
