@@ -66,7 +66,8 @@ def _expansion_mask(lengths: torch.Tensor, slots: torch.Tensor, kv_len: int) -> 
 def expand_tree(drafter: MTPDrafter, kv: torch.Tensor, pe: torch.Tensor, lengths: torch.Tensor,
                 root_logits: torch.Tensor, root_hidden: torch.Tensor, depth: int, topk: int, nodes: int,
                 sampled: bool, temperature: float, top_p: float, draft_hidden: str,
-                generator: torch.Generator | None, draft_vocab: int | None = None) -> DraftTree:
+                generator: torch.Generator | None, draft_vocab: int | None = None,
+                block_table: torch.Tensor | None = None) -> DraftTree:
     """Draft a tree of `nodes` nodes per row (fewer only when the full tree is smaller).
 
     Args:
@@ -76,6 +77,7 @@ def expand_tree(drafter: MTPDrafter, kv: torch.Tensor, pe: torch.Tensor, lengths
         root_logits / root_hidden: `[B, V]` / `[B, D]` MTP output at position L-1 (committed).
         depth / topk / nodes: tree shape. sampled: draw children from q (else top-k of the draft).
         draft_vocab: draft among token ids below this only (see `MTPDrafter.forward`).
+        block_table: a paged pool's `[≥B, max_blocks]` table (None: a dense pool), as `MLA.forward` takes it.
     """
     batch, device = lengths.shape[0], lengths.device
     full = topk + (depth - 1) * topk * topk
@@ -101,7 +103,8 @@ def expand_tree(drafter: MTPDrafter, kv: torch.Tensor, pe: torch.Tensor, lengths
         write = lengths.unsqueeze(1) + used_slots + torch.arange(width, device=device)
         mask = _expansion_mask(lengths, slots, int(lengths.max()) + n_scratch)
         hidden_in = prev.hidden.gather(1, chosen.unsqueeze(-1).expand(-1, -1, prev.hidden.shape[-1]))
-        out = drafter(prev.tokens.gather(1, chosen), hidden_in, pos, kv, pe, write, mask, draft_vocab=draft_vocab)
+        out = drafter(prev.tokens.gather(1, chosen), hidden_in, pos, kv, pe, write, mask, draft_vocab=draft_vocab,
+                      block_table=block_table)
         child_tokens, child_logq, q = _children(out.logits, topk, sampled, temperature, top_p, generator)
         prev.expanded = torch.zeros_like(prev.tokens, dtype=torch.bool).scatter_(1, chosen, True)
         if sampled:

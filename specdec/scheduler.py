@@ -85,7 +85,7 @@ class Scheduler:
     """Owns a decoder and its cache pool; `submit` from any thread, `run` on the loop's thread.
 
     engine: a loaded `Engine` (eager: compiled forwards are not supported here). spec: the draft
-    shape (a chain; adaptive when `spec.adapts`), None: plain decoding. max_rows: sequences decoded
+    shape (a chain, adaptive when `spec.adapts`, or a tree), None: plain decoding. max_rows: sequences decoded
     at once (cache rows). max_waiting: queue limit (`QueueFull` beyond it). prefill_tokens: prompt
     tokens admitted per round at most (one sequence is always admitted when a row is free).
     on_step(scheduler, kept): called on the loop thread after each step with the tokens each live
@@ -101,8 +101,6 @@ class Scheduler:
                  cache_tokens: int | None = None, block_size: int = 16) -> None:
         if engine.compiled is not None:
             raise ConfigError("--compile: the server runs eager forwards only (compiled steps need a static batch)")
-        if spec is not None and spec.topk > 1:
-            raise ConfigError("--tree-topk: the server drafts chains only (trees are not supported here yet)")
         if spec is not None and spec.draft_mode != "onehot":
             raise ConfigError("--draft-mode: the server drafts one-hot (argmax) chains only")
         cache_tokens = max_rows * engine.max_seq_len if cache_tokens is None else cache_tokens

@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="choose each step's draft depth in 0..K from measured step costs and acceptance (default)")
     p.add_argument("--draft-vocab", type=int, default=None, help="draft only among the N lowest token ids")
+    p.add_argument("--tree-topk", type=int, default=1,
+                   help="children per expanded draft node (1: a chain; a tree pins its shape every step)")
+    p.add_argument("--tree-nodes", type=int, default=None,
+                   help="draft nodes verified per step (default: tree-topk x draft-depth)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context: prompt + generation (default 2048)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded at once (default 32)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default 256)")
@@ -319,7 +323,13 @@ def load_server(a: argparse.Namespace) -> Server:
     if (a.spec or ("mtp" if engine.drafter is not None else "none")) == "mtp":
         if engine.drafter is None:
             raise ConfigError(f"--spec mtp: {engine.checkpoint} has no MTP layer")
-        spec = SpecConfig(depth=a.draft_depth, draft_vocab=a.draft_vocab, adaptive=a.adaptive)
+        if a.tree_topk < 1:
+            raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
+        try:
+            spec = SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_vocab=a.draft_vocab,
+                              adaptive=a.adaptive)
+        except ConfigError as e:
+            raise ConfigError(f"--draft-depth/--tree-topk/--tree-nodes/--draft-vocab: {e}") from None
         engine.drafter.check_draft_vocab(spec.draft_vocab)
     name = a.served_model_name or ("specdec-default" if a.ckpt_path is None else engine.checkpoint.resolve().name)
     return Server(engine, spec, ServerConfig(name, a.max_batch, a.max_waiting, a.prefill_tokens,

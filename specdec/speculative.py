@@ -180,10 +180,7 @@ class SpeculativeDecoder:
         return [s.output for s in seqs], self._stats(start, prefill_s, len(ids), ttft, sum(len(s.output) for s in seqs))
 
     def use_cache(self, cache: LatentCache | PagedLatentCache) -> None:
-        """Decode in `cache` (empty of live rows: before the first `admit`): a dense pool, or a paged
-        one (chains and plain steps only: tree drafting writes dense rows)."""
-        if cache.block_table is not None and self.spec is not None and self.spec.topk > 1:
-            raise ValueError("a paged cache decodes chains only (tree drafting needs a dense pool)")
+        """Decode in `cache` (empty of live rows: before the first `admit`): a dense pool or a paged one."""
         self.cache = cache
 
     @torch.inference_mode()
@@ -443,7 +440,8 @@ class SpeculativeDecoder:
         if self.spec.topk > 1:
             return expand_tree(self.drafter, cache.kv, cache.pe, lengths, logits, hidden,
                                depth, self.spec.topk, self.spec.n_nodes, self.sampled_drafts, self.temperature,
-                               self.top_p, self.spec.draft_hidden, self.generator, self.spec.draft_vocab)
+                               self.top_p, self.spec.draft_hidden, self.generator, self.spec.draft_vocab,
+                               block_table=cache.block_table)
         return self._draft_chain(cache, lengths, logits, hidden, depth)
 
     def _draft_chain(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,

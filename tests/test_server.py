@@ -118,6 +118,29 @@ def test_many_requests_in_flight_each_equal_plain_greedy(served, f32_engine):
     wait_idle(served)
 
 
+def test_a_tree_drafting_server_answers_plain_greedy(f32_engine, f32_ckpt):
+    """`--tree-topk 2`: the server drafts trees over its paged cache; 12 requests in flight (4 rows),
+    each its plain greedy text; a bad tree flag is a one-line error."""
+    from model.errors import ConfigError
+    from specdec.serve import build_parser, load_server
+    server = load_server(build_parser().parse_args(["--ckpt-path", str(f32_ckpt), "--draft-depth", "2",
+                                                    "--tree-topk", "2", "--tree-nodes", "4", "--max-seq-len", "160"]))
+    assert server.scheduler.spec.topk == 2 and server.scheduler.spec.n_nodes == 4
+    with pytest.raises(ConfigError, match="--tree-topk must be >= 1, got 0"):
+        load_server(build_parser().parse_args(["--ckpt-path", str(f32_ckpt), "--tree-topk", "0"]))
+    running = RunningServer(f32_engine, SpecConfig(depth=2, topk=2, nodes=4), max_batch=4, max_waiting=64)
+    try:
+        jobs = [(PROMPTS[i % len(PROMPTS)], 3 + (i * 5) % 13) for i in range(12)]
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda job: running.client.completions.create(
+                model=MODEL, prompt=job[0], max_tokens=job[1], temperature=0), jobs))
+        for (prompt, n), r in zip(jobs, results):
+            assert r.choices[0].text == plain_text(f32_engine, f32_engine.encode([prompt])[0], n)
+        wait_idle(running)
+    finally:
+        running.stop()
+
+
 def test_stop_strings_end_the_text_before_them(served, f32_engine):
     prompt = PROMPTS[0]
     full = plain_text(f32_engine, f32_engine.encode([prompt])[0], 30)
