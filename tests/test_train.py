@@ -445,6 +445,37 @@ def test_mtp_distillation_changes_only_the_mtp_layer_and_lowers_its_loss(trained
     assert Engine.from_pretrained(out, device="cpu", max_seq_len=64).drafter is not None
 
 
+def test_distillation_on_the_main_models_own_text(trained, tmp_path: Path) -> None:
+    """`mtp.self_data` writes training prompts followed by the main model's greedy continuation
+    (exactly what plain greedy decoding gives), and `mtp.distill --self-data` trains on a mix of
+    those windows and corpus windows; a file of the wrong shape is a one-line error."""
+    from mtp import distill as D
+    from mtp import self_data as S
+
+    work, _ = trained
+    data = tmp_path / "self.npy"
+    S.main(["--ckpt", str(work / "export"), "--work-dir", str(work), "--out", str(data), "--windows", "6",
+            "--prompt-len", "9", "--new-tokens", "27", "--batch-size", "4", "--threads", "1",
+            "--max-train-chars", "150000", "--max-heldout-chars", "40000"])
+    windows = np.load(data)
+    assert windows.shape[1] == 36 and len(windows) >= 6 and windows.dtype == np.int32
+    eng = Engine.from_pretrained(work / "export", device="cpu", max_seq_len=64)
+    prompt = windows[0, :9].astype(np.int64).tolist()
+    assert eng.generate([prompt], max_new_tokens=27).token_ids[0] == windows[0, 9:].tolist()
+    mixed = D.mixed_batch(np.arange(1000), windows.astype(np.int64), 0.5, 8, 36, seed=3, step=2)
+    assert mixed.shape == (8, 36) and torch.equal(mixed, D.mixed_batch(np.arange(1000), windows, 0.5, 8, 36, 3, 2))
+    assert sum(any(torch.equal(row, torch.from_numpy(w).long()) for w in windows) for row in mixed) == 4
+    out = tmp_path / "distilled"
+    common = ["--ckpt", str(work / "export"), "--work-dir", str(work), "--out", str(out), "--steps", "3",
+              "--batch-size", "4", "--seq-len", "32", "--threads", "1", "--max-train-chars", "150000",
+              "--max-heldout-chars", "40000"]
+    D.main(common + ["--self-data", str(data), "--self-frac", "0.75"])
+    assert Engine.from_pretrained(out, device="cpu", max_seq_len=64).drafter is not None
+    with pytest.raises(SystemExit, match=r"need \[N, >= 36\] token ids"):
+        np.save(tmp_path / "short.npy", windows[:, :20])
+        D.main(common + ["--self-data", str(tmp_path / "short.npy")])
+
+
 def _mtp_normed(model: DeepSeekV3ForTraining, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """shared_head.norm of the MTP block run causally over inputs (hidden_j, t_{j+1}) at positions 0..T-1."""
     cos, sin = model._rope(hidden.shape[1])
