@@ -113,6 +113,26 @@ def _weight_dequant_kernel(w_ptr, s_ptr, out_ptr, M, N, NB, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _scaled_dot_over_k(a_ptrs, b_ptrs, a_s_ptrs, b_s_ptrs, row_ok, col_ok, ks, K, KB,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The float32 `[BLOCK_M, BLOCK_N]` sum over K of block-scaled FP8 products: each BLOCK_K step is
+    one fp8 `tl.dot` of an `a` tile (`a_ptrs`, `[BLOCK_M, BLOCK_K]` pointers at k = 0) and a `b` tile
+    (`b_ptrs`, `[BLOCK_K, BLOCK_N]`), times the rows' scales (`a_s_ptrs + kb`) and the columns'
+    (`b_s_ptrs + kb`); rows, columns and the last partial K block are masked."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, KB):
+        k_ok = ks < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a_s = tl.load(a_s_ptrs + kb, mask=row_ok, other=0.0)
+        b_s = tl.load(b_s_ptrs + kb, mask=col_ok, other=0.0)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, KB,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One `[BLOCK_M, BLOCK_N]` tile of `C = A @ B^T` with per-block scales.
@@ -126,20 +146,10 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, KB,
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < N
-    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]
-    b_ptrs = b_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]
-    a_s_ptrs = a_s_ptr + rows.to(tl.int64) * KB
-    b_s_ptrs = b_s_ptr + (cols // BLOCK_K) * KB
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, KB):
-        k_ok = ks < K - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        a_s = tl.load(a_s_ptrs + kb, mask=row_ok, other=0.0)
-        b_s = tl.load(b_s_ptrs + kb, mask=col_ok, other=0.0)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    acc = _scaled_dot_over_k(a_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
+                             b_ptr + cols[None, :].to(tl.int64) * K + ks[:, None],
+                             a_s_ptr + rows.to(tl.int64) * KB, b_s_ptr + (cols // BLOCK_K) * KB,
+                             row_ok, col_ok, ks, K, KB, BLOCK_M, BLOCK_N, BLOCK_K)
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -162,20 +172,10 @@ def _grouped_fp8_gemm_kernel(a_ptr, w_ptr, c_ptr, a_s_ptr, w_s_ptr, rows_ptr, bl
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         ks = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rows[:, None] * K + ks[None, :]
-        b_ptrs = w_ptr + expert.to(tl.int64) * N * K + cols[None, :].to(tl.int64) * K + ks[:, None]
-        a_s_ptrs = a_s_ptr + rows * KB
-        b_s_ptrs = w_s_ptr + expert.to(tl.int64) * NB * KB + (cols // BLOCK_K) * KB
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, KB):
-            k_ok = ks < K - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            a_s = tl.load(a_s_ptrs + kb, mask=row_ok, other=0.0)
-            b_s = tl.load(b_s_ptrs + kb, mask=col_ok, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+        acc = _scaled_dot_over_k(a_ptr + rows[:, None] * K + ks[None, :],
+                                 w_ptr + expert.to(tl.int64) * N * K + cols[None, :].to(tl.int64) * K + ks[:, None],
+                                 a_s_ptr + rows * KB, w_s_ptr + expert.to(tl.int64) * NB * KB + (cols // BLOCK_K) * KB,
+                                 row_ok, col_ok, ks, K, KB, BLOCK_M, BLOCK_N, BLOCK_K)
         c_ptrs = c_ptr + rows[:, None] * N + cols[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
