@@ -7,7 +7,7 @@ The policy maximises expected tokens per second of the next step,
 over d = 0 (plain decoding: one verifier forward over the pending token, no drafter) … K, where
 `a_j` is the running conditional acceptance of the j-th draft (accepted given drafts 1..j-1 were;
 decayed counts, so it follows the text) and `cost(d, rows)` is the measured wall time of a real
-step of depth d with that many rows on this machine (median of the last few, by row bucket;
+step of depth d with that many rows on this machine (the lower quartile of the last few, by row bucket;
 `StepCosts`, saved on disk between runs). Every step, whatever its depth, is lossless on its own,
 and the depth is a function of the past only, so switching depth never changes what is decoded:
 greedy output stays token-identical to plain decoding and sampled output follows the verifier's
@@ -26,7 +26,6 @@ speculative depths, the acceptance that plain steps cannot measure.
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 from kernels.machine_cache import cache_dir, read_json, write_json
 
 SAMPLES_KEPT = 9
-"""Step timings kept per (depth, row bucket); the cost is their median."""
+"""Step timings kept per (depth, row bucket); the cost is their lower quartile (`step_cost`)."""
 MIN_SAMPLES = 2
 """Timings a (depth, bucket) needs before it is exploited rather than explored."""
 ACCEPTANCE_DECAY = 0.97
@@ -90,14 +89,15 @@ class StepCosts:
         return len(self.samples.get((depth, row_bucket(rows)), ()))
 
     def cost(self, depth: int, rows: int) -> float | None:
-        """Median seconds of a depth-`depth` step at this many rows (None: never measured)."""
+        """Seconds of a depth-`depth` step at this many rows (None: never measured): `step_cost` of
+        its recent timings."""
         if self.fixed is not None:
             return self.fixed.get((depth, row_bucket(rows)))
         s = self.samples.get((depth, row_bucket(rows)))
-        return statistics.median(s) if s else None
+        return step_cost(s) if s else None
 
     def table(self) -> dict[str, float]:
-        """{"depth/bucket": median seconds} of everything measured."""
+        """{"depth/bucket": seconds} of everything measured."""
         keys = self.fixed.keys() if self.fixed is not None else self.samples.keys()
         return {f"{d}/{b}": self.cost(d, b) for d, b in sorted(keys)}
 
@@ -108,6 +108,20 @@ class StepCosts:
         data = read_json(self.path)
         data[self.key] = {f"{d}/{b}": list(s) for (d, b), s in sorted(self.samples.items())}
         write_json(self.path, data)
+
+
+def step_cost(seconds) -> float:
+    """The cost of a step from its recent timings: their lower quartile.
+
+    Noise on a shared machine is one-sided: other work only ever adds time. A median keeps a burst
+    of slow samples (timed while something else ran) for as long as they are the majority of the
+    few kept, and a depth that is rarely revisited keeps them for hundreds of steps, even across
+    runs (the table is on disk): measured on a 2-core VM, depth 3 at batch 1 kept a median of
+    78 ms against 28 ms when timed alone, after a distillation job had shared the CPU, and adaptive decoding
+    ran at 1.44x plain where chain 3 ran at 1.87x. The lower quartile stays at the machine's own
+    speed until most samples are slow, and every depth is judged by the same statistic."""
+    ordered = sorted(seconds)
+    return ordered[(len(ordered) - 1) // 4]
 
 
 def default_cost_path() -> Path:
