@@ -31,6 +31,7 @@ import torch
 from bench.common import (BenchError, machine_info, parse_float_list, parse_int_list, parse_shapes,
                           write_report)
 from bench.prompt_set import PromptFileError, select_prompts
+from kernels.fp8_cache import KV_CACHE_DTYPES
 from model.errors import SpecdecError
 
 PROG = "python -m bench"
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")
     g.add_argument("--max-seq-len", type=int, default=1024, help="engine cache/RoPE length (default 1024)")
     g.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
-    g.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
                         "about half of bf16's bytes; changes logits slightly, see README)")
     g.add_argument("--compile", action="store_true",

@@ -148,4 +148,3 @@ class MLA(nn.Module):
         out = torch.bmm(out_latent.reshape(bsz * seqlen, heads, -1).transpose(0, 1),
                         w_kv_b[:, self.nope_dim :].transpose(1, 2))
         return self.o_proj(out.transpose(0, 1).reshape(bsz, seqlen, heads * self.v_dim))
-

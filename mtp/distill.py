@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -43,8 +44,6 @@ from tqdm import tqdm
 from model.args import from_hf_config
 from model.checkpoint import CheckpointReader
 from model.export import quantize_state, write_checkpoint
-import numpy as np
-
 from mtp.data import build_corpus, train_batch
 from mtp.train import FP8_BLOCK, autocast, dequantized
 from mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors

@@ -44,7 +44,8 @@ def _step(main, drafter: MTPDrafter | None, cache: LatentCache, rows: int, start
     out = main(tokens, pos, cache.kv, cache.pe, pos, mask)
     expected = (rows, width, args.vocab_size)
     if tuple(out.logits.shape) != expected or tuple(out.hidden.shape) != (rows, width, args.dim):
-        raise AssertionError(f"{what}: verifier logits {tuple(out.logits.shape)}, expected {expected}")
+        raise AssertionError(f"{what}: verifier logits {tuple(out.logits.shape)} and hidden "
+                             f"{tuple(out.hidden.shape)}, expected {expected} and {(rows, width, args.dim)}")
     line = f"{what} [{rows} x {width} tokens, {start + width} slots]: verifier ok"
     if drafter is not None:
         mtp = drafter(tokens, out.hidden, pos, cache.kv, cache.pe, pos, mask)

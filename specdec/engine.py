@@ -65,7 +65,6 @@ class Engine:
     def __init__(self, model: Transformer, drafter: MTPDrafter | None, tokenizer, ctx: ParallelContext,
                  device: torch.device, checkpoint: Path, notice: str | None = None,
                  compiled: CompiledDecode | None = None, kv_cache_dtype: str = "auto") -> None:
-        fp8_cache.latent_storage(kv_cache_dtype, model.args.kv_lora_rank, model.dtype)  # validates it
         self.kv_cache_dtype = kv_cache_dtype  # latent cache format: "auto" (compute dtype) or "fp8"
         self.model, self.drafter, self.tokenizer, self.ctx, self.device = model, drafter, tokenizer, ctx, device
         self.compiled = compiled

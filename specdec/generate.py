@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kernels.fp8_cache import KV_CACHE_DTYPES
 from model.errors import ConfigError, SpecdecError
 from specdec.auto_tree import choose_tree
 from specdec.distributed import shutdown
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also decode plainly and report the speedup")
     p.add_argument("--json", dest="json_path", help="write results and stats to this JSON file (atomically)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
                         "about half of bf16's bytes; changes logits slightly, see README)")
     p.add_argument("--compile", action="store_true",

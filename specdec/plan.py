@@ -8,8 +8,9 @@ rank's `ParallelContext` (so the sharding rules are the loader's, exactly): FP8 
 their float32 scales, BF16 embeddings/head/norms, float32 router weights and bias, and the MTP
 layer (without its embedding/head copies, which specdec shares with the verifier). The shared MLA
 cache holds (kv_lora_rank + qk_rope_head_dim) values per token for every main layer and the MTP
-layer (`--kv-cache-dtype fp8`: the latent as FP8 + a 4-byte scale), replicated on every rank, for `max_seq_len` plus the draft's scratch slots. Activations are
-estimated for the largest verify step (batch × (nodes+1) tokens).
+layer (`--kv-cache-dtype fp8`: the latent as FP8 + a 4-byte scale), replicated on every rank, for
+`max_seq_len` plus the draft's scratch slots. Activations are estimated for the largest verify
+step (batch × (nodes+1) tokens).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from model.args import ModelArgs, load_model_args
+from kernels.fp8_cache import KV_CACHE_DTYPES
 from model.errors import SpecdecError
 from model.mtp_layer import MTPLayer
 from model.parallel import ParallelContext
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", choices=["mtp", "none"], default="mtp")
     p.add_argument("--tree-nodes", type=int, default=3, help="draft nodes per step (chain: the draft depth)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="latent cache format (fp8: e4m3 latents + one scale per token)")
     p.add_argument("--dry-run", action="store_true",
                    help="also build every rank's modules on the meta device and push a prefill chunk and the "

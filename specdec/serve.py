@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kernels.fp8_cache import KV_CACHE_DTYPES
 from model.errors import ConfigError, SpecdecError
 from specdec.distributed import shutdown
 from specdec.openai_protocol import (DEFAULT_CHAT_TEMPLATE, CompletionParams, RequestError, chunk_body,
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slots in the paged latent-cache pool (default: max-batch × max-seq-len); when it runs "
                         "out, the newest requests are preempted and recomputed later")
     p.add_argument("--block-size", type=int, default=16, help="slots per cache block (default 16)")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
                         "about half of bf16's bytes; changes logits slightly, see README)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -317,14 +318,14 @@ def load_server(a: argparse.Namespace) -> Server:
         raise ConfigError(f"--port must be in 1..65535, got {a.port}")
     if a.draft_depth < 1:
         raise ConfigError(f"--draft-depth must be >= 1, got {a.draft_depth}")
+    if a.tree_topk < 1:
+        raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
     engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
                                     kv_cache_dtype=a.kv_cache_dtype)
     spec = None
     if (a.spec or ("mtp" if engine.drafter is not None else "none")) == "mtp":
         if engine.drafter is None:
             raise ConfigError(f"--spec mtp: {engine.checkpoint} has no MTP layer")
-        if a.tree_topk < 1:
-            raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
         try:
             spec = SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_vocab=a.draft_vocab,
                               adaptive=a.adaptive)
