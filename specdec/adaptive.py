@@ -7,8 +7,10 @@ The policy maximises expected tokens per second of the next step,
 over d = 0 (plain decoding: one verifier forward over the pending token, no drafter) … K, where
 `a_j` is the running conditional acceptance of the j-th draft (accepted given drafts 1..j-1 were;
 decayed counts, so it follows the text) and `cost(d, rows)` is the measured wall time of a real
-step of depth d with that many rows on this machine (the lower quartile of the last few, by row bucket;
-`StepCosts`, saved on disk between runs). Every step, whatever its depth, is lossless on its own,
+step of depth d with that many rows on this machine, by row bucket (`StepCosts`, saved on disk
+between runs): depths are compared by the ratio of their steps timed back to back, since the
+machine's own speed drifts more than they differ; plain decoding wins unless a depth is predicted
+`PLAIN_PREFERENCE` faster. Every step, whatever its depth, is lossless on its own,
 and the depth is a function of the past only, so switching depth never changes what is decoded:
 greedy output stays token-identical to plain decoding and sampled output follows the verifier's
 distribution (tests force the switching).
@@ -43,15 +45,26 @@ MIN_REACHED = 4.0
 then drafts as deep as it may, which measures every position at once."""
 FIRST_REVISIT = 32
 MAX_REVISIT = 512
-"""A depth not chosen runs again after `FIRST_REVISIT` steps, then after twice as many each time it
-is still not the best (so a settled choice loses at most a few percent to revisits)."""
+"""In each row bucket, one depth other than the settled one runs again `FIRST_REVISIT` steps after
+the choice settled, then after twice as many steps each time (at most `MAX_REVISIT`), the least
+recently run depth first; a new choice restarts the clock."""
 PRIOR_ACCEPTANCE = 0.6
 """Conditional acceptance assumed for a position before any draft there was verified (weight 1)."""
 REVISIT_BUDGET = 0.01
-"""A depth not chosen is revisited no more often than keeps its revisits' cost within this share of
-the time: a revisit of depth d loses cost(d)/cost(best) × (1 − rate(d)/rate(best)) of a best step,
-so a depth that would lose little comes back after `FIRST_REVISIT` steps and one that costs much
-more (deep drafts at a large batch) only every few hundred."""
+"""Revisits are spaced so that their cost stays within this share of the time: a revisit of depth d
+loses cost(d)/cost(best) × (1 − rate(d)/rate(best)) of a best step, plus, leaving plain decoding,
+the MTP catch-up over the plain stretch (its measured time over a best step's), so a revisit that
+would lose little comes `FIRST_REVISIT` steps after the last and one that costs much more (deep
+drafts at a large batch) only every few hundred."""
+CATCH_UP = -1
+"""The pseudo-depth `StepCosts` files the MTP catch-up's timings under (after plain steps)."""
+PLAIN_PREFERENCE = 0.10
+"""A draft depth runs instead of plain decoding only when predicted ≥ 10% faster per token: a step's
+cost leaves out what drafting costs around the steps: the MTP layer's catch-up over a plain
+stretch and its prefill over the prompts, and, in a batch whose rows start together, the rows
+finishing apart, so that the last steps run few rows at nearly a full step's cost. Measured on a
+2-core VM at 8 rows, temperature 0.7, chain 1 at τ 1.5 ran its steps at 1.5 plain steps back to
+back (even per token) but the whole call at 0.82-0.91x plain."""
 SWITCH_MARGIN = 0.03
 """The policy leaves the depth it settled on only for one predicted ≥ 3% faster: step timings on a
 shared CPU wander by about that much, and flipping between two near-equal depths costs more than
@@ -64,24 +77,58 @@ def row_bucket(rows: int) -> int:
 
 
 class StepCosts:
-    """Measured seconds per decoding step, by (depth, row bucket); optionally kept on disk.
+    """Measured seconds per decoding step, by (depth, row bucket), and the ratios of adjacent steps
+    of two depths; optionally kept on disk.
+
+    Absolute timings taken minutes apart on a shared machine differ by more than the depths do (a
+    2-core VM ran the same plain step in 13 to 19 ms within one benchmark), so depths are compared
+    by `relative`: the median ratio of two steps run back to back with the same rows (the policy's
+    revisits make such pairs), falling back to the absolute costs while there are too few.
 
     `path`/`key`: the JSON file and the key (machine, model, settings) its samples are filed under;
     None: in memory only. `fixed` (tests): {(depth, bucket): seconds} that replace measurement —
-    `add` then records nothing.
+    `add` and `add_pair` then record nothing.
     """
 
     def __init__(self, path: Path | None = None, key: str = "", fixed: dict[tuple[int, int], float] | None = None):
         self.path, self.key, self.fixed = path, key, fixed
         self.samples: dict[tuple[int, int], deque[float]] = {}
+        self.pairs: dict[tuple[int, int, int], deque[float]] = {}  # (lower, higher depth, bucket) -> t_hi / t_lo
         if path is not None and fixed is None:
             for name, values in read_json(path).get(key, {}).items():
-                depth, bucket = (int(x) for x in name.split("/"))
-                self.samples[(depth, bucket)] = deque(values[-SAMPLES_KEPT:], maxlen=SAMPLES_KEPT)
+                kept = deque(values[-SAMPLES_KEPT:], maxlen=SAMPLES_KEPT)
+                depths, bucket = name.split("/")
+                if ":" in depths:
+                    low, high = (int(x) for x in depths.split(":"))
+                    self.pairs[(low, high, int(bucket))] = kept
+                else:
+                    self.samples[(int(depths), int(bucket))] = kept
 
     def add(self, depth: int, rows: int, seconds: float) -> None:
         if self.fixed is None:
             self.samples.setdefault((depth, row_bucket(rows)), deque(maxlen=SAMPLES_KEPT)).append(seconds)
+
+    def add_pair(self, depth_a: int, seconds_a: float, depth_b: int, seconds_b: float, rows: int) -> None:
+        """Two steps of different depths run back to back over the same `rows` rows."""
+        if self.fixed is not None or depth_a == depth_b or min(seconds_a, seconds_b) <= 0:
+            return
+        (low, t_low), (high, t_high) = sorted([(depth_a, seconds_a), (depth_b, seconds_b)])
+        self.pairs.setdefault((low, high, row_bucket(rows)), deque(maxlen=SAMPLES_KEPT)).append(t_high / t_low)
+
+    def relative(self, depth: int, reference: int, rows: int) -> float | None:
+        """cost(depth) / cost(reference) at this many rows: the median of their back-to-back ratios
+        (at least `MIN_SAMPLES`), else the ratio of their costs (None: either never measured)."""
+        if depth == reference:
+            return 1.0
+        low, high = sorted((depth, reference))
+        ratios = self.pairs.get((low, high, row_bucket(rows)), ())
+        if len(ratios) >= MIN_SAMPLES:
+            ordered = sorted(ratios)
+            middle = len(ordered) // 2
+            ratio = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+            return ratio if depth == high else 1.0 / ratio
+        cost, ref = self.cost(depth, rows), self.cost(reference, rows)
+        return cost / ref if cost and ref else None
 
     def count(self, depth: int, rows: int) -> int:
         if self.fixed is not None:
@@ -107,6 +154,7 @@ class StepCosts:
             return
         data = read_json(self.path)
         data[self.key] = {f"{d}/{b}": list(s) for (d, b), s in sorted(self.samples.items())}
+        data[self.key].update({f"{lo}:{hi}/{b}": list(s) for (lo, hi, b), s in sorted(self.pairs.items())})
         write_json(self.path, data)
 
 
@@ -182,58 +230,95 @@ class SpeculationPolicy:
         self.acceptance = acceptance
         self.depths_run = [0] * (max_depth + 1)
         self.steps = 0
-        self.last_run = {d: 0 for d in self.depths}
-        self.interval = {d: FIRST_REVISIT for d in self.depths}
         self.settled: dict[int, int] = {}  # row bucket -> the depth exploited there last
+        self.clock: dict[int, int] = {}  # row bucket -> steps chosen for it
+        self.last_run: dict[tuple[int, int], int] = {}  # (bucket, depth) -> its clock when that depth last ran
+        self.revisit_at: dict[int, int] = {}  # bucket -> its clock at the next revisit
+        self.revisit_gap: dict[int, float] = {}  # bucket -> steps from the last revisit to the next
+        self.previous: tuple[int, int, float] | None = None  # the last step's (depth, rows, seconds)
 
     def choose(self, rows: int) -> int:
         """The depth of the next step for a batch of `rows` rows."""
         self.steps += 1
+        bucket = row_bucket(rows)
+        clock = self.clock[bucket] = self.clock.get(bucket, 0) + 1
         unexplored = [d for d in self.depths if self.costs.count(d, rows) < MIN_SAMPLES]
         if unexplored:
             return max(unexplored)  # deepest first: its steps measure every position's acceptance
         if self.acceptance.reached[0] < MIN_REACHED and self.max_depth > 0:
             return self.max_depth  # acceptance unknown (a new engine, or long plain stretches)
-        best = self._best(rows)
-        self.interval[best] = FIRST_REVISIT
-        due = [d for d in self.depths
-               if d != best and self.steps - self.last_run[d] >= max(self.interval[d], self._spacing(d, best, rows))]
-        if due:  # revisit a depth not chosen for a while (its cost or the acceptance may have moved)
-            d = min(due, key=lambda d: self.last_run[d])
-            self.interval[d] = min(2 * self.interval[d], MAX_REVISIT)
-            return d
-        return best
+        rates = self.rates(rows)
+        held = self.settled.get(bucket)
+        best = self._best(rows, rates)
+        if len(self.depths) == 1:
+            return best
+        if best != held or bucket not in self.revisit_at:  # a new choice: its revisit clock starts
+            self.revisit_gap[bucket] = FIRST_REVISIT / 2
+            self._schedule_revisit(bucket, best, rows, rates)
+        if clock < self.revisit_at[bucket]:
+            return best
+        depth = self._next_revisit(bucket, best)  # its cost, or the acceptance, may have moved
+        self.last_run[(bucket, depth)] = clock
+        self._schedule_revisit(bucket, best, rows, rates)
+        return depth
 
-    def _spacing(self, depth: int, best: int, rows: int) -> float:
-        """Fewest steps between revisits of `depth` that keeps their loss against `best` within
-        `REVISIT_BUDGET` (at most `MAX_REVISIT`)."""
-        rate, best_rate = self.rate(depth, rows), self.rate(best, rows)
-        cost, best_cost = self.costs.cost(depth, rows), self.costs.cost(best, rows)
-        if not (best_rate and cost and best_cost):
+    def _next_revisit(self, bucket: int, best: int) -> int:
+        """The depth other than `best` run least recently in this bucket."""
+        return min((d for d in self.depths if d != best), key=lambda d: self.last_run.get((bucket, d), -1))
+
+    def _schedule_revisit(self, bucket: int, best: int, rows: int, rates: dict[int, float]) -> None:
+        """Set the bucket's next revisit: twice the last gap, or more when it would cost more than
+        `REVISIT_BUDGET` of the steps between (at most `MAX_REVISIT`)."""
+        lost = self._revisit_loss(self._next_revisit(bucket, best), best, rows, rates)
+        self.revisit_gap[bucket] = min(max(2 * self.revisit_gap[bucket], lost / REVISIT_BUDGET), MAX_REVISIT)
+        self.revisit_at[bucket] = self.clock[bucket] + self.revisit_gap[bucket]
+
+    def rates(self, rows: int) -> dict[int, float]:
+        """Predicted tokens per row of each depth per unit of time, the unit being one step of the
+        depth settled on in this row bucket (the shallowest allowed before any): τ(d) over the cost
+        of a depth-d step relative to it (`StepCosts.relative`; 0: never measured)."""
+        reference = self.settled.get(row_bucket(rows), self.min_depth)
+        rates = {}
+        for d in self.depths:
+            relative = self.costs.relative(d, reference, rows)
+            rates[d] = self.acceptance.expected_tokens(d) / relative if relative else 0.0
+        return rates
+
+    def _revisit_loss(self, depth: int, best: int, rows: int, rates: dict[int, float]) -> float:
+        """What one step of `depth` in place of `best` is predicted to lose, in best steps, with the
+        MTP catch-up it first needs when `best` is plain decoding."""
+        relative = self.costs.relative(depth, best, rows)
+        if not (rates[best] and relative):
             return 0.0
-        lost = cost / best_cost * max(0.0, 1.0 - rate / best_rate)  # best steps one revisit costs
-        return min(lost / REVISIT_BUDGET, MAX_REVISIT)
+        lost = relative * max(0.0, 1.0 - rates[depth] / rates[best])
+        if best == 0 and depth > 0:
+            catch_up = self.costs.relative(CATCH_UP, 0, rows)
+            lost += catch_up if catch_up is not None else 1.0
+        return lost
 
-    def _best(self, rows: int) -> int:
-        """The fastest depth by prediction, keeping the one settled on in this bucket unless another
-        beats it by more than `SWITCH_MARGIN`."""
-        rates = {d: self.rate(d, rows) for d in self.depths}
-        best = max(self.depths, key=lambda d: (rates[d], -d))
+    def _best(self, rows: int, rates: dict[int, float]) -> int:
+        """The fastest depth by prediction, plain decoding given `PLAIN_PREFERENCE`, keeping the one
+        settled on in this bucket unless another beats it by more than `SWITCH_MARGIN`."""
+        score = {d: rates[d] * (1 + PLAIN_PREFERENCE if d == 0 else 1.0) for d in self.depths}
+        best = max(self.depths, key=lambda d: (score[d], -d))
         held = self.settled.get(row_bucket(rows))
-        if held in rates and rates[best] <= rates[held] * (1 + SWITCH_MARGIN):
+        if held in score and score[best] <= score[held] * (1 + SWITCH_MARGIN):
             best = held
         self.settled[row_bucket(rows)] = best
         return best
 
-    def rate(self, depth: int, rows: int) -> float:
-        """Predicted tokens per second per row of a depth-`depth` step."""
-        cost = self.costs.cost(depth, rows)
-        return self.acceptance.expected_tokens(depth) / cost if cost else 0.0
-
     def observe(self, depth: int, rows: int, seconds: float, n_accepted: list[int]) -> None:
         """A step ran: its depth, rows, wall seconds and (depth ≥ 1) each row's accepted drafts."""
         self.depths_run[depth] += 1
-        self.last_run[depth] = self.steps
+        bucket = row_bucket(rows)
+        self.last_run[(bucket, depth)] = self.clock.get(bucket, 0)
         self.costs.add(depth, rows, seconds)
+        if self.previous is not None and self.previous[1] == rows:  # back to back with the same rows
+            self.costs.add_pair(self.previous[0], self.previous[2], depth, seconds, rows)
+        self.previous = (depth, rows, seconds)
         if depth > 0:
             self.acceptance.add(n_accepted, depth)
+
+    def observe_catch_up(self, rows: int, seconds: float) -> None:
+        """The MTP layer caught up over a plain stretch before a drafting step (`rows` rows)."""
+        self.costs.add(CATCH_UP, rows, seconds)

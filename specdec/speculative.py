@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -85,6 +86,17 @@ class AcceptanceCounts:
                 for i in range(max_depth)]
 
 
+class PromptPairs(NamedTuple):
+    """The prompts' MTP inputs, kept while their MTP prefill is deferred (B rows, right-padded to P).
+
+    tokens `[B, P]`: x_{i+1} at i (the first emitted token at i = length-1); hidden `[B, P, dim]`:
+    the verifier state h_i; lengths `[B]`: each prompt's length."""
+
+    tokens: torch.Tensor
+    hidden: torch.Tensor
+    lengths: torch.Tensor
+
+
 @dataclass
 class RowState:
     """Per-row loop state between steps (B live rows, cache rows 0..B-1).
@@ -95,6 +107,7 @@ class RowState:
     lag_hidden: w tensors `[B, 1, dim]` / lag_tokens: w tensors `[B, 1]`: the pairs (h_i, x_{i+1}),
     i = L-w..L-1, of the last w plain steps, which the MTP cache has not seen yet (kept as lists and
     joined once by `_catch_up`, so a plain stretch costs no growing copies).
+    prompt: the prompts' pairs, when their MTP prefill was deferred (`PromptPairs`); the lag follows them.
     """
 
     pending: torch.Tensor
@@ -102,16 +115,23 @@ class RowState:
     draft_hidden: torch.Tensor | None
     lag_hidden: list[torch.Tensor] = field(default_factory=list)
     lag_tokens: list[torch.Tensor] = field(default_factory=list)
+    prompt: "PromptPairs | None" = None
+
+    @property
+    def lagging(self) -> bool:
+        """Whether the MTP cache is behind the verifier's (deferred prompt pairs or plain steps)."""
+        return bool(self.lag_tokens) or self.prompt is not None
 
     def select(self, index: torch.Tensor) -> "RowState":
         """The state of rows `index` (in that order)."""
         pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        prompt = None if self.prompt is None else PromptPairs(*(pick(t) for t in self.prompt))
         return RowState(pick(self.pending), pick(self.draft_logits), pick(self.draft_hidden),
-                        [pick(t) for t in self.lag_hidden], [pick(t) for t in self.lag_tokens])
+                        [pick(t) for t in self.lag_hidden], [pick(t) for t in self.lag_tokens], prompt)
 
     def join(self, new: "RowState") -> "RowState":
         """This state's rows followed by `new`'s (neither lagging: see `SpeculativeDecoder.admit`)."""
-        if self.lag_tokens or new.lag_tokens:
+        if self.lagging or new.lagging:
             raise ValueError("rows that lag behind plain steps cannot be joined")
         both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
         return RowState(both(self.pending, new.pending), both(self.draft_logits, new.draft_logits),
@@ -198,7 +218,11 @@ class SpeculativeDecoder:
         self._catch_up_live()
         sampling = sum((s.sampling() for s in seqs), RowSampling((), (), (), ()))
         resumed = [s.output[-1] if s.output else None for s in seqs]
-        self._join(seqs, self._prefill(self.cache, [s.context for s in seqs], first_row, sampling, resumed), sampling)
+        # adaptive decoding into an empty loop may never draft: the MTP prefill waits for the first
+        # drafting step (`_catch_up`), so that plain-only decoding pays nothing for the drafter
+        defer = self.policy is not None and self.state is None
+        self._join(seqs, self._prefill(self.cache, [s.context for s in seqs], first_row, sampling, resumed, defer),
+                   sampling)
         if retire:
             self._retire()
 
@@ -304,8 +328,11 @@ class SpeculativeDecoder:
         depth = self.spec.depth if self.spec is not None else 0
         if self.policy:  # timings differ per rank: rank 0's choice holds for all
             depth = self.eng.ctx.broadcast_int(self.policy.choose(rows), self.eng.device)
-        if depth > 0:  # after plain steps: not part of this step's cost (see `_catch_up`)
+        if depth > 0 and state.lagging:  # after plain steps: not part of this step's cost (see `_catch_up`)
+            t0, plain_stretch = time.perf_counter(), state.prompt is None
             state = self._catch_up(cache, lengths, state)
+            if self.policy and plain_stretch:
+                self.policy.observe_catch_up(rows, time.perf_counter() - t0)
         t0 = time.perf_counter()
         if depth == 0:                                                        # a plain step
             state = self._plain_step(cache, lengths, state)
@@ -378,11 +405,13 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ steps
 
     def _prefill(self, cache: LatentCache, ids: list[list[int]], first_row: int = 0,
-                 sampling: RowSampling | None = None, resumed: list[int | None] | None = None) -> RowState:
+                 sampling: RowSampling | None = None, resumed: list[int | None] | None = None,
+                 defer_drafter: bool = False) -> RowState:
         """Prompts `ids` into cache rows first_row.. : the verifier over them, each one's first token
         (drawn with `sampling`, default: the decoder's settings, stream r for prompt r; or, for a
         resumed sequence, its pending token `resumed[r]`, already emitted), then, when drafting, the
-        MTP layer over (h_i, x_{i+1}) for i < P."""
+        MTP layer over (h_i, x_{i+1}) for i < P (`defer_drafter`: later, in `_catch_up`; the state
+        keeps the pairs)."""
         eng = self.eng
         sampling = sampling or RowSampling.uniform(len(ids), self.temperature, self.top_p, self.seed)
         tokens, lengths = eng.pad(ids)
@@ -400,9 +429,21 @@ class SpeculativeDecoder:
             return RowState(first, None, None)
         next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
         next_tokens[torch.arange(batch), lengths - 1] = first
-        mtp = self.drafter(next_tokens, self._verifier_hidden(out), pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1),
+        pairs = PromptPairs(next_tokens, self._verifier_hidden(out), lengths)
+        if defer_drafter:
+            return RowState(first, None, None, prompt=pairs)
+        return RowState(first, *self._draft_prompts(kv, pe, table, pairs))
+
+    def _draft_prompts(self, kv: torch.Tensor, pe: torch.Tensor, table: torch.Tensor | None,
+                       pairs: PromptPairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP layer over the prompts' pairs (positions 0..P-1 of the rows `kv`/`pe`/`table` begin
+        with); returns the first draft's logits `[B, V]` and the depth-2 seed `[B, dim]`."""
+        batch, width = pairs.tokens.shape
+        pos = torch.arange(width, device=pairs.tokens.device).expand(batch, width)
+        mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
+        mtp = self.drafter(pairs.tokens, pairs.hidden, pos, kv, pe, pos, mask, (pairs.lengths - 1).unsqueeze(1),
                            self.spec.draft_vocab, block_table=table)
-        return RowState(first, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
+        return mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0]
 
     def _plain_step(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
         """Depth 0: the verifier over x_L alone, then x_{L+1} sampled as plain decoding samples it.
@@ -415,14 +456,18 @@ class SpeculativeDecoder:
         if self.spec is None:  # plain decoding: no drafter to catch up
             return RowState(token, None, None)
         return RowState(token, state.draft_logits, state.draft_hidden, state.lag_hidden + [self._verifier_hidden(out)],
-                        state.lag_tokens + [token.unsqueeze(1)])
+                        state.lag_tokens + [token.unsqueeze(1)], state.prompt)
 
     def _catch_up(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
-        """After plain steps: the MTP layer over their w lagging pairs (positions L-w..L-1, one
-        forward), which fills its cache rows and yields the first draft's distribution again.
-        Its time is left out of the step costs the policy learns from: one batched forward for w
-        tokens is small beside w plain steps, and counting it against the draft step that follows
-        a plain stretch would make drafting look dearer the longer plain decoding ran."""
+        """After plain steps: the MTP layer over the deferred prompt pairs if any (`_draft_prompts`),
+        then over the w lagging pairs (positions L-w..L-1, one forward), which fills its cache rows
+        and yields the first draft's distribution again.
+        Its time is left out of the step costs the policy learns from (counting it against the draft
+        step that follows a plain stretch would make drafting look dearer the longer plain decoding
+        ran); the policy prices it into its revisits from plain decoding instead (`observe_catch_up`)."""
+        if state.prompt is not None:
+            first_draft = self._draft_prompts(cache.kv, cache.pe, cache.block_table, state.prompt)
+            state = RowState(state.pending, *first_draft, state.lag_hidden, state.lag_tokens)
         if not state.lag_tokens:
             return state
         width = len(state.lag_tokens)

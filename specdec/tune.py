@@ -78,16 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         costs = eng.step_costs(spec)
         if a.refresh:
             costs.samples.clear()
+            costs.pairs.clear()
         report = {"machine": machine_key(eng.model.dtype), "gemm": tuner.timings(), "steps": {}}
         print(f"\nStep costs of adaptive speculation ({eng.cost_key(spec)})")
-        print("  batch | plain ms | cost of depth 1..K in plain steps | tau | steps by depth 0..K | most run")
+        print("  batch | plain ms | cost of depth 1..K in plain steps (back to back) | tau | steps by depth 0..K | most run")
         for batch in batch_sizes:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
             for _ in range(2):  # the first run explores every depth, the second refines
                 out = eng.generate(prompts, max_new_tokens=a.max_new_tokens, spec=spec)
             plain = costs.cost(0, batch)
-            rel = [costs.cost(d, batch) / plain if plain and costs.cost(d, batch) else float("nan")
-                   for d in range(1, a.draft_depth + 1)]
+            rel = [costs.relative(d, 0, batch) or float("nan") for d in range(1, a.draft_depth + 1)]
             steps = out.stats.depth_steps
             choice = max(range(len(steps)), key=lambda d: steps[d])  # where the second run settled
             print(f"  {batch:5d} | {plain * 1e3:8.2f} | " + " ".join(f"{r:.2f}x" for r in rel)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from specdec import SpecConfig
-from specdec.adaptive import (FIRST_REVISIT, MAX_REVISIT, MIN_SAMPLES, SWITCH_MARGIN, AcceptanceEstimate, SpeculationPolicy, StepCosts,
+from specdec.adaptive import (CATCH_UP, FIRST_REVISIT, MAX_REVISIT, MIN_SAMPLES, PLAIN_PREFERENCE, SWITCH_MARGIN,
+                              AcceptanceEstimate, SpeculationPolicy, StepCosts,
                               row_bucket)
 from specdec.speculative import SpeculativeDecoder
 from tests.test_speculative import assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, tiny  # noqa: F401
@@ -26,6 +27,9 @@ class ScriptedPolicy:
 
     def observe(self, depth: int, rows: int, seconds: float, n_accepted: list[int]) -> None:
         self.ran.append(depth)
+
+    def observe_catch_up(self, rows: int, seconds: float) -> None:
+        pass
 
 
 SCRIPT = [3, 0, 0, 1, 2, 0, 3, 3, 1, 0]  # plain runs of 1 and 2 steps between every depth
@@ -109,22 +113,29 @@ def test_sampled_distribution_holds_while_depth_switches(tiny, mode, temperature
 # ----------------------------------------------------------------------------- the policy's choices
 
 
-def costs(plain: float, per_depth: list[float], buckets=(1, 2, 4)) -> StepCosts:
+def costs(plain: float, per_depth: list[float], buckets=(1, 2, 4), catch_up: float | None = None) -> StepCosts:
+    """Imposed step costs (and, given, the MTP catch-up's after a plain stretch) in every bucket."""
     table = {}
     for b in buckets:
         table[(0, b)] = plain
         for d, c in enumerate(per_depth, start=1):
             table[(d, b)] = c
+        if catch_up is not None:
+            table[(CATCH_UP, b)] = catch_up
     return StepCosts(fixed=table)
 
 
-def test_speculation_that_does_not_pay_decodes_plainly(eng):
-    """Measured costs say every draft depth loses: the run is plain steps only, and equals plain."""
+def test_speculation_that_does_not_pay_decodes_plainly(eng, monkeypatch):
+    """Measured costs say every draft depth loses: the run is plain steps only, equals plain, and
+    never runs the drafter (its prefill over the prompts waits for a drafting step that never comes)."""
     spec = SpecConfig(depth=3)
     eng.cost_tables[eng.cost_key(spec)] = costs(1.0, [50.0, 60.0, 70.0])
     known = eng.policy_for(spec).acceptance
     for _ in range(10):
         known.add([1, 2, 0, 3], 3)  # acceptance already measured (else the first steps draft deep to learn it)
+    drafter_calls = []
+    drafter = eng.run_drafter
+    monkeypatch.setattr(eng, "run_drafter", lambda *a, **k: drafter_calls.append(1) or drafter(*a, **k))
     try:
         prompts = random_prompts(eng.args.vocab_size, [5, 8], seed=9)
         n = FIRST_REVISIT - 4  # shorter than the first revisit of a draft depth
@@ -134,6 +145,7 @@ def test_speculation_that_does_not_pay_decodes_plainly(eng):
         del eng.cost_tables[eng.cost_key(spec)], eng.policies[eng.cost_key(spec)]
     assert out.stats.depth_steps == [n - 1, 0, 0, 0]
     assert out.stats.tau == 1.0 and out.token_ids == plain.token_ids
+    assert drafter_calls == []
 
 
 def test_cheap_speculation_runs_deep(eng):
@@ -195,9 +207,10 @@ def test_unmeasured_depths_are_explored_deepest_first_then_revisited():
 
 def test_revisits_are_spaced_by_what_they_cost():
     """A depth that loses little to the best is revisited after FIRST_REVISIT steps; one whose revisit
-    costs several best steps only every few hundred (its revisits stay within REVISIT_BUDGET)."""
-    def revisits(cost_of_depth_1: float, steps: int) -> list[int]:
-        policy = SpeculationPolicy(1, costs(1.0, [cost_of_depth_1]))
+    costs several best steps (with the MTP catch-up it needs after plain steps) only every few
+    hundred (its revisits stay within REVISIT_BUDGET)."""
+    def revisits(cost_of_depth_1: float, steps: int, catch_up: float = 0.01) -> list[int]:
+        policy = SpeculationPolicy(1, costs(1.0, [cost_of_depth_1], catch_up=catch_up))
         for _ in range(20):
             policy.acceptance.add([0, 0], 1)  # drafts rejected: tau(1) = 1 plus the prior's share
         at = []
@@ -208,10 +221,12 @@ def test_revisits_are_spaced_by_what_they_cost():
             policy.observe(d, 1, 0.0, [0] if d else [])
         return at
 
-    assert revisits(1.05, 2 * FIRST_REVISIT)[0] == FIRST_REVISIT - 1  # a revisit loses ~3% of a step
+    assert revisits(1.05, 2 * FIRST_REVISIT)[0] == FIRST_REVISIT  # a revisit loses ~3% of a step
     costly = revisits(3.0, MAX_REVISIT + 1)  # a revisit loses ~2 steps: ~200 steps apart
     gaps = [b - a for a, b in zip([-1] + costly, costly)]
     assert 1 <= len(costly) <= 3 and min(gaps) >= 150
+    slow_catch_up = revisits(1.05, MAX_REVISIT + 1, catch_up=2.0)  # cheap step, dear catch-up
+    assert 1 <= len(slow_catch_up) <= 3 and slow_catch_up[0] >= 150
 
 
 def test_acceptance_estimate_is_conditional_per_position():
@@ -257,20 +272,60 @@ def test_a_burst_of_slow_timings_does_not_price_a_depth_out():
 
 
 def test_settled_depth_is_kept_within_the_switch_margin():
-    """Near-equal predicted rates do not flip the depth; a clear win does."""
+    """Near-equal predicted rates do not flip the depth; a clear win does. Plain decoding has a head
+    start of PLAIN_PREFERENCE."""
     table = costs(1.0, [1.5, 9.0, 9.0])
     policy = SpeculationPolicy(3, table)
     for _ in range(40):
         policy.acceptance.add([1, 0], 3)  # position 1 accepted about half the time
     tau1 = policy.acceptance.expected_tokens(1)
-    table.fixed[(1, 1)] = tau1  # depth 1 exactly as fast per token as plain: a tie goes shallow
+    table.fixed[(1, 1)] = tau1  # depth 1 exactly as fast per token as plain: plain
     assert policy.choose(1) == 0
-    table.fixed[(1, 1)] = tau1 / (1 + SWITCH_MARGIN / 2)  # depth 1 now predicted 1.5% faster: stay plain
+    head_start = 1 + PLAIN_PREFERENCE
+    table.fixed[(1, 1)] = tau1 / head_start  # predicted faster by the preference alone: still plain
     assert policy.choose(1) == 0
-    table.fixed[(1, 1)] = tau1 / (1 + 2 * SWITCH_MARGIN)  # 6% faster: switch, and stay there
+    table.fixed[(1, 1)] = tau1 / head_start / (1 + SWITCH_MARGIN / 2)  # and by half the margin: stay plain
+    assert policy.choose(1) == 0
+    table.fixed[(1, 1)] = tau1 / head_start / (1 + 2 * SWITCH_MARGIN)  # by twice the margin: switch, and stay
     assert policy.choose(1) == 1
-    table.fixed[(1, 1)] = tau1 * (1 + SWITCH_MARGIN / 2)
+    table.fixed[(1, 1)] = tau1 / head_start * (1 + SWITCH_MARGIN / 2)
     assert policy.choose(1) == 1
-    table.fixed[(1, 1)] = tau1 * (1 + 2 * SWITCH_MARGIN)
+    table.fixed[(1, 1)] = tau1 / head_start * (1 + 2 * SWITCH_MARGIN)
     assert policy.choose(1) == 0
 
+
+def test_depths_are_compared_by_steps_timed_back_to_back():
+    """The machine's speed drifts: depth 1 was timed alone in a fast spell (10 ms) and plain in a
+    slow one (9 ms), but run back to back depth 1 costs 1.6 plain steps. With τ(1) = 1.5 the
+    back-to-back ratio decides: plain."""
+    costs = StepCosts()
+    for ms in (10.0, 10.2, 10.1):
+        costs.add(1, 8, ms / 1e3)
+    for ms in (9.0, 9.1, 9.2):
+        costs.add(0, 8, ms / 1e3)
+    policy = SpeculationPolicy(1, costs)
+    for _ in range(60):
+        policy.acceptance.add([1, 0], 1)  # position 1 accepted half the time
+    assert costs.relative(1, 0, 8) == pytest.approx(10.0 / 9.0)  # lower quartiles
+    assert policy.choose(8) == 1  # by the absolute costs, depth 1 wins (τ 1.5 for 1.1 plain steps)
+    for t0, t1 in [(6.0, 9.6), (6.1, 9.8), (5.9, 9.4)]:  # revisits: plain then depth 1, same rows
+        policy.observe(0, 8, t0 / 1e3, [])
+        policy.observe(1, 8, t1 / 1e3, [1])
+    assert costs.relative(1, 0, 8) == pytest.approx(1.6, abs=0.01)
+    assert costs.relative(0, 1, 8) == pytest.approx(1 / 1.6, abs=0.01)
+    assert policy.choose(8) == 0
+    policy.observe(0, 4, 0.004, [])  # a pair is only taken from steps over the same rows
+    policy.observe(1, 8, 0.020, [1])
+    assert costs.relative(1, 0, 8) == pytest.approx(1.6, abs=0.01)
+
+
+def test_back_to_back_ratios_persist_with_the_costs(tmp_path):
+    path = tmp_path / "costs.json"
+    a = StepCosts(path, "machine A")
+    for t0, t1 in [(1.0, 2.0), (1.0, 3.0)]:
+        a.add_pair(0, t0, 2, t1, 5)
+        a.add(0, 5, t0)
+    a.save()
+    b = StepCosts(path, "machine A")
+    assert b.relative(2, 0, 4) == pytest.approx(2.5) and b.relative(0, 2, 4) == pytest.approx(0.4)
+    assert b.cost(0, 4) == 1.0
