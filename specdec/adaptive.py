@@ -20,10 +20,10 @@ deepest first so that every position's acceptance is seen); while too few drafts
 verified to estimate acceptance, steps draft as deep as they may. The engine keeps the cost
 table (also on disk) and the policy (acceptance, settled choice, revisit clock) across calls, so short calls do not each start
 from scratch. Between depths whose predicted rates lie within `SWITCH_MARGIN` the policy keeps
-the one it runs. A depth that is not chosen is run
-again now and then (`FIRST_REVISIT` steps, doubling each time it is still not the best, and spaced
-further when a revisit would cost much: `REVISIT_BUDGET`), which refreshes its cost and, for
-speculative depths, the acceptance that plain steps cannot measure.
+the one it runs. In each row bucket one depth not chosen is run again now and then (the least
+recently run; `FIRST_REVISIT` steps after the choice settled, then twice as many each time, and
+spaced further when a revisit would cost much: `REVISIT_BUDGET`), which refreshes its cost, the
+back-to-back ratios and, for speculative depths, the acceptance that plain steps cannot measure.
 """
 
 from __future__ import annotations

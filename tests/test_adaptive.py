@@ -10,6 +10,7 @@ from specdec import SpecConfig
 from specdec.adaptive import (CATCH_UP, FIRST_REVISIT, MAX_REVISIT, MIN_SAMPLES, PLAIN_PREFERENCE, SWITCH_MARGIN,
                               AcceptanceEstimate, SpeculationPolicy, StepCosts,
                               row_bucket)
+from specdec.sequence import Sequence
 from specdec.speculative import SpeculativeDecoder
 from tests.test_speculative import assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, tiny  # noqa: F401
 
@@ -88,6 +89,24 @@ def test_mtp_cache_after_plain_steps_equals_a_fresh_pass(eng):
         for r in range(2):
             n = int(lengths[r]) - 1  # positions whose pair (h_i, x_{i+1}) both runs know
             torch.testing.assert_close(live_kv[r, :n], fresh_kv[r, :n], rtol=1e-4, atol=1e-5)
+
+
+def test_rows_that_finish_before_the_first_draft_leave_the_deferred_prefill_consistent(eng):
+    """The MTP prefill over the prompts waits for the first drafting step; a row that finishes in
+    the plain steps before it leaves the loop with its share, and the others still decode as plain."""
+    prompts = random_prompts(eng.args.vocab_size, [6, 9, 4], seed=21)
+    budgets = [2, 14, 9]
+    plain = [eng.generate([p], max_new_tokens=n).token_ids[0] for p, n in zip(prompts, budgets)]
+    policy = ScriptedPolicy([0, 0, 0, 2, 1, 0, 3])
+    dec = SpeculativeDecoder(eng, SpecConfig(depth=3), 0.0, 1.0, 0, policy)
+    dec.use_cache(eng.cache_for(3, 40))
+    seqs = [Sequence(p, n) for p, n in zip(prompts, budgets)]
+    dec.admit(seqs)
+    assert dec.state.prompt is not None  # deferred: nothing drafted yet
+    while dec.running:
+        dec.step()
+    assert policy.ran[:4] == [0, 0, 0, 2]
+    assert_same_or_tie(eng, prompts, [s.output for s in seqs], plain)
 
 
 @pytest.mark.parametrize("mode, temperature, top_p", [("onehot", 1.0, 1.0), ("sample", 0.8, 0.9)])
