@@ -194,7 +194,8 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
     timing (a warm-up of the first batch alone left a later call compiling: 30 tokens/s in a round
     of ~950).
 
-    Call i is seeded with `seed + i`, the same for every configuration and round (so rounds decode
+    Round r starts with shape r (mod the number of shapes), so that no configuration always runs
+    right after the same one. Call i is seeded with `seed + i`, the same for every configuration and round (so rounds decode
     the same tokens). `draft_mode`: one for every shape, or one per shape. Per run: rates and
     latency samples are pooled over all rounds; tokens/s and decode tokens/s (new tokens over wall
     seconds after prefill) are the medians of the rounds', and every round's value is kept
@@ -216,7 +217,8 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
     per_round: list[list[dict]] = [[] for _ in shapes]
     outs: list[list] = [[] for _ in shapes]
     for r in range(rounds):
-        for j, (shape, spec) in enumerate(zip(shapes, specs)):
+        for j in [(r + k) % len(shapes) for k in range(len(shapes))]:  # each round starts one later
+            shape, spec = shapes[j], specs[j]
             outs[j] = [eng.generate(g, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     seed=seed + i, spec=spec) for i, g in enumerate(groups)]
             call_stats = [o.stats for o in outs[j]]

@@ -144,3 +144,25 @@ def peers_tokens_per_s(rows: list[dict]):
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
+
+
+def serve_tokens_per_s(rows: list[dict]):
+    """Serving: output tokens/s per load (closed-loop clients, Poisson rates), one bar per configuration."""
+    rows = [r for r in rows if "mode" in r]
+    if not rows:
+        return None
+    plt = _plt()
+    loads = list(dict.fromkeys(r["mode"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    width = 0.8 / len(configs)
+    for k, config in enumerate(configs):
+        value = {r["mode"]: r["tokens_per_s"] for r in rows if r["config"] == config}
+        xs = [i + k * width for i, load in enumerate(loads) if load in value]
+        ax.bar(xs, [value[load] for load in loads if load in value], width, label=config)
+    ax.set_xticks([i + width * (len(configs) - 1) / 2 for i in range(len(loads))], loads)
+    ax.set_ylabel("output tokens/s")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -25,6 +25,7 @@ from argparse import Namespace
 import httpx
 import uvicorn
 
+from bench import plots
 from bench.common import BenchError, Report, Table, fmt, parse_float_list, parse_int_list, progress
 from bench.prompt_set import Prompt
 from specdec import Engine, SpecConfig
@@ -273,4 +274,6 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                      "when one prompt of --long-prompt tokens arrives; gap: time between a stream's consecutive "
                      "chunks (one step: one token plain, several with MTP), during = between the long prompt's "
                      "submission and its first token")
-    return Report("serve", "Serving under load", settings, rows + stalls, tables, notes)
+    report = Report("serve", "Serving under load", settings, rows + stalls, tables, notes)
+    report.plots = [("tokens_per_s", lambda: plots.serve_tokens_per_s(rows))]
+    return report

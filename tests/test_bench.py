@@ -82,10 +82,12 @@ def test_timed_runs_interleave_and_pair_the_ratios() -> None:
     chain = Shape("chain", 2, 1, 2)
     seen: list[str] = []
     plain, drafted = timed_runs(eng, [[[1]], [[2]]], [PLAIN, chain], max_new_tokens=4, repeats=3, on_call=seen.append)
-    # warm-up of each, then rounds of (plain's 2 calls, the chain's 2 calls)
-    assert eng.calls == ["plain", "chain 2"] + ["plain", "plain", "chain 2", "chain 2"] * 3
-    assert seen == ["plain warm-up", "chain 2 warm-up"] + [f"{k} round {r}/3" for r in (1, 2, 3)
-                                                           for k in ("plain", "chain 2")]
+    # warm-up of each, then rounds of (plain's 2 calls, the chain's 2 calls), each round starting one later
+    p, c = ["plain", "plain"], ["chain 2", "chain 2"]
+    assert eng.calls == ["plain", "chain 2"] + p + c + c + p + p + c
+    assert seen == ["plain warm-up", "chain 2 warm-up"] + [f"{k} round {r}/3" for r, order in
+                                                           ((1, ("plain", "chain 2")), (2, ("chain 2", "plain")),
+                                                            (3, ("plain", "chain 2"))) for k in order]
     assert plain.stats["repeats"] == 3 and len(plain.stats["tokens_per_s_repeats"]) == 3
     assert plain.token_ids == [[0] * 4, [1] * 4]  # call i is seeded seed + i
     # the machine slows down between plain's calls and the chain's, so the paired ratio (about 1.5)
