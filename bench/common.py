@@ -195,8 +195,8 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
     of ~950).
 
     Round r starts with shape r (mod the number of shapes), so that no configuration always runs
-    right after the same one. Call i is seeded with `seed + i`, the same for every configuration and round (so rounds decode
-    the same tokens). `draft_mode`: one for every shape, or one per shape. Per run: rates and
+    right after the same one. Call i is seeded with `seed + i`, the same for every configuration
+    and round (so rounds decode the same tokens). `draft_mode`: one for every shape, or one per shape. Per run: rates and
     latency samples are pooled over all rounds; tokens/s and decode tokens/s (new tokens over wall
     seconds after prefill) are the medians of the rounds', and every round's value is kept
     (`tokens_per_s_repeats`, `decode_tokens_per_s_repeats`) for `paired_speedup`. `on_call(label)`

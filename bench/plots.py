@@ -166,3 +166,22 @@ def serve_tokens_per_s(rows: list[dict]):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def soak_over_time(samples: list[dict]):
+    """Soak: resident memory, and running requests and cache blocks held, against time."""
+    if not samples:
+        return None
+    plt = _plt()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True)
+    t = [s["t_s"] for s in samples]
+    top.plot(t, [s["rss_mb"] for s in samples])
+    top.set_ylabel("RSS MiB")
+    for key, label in (("running", "running requests"), ("blocks_used", "cache blocks held")):
+        bottom.plot(t, [s[key] for s in samples], label=label)
+    bottom.set_xlabel("seconds")
+    bottom.legend(fontsize=7)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

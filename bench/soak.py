@@ -22,6 +22,7 @@ from argparse import Namespace
 
 import httpx
 
+from bench import plots
 from bench.common import BenchError, Report, Table, fmt
 from bench.prompt_set import Prompt
 from bench.serve import MODEL, _Served
@@ -171,4 +172,6 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     notes = ["adaptive MTP depth 3; requests: greedy or sampled at T 0.8 (seeded), budgets 8..max-new-tokens, a "
              "quarter with stop string \"\\n\\n\", one in eight dropped by its client after 1-3 chunks",
              "RSS: this process (server, engine and clients); settled = the sample nearest a quarter of the run"]
-    return Report("soak", "Serving soak", settings, [summary] + samples, tables, notes, failures)
+    report = Report("soak", "Serving soak", settings, [summary] + samples, tables, notes, failures)
+    report.plots = [("over_time", lambda: plots.soak_over_time(samples))]
+    return report

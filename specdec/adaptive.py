@@ -28,6 +28,7 @@ back-to-back ratios and, for speculative depths, the acceptance that plain steps
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,9 +124,7 @@ class StepCosts:
         low, high = sorted((depth, reference))
         ratios = self.pairs.get((low, high, row_bucket(rows)), ())
         if len(ratios) >= MIN_SAMPLES:
-            ordered = sorted(ratios)
-            middle = len(ordered) // 2
-            ratio = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+            ratio = statistics.median(ratios)
             return ratio if depth == high else 1.0 / ratio
         cost, ref = self.cost(depth, rows), self.cost(reference, rows)
         return cost / ref if cost and ref else None
@@ -229,7 +228,6 @@ class SpeculationPolicy:
             acceptance = AcceptanceEstimate(max_depth)
         self.acceptance = acceptance
         self.depths_run = [0] * (max_depth + 1)
-        self.steps = 0
         self.settled: dict[int, int] = {}  # row bucket -> the depth exploited there last
         self.clock: dict[int, int] = {}  # row bucket -> steps chosen for it
         self.last_run: dict[tuple[int, int], int] = {}  # (bucket, depth) -> its clock when that depth last ran
@@ -239,7 +237,6 @@ class SpeculationPolicy:
 
     def choose(self, rows: int) -> int:
         """The depth of the next step for a batch of `rows` rows."""
-        self.steps += 1
         bucket = row_bucket(rows)
         clock = self.clock[bucket] = self.clock.get(bucket, 0) + 1
         unexplored = [d for d in self.depths if self.costs.count(d, rows) < MIN_SAMPLES]
@@ -261,6 +258,11 @@ class SpeculationPolicy:
         self.last_run[(bucket, depth)] = clock
         self._schedule_revisit(bucket, best, rows, rates)
         return depth
+
+    @property
+    def steps(self) -> int:
+        """Steps chosen so far, in every row bucket."""
+        return sum(self.clock.values())
 
     def _next_revisit(self, bucket: int, best: int) -> int:
         """The depth other than `best` run least recently in this bucket."""
