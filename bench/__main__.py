@@ -100,10 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = lat.add_argument_group("latency")
     g.add_argument("--batch-sizes", help="comma-separated (default 1,4,8,16)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 skips the equality check")
+    g.add_argument("--continuous", action="store_true",
+                   help="decode all prompts in one call per configuration with B rows at once, the next prompt "
+                        "taking a finished row's place (continuous batching), instead of calls of B prompts "
+                        "whose rows start together and wait for the slowest")
     g.add_argument("--ceiling", action="store_true",
                    help="also time one verifier forward over 1 and W tokens per row and report each shape's "
-                        "verify cost t(W)/t(1) and ceiling tau/cost (the speedup with free drafting); with "
-                        "--compile and greedy, also each chain's whole-step cost and step bound tau/step cost")
+                        "verify cost t(W)/t(1) and ceiling tau/cost (the speedup with free drafting), and each "
+                        "chain's and adaptive row's whole-step cost and step bound tau/step cost")
 
     peers = argparse.ArgumentParser(add_help=False)
     g = peers.add_argument_group("peers")

@@ -182,7 +182,7 @@ class Run:
 def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shape], *, max_new_tokens: int,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                draft_mode: str | Sequence[str] = "onehot", warmup: bool = True, repeats: int = 1,
-               on_call: Callable[[str], None] | None = None) -> list[Run]:
+               on_call: Callable[[str], None] | None = None, max_batch: int | None = None) -> list[Run]:
     """Every shape decoded over all `groups`, interleaved: a warm-up per shape, then `repeats` rounds,
     each decoding every batch with every shape in turn. So plain decoding and the drafts share each
     stretch of machine time: on a shared or throttled CPU speeds drift over minutes, and
@@ -200,7 +200,8 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
     latency samples are pooled over all rounds; tokens/s and decode tokens/s (new tokens over wall
     seconds after prefill) are the medians of the rounds', and every round's value is kept
     (`tokens_per_s_repeats`, `decode_tokens_per_s_repeats`) for `paired_speedup`. `on_call(label)`
-    is told after each configuration's warm-up or round.
+    is told after each configuration's warm-up or round. `max_batch`: rows each call decodes at once
+    (`Engine.generate`; None: all of its prompts).
     """
     modes = [draft_mode] * len(shapes) if isinstance(draft_mode, str) else list(draft_mode)
     specs = [shape.spec(mode) for shape, mode in zip(shapes, modes, strict=True)]
@@ -209,7 +210,7 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
         for shape, spec in zip(shapes, specs):
             for i, g in enumerate(groups if compiled else groups[:1]):
                 eng.generate(g, max_new_tokens=max_new_tokens if compiled else min(8, max_new_tokens),
-                             temperature=temperature, top_p=top_p, seed=seed + i, spec=spec)
+                             temperature=temperature, top_p=top_p, seed=seed + i, spec=spec, max_batch=max_batch)
             if on_call:
                 on_call(f"{shape.key} warm-up")
     rounds = max(repeats, 1)
@@ -220,7 +221,7 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
         for j in [(r + k) % len(shapes) for k in range(len(shapes))]:  # each round starts one later
             shape, spec = shapes[j], specs[j]
             outs[j] = [eng.generate(g, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    seed=seed + i, spec=spec) for i, g in enumerate(groups)]
+                                    seed=seed + i, spec=spec, max_batch=max_batch) for i, g in enumerate(groups)]
             call_stats = [o.stats for o in outs[j]]
             per_round[j].append(pool(call_stats))
             stats[j] += call_stats

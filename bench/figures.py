@@ -1,6 +1,7 @@
 """`python -m bench.figures DIR [DIR ...]`: the README's figures table, generated from `bench latency`
 JSON (never typed): per run directory and batch size, plain tokens/s, the adaptive default's
-speedup and tau, and the best fixed chain's speedup, all from the same interleaved run.
+speedup, tau and step bound (runs with `--ceiling`; "-" otherwise), and the best fixed chain's
+speedup, all from the same interleaved run.
 
 Each DIR holds a `latency.json` written by `python -m bench latency --chains aK,1,2,...`.
 """
@@ -14,8 +15,8 @@ from pathlib import Path
 
 def figures_table(run_dirs: list[Path]) -> str:
     """Markdown: one row per (run, batch size)."""
-    lines = ["| machine | sampling | batch | plain tokens/s | adaptive (default): speedup, tau | best fixed chain: "
-             "speedup |", "|---|---|---|---|---|---|"]
+    lines = ["| machine | sampling | batch | plain tokens/s | adaptive (default): speedup, tau | adaptive: step bound "
+             "| best fixed chain: speedup |", "|---|---|---|---|---|---|---|"]
     for run in run_dirs:
         data = json.loads((run / "latency.json").read_text())
         m, s = data["machine"], data["settings"]
@@ -28,8 +29,9 @@ def figures_table(run_dirs: list[Path]) -> str:
             chains = [r for r in rows if r["kind"] == "chain"]
             best = max(chains, key=lambda r: r["speedup"]) if chains else None
             a = f"{adaptive[0]['speedup']:.2f}×, {adaptive[0]['tau']:.2f}" if adaptive else "-"
+            bound = f"{adaptive[0]['step_bound']:.2f}×" if adaptive and "step_bound" in adaptive[0] else "-"
             b = f"{best['speedup']:.2f}× ({best['label']})" if best else "-"
-            lines.append(f"| {machine} | {mode} | {batch} | {plain['tokens_per_s']:.0f} | {a} | {b} |")
+            lines.append(f"| {machine} | {mode} | {batch} | {plain['tokens_per_s']:.0f} | {a} | {bound} | {b} |")
     return "\n".join(lines)
 
 

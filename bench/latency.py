@@ -1,7 +1,8 @@
 """`python -m bench latency`: throughput and per-token latency by batch size, plain vs MTP.
 
 For each batch size B the prompts are decoded in calls of B rows (the last call filled up by
-cycling through the prompts), plainly and with every draft shape (chains, trees, `auto` calibrated
+cycling through the prompts; with `--continuous`, in one call of every prompt with B rows at once,
+each finished row taken over by the next prompt), plainly and with every draft shape (chains, trees, `auto` calibrated
 at that batch size), all in the same process: one warm-up call per configuration, then `--repeats`
 rounds, each decoding all calls with every configuration in turn (`bench.common.timed_runs`).
 Reported: tokens/s (all new tokens / wall seconds of all calls; median of the rounds), TPOT p50/p90
@@ -15,13 +16,16 @@ a failure: loud line, exit status 1).
 `--ceiling` also times one verifier forward over 1 and over W tokens per row (W = depth + 1 for a
 chain, nodes + 1 for a tree; `bench.microbench.verify_costs`, first call of the batch size) and
 reports, per draft shape, the verify cost ratio t(W) / t(1) and the ceiling tau · t(1) / t(W): the
-speedup that shape would reach if drafting, acceptance and commit were free. Where the ceiling is
+speedup that shape would reach if drafting, acceptance and commit were free (an adaptive row: the
+mean cost over the depths its steps ran). Where the ceiling is
 low, verifying W tokens per row costs nearly W plain steps (the step is compute-bound) and no
 cheaper drafting can help; where the speedup lies far below it, the drafting side is the cost.
-With `--compile` and greedy decoding it also times whole compiled steps (`bench.microbench.
-greedy_step_costs`: draft, verify, accept and MTP commit against one plain step) and reports the
-step cost and the step bound tau / step cost: the decode speedup those steps allow, drafting
-included.
+It also times whole steps (draft, verify, accept and MTP commit against one plain step) as the
+loop runs them (`bench.microbench.greedy_step_costs`: one compiled graph, greedy chains with
+`--compile`; `decoder_step_costs`: the decoder's stages, everything else) and reports the step
+cost and the step bound tau / step cost: the decode speedup those steps allow, drafting included
+(an adaptive row's step cost is the mean over the depths its steps ran). The decode speedup falls
+short of it by what the loop spends outside its steps.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ from argparse import Namespace
 from bench import plots
 from bench.common import (PLAIN, BenchError, Report, Shape, Table, batches, fmt, greedy_mismatch, parse_int_list,
                           paired_speedup, parse_shapes, progress, resolve_auto, timed_runs)
-from bench.microbench import greedy_step_costs, verify_costs
+from bench.microbench import decoder_step_costs, greedy_step_costs, verify_costs
 from bench.prompt_set import Prompt
-from specdec import Engine
+from specdec import Engine, SpecConfig
 
 
 def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
@@ -52,12 +56,15 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     auto_choices: dict[str, str] = {}
     bar = progress(len(batch_sizes) * len(shapes) * (max(a.repeats, 1) + 1), "latency")
     for batch in batch_sizes:
-        groups = batches(ids, batch)
+        # --continuous: one call of every prompt, `batch` rows at once, a finished row's place taken
+        # by the next prompt; else calls of `batch` prompts each, a call's rows starting together
+        groups = [ids] if a.continuous else batches(ids, batch)
+        timing_ids = groups[0][:batch]  # the rows the step and verify timings run
         batch_shapes = []
         for shape in shapes:
             if shape.kind == "auto":
                 bar.set_postfix_str(f"batch {batch} calibrating auto")
-                shape, auto_reports[f"batch {batch}"] = resolve_auto(eng, groups[0], a.temperature, a.top_p, a.seed,
+                shape, auto_reports[f"batch {batch}"] = resolve_auto(eng, timing_ids, a.temperature, a.top_p, a.seed,
                                                                      draft_vocab=shape.draft_vocab)
                 auto_choices[f"batch {batch}"] = shape.dims
             batch_shapes.append(shape)
@@ -67,7 +74,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             bar.set_postfix_str(f"batch {batch}, done: {what}")
 
         runs = timed_runs(eng, groups, batch_shapes, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                          top_p=a.top_p, seed=a.seed, repeats=a.repeats, on_call=done)
+                          top_p=a.top_p, seed=a.seed, repeats=a.repeats, on_call=done,
+                          max_batch=batch if a.continuous else None)
         plain = runs[0]
         batch_rows = []
         widths = [1 if r.shape.kind == "plain" else r.shape.spec().n_nodes + 1 for r in runs]
@@ -93,9 +101,10 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             })
         if a.ceiling:
             bar.set_postfix_str(f"batch {batch} verify cost")
-            _add_ceiling(eng, groups[0], batch_rows, widths)
-            if eng.run_chain_step is not None and greedy:
-                _add_step_bound(eng, groups[0], batch_rows, [r.shape for r in runs])
+            _add_ceiling(eng, timing_ids, batch_rows, widths)
+            if eng.drafter is not None:
+                bar.set_postfix_str(f"batch {batch} step costs")
+                _add_step_bound(eng, timing_ids, batch_rows, [r.shape for r in runs], a.temperature, a.top_p)
         chains = [r for r in batch_rows if r["kind"] == "chain"]
         if chains:
             max(chains, key=lambda r: r["tokens_per_s"])["best_chain"] = True
@@ -120,13 +129,15 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                 body[-1][5:5] = (["", ""] if "step_cost" not in r else
                                  [f"{r['step_cost']:.2f}x", "" if r["kind"] == "plain" else f"{r['step_bound']:.2f}x"])
         calls = rows[[r["batch_size"] for r in rows].index(batch)]["calls"]
+        title = (f"batch {batch} (one call of {len(ids)} prompts, {batch} row(s) at once)" if a.continuous
+                 else f"batch {batch} ({calls} call(s) of {batch} rows)")
         headers = ["config", "tau", "tokens/s", "TPOT p50 ms", "TPOT p90 ms", "TTFT ms", "speedup", "decode speedup",
                    "= plain"]
         if a.ceiling:
             headers[1:1] = ["verify W", "verify ms", "verify cost", "ceiling"]
         if step_bound:
             headers[5:5] = ["step cost", "step bound"]
-        tables.append(Table(f"batch {batch} ({calls} call(s) of {batch} rows)", headers, body))
+        tables.append(Table(title, headers, body))
     mode = "greedy" if greedy else f"T={a.temperature:g}, top-p {a.top_p:g}"
     rounds = max(a.repeats, 1)
     notes = [f"{len(prompts)} prompts, {a.max_new_tokens} new tokens each at most, {mode}; one warm-up call per "
@@ -134,18 +145,25 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
              "of the rounds; speedup = tokens/s over plain's at the same batch size, the median over rounds of "
              "the ratio within a round; decode speedup = the same without prefill (new tokens over the seconds "
              "after prefill)"]
+    if a.continuous:
+        notes.append(f"--continuous: every configuration decodes all {len(prompts)} prompts in one call per "
+                     "round with B rows at once, the next prompt taking a finished row's place (continuous "
+                     "batching, `Engine.generate(max_batch=B)`); TTFT: until the first B rows' first tokens")
     if eng.compiled is not None:
         notes.append("specdec --compile (torch.compile, inductor): greedy plain and chain steps compiled whole, "
                      "other decode-step forwards compiled; "
                      "compilation happens in the warm-up calls and is not timed")
     if a.ceiling:
-        notes.append("verify W: tokens per row one verifier forward checks (1 for plain); verify ms: its median "
-                     "time on the first call's prompts; verify cost: t(W) / t(1); ceiling: tau / verify cost, the "
-                     "speedup if drafting, acceptance and commit were free")
+        notes.append("verify W: tokens per row one verifier forward checks (1 for plain; adaptive: the widest); "
+                     "verify ms: its median time on the first call's prompts (adaptive: the mean over the depths "
+                     "its steps ran); verify cost: t(W) / t(1); ceiling: tau / verify cost, the speedup if "
+                     "drafting, acceptance and commit were free")
     if step_bound:
-        notes.append("step cost: one compiled greedy step (draft, verify, accept, MTP commit) over one plain "
-                     "step, same prompts, interleaved; step bound: tau / step cost, the decode speedup those "
-                     "steps allow")
+        notes.append("step cost: one whole step (draft, verify, accept, MTP commit) over one plain step, "
+                     "same prompts, interleaved, run as the decoding loop runs it (compiled whole with "
+                     "--compile and greedy chains, else the decoder's stages); an adaptive row's: the mean over "
+                     "the depths its steps ran; step bound: tau / step cost, the decode speedup those steps "
+                     "allow (what the loop spends outside its steps, and the prefill, are the gap to it)")
     notes += [f"auto at {k}: choose_tree picked {v} (depth x topk x nodes)" for k, v in auto_choices.items()]
     if any(r["kind"] == "adaptive" for r in rows):
         notes.append("adaptive K: the engine's default, each step's depth chosen in 0..K from step costs measured "
@@ -155,7 +173,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                 "batch_sizes": batch_sizes,
                 "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
                 "shapes": [s.key for s in shapes], "quick": a.quick, "compiled": eng.compiled is not None,
-                "ceiling": a.ceiling}
+                "ceiling": a.ceiling, "continuous": a.continuous}
     report = Report("latency", "Latency and throughput by batch size", settings, rows, tables, notes, failures,
                     extra={"auto_reports": auto_reports})
     report.plots = [("tokens_per_s", lambda: plots.tokens_per_s_vs_batch(rows)),
@@ -171,29 +189,68 @@ def depth_share(row: dict) -> str:
     return " [" + " ".join(f"d{d} {100 * n / sum(steps):.0f}%" for d, n in enumerate(steps) if n) + "]"
 
 
-def _add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: list[Shape]) -> None:
-    """Add step_ms, step_cost (t(chain step) / t(plain step)) and step_bound (tau / step_cost) to the
-    plain row and the greedy chain rows of one batch size (`shapes[i]` for `rows[i]`), timing whole
-    compiled steps on `ids` (`bench.microbench.greedy_step_costs`)."""
-    chains = [i for i, s in enumerate(shapes) if s.kind == "chain"]
-    if not chains:
+def _add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: list[Shape],
+                    temperature: float, top_p: float) -> None:
+    """Add step_ms, step_cost (t(step) / t(plain step)) and step_bound (tau / step_cost) to the
+    plain row, the chain rows and the adaptive rows of one batch size (`shapes[i]` for `rows[i]`),
+    timing whole steps on `ids` the way the run decoded them: greedy chains of an engine that
+    compiles whole steps as compiled steps (`bench.microbench.greedy_step_costs`), everything else
+    as `SpeculativeDecoder.step` runs it (`decoder_step_costs`).
+
+    An adaptive row's steps ran at several depths: its step cost is the mean cost of the steps it
+    ran (`depth_steps`; depth d timed as a chain step of depth d, depth 0 as a plain step)."""
+    whole_steps = eng.run_chain_step is not None and temperature == 0.0
+    wanted: dict[tuple[str, int, int | None], SpecConfig] = {}
+    for shape in shapes:
+        if shape.kind == "chain":
+            how = "whole" if whole_steps else "decoder"
+            wanted[(how, shape.depth, shape.draft_vocab)] = SpecConfig(depth=shape.depth, adaptive=False,
+                                                                       draft_vocab=shape.draft_vocab)
+        elif shape.kind == "adaptive":
+            for depth in range(1, shape.depth + 1):
+                wanted[("decoder", depth, shape.draft_vocab)] = SpecConfig(depth=depth, adaptive=False,
+                                                                           draft_vocab=shape.draft_vocab)
+    cost, plain_ms = {}, None
+    for how, timer in (("whole", greedy_step_costs), ("decoder", decoder_step_costs)):
+        keys = [k for k in wanted if k[0] == how]
+        if not keys:
+            continue
+        args = (temperature, top_p) if how == "decoder" else ()
+        plain_s, chain_s = timer(eng, ids, [wanted[k] for k in keys], *args)
+        plain_ms = plain_ms or plain_s * 1e3
+        cost.update({k: t / plain_s for k, t in zip(keys, chain_s)})
+        cost[(how, 0, None)] = plain_s
+    if not cost:
         return
-    plain_s, chain_s = greedy_step_costs(eng, ids, [shapes[i].spec() for i in chains])
-    for r in rows:
-        if r["kind"] == "plain":
-            r["step_ms"], r["step_cost"] = plain_s * 1e3, 1.0
-    for i, t in zip(chains, chain_s):
-        r = rows[i]
-        r["step_ms"], r["step_cost"] = t * 1e3, t / plain_s
+    for r, shape in zip(rows, shapes):
+        if shape.kind == "plain":
+            r["step_ms"], r["step_cost"] = plain_ms, 1.0
+            continue
+        if shape.kind == "chain":
+            how = "whole" if whole_steps else "decoder"
+            r["step_cost"] = cost[(how, shape.depth, shape.draft_vocab)]
+        elif shape.kind == "adaptive" and sum(r["depth_steps"]):
+            how, steps = "decoder", r["depth_steps"]
+            r["step_cost"] = sum(n * (cost[(how, d, shape.draft_vocab)] if d else 1.0)
+                                 for d, n in enumerate(steps)) / sum(steps)
+        else:
+            continue
+        r["step_ms"] = r["step_cost"] * cost[(how, 0, None)] * 1e3
         r["step_bound"] = r["tau"] / r["step_cost"]
 
 
 def _add_ceiling(eng: Engine, ids: list[list[int]], rows: list[dict], widths: list[int]) -> None:
     """Add verify_width (W: `widths[i]` for `rows[i]`, tokens per row one verify step checks),
     verify_ms, verify_cost (t(W) / t(1)) and ceiling (tau / verify_cost) to each row of one batch
-    size, timing the verifier on `ids` (see the module docstring)."""
-    costs = verify_costs(eng, ids, [1] + widths)
+    size, timing the verifier on `ids` (see the module docstring). An adaptive row's steps verified
+    d + 1 tokens at each depth d they ran (`depth_steps`): its verify ms and cost are the mean over
+    its steps, W the widest."""
+    adaptive = [r["depth_steps"] for r in rows if r["kind"] == "adaptive" and sum(r["depth_steps"])]
+    extra = {d + 1 for steps in adaptive for d in range(len(steps))}
+    costs = verify_costs(eng, ids, sorted({1, *widths, *extra}))
     for r, w in zip(rows, widths):
-        r["verify_width"], r["verify_ms"] = w, costs[w] * 1e3
-        r["verify_cost"] = costs[w] / costs[1]
+        steps = r["depth_steps"] if r["kind"] == "adaptive" and sum(r["depth_steps"]) else None
+        seconds = costs[w] if steps is None else sum(n * costs[d + 1] for d, n in enumerate(steps)) / sum(steps)
+        r["verify_width"], r["verify_ms"] = w, seconds * 1e3
+        r["verify_cost"] = seconds / costs[1]
         r["ceiling"] = r["tau"] / r["verify_cost"]

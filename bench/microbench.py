@@ -12,13 +12,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
 from specdec import Engine, SpecConfig
 from specdec.auto_tree import finished
+from specdec.sequence import Sequence
 from specdec.speculative import RowState, SpeculativeDecoder
 from specdec.tree import DraftTree, chain_tree, visible_slots
 
@@ -164,4 +165,60 @@ def greedy_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig]
                            spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
 
     medians = _interleaved_medians([plain] + [partial(chain, s) for s in specs], rounds)
+    return medians[0], medians[1:]
+
+
+@torch.inference_mode()
+def decoder_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig], temperature: float = 0.0,
+                     top_p: float = 1.0, rounds: int = 20) -> tuple[float, list[float]]:
+    """Median seconds of one plain step and of one chain step for each chain `specs[i]` (topk 1,
+    one-hot drafts; its depth pinned) as `SpeculativeDecoder.step` runs them, at `temperature`/`top_p`
+    (the engine's forwards, compiled with `--compile`; the glue between them eager).
+
+    Unlike `greedy_step_costs` (one compiled graph per step), these steps run the decoder's own
+    stages (a plain step: the verifier over the pending token and its draw; a chain step: draft →
+    verify → accept → commit, the MTP layer over the verified pairs included), each ending with the
+    host reads of what it emits, but not the emitting, retiring and policy bookkeeping around them.
+    The batch `ids` is admitted once (verifier + MTP prefill); every step starts from that state
+    (the lengths are restored, writes land in scratch slots past the prompts). Rounds interleave
+    the steps; the first two calls of each warm up, untimed.
+    """
+    if eng.drafter is None:
+        raise ValueError("decoder_step_costs needs an engine with an MTP drafter")
+    room = max((s.depth for s in specs), default=0) + 1
+    vocabs = {s.draft_vocab for s in specs}
+    base = SpeculativeDecoder(eng, SpecConfig(depth=room - 1 if specs else 1, adaptive=False,
+                                              draft_vocab=vocabs.pop() if len(vocabs) == 1 else None),
+                              temperature, top_p, 0)
+    base.use_cache(eng.cache_for(len(ids), max(map(len, ids)) + room))
+    base.admit([Sequence(p, 1 << 30, temperature, top_p, 0, r) for r, p in enumerate(ids)])
+    cache, state, rows = base.cache, base.state, len(base.running)
+    start_lengths = cache.lengths[:rows].clone()
+
+    def lengths() -> torch.Tensor:
+        cache.lengths[:rows] = start_lengths
+        return cache.lengths[:rows]
+
+    def plain() -> None:
+        base._plain_step(cache, lengths(), state).pending.tolist()
+
+    def pinned(spec: SpecConfig) -> SpeculativeDecoder:
+        dec = SpeculativeDecoder(eng, replace(spec, adaptive=False), temperature, top_p, 0)
+        dec.cache, dec.running, dec.sampling = cache, base.running, base.sampling
+        return dec
+
+    def chain(dec: SpeculativeDecoder) -> None:
+        depth = dec.spec.depth
+        at = lengths()
+        tree = dec._draft(cache, at, state, depth)
+        verified = dec._verify(cache, at, state.pending, tree)
+        acc = dec._accept(tree, verified.logits)
+        dec._commit(cache, tree, verified, acc)
+        acc.n_accepted.tolist(), acc.next_token.tolist()
+        tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
+
+    try:
+        medians = _interleaved_medians([plain] + [partial(chain, pinned(s)) for s in specs], rounds)
+    finally:
+        cache.lengths[:rows] = start_lengths
     return medians[0], medians[1:]

@@ -132,7 +132,7 @@ def choose_tree(engine, ids: list[list[int]], temperature: float, top_p: float, 
 
     wide = SpecConfig(depth=MAX_DEPTH, topk=MAX_TOPK, nodes=MAX_TOPK * MAX_DEPTH, draft_mode=draft_mode)
     recorder = _RankRecorder(engine, wide, temperature, top_p, seed)
-    recorder.generate(ids, CALIBRATION_TOKENS)
+    engine.schedule(recorder, ids, CALIBRATION_TOKENS)
     lengths = torch.tensor([len(p) for p in ids], device=engine.device)
     engine.cache_for(len(ids), int(lengths.max()) + MAX_TOPK * MAX_DEPTH + 2)
 

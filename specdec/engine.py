@@ -2,8 +2,10 @@
 
 Plain and MTP speculative decoding run the one decoding loop of `specdec.speculative` (sequences
 join, each step runs the live rows, finished rows leave; a speculative step is draft → verify →
-accept → commit, a plain step the verifier alone); `--compile` with greedy decoding runs whole
-compiled steps over a static batch instead (`specdec.greedy_step`).
+accept → commit, a plain step the verifier alone), driven by the scheduler a server uses
+(`specdec.scheduler`: every prompt queued, rows refilled as they finish when `max_batch` caps
+them); `--compile` with greedy decoding runs whole compiled steps over a static batch instead
+(`specdec.greedy_step`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from specdec.compiled import CompiledDecode, check_compile_supported
 from specdec.defaults import default_model_path
 from specdec.distributed import bind_device, default_device, init_parallel
 from specdec.greedy_step import shrunk_rows
+from specdec.scheduler import Scheduler
+from specdec import sequence as sequences
 from specdec.speculative import SpeculativeDecoder
 from specdec.tokenizer import load_tokenizer
 from specdec.tree import visible_slots
@@ -226,11 +230,15 @@ class Engine:
         top_p: float = 1.0,
         seed: int = 0,
         spec: SpecConfig | None = None,
+        max_batch: int | None = None,
     ) -> GenerationOutput:
         """Generate up to `max_new_tokens` per prompt; greedy at temperature 0, else sampled (seeded).
 
         `spec`: MTP speculative decoding with this draft shape (None: plain decoding). Output is the
         same as plain decoding's: token for token when greedy, in distribution when sampled.
+        `max_batch`: rows decoded at once (None: every prompt at once); the other prompts wait and
+        join as rows finish (continuous batching: `specdec.scheduler.Scheduler`, which runs every
+        call but the static compiled greedy loops). Prompt i draws from stream i of `seed` either way.
         """
         if spec is not None and self.drafter is None:
             raise ConfigError(f"{self.checkpoint}: checkpoint has no MTP layer "
@@ -243,17 +251,43 @@ class Engine:
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+        if max_batch is not None and max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         ids = self.encode(prompts)
         draft_slots = spec.draft_slots if spec is not None else 0  # a step writes beyond the last token
         for i, p in enumerate(ids):
             self._check_length(len(p), max_new_tokens, i, draft_slots)
+        rows = len(ids) if max_batch is None else min(max_batch, len(ids))
         if spec is None:
-            return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed)
+            return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed, rows)
         policy = self.policy_for(spec, temperature > 0) if spec.adapts and self.compiled is None else None
-        outputs, stats = SpeculativeDecoder(self, spec, temperature, top_p, seed, policy).generate(ids, max_new_tokens)
+        decoder = SpeculativeDecoder(self, spec, temperature, top_p, seed, policy)
+        if decoder.compiled_chain and rows == len(ids):
+            outputs, stats = decoder.generate_compiled_chain(ids, max_new_tokens)
+        else:
+            outputs, stats = self.schedule(decoder, ids, max_new_tokens, rows)
         if policy is not None:
             policy.costs.save()
         return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
+
+    @torch.inference_mode()
+    def schedule(self, decoder: SpeculativeDecoder, ids: list[list[int]], max_new_tokens: int,
+                 max_batch: int | None = None) -> tuple[list[list[int]], GenerationStats]:
+        """Decode token ids `ids` (prompt r: stream r of the decoder's seed) with a fresh `decoder`
+        through a scheduler over this engine's dense pool: all prompts queued, the first `max_batch`
+        (None: all) admitted together, the others as rows free up. Returns each prompt's new tokens
+        and the call's stats (TTFT: until every row admitted in the first round has its first token).
+        `generate` checks its inputs and builds the decoder; tests pass their own."""
+        start = time.perf_counter()
+        rows = len(ids) if max_batch is None else min(max_batch, len(ids))
+        draft_slots = decoder.spec.draft_slots if decoder.spec is not None else 0
+        decoder.use_cache(self.cache_for(rows, max(map(len, ids)) + max_new_tokens + draft_slots))
+        seqs = [sequences.Sequence(p, max_new_tokens, decoder.temperature, decoder.top_p, decoder.seed, r)
+                for r, p in enumerate(ids)]
+        # prefill budget: every prompt the rows take fits in one round (none is cut into chunks)
+        Scheduler.for_batch(self, decoder, rows, len(seqs), sum(map(len, ids))).generate_all(seqs)
+        ttft = max(s.first_token_s for s in seqs[:rows]) - start
+        return [s.output for s in seqs], decoder.stats(start, len(ids), ttft, sum(len(s.output) for s in seqs))
 
     def step_costs(self, spec: SpecConfig, sampled: bool = False) -> StepCosts:
         """The measured step costs adaptive speculation uses with `spec`'s drafter settings on this
@@ -290,11 +324,13 @@ class Engine:
 
     @torch.inference_mode()
     def _generate_plain(self, ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                        seed: int) -> GenerationOutput:
-        """Plain decoding: the decoding loop without a drafter, or with `--compile` and greedy, whole
-        compiled steps over a static batch (`_plain_loop_greedy_step`)."""
-        if self.run_plain_step is None or temperature > 0.0:
-            outputs, stats = SpeculativeDecoder(self, None, temperature, top_p, seed).generate(ids, max_new_tokens)
+                        seed: int, rows: int) -> GenerationOutput:
+        """Plain decoding: the decoding loop without a drafter (`schedule`), or with `--compile`,
+        greedy and every prompt at once, whole compiled steps over a static batch
+        (`_plain_loop_greedy_step`)."""
+        if self.run_plain_step is None or temperature > 0.0 or rows < len(ids):
+            outputs, stats = self.schedule(SpeculativeDecoder(self, None, temperature, top_p, seed), ids,
+                                           max_new_tokens, rows)
             return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
         start = time.perf_counter()
         batch = len(ids)

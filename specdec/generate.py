@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt + generation")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="prompts decoded at once (default: all); the others join as rows finish "
+                        "(continuous batching)")
     p.add_argument("--compare", action="store_true", help="also decode plainly and report the speedup")
     p.add_argument("--json", dest="json_path", help="write results and stats to this JSON file (atomically)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -81,6 +84,8 @@ def check_args(a: argparse.Namespace) -> None:
         raise ConfigError(f"--temperature must be >= 0, got {a.temperature}")
     if not 0.0 < a.top_p <= 1.0:
         raise ConfigError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.max_batch is not None and a.max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {a.max_batch}")
     if a.draft_depth < 1:
         raise ConfigError(f"--draft-depth must be >= 1, got {a.draft_depth}")
     if a.draft_vocab is not None and a.draft_vocab < 1:
@@ -168,7 +173,8 @@ def stats_line(label: str, s) -> str:
 
 def run_batch(engine: Engine, a: argparse.Namespace, prompts: list[str]) -> None:
     spec = spec_config(engine, a, prompts)
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+              max_batch=a.max_batch)
     if a.compare:  # warm both paths up (allocator, caches, first-call costs) so the timed runs compare fairly
         for s in (spec, None):
             engine.generate(prompts, spec=s, **{**kw, "max_new_tokens": min(8, a.max_new_tokens)})

@@ -1,8 +1,9 @@
-"""Continuous batching for a server: requests queue up, join the decoding loop between steps when a
-cache row is free, and leave it as they finish.
+"""Continuous batching: requests queue up, join the decoding loop between steps when a cache row is
+free, and leave it as they finish. A server runs one scheduler for its life; `Engine.generate`
+runs one per call (`Scheduler.for_batch`: its prompts queued at once, over the engine's dense pool).
 
-The loop itself is `specdec.speculative.SpeculativeDecoder` (`admit` + `step`), the one that
-`Engine.generate` runs; the scheduler owns it on one thread (`run`) and decides, before each
+The loop itself is `specdec.speculative.SpeculativeDecoder` (`admit` + `step`); the scheduler
+owns it on one thread (`run`, or `generate_all` on the caller's) and decides, before each
 step, which waiting sequences join: first come first served, while rows are free and the prompt
 tokens admitted in this round stay within `prefill_tokens` (at least one sequence per round), so
 running streams keep getting steps while a burst of prompts is prefilled.
@@ -93,6 +94,9 @@ class Scheduler:
     last sequence ends (static batching, the baseline `bench serve` compares against).
     cache_tokens: slots in the paged pool (default: `max_rows` × the context, which never preempts);
     block_size: slots per block.
+
+    `Engine.generate` runs its prompts through a scheduler too (`for_batch`): its own decoder (the
+    call's sampling settings and draft mode) over the engine's dense pool.
     """
 
     def __init__(self, engine, spec: SpecConfig | None, max_rows: int = 32, max_waiting: int = 256,
@@ -109,15 +113,32 @@ class Scheduler:
                             ("--block-size", block_size)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        self.engine, self.spec = engine, spec
         policy = engine.policy_for(spec) if spec is not None and spec.adapts else None
-        self.decoder = SpeculativeDecoder(engine, spec, policy=policy)
-        self.decoder.record_tpot = False  # a server's metrics time tokens per request instead
+        decoder = SpeculativeDecoder(engine, spec, policy=policy)
+        decoder.record_tpot = False  # a server's metrics time tokens per request instead
         args = engine.args
-        self.cache = PagedLatentCache(args, args.n_layers + args.n_mtp_layers, max_rows,
-                                      -(-cache_tokens // block_size), block_size, engine.max_seq_len,
-                                      engine.model.dtype, engine.device, engine.kv_cache_dtype)
-        self.decoder.use_cache(self.cache)
+        decoder.use_cache(PagedLatentCache(args, args.n_layers + args.n_mtp_layers, max_rows,
+                                           -(-cache_tokens // block_size), block_size, engine.max_seq_len,
+                                           engine.model.dtype, engine.device, engine.kv_cache_dtype))
+        self._setup(engine, spec, decoder, max_rows, max_waiting, prefill_tokens, on_step, static)
+
+    @classmethod
+    def for_batch(cls, engine, decoder: SpeculativeDecoder, max_rows: int, n_sequences: int,
+                  prefill_tokens: int) -> "Scheduler":
+        """A scheduler for one batch of `n_sequences` known in advance (`Engine.generate`): `decoder`
+        with its cache already set (`use_cache`, a dense pool of at least `max_rows` rows; compiled
+        forwards allowed), at most `max_rows` decoding at once, the others joining as rows free up."""
+        self = cls.__new__(cls)
+        self._setup(engine, decoder.spec, decoder, max_rows, max(n_sequences, 1), prefill_tokens, None, False)
+        # under torchrun every rank runs the same call on the same prompts, and what a round admits
+        # depends only on which sequences ended (the same tokens on every rank): no lockstep messages
+        self.lockstep = False
+        return self
+
+    def _setup(self, engine, spec: SpecConfig | None, decoder: SpeculativeDecoder, max_rows: int, max_waiting: int,
+               prefill_tokens: int, on_step: Callable[["Scheduler", list[int]], None] | None, static: bool) -> None:
+        self.engine, self.spec, self.decoder = engine, spec, decoder
+        self.cache = decoder.cache
         self.max_rows, self.max_waiting, self.prefill_tokens = max_rows, max_waiting, prefill_tokens
         self.on_step, self.static = on_step, static
         self.waiting: deque[Sequence] = deque()
@@ -142,6 +163,8 @@ class Scheduler:
     @property
     def context_limit(self) -> int:
         """Slots one sequence may use: the context, and no more than the whole pool holds."""
+        if self.cache.block_table is None:  # a dense pool: every row holds all its slots
+            return min(self.engine.max_seq_len, self.cache.seq_len)
         return min(self.engine.max_seq_len, self.cache.n_blocks * self.cache.block_size)
 
     def max_new_tokens_for(self, prompt_len: int) -> int:
@@ -332,14 +355,15 @@ class Scheduler:
                 if self.decoder.prefilling is not None or not self.decoder.admits_now(seq, len(joining), blocks):
                     break
                 return joining, self.waiting.popleft()
-            if not self.decoder.admits_now(seq, len(joining), blocks):
+            if self.running + len(joining) >= self.max_rows or not self.decoder.admits_now(seq, len(joining), blocks):
                 break
             if joining and tokens + len(seq.context) > self.prefill_tokens and not self.static:
                 break
             self.waiting.popleft()
             joining.append(seq)
             tokens += len(seq.context)
-            blocks += self.cache.blocks_for(len(seq.context) + self.decoder.step_slots)
+            if self.cache.block_table is not None:  # a paged pool (a dense one's rows hold their slots)
+                blocks += self.cache.blocks_for(len(seq.context) + self.decoder.step_slots)
         return joining, None
 
     def generate_all(self, seqs: list[Sequence], timeout_s: float | None = None) -> None:

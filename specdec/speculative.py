@@ -148,15 +148,16 @@ class SpeculativeDecoder:
     Sequences may differ in sampling settings (greedy and sampled rows mix) except with sampled
     drafts (`draft_mode="sample"`), whose rows share the decoder's `temperature` and `top_p`.
 
-    `generate` decodes one batch of prompts to completion (`Engine.generate`); a server keeps one
-    decoder and calls `admit` and `step` (`specdec.scheduler`). Cache row r holds `running[r]`;
-    the live rows are a prefix of the pool.
+    A scheduler (`specdec.scheduler`: a server's, or the one `Engine.generate` runs a batch of
+    prompts through) keeps one decoder and calls `admit` and `step`; `generate_compiled_chain` is
+    the static loop of whole compiled greedy chain steps. Cache row r holds `running[r]`; the live
+    rows are a prefix of the pool.
     """
 
     def __init__(self, engine, spec, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  policy: SpeculationPolicy | None = None) -> None:
-        """`temperature`, `top_p`, `seed`: `generate`'s settings for every prompt, and the settings of
-        sampled drafts."""
+        """`temperature`, `top_p`, `seed`: the settings of an `Engine.generate` call's prompts, and
+        those of sampled drafts."""
         self.eng, self.spec = engine, spec
         self.model, self.drafter = engine.run_verifier, engine.run_drafter  # forwards (maybe compiled)
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
@@ -171,33 +172,33 @@ class SpeculativeDecoder:
         self.sampling = RowSampling((), (), (), ())
         self.state: RowState | None = None
         self.steps = 0
-        self.tpot: list[float] = []  # `generate`'s per-token latencies (`record_tpot` False: none kept)
+        self.tpot: list[float] = []  # per-token latencies for `stats` (`record_tpot` False: none kept)
         self.record_tpot = True
         self.step_start = 0.0
+        self.prefill_s = 0.0  # seconds spent admitting (prefilling) sequences
 
     # ------------------------------------------------------------------ the loop
 
+    @property
+    def compiled_chain(self) -> bool:
+        """Greedy pinned chains on an engine that compiles whole steps: `generate_compiled_chain`."""
+        return (self.eng.run_chain_step is not None and self.temperature == 0.0 and self.spec is not None
+                and self.spec.topk == 1 and self.policy is None)
+
     @torch.inference_mode()
-    def generate(self, ids: list[list[int]], max_new_tokens: int):
-        """Decode every prompt (prompt r: stream r of the decoder's seed); returns (new tokens per
-        prompt, GenerationStats)."""
+    def generate_compiled_chain(self, ids: list[list[int]], max_new_tokens: int):
+        """Decode every prompt (prompt r: stream r of the decoder's seed) as one static batch of whole
+        compiled greedy chain steps (`_loop_greedy_chain_step`; `compiled_chain` must hold); returns
+        (new tokens per prompt, GenerationStats). Every other call runs `admit` and `step` under a
+        scheduler (`Engine.generate`)."""
         eng = self.eng
         start = time.perf_counter()
         seqs = [Sequence(p, max_new_tokens, self.temperature, self.top_p, self.seed, r) for r, p in enumerate(ids)]
-        draft_slots = self.spec.draft_slots if self.spec is not None else 0
-        self.use_cache(eng.cache_for(len(ids), max(map(len, ids)) + max_new_tokens + draft_slots))
-        compiled_chain = (eng.run_chain_step is not None and self.temperature == 0.0 and self.spec is not None
-                          and self.spec.topk == 1 and self.policy is None)
-        self.admit(seqs, retire=not compiled_chain)  # the compiled loop parks finished rows instead
-        prefill_s = time.perf_counter() - start
-        self.step_start = time.perf_counter()
-        ttft = self.step_start - start
-        if compiled_chain:
-            self._loop_greedy_chain_step()
-        else:
-            while self.running:
-                self.step()
-        return [s.output for s in seqs], self._stats(start, prefill_s, len(ids), ttft, sum(len(s.output) for s in seqs))
+        self.use_cache(eng.cache_for(len(ids), max(map(len, ids)) + max_new_tokens + self.spec.draft_slots))
+        self.admit(seqs, retire=False)  # the compiled loop parks finished rows instead
+        self._loop_greedy_chain_step()
+        return [s.output for s in seqs], self.stats(start, len(ids), self.step_start - start,
+                                                    sum(len(s.output) for s in seqs))
 
     def use_cache(self, cache: LatentCache | PagedLatentCache) -> None:
         """Decode in `cache` (empty of live rows: before the first `admit`): a dense pool or a paged one."""
@@ -211,6 +212,7 @@ class SpeculativeDecoder:
         checks). Rows still lagging behind plain steps are caught up first, so all rows' lags agree."""
         if not seqs:
             return
+        start = time.perf_counter()
         first_row = len(self.running)
         for row, seq in enumerate(seqs, start=first_row):
             if not self.cache.reserve(row, len(seq.context)):
@@ -225,6 +227,10 @@ class SpeculativeDecoder:
                    sampling)
         if retire:
             self._retire()
+        now = time.perf_counter()
+        self.prefill_s += now - start
+        if first_row == 0:  # the next step's tokens take its time from here (`_time_step`)
+            self.step_start = now
 
     def _catch_up_live(self) -> None:
         """Bring the live rows' MTP cache level with their verifier cache (before rows join)."""
@@ -633,8 +639,11 @@ class SpeculativeDecoder:
         self.state = self.state.select(torch.tensor(live, dtype=torch.long, device=self.state.pending.device)) \
             if live else None
 
-    def _stats(self, start: float, prefill_s: float, batch: int, ttft_s: float, n_tokens: int) -> GenerationStats:
-        wall = time.perf_counter() - start
+    def stats(self, start: float, batch: int, ttft_s: float, n_tokens: int) -> GenerationStats:
+        """The stats of a call that began at `start` (`time.perf_counter()`) and gave its `batch`
+        prompts `n_tokens` new tokens in all, from everything this decoder ran since (prefill: the
+        seconds spent admitting sequences)."""
+        wall, prefill_s = time.perf_counter() - start, self.prefill_s
         c = self.counts
         depth = self.spec.depth if self.spec is not None else 0
         plain = self.spec is None

@@ -46,7 +46,8 @@ def test_greedy_equals_plain_while_depth_switches(eng, tiny, batch):
         prompts = random_prompts(vocab, [7, 3, 11, 5][:batch], seed=40 + batch)
         plain = engine.generate(prompts, max_new_tokens=30).token_ids
         policy = ScriptedPolicy(SCRIPT)
-        out, stats = SpeculativeDecoder(engine, SpecConfig(depth=3), 0.0, 1.0, 0, policy).generate(prompts, 30)
+        out, stats = engine.schedule(SpeculativeDecoder(engine, SpecConfig(depth=3), 0.0, 1.0, 0, policy), prompts,
+                                     30)
         ties += assert_same_or_tie(engine, prompts, out, plain)
         assert set(policy.ran) == {0, 1, 2, 3}
         assert stats.depth_steps == [policy.ran.count(d) for d in range(4)]
@@ -62,7 +63,8 @@ def test_sampled_tokens_equal_plain_sampling_while_depth_switches(eng, tiny, tem
         prompts = random_prompts(vocab, [7, 3, 11, 5], seed=60)
         plain = engine.generate(prompts, max_new_tokens=30, temperature=temperature, top_p=top_p, seed=9).token_ids
         policy = ScriptedPolicy(SCRIPT)
-        out, _ = SpeculativeDecoder(engine, SpecConfig(depth=3), temperature, top_p, 9, policy).generate(prompts, 30)
+        decoder = SpeculativeDecoder(engine, SpecConfig(depth=3), temperature, top_p, 9, policy)
+        out, _ = engine.schedule(decoder, prompts, 30)
         assert out == plain
         again = engine.generate(prompts, max_new_tokens=30, temperature=temperature, top_p=top_p, seed=9,
                                 spec=SpecConfig(depth=3))  # the measured policy: a seed reproduces too
@@ -76,7 +78,7 @@ def test_mtp_cache_after_plain_steps_equals_a_fresh_pass(eng):
     over the whole sequence would: drafting after a switch sees what it would have seen."""
     prompts = random_prompts(eng.args.vocab_size, [6, 9], seed=3)
     dec = SpeculativeDecoder(eng, SpecConfig(depth=2), 0.0, 1.0, 0, ScriptedPolicy([0, 0, 0, 2]))
-    out, _ = dec.generate(prompts, 13)  # 1 prefill token + 3 plain steps + a depth-2 step + ...
+    out, _ = eng.schedule(dec, prompts, 13)  # 1 prefill token + 3 plain steps + a depth-2 step + ...
     with torch.inference_mode():
         cache = eng.cache_for(2, 40)
         live_kv = cache.kv[-1].clone()  # the MTP layer's rows as the loop left them
@@ -120,7 +122,8 @@ def test_sampled_distribution_holds_while_depth_switches(tiny, mode, temperature
     for i, script in enumerate(([0, 1], [0, 2], [1, 0], [2, 0], [0, 0])):
         policy = ScriptedPolicy(script)
         spec = SpecConfig(depth=2, draft_mode=mode)
-        out, _ = SpeculativeDecoder(tiny, spec, temperature, top_p, 13 + i, policy).generate([prompt] * rows, n)
+        decoder = SpeculativeDecoder(tiny, spec, temperature, top_p, 13 + i, policy)
+        out, _ = tiny.schedule(decoder, [prompt] * rows, n)
         for toks in out:
             counts[tuple(toks)] += 1
         ran.add(tuple(policy.ran))

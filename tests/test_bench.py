@@ -64,7 +64,7 @@ class _DriftingEngine:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def generate(self, rows, *, max_new_tokens, temperature, top_p, seed, spec):
+    def generate(self, rows, *, max_new_tokens, temperature, top_p, seed, spec, max_batch=None):
         from types import SimpleNamespace
 
         label = "plain" if spec is None else f"chain {spec.depth}"
@@ -241,17 +241,37 @@ def test_cli_latency_quick(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
 def test_cli_latency_ceiling(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     args = ["latency", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out), "--batch-sizes", "2",
-            "--chains", "1,3", "--trees", "2x2x4", "--ceiling"]
+            "--chains", "a2,1,3", "--trees", "2x2x4", "--ceiling"]
     assert bench_main(args) == 0
     assert "| ceiling |" in capsys.readouterr().out
     rows = {r["config"]: r for r in _read(out, "latency")["rows"]}
-    assert {c: r["verify_width"] for c, r in rows.items()} == {"plain": 1, "chain 1": 2, "chain 3": 4,
-                                                               "tree 2x2x4": 5}
+    assert {c: r["verify_width"] for c, r in rows.items()} == {"plain": 1, "adaptive 2": 3, "chain 1": 2,
+                                                               "chain 3": 4, "tree 2x2x4": 5}
     assert rows["plain"]["verify_cost"] == 1.0 and rows["plain"]["ceiling"] == 1.0
     for r in rows.values():
         assert r["verify_ms"] > 0
         assert r["ceiling"] == pytest.approx(r["tau"] / r["verify_cost"])
         assert r["verify_cost"] == pytest.approx(r["verify_ms"] / rows["plain"]["verify_ms"])
+    # whole steps as the eager loop runs them (`decoder_step_costs`), for chains and the adaptive row
+    for config in ("adaptive 2", "chain 1", "chain 3"):
+        r = rows[config]
+        assert r["step_cost"] > 0 and r["step_bound"] == pytest.approx(r["tau"] / r["step_cost"])
+    assert rows["plain"]["step_cost"] == 1.0 and "step_cost" not in rows["tree 2x2x4"]
+    assert f"| {rows['adaptive 2']['step_bound']:.2f}× |" in figures_table([out]).splitlines()[2]
+
+
+def test_cli_latency_continuous(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
+    """`--continuous`: each configuration decodes every prompt in one call, B rows at once, and
+    greedy MTP still equals plain decoding token for token."""
+    out = tmp_path / "out"
+    args = ["latency", *TINY, "--ckpt-path", str(fp8_ckpt), "--out", str(out), "--batch-sizes", "1",
+            "--chains", "a2,2", "--trees", "", "--continuous"]
+    assert bench_main(args) == 0
+    assert "one call of 2 prompts, 1 row(s) at once" in capsys.readouterr().out
+    data = _read(out, "latency")
+    assert data["settings"]["continuous"] is True and data["failures"] == []
+    assert [r["calls"] for r in data["rows"]] == [1, 1, 1]
+    assert all(r["equal_to_plain"] for r in data["rows"] if r["kind"] != "plain")
 
 
 def test_cli_acceptance_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
@@ -287,25 +307,41 @@ def test_cli_peers_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_step_bound_is_tau_over_the_step_cost(monkeypatch) -> None:
-    """`bench latency --ceiling --compile` adds whole-step costs to the plain row and the chain rows only."""
+    """Greedy with --compile: chains are timed as whole compiled steps, the adaptive row's depths as
+    decoder steps, each against its own plain step; an adaptive row's cost is the mean over the
+    depths its steps ran; trees get none."""
+    from types import SimpleNamespace
+
     from bench import latency
-    from bench.common import parse_shapes, PLAIN
+    from bench.common import PLAIN, parse_shapes
 
-    shapes = [PLAIN] + parse_shapes("1,2@64", "2x2x4")
-    seen = []
+    shapes = [PLAIN] + parse_shapes("1,2@64,a2", "2x2x4")
+    seen = {}
 
-    def fake_costs(eng, ids, specs):
-        seen.append([(s.depth, s.draft_vocab) for s in specs])
-        return 0.010, [0.015, 0.025]
+    def fake_costs(name, plain_s, by_depth):
+        def costs(eng, ids, specs, *sampling):
+            seen[name] = ([(s.depth, s.draft_vocab, s.adaptive) for s in specs], sampling)
+            return plain_s, [by_depth[s.depth] for s in specs]
+        return costs
 
-    monkeypatch.setattr(latency, "greedy_step_costs", fake_costs)
-    rows = [{"kind": s.kind, "tau": t} for s, t in zip(shapes, [1.0, 1.8, 2.5, 2.9])]
-    latency._add_step_bound(None, [[1, 2]], rows, shapes)
-    assert seen == [[(1, None), (2, 64)]]
-    assert rows[0]["step_cost"] == 1.0 and "step_bound" not in rows[0]
+    monkeypatch.setattr(latency, "greedy_step_costs", fake_costs("whole", 0.010, {1: 0.015, 2: 0.025}))
+    monkeypatch.setattr(latency, "decoder_step_costs", fake_costs("decoder", 0.020, {1: 0.030, 2: 0.040}))
+    rows = [{"kind": s.kind, "tau": t, "depth_steps": n}
+            for s, t, n in zip(shapes, [1.0, 1.8, 2.5, 2.4, 2.9], [[], [], [], [2, 0, 6], []])]
+    latency._add_step_bound(SimpleNamespace(run_chain_step=object()), [[1, 2]], rows, shapes, 0.0, 1.0)
+    assert seen == {"whole": ([(1, None, False), (2, 64, False)], ()),
+                    "decoder": ([(1, None, False), (2, None, False)], (0.0, 1.0))}
+    assert rows[0]["step_cost"] == 1.0 and rows[0]["step_ms"] == pytest.approx(10.0) and "step_bound" not in rows[0]
     assert rows[1]["step_cost"] == pytest.approx(1.5) and rows[1]["step_bound"] == pytest.approx(1.2)
     assert rows[2]["step_ms"] == pytest.approx(25.0) and rows[2]["step_bound"] == pytest.approx(1.0)
-    assert "step_cost" not in rows[3]
+    assert rows[3]["step_cost"] == pytest.approx((2 * 1.0 + 6 * 2.0) / 8)  # d0 at 1 plain step, d2 at 2
+    assert rows[3]["step_ms"] == pytest.approx(35.0) and rows[3]["step_bound"] == pytest.approx(2.4 / 1.75)
+    assert "step_cost" not in rows[4]
+
+    seen.clear()  # sampled, or an eager engine: every row's steps are decoder steps
+    latency._add_step_bound(SimpleNamespace(run_chain_step=None), [[1, 2]], rows, shapes, 0.7, 0.9)
+    assert list(seen) == ["decoder"] and seen["decoder"][1] == (0.7, 0.9)
+    assert seen["decoder"][0] == [(1, None, False), (2, 64, False), (2, None, False)]
 
 
 def test_cli_serve_quick(fp8_ckpt: Path, tmp_path: Path) -> None:

@@ -64,6 +64,7 @@ def test_interactive_ends_on_eof(fp8_ckpt):
     (["--top-p", "0"], "--top-p"),
     (["--top-p", "1.5"], "--top-p"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-batch", "0"], "--max-batch"),
     (["--draft-depth", "0"], "--draft-depth"),
     (["--tree-nodes", "1", "--draft-depth", "3"], "--tree-nodes"),
     (["--tree-topk", "0"], "--tree-topk"),

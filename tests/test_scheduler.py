@@ -202,3 +202,37 @@ def test_static_batching_admits_only_into_an_empty_batch(eng):
     assert sizes == [(0, 2), (0, 2), (0, 1)]
     for p, s in zip(prompts, seqs):
         assert assert_same_or_tie(eng, [p], [s.output], eng.generate([p], max_new_tokens=s.max_new_tokens).token_ids) == 0
+
+
+@pytest.mark.parametrize("spec", [None, SpecConfig(depth=3), SpecConfig(depth=2, topk=2, adaptive=False)])
+def test_engine_generate_runs_through_the_scheduler_with_rows_refilled(eng, spec):
+    """`Engine.generate(max_batch=2)`: five prompts through two rows, the others joining as rows
+    finish, give what decoding all five at once gives (greedy up to logit ties; sampled draws are
+    keyed by seed, stream and position, so exactly), and the stats count every prompt's tokens."""
+    prompts = random_prompts(eng.args.vocab_size, [7, 3, 11, 5, 9], seed=27)
+    joined = []
+    original = Scheduler.for_batch.__func__
+
+    def spy(cls, engine, decoder, max_rows, n_sequences, prefill_tokens):
+        sched = original(cls, engine, decoder, max_rows, n_sequences, prefill_tokens)
+        admit = decoder.admit
+        decoder.admit = lambda seqs, retire=True: (joined.append((len(decoder.running), len(seqs))),
+                                                   admit(seqs, retire))
+        return sched
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Scheduler, "for_batch", classmethod(spy))
+        capped = eng.generate(prompts, max_new_tokens=14, spec=spec, max_batch=2)
+    assert joined[0] == (0, 2) and any(running > 0 for running, _ in joined[1:])  # later prompts joined a live batch
+    whole = eng.generate(prompts, max_new_tokens=14, spec=spec)
+    assert assert_same_or_tie(eng, prompts, capped.token_ids, whole.token_ids) <= 1
+    assert capped.stats.tokens == sum(map(len, capped.token_ids)) and capped.stats.batch_size == 5
+    sampled = dict(max_new_tokens=14, temperature=0.8, top_p=0.9, seed=5)
+    if spec is None or spec.topk == 1:  # one-hot drafts: draws keyed by position (trees draw more)
+        assert (eng.generate(prompts, spec=spec, max_batch=2, **sampled).token_ids
+                == eng.generate(prompts, spec=None, **sampled).token_ids)
+
+
+def test_engine_generate_rejects_a_max_batch_below_one(eng):
+    with pytest.raises(ConfigError, match="max_batch must be >= 1"):
+        eng.generate([[3, 4]], max_new_tokens=2, max_batch=0)

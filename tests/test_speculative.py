@@ -128,7 +128,7 @@ def test_long_accepted_runs_stay_lossless(eng):
     prompts = random_prompts(eng.args.vocab_size, [7, 3, 11, 5], seed=5)
     plain = eng.generate(prompts, max_new_tokens=30).token_ids
     dec = OracleDecoder(eng, SpecConfig(depth=4, adaptive=False), 0.0, 1.0, 0, truth=plain)
-    out, stats = dec.generate(prompts, 30)
+    out, stats = eng.schedule(dec, prompts, 30)
     assert assert_same_or_tie(eng, prompts, out, plain) == 0
     assert stats.tau > 2.0 and stats.acceptance_per_position[3] > 0.2
 

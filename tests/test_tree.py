@@ -81,8 +81,8 @@ def test_topk1_tree_expansion_reproduces_the_chain(eng, tiny, temperature):
     for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
         prompts = random_prompts(vocab, [7, 3, 11, 5], seed=9)
         spec = SpecConfig(depth=3, adaptive=False)
-        chain = SpeculativeDecoder(engine, spec, temperature, 1.0, 4).generate(prompts, 24)
-        tree = TreeChainDecoder(engine, spec, temperature, 1.0, 4).generate(prompts, 24)
+        chain = engine.schedule(SpeculativeDecoder(engine, spec, temperature, 1.0, 4), prompts, 24)
+        tree = engine.schedule(TreeChainDecoder(engine, spec, temperature, 1.0, 4), prompts, 24)
         assert tree[0] == chain[0]
         assert tree[1].tau == chain[1].tau and tree[1].acceptance_per_position == chain[1].acceptance_per_position
 
@@ -105,7 +105,7 @@ def test_tree_draft_shape_and_budget(eng):
         return tree
 
     dec._draft = spy
-    dec.generate(prompts, 6)
+    eng.schedule(dec, prompts, 6)
     for tree in seen:
         assert tree.n_nodes == 10 and int(tree.depths.max()) <= 3
         idx = torch.arange(1, 11)
