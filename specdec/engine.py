@@ -19,7 +19,7 @@ import torch
 
 from kernels import fp8_cache
 from kernels.cpu_gemm import GemmTuner, machine_key, measure_enabled
-from model.errors import ConfigError, SpecdecError
+from model.errors import ConfigError
 from model.load import load_verifier
 from model.parallel import ParallelContext
 from model.transformer import Transformer

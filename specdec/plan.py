@@ -9,8 +9,10 @@ their float32 scales, BF16 embeddings/head/norms, float32 router weights and bia
 layer (without its embedding/head copies, which specdec shares with the verifier). The shared MLA
 cache holds (kv_lora_rank + qk_rope_head_dim) values per token for every main layer and the MTP
 layer (`--kv-cache-dtype fp8`: the latent as FP8 + a 4-byte scale), replicated on every rank, for
-`max_seq_len` plus the draft's scratch slots. Activations are estimated for the largest verify
-step (batch × (nodes+1) tokens).
+`max_seq_len` plus the draft's scratch slots. Activations are estimated for the larger of the two
+forwards that run: the largest verify step (batch × (nodes+1) tokens over the whole context) and a
+prefill chunk (`--prefill-chunk` tokens of one row, the last chunk of a full context attending over
+all of it: the server's `--prefill-tokens`); they run one after the other, never at once.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ class MemoryPlan:
     mtp_weights: int  # part of the three above that belongs to the MTP layer
     cache: int
     cache_bytes_per_token: int
-    activations: int
+    decode_activations: int  # the largest verify (or plain decode) step
+    prefill_activations: int  # one prefill chunk
+
+    @property
+    def activations(self) -> int:
+        """The forwards run one at a time: the larger of the two."""
+        return max(self.decode_activations, self.prefill_activations)
 
     @property
     def total(self) -> int:
@@ -77,8 +85,9 @@ def _weight_bytes(module: torch.nn.Module) -> tuple[int, int, int]:
 
 def plan(args: ModelArgs, world_size: int, max_batch: int, max_seq_len: int, spec_nodes: int | None,
          dtype: torch.dtype = torch.bfloat16, keep_fp8: bool = True, rank: int = 0,
-         kv_cache_dtype: str = "auto") -> MemoryPlan:
-    """Per-rank memory for `max_batch` sequences of `max_seq_len` tokens (spec_nodes: draft nodes, None: plain)."""
+         kv_cache_dtype: str = "auto", prefill_chunk: int = 512) -> MemoryPlan:
+    """Per-rank memory for `max_batch` sequences of `max_seq_len` tokens (spec_nodes: draft nodes, None:
+    plain), contexts prefilled in chunks of `prefill_chunk` tokens."""
     ctx = ParallelContext(world_size, rank)
     with_mtp = spec_nodes is not None and args.n_mtp_layers > 0
     main, mtp = rank_modules(args, ctx, dtype, keep_fp8 and args.fp8_block_size is not None, with_mtp)
@@ -88,22 +97,34 @@ def plan(args: ModelArgs, world_size: int, max_batch: int, max_seq_len: int, spe
         m_fp8, m_scales, m_other = _weight_bytes(mtp)
         fp8, scales, other = fp8 + m_fp8, scales + m_scales, other + m_other
         mtp_bytes = m_fp8 + m_scales + m_other
-    elem = torch.empty((), dtype=dtype).element_size()
     n_cache_layers = args.n_layers + (1 if with_mtp else 0)
     per_token = LatentCache.bytes_per_token(args, n_cache_layers, dtype, kv_cache_dtype)
     draft_slots = (spec_nodes + 1) if spec_nodes else 0
     cache = per_token * max_batch * (max_seq_len + draft_slots)
-    tokens = max_batch * (spec_nodes + 1 if spec_nodes else 1)
-    heads = args.n_heads // world_size
     kv_len = max_seq_len + draft_slots
-    activations = (
+    decode = forward_activations(args, world_size, dtype, max_batch, spec_nodes + 1 if spec_nodes else 1, kv_len,
+                                 logits_per_row=spec_nodes + 1 if spec_nodes else 1)
+    prefill = forward_activations(args, world_size, dtype, 1, min(prefill_chunk, max_seq_len), max_seq_len,
+                                  logits_per_row=1)
+    return MemoryPlan(fp8, scales, other, mtp_bytes, cache, per_token, decode, prefill)
+
+
+def forward_activations(args: ModelArgs, world_size: int, dtype: torch.dtype, rows: int, tokens_per_row: int,
+                        kv_len: int, logits_per_row: int) -> int:
+    """Estimated bytes of one forward's largest temporaries on one rank: `rows` rows of
+    `tokens_per_row` new tokens attending over `kv_len` cache slots, vocabulary logits for
+    `logits_per_row` of each row's tokens (a prefill keeps only the last one's)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    tokens = rows * tokens_per_row
+    heads = args.n_heads // world_size
+    return (
         tokens * heads * kv_len * 4 * 2  # attention logits and probabilities, float32
+        + tokens * kv_len  # the boolean attention mask
         + tokens * heads * (args.kv_lora_rank + args.qk_rope_head_dim) * elem * 2  # latent queries and outputs
-        + tokens * args.vocab_size * 4 * 2  # gathered float32 logits and sampling probabilities
+        + rows * logits_per_row * args.vocab_size * 4 * 2  # gathered float32 logits and sampling probabilities
         + tokens * max(args.inter_dim // world_size, args.moe_inter_dim * args.n_activated_experts) * elem * 3
         + tokens * args.dim * elem * 8  # residual stream and block temporaries
     )
-    return MemoryPlan(fp8, scales, other, mtp_bytes, cache, per_token, activations)
 
 
 def _gib(n: int) -> str:
@@ -124,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="also build every rank's modules on the meta device and push a prefill chunk and the "
                         "largest verify step through them (all shapes checked, no weights needed)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk of the dry run (default 512)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="context tokens prefilled per chunk (the server's --prefill-tokens; default 512): its "
+                        "activations are counted, and the dry run pushes one through")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU")
     a = p.parse_args(argv)
     try:
@@ -138,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if nodes is not None and args.n_mtp_layers == 0:
             raise SpecdecError(f"{a.config}: config has no MTP layer (num_nextn_predict_layers = 0); use --spec none")
         dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-        m = plan(args, a.world_size, a.max_batch_size, a.max_seq_len, nodes, dtype, kv_cache_dtype=a.kv_cache_dtype)
+        m = plan(args, a.world_size, a.max_batch_size, a.max_seq_len, nodes, dtype, kv_cache_dtype=a.kv_cache_dtype,
+                 prefill_chunk=a.prefill_chunk)
     except SpecdecError as e:
         print(f"specdec.plan: error: {e}", file=sys.stderr)
         return 2
@@ -150,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  weights BF16/FP32    {_gib(m.other_weights)}")
     print(f"    of which MTP layer {_gib(m.mtp_weights)}")
     print(f"  MLA latent cache     {_gib(m.cache)}  ({m.cache_bytes_per_token / 1024:.1f} KiB per token)")
-    print(f"  activations (est.)   {_gib(m.activations)}")
+    print(f"  activations (est.)   {_gib(m.activations)}  (the larger of: verify step {_gib(m.decode_activations).strip()}, "
+          f"prefill chunk of {min(a.prefill_chunk, a.max_seq_len)} tokens {_gib(m.prefill_activations).strip()})")
     print(f"  total                {_gib(m.total)}  of {a.gpu_mem_gib:.0f} GiB: "
           f"{'fits' if m.total <= budget else 'DOES NOT FIT'} ({100 * m.total / budget:.0f}%)")
     if a.dry_run:

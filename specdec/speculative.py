@@ -90,7 +90,7 @@ class PromptPairs(NamedTuple):
     """The prompts' MTP inputs, kept while their MTP prefill is deferred (B rows, right-padded to P).
 
     tokens `[B, P]`: x_{i+1} at i (the first emitted token at i = length-1); hidden `[B, P, dim]`:
-    the verifier state h_i; lengths `[B]`: each prompt's length."""
+    the verifier state h_i; lengths `[B]`: each prompt's length (tokens prefilled, for a chunk)."""
 
     tokens: torch.Tensor
     hidden: torch.Tensor
@@ -276,34 +276,18 @@ class SpeculativeDecoder:
         last = end == len(context)
         if not cache.reserve(row, end + (self.step_slots if last else 0)):
             return 0
-        width = end - start
-        device = cache.lengths.device
-        tokens = torch.tensor([context[start:end]], device=device)
-        pos = torch.arange(start, end, device=device).unsqueeze(0)
-        mask = visible_slots(pos[:, 0], width, end)
-        kv, pe, table = cache.rows_from(row)
-        at_last = torch.tensor([[width - 1]], device=device)
-        out = self.model(tokens, pos, kv, pe, pos, mask, at_last, block_table=table)
-        cache.lengths[row] = end
         sampling = seq.sampling()
-        if last:  # its first token (a resumed sequence's pending one); else the next chunk's first
-            following = int(sampling.tokens(out.logits, [[0]])[0, 0]) if not seq.output else seq.output[-1]
-        else:
-            following = context[end]
-        if self.spec is not None:
-            after = torch.tensor([context[start + 1:end] + [following]], device=device)
-            mtp = self.drafter(after, self._verifier_hidden(out), pos, kv, pe, pos, mask, at_last,
-                               self.spec.draft_vocab, block_table=table)
+        # after the last chunk its first token (a resumed sequence's pending one); else the token
+        # after the chunk is the next chunk's first
+        new = self._prefill(cache, [context[:end]], row, sampling, [seq.output[-1] if seq.output else None],
+                            start=start, following=None if last else [context[end]])
         if last:
-            pending = torch.tensor([following], device=device)
-            new = RowState(pending, None, None) if self.spec is None else \
-                RowState(pending, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
             self._catch_up_live()
             if len(self.running) != row:
                 cache.move_row(row, len(self.running))
             self.prefilling = None
             self._join([seq], new, sampling)
-        return width
+        return end - start
 
     def admits_now(self, seq: Sequence, rows_taken: int = 0, blocks_taken: int = 0) -> bool:
         """Whether `seq` fits now beside `rows_taken` rows and `blocks_taken` blocks already promised
@@ -412,41 +396,47 @@ class SpeculativeDecoder:
 
     def _prefill(self, cache: LatentCache, ids: list[list[int]], first_row: int = 0,
                  sampling: RowSampling | None = None, resumed: list[int | None] | None = None,
-                 defer_drafter: bool = False) -> RowState:
-        """Prompts `ids` into cache rows first_row.. : the verifier over them, each one's first token
-        (drawn with `sampling`, default: the decoder's settings, stream r for prompt r; or, for a
-        resumed sequence, its pending token `resumed[r]`, already emitted), then, when drafting, the
-        MTP layer over (h_i, x_{i+1}) for i < P (`defer_drafter`: later, in `_catch_up`; the state
-        keeps the pairs)."""
+                 defer_drafter: bool = False, start: int = 0, following: list[int] | None = None) -> RowState:
+        """Contexts `ids` into cache rows first_row.. from slot `start` on (slots below it already
+        hold them: a chunked prefill's earlier chunks): the verifier over them, each one's first
+        token (drawn with `sampling`, default: the decoder's settings, stream r for prompt r; for a
+        resumed sequence, its pending token `resumed[r]`, already emitted; `following`: the known
+        token after each context, for a chunk before the last), then, when drafting, the MTP layer
+        over (h_i, x_{i+1}) for start ≤ i < P (`defer_drafter`: later, in `_catch_up`; the state
+        keeps the pairs; from slot 0 only)."""
         eng = self.eng
         sampling = sampling or RowSampling.uniform(len(ids), self.temperature, self.top_p, self.seed)
-        tokens, lengths = eng.pad(ids)
+        tokens, sizes = eng.pad([c[start:] for c in ids])
         batch, width = tokens.shape
-        pos = torch.arange(width, device=eng.device).expand(batch, width)
-        mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
+        pos = start + torch.arange(width, device=eng.device).expand(batch, width)
+        mask = visible_slots(pos[:, 0], width, start + width)  # causal over the new slots, all earlier ones
         kv, pe, table = cache.rows_from(first_row)  # views: writes land in the pool
-        out = self.model(tokens, pos, kv, pe, pos, mask, (lengths - 1).unsqueeze(1), block_table=table)
-        cache.lengths[first_row:first_row + batch] = lengths
-        first = sampling.tokens(out.logits[:, :1], [[0]] * batch)[:, 0]
-        known = [i for i, t in enumerate(resumed or []) if t is not None]
-        if known:
-            first[known] = torch.tensor([resumed[i] for i in known], dtype=first.dtype, device=first.device)
+        out = self.model(tokens, pos, kv, pe, pos, mask, (sizes - 1).unsqueeze(1), block_table=table)
+        cache.lengths[first_row:first_row + batch] = sizes + start
+        if following is not None:
+            first = torch.tensor(following, dtype=tokens.dtype, device=eng.device)
+        else:
+            first = sampling.tokens(out.logits[:, :1], [[0]] * batch)[:, 0]
+            known = [i for i, t in enumerate(resumed or []) if t is not None]
+            if known:
+                first[known] = torch.tensor([resumed[i] for i in known], dtype=first.dtype, device=first.device)
         if self.spec is None:
             return RowState(first, None, None)
         next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
-        next_tokens[torch.arange(batch), lengths - 1] = first
-        pairs = PromptPairs(next_tokens, self._verifier_hidden(out), lengths)
-        if defer_drafter:
+        next_tokens[torch.arange(batch), sizes - 1] = first
+        pairs = PromptPairs(next_tokens, self._verifier_hidden(out), sizes)
+        if defer_drafter and start == 0:
             return RowState(first, None, None, prompt=pairs)
-        return RowState(first, *self._draft_prompts(kv, pe, table, pairs))
+        return RowState(first, *self._draft_prompts(kv, pe, table, pairs, start))
 
     def _draft_prompts(self, kv: torch.Tensor, pe: torch.Tensor, table: torch.Tensor | None,
-                       pairs: PromptPairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP layer over the prompts' pairs (positions 0..P-1 of the rows `kv`/`pe`/`table` begin
-        with); returns the first draft's logits `[B, V]` and the depth-2 seed `[B, dim]`."""
+                       pairs: PromptPairs, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP layer over the contexts' pairs (positions start..start+P-1 of the rows
+        `kv`/`pe`/`table` begin with, the earlier ones already in its cache); returns the first
+        draft's logits `[B, V]` and the depth-2 seed `[B, dim]`."""
         batch, width = pairs.tokens.shape
-        pos = torch.arange(width, device=pairs.tokens.device).expand(batch, width)
-        mask = pos.unsqueeze(-1) >= pos.unsqueeze(1)
+        pos = start + torch.arange(width, device=pairs.tokens.device).expand(batch, width)
+        mask = visible_slots(pos[:, 0], width, start + width)
         mtp = self.drafter(pairs.tokens, pairs.hidden, pos, kv, pe, pos, mask, (pairs.lengths - 1).unsqueeze(1),
                            self.spec.draft_vocab, block_table=table)
         return mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0]

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -111,12 +110,27 @@ def test_planner_counts_exactly_the_loaded_tensors(fp8_ckpt, world_size):
         assert m.cache_bytes_per_token == (128 + 32) * 4 * 4  # (kv_lora + rope) x (3 layers + MTP) x fp32
 
 
+def test_planner_counts_the_prefill_chunk():
+    """Activations are the larger of the verify step and one prefill chunk (the last chunk of a
+    full context attends over all of it), not the decode step alone."""
+    args = load_model_args("configs/config_671B.json")
+    small = plan(args, 16, 32, 16384, 8, prefill_chunk=512)
+    whole = plan(args, 16, 32, 16384, 8, prefill_chunk=16384)
+    assert small.decode_activations == whole.decode_activations
+    assert whole.prefill_activations > 16 * small.prefill_activations
+    assert whole.activations == whole.prefill_activations > whole.decode_activations
+    # 16,384 queries x 8 local heads x 16,384 slots of float32 attention logits and probabilities
+    assert whole.prefill_activations >= 16384 * 8 * 16384 * 4 * 2
+    assert whole.total - small.total == whole.activations - small.activations
+
+
 def test_planner_cli_on_the_671b_config():
     proc = run_cli(["-m", "specdec.plan", "--config", "configs/config_671B.json", "--world-size", "16",
                     "--max-batch-size", "32", "--max-seq-len", "16384", "--spec", "mtp", "--tree-nodes", "8",
                     "--gpu-mem-gib", "141"])
     assert proc.returncode == 0, proc.stderr
     assert "69.8 KiB per token" in proc.stdout and "fits" in proc.stdout
+    assert "prefill chunk of 512 tokens" in proc.stdout
     proc = run_cli(["-m", "specdec.plan", "--config", "configs/config_671B.json", "--world-size", "3"])
     assert proc.returncode == 2 and "not divisible by world size 3" in proc.stderr
 
