@@ -176,7 +176,7 @@ def decoder_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig
     (the engine's forwards, compiled with `--compile`; the glue between them eager).
 
     Unlike `greedy_step_costs` (one compiled graph per step), these steps run the decoder's own
-    stages (a plain step: the verifier over the pending token and its draw; a chain step: draft →
+    `_advance`, the forwards of `step` (a plain step: the verifier over the pending token and its draw; a chain step: draft →
     verify → accept → commit, the MTP layer over the verified pairs included), each ending with the
     host reads of what it emits, but not the emitting, retiring and policy bookkeeping around them.
     The batch `ids` is admitted once (verifier + MTP prefill); every step starts from that state
@@ -199,26 +199,17 @@ def decoder_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig
         cache.lengths[:rows] = start_lengths
         return cache.lengths[:rows]
 
-    def plain() -> None:
-        base._plain_step(cache, lengths(), state).pending.tolist()
-
     def pinned(spec: SpecConfig) -> SpeculativeDecoder:
         dec = SpeculativeDecoder(eng, replace(spec, adaptive=False), temperature, top_p, 0)
         dec.cache, dec.running, dec.sampling = cache, base.running, base.sampling
         return dec
 
-    def chain(dec: SpeculativeDecoder) -> None:
-        depth = dec.spec.depth
-        at = lengths()
-        tree = dec._draft(cache, at, state, depth)
-        verified = dec._verify(cache, at, state.pending, tree)
-        acc = dec._accept(tree, verified.logits)
-        dec._commit(cache, tree, verified, acc)
-        acc.n_accepted.tolist(), acc.next_token.tolist()
-        tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
+    def step(dec: SpeculativeDecoder, depth: int) -> None:
+        dec._advance(cache, lengths(), state, depth)
 
     try:
-        medians = _interleaved_medians([plain] + [partial(chain, pinned(s)) for s in specs], rounds)
+        medians = _interleaved_medians([partial(step, base, 0)] + [partial(step, pinned(s), s.depth) for s in specs],
+                                       rounds)
     finally:
         cache.lengths[:rows] = start_lengths
     return medians[0], medians[1:]

@@ -324,17 +324,7 @@ class SpeculativeDecoder:
             if self.policy and plain_stretch:
                 self.policy.observe_catch_up(rows, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        if depth == 0:                                                        # a plain step
-            state = self._plain_step(cache, lengths, state)
-            n_acc, runs = [0] * rows, [[t] for t in state.pending.tolist()]
-        else:
-            tree = self._draft(cache, lengths, state, depth)                  # 1. draft
-            verified = self._verify(cache, lengths, state.pending, tree)      # 2. verify
-            acc = self._accept(tree, verified.logits)                         # 3. accept
-            state = self._commit(cache, tree, verified, acc)                  # 4. commit
-            n_acc, bonus = acc.n_accepted.tolist(), acc.next_token.tolist()
-            path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
-            runs = [path_tokens[r][:a] + [bonus[r]] for r, a in enumerate(n_acc)]
+        state, n_acc, runs = self._advance(cache, lengths, state, depth)
         self.state = state
         self.counts.add(n_acc, depth)
         kept = self._emit(runs)
@@ -344,6 +334,22 @@ class SpeculativeDecoder:
         self.steps += 1
         self._retire()
         return kept
+
+    def _advance(self, cache: LatentCache, lengths: torch.Tensor, state: RowState,
+                 depth: int) -> tuple[RowState, list[int], list[list[int]]]:
+        """The forwards of one step of `depth` over the rows at `lengths` (`state` caught up when
+        depth ≥ 1): a plain step, or draft → verify → accept → commit. Returns the new state, each
+        row's accepted drafts and its run of new tokens (read back to the host once)."""
+        if depth == 0:                                                        # a plain step
+            state = self._plain_step(cache, lengths, state)
+            return state, [0] * len(state.pending), [[t] for t in state.pending.tolist()]
+        tree = self._draft(cache, lengths, state, depth)                      # 1. draft
+        verified = self._verify(cache, lengths, state.pending, tree)          # 2. verify
+        acc = self._accept(tree, verified.logits)                             # 3. accept
+        state = self._commit(cache, tree, verified, acc)                      # 4. commit
+        n_acc, bonus = acc.n_accepted.tolist(), acc.next_token.tolist()
+        path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
+        return state, n_acc, [path_tokens[r][:a] + [bonus[r]] for r, a in enumerate(n_acc)]
 
     def _loop_greedy_chain_step(self) -> None:
         """The loop for greedy chains with `--compile` (a static batch): each step (draft → verify →
