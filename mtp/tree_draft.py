@@ -8,7 +8,7 @@ N nodes by cumulative log-probability are kept (ancestors always outrank descend
 set is a tree); topk = 1 reproduces the chain exactly.
 
 Sampled drafts (lossless multi-candidate sampling) draw each expanded node's k children *without
-replacement* from the draft distribution q (Gumbel top-k, sampling order kept) and never prune a
+replacement* from the draft distribution q (k draws in order, each from what the earlier left) and never prune a
 sampled child: which children a node has must not depend on their values. Only which nodes get
 expanded does, so the node budget is spent by expanding fewer nodes.
 """
@@ -16,12 +16,18 @@ expanded does, so the node budget is spent by expanding fewer nodes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from mtp.drafter import MTPDrafter
-from specdec.sampling import probabilities
-from specdec.tree import DraftTree
+from specdec.sampling import draw_at, row_probabilities
+from specdec.tree import DraftTree, chain_tree, visible_slots
+
+if TYPE_CHECKING:
+    from specdec.steps import StepCache, StepRows, StepShape
+
+Noise = Callable[[int], torch.Tensor]
+"""`take(n)`: the step's next n uniforms per row, `[B, n]` (`specdec.steps`)."""
 
 
 @dataclass
@@ -35,22 +41,68 @@ class _Layer:
     hidden: torch.Tensor
     ancestor_slots: torch.Tensor
     child_q: torch.Tensor | None = None  # [B, m, V] once expanded (sampled drafts)
-    expanded: torch.Tensor | None = None  # [B, m] bool
 
 
-def _children(logits: torch.Tensor, k: int, sampled: bool, temperature: float, top_p: float,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """k children per row of logits `[..., V]`: (tokens `[..., k]`, log q `[..., k]`, q `[..., V]` if sampled)."""
-    if not sampled:
-        logq = logits.float().log_softmax(dim=-1)
-        top = logq.topk(k, dim=-1)
+def tree_widths(depth: int, topk: int, nodes: int, sampled: bool) -> list[int]:
+    """Frontier nodes expanded at depths 2..depth (one MTP forward each; fewer entries when the
+    budget of `nodes` draft nodes runs out). Sampled children are never pruned, so then only what
+    the budget can hold is expanded."""
+    budget = min(nodes, topk + (depth - 1) * topk * topk)
+    widths, total, frontier = [], topk, topk
+    for _ in range(2, depth + 1):
+        width = min(topk, frontier)
+        if sampled:
+            width = min(width, (budget - total) // topk)
+        if width <= 0:
+            break
+        widths.append(width)
+        total += width * topk
+        frontier = width * topk
+    return widths
+
+
+def _children(logits: torch.Tensor, k: int, rows: StepRows, shape: StepShape,
+              take: Noise) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """k children per row of logits `[B, m, V]`: (tokens `[B, m, k]`, log q `[B, m, k]`, q `[B, m, V]`
+    if sampled). Sampled: k draws without replacement from q, in order (each from q with the
+    tokens drawn before removed), k uniforms per node."""
+    if not shape.sampled_drafts:
+        top = logits.float().log_softmax(dim=-1).topk(k, dim=-1)
         return top.indices, top.values, None
-    q = probabilities(logits, temperature, top_p)
-    logq = q.log()
-    u = torch.rand(q.shape, generator=generator, device=q.device).clamp_(1e-20, 1.0)
-    keys = logq - torch.log(-torch.log(u))  # Gumbel top-k = sampling without replacement, in order
-    tokens = keys.topk(k, dim=-1).indices
-    return tokens, logq.gather(-1, tokens), q
+    q = row_probabilities(logits, rows.temperature, rows.top_p, shape.nucleus)
+    u = take(k * logits.shape[1]).view(logits.shape[0], logits.shape[1], k)
+    left, tokens = q, []
+    for c in range(k):  # `draw_at` renormalises what is left
+        token = draw_at(left, u[..., c])
+        tokens.append(token)
+        left = left.scatter(-1, token.unsqueeze(-1), 0.0)
+    tokens_t = torch.stack(tokens, dim=-1)
+    return tokens_t, q.log().gather(-1, tokens_t), q
+
+
+def draft_chain(drafter, cache: StepCache, rows: StepRows, shape: StepShape, take: Noise) -> DraftTree:
+    """`shape.depth` drafts per row: d_1 from the committed MTP output, d_k (k ≥ 2) from the MTP
+    layer at position L+k-2 on d_{k-1} and its own previous state; the argmax, or a draw from q
+    (sampled drafts, one uniform each)."""
+    lengths, logits, hidden = rows.lengths, rows.draft_logits, rows.draft_hidden
+    tokens, probs = [], []
+    for k in range(1, shape.depth + 1):
+        if k > 1:
+            pos = (lengths + k - 2).unsqueeze(1)
+            out = drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv, cache.pe, pos,
+                          visible_slots(pos[:, 0], 1, cache.n_slots), draft_vocab=shape.draft_vocab,
+                          block_table=cache.block_table)
+            logits, hidden = out.logits[:, 0], out.hidden(shape.draft_hidden)[:, 0]
+        if shape.sampled_drafts:
+            q = row_probabilities(logits, rows.temperature, rows.top_p, shape.nucleus)
+            tokens.append(draw_at(q, take(1)[:, 0]))
+            probs.append(q)
+        else:
+            tokens.append(logits.argmax(dim=-1))
+    child_probs = None
+    if probs:  # node j's children were drawn from the q of depth j+1; leaves have none
+        child_probs = torch.stack(probs + [torch.zeros_like(probs[0])], dim=1)
+    return chain_tree(torch.stack(tokens, 1), child_probs)
 
 
 def _expansion_mask(lengths: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -63,62 +115,50 @@ def _expansion_mask(lengths: torch.Tensor, slots: torch.Tensor, kv_len: int) -> 
     return mask
 
 
-def expand_tree(drafter: MTPDrafter, kv: torch.Tensor, pe: torch.Tensor, lengths: torch.Tensor,
-                root_logits: torch.Tensor, root_hidden: torch.Tensor, depth: int, topk: int, nodes: int,
-                sampled: bool, temperature: float, top_p: float, draft_hidden: str,
-                generator: torch.Generator | None, draft_vocab: int | None = None,
-                block_table: torch.Tensor | None = None) -> DraftTree:
-    """Draft a tree of `nodes` nodes per row (fewer only when the full tree is smaller).
+def expand_tree(drafter, cache: StepCache, rows: StepRows, shape: StepShape, take: Noise) -> DraftTree:
+    """Draft a tree of `shape.nodes` nodes per row (fewer only when the full tree is smaller).
 
-    Args:
-        drafter: the MTP layer (or a stand-in with its forward's signature, e.g. a compiled one).
-        kv / pe: the whole pool `[n_pool_layers, ≥B, S, ·]`; rows 0..B-1 are these B sequences.
-        lengths: `[B]` committed length L (the root, the pending token, sits at position L).
-        root_logits / root_hidden: `[B, V]` / `[B, D]` MTP output at position L-1 (committed).
-        depth / topk / nodes: tree shape. sampled: draw children from q (else top-k of the draft).
-        draft_vocab: draft among token ids below this only (see `MTPDrafter.forward`).
-        block_table: a paged pool's `[≥B, max_blocks]` table (None: a dense pool), as `MLA.forward` takes it.
-    """
+    drafter: the MTP layer's forward (or a stand-in with its signature, e.g. a compiled one); the
+    root's children come from rows.draft_logits / rows.draft_hidden `[B, V]` / `[B, D]`, the MTP
+    output at position L-1 (committed); rows.lengths `[B]` is L (the root, the pending token, sits
+    at position L); `take`: the step's uniforms (sampled drafts)."""
+    depth, topk = shape.depth, shape.topk
+    lengths = rows.lengths
     batch, device = lengths.shape[0], lengths.device
-    full = topk + (depth - 1) * topk * topk
-    budget = min(nodes, full)
+    budget = min(shape.nodes, topk + (depth - 1) * topk * topk)
     n_scratch = max(depth - 1, 0) * topk
-    tokens, logq, q_root = _children(root_logits, topk, sampled, temperature, top_p, generator)
-    layers = [_Layer(tokens, logq, torch.full_like(tokens, -1),
-                     root_hidden.unsqueeze(1).expand(-1, topk, -1),
+    tokens, logq, q_root = _children(rows.draft_logits.unsqueeze(1), topk, rows, shape, take)
+    layers = [_Layer(tokens[:, 0], logq[:, 0], torch.full_like(tokens[:, 0], -1),
+                     rows.draft_hidden.unsqueeze(1).expand(-1, topk, -1),
                      torch.zeros(batch, topk, n_scratch, dtype=torch.bool, device=device))]
     total, used_slots = topk, 0
-    for d in range(2, depth + 1):
+    for width in tree_widths(depth, topk, shape.nodes, shape.sampled_drafts):
+        d = len(layers) + 1
         prev = layers[-1]
-        width = min(topk, prev.tokens.shape[1])
-        if sampled:  # every sampled child is kept, so expand only what the node budget can hold
-            width = min(width, (budget - total) // topk)
-        if width <= 0:
-            break
         chosen = prev.scores.topk(width, dim=-1).indices  # [B, E] most confident frontier nodes
         own = torch.zeros(batch, width, n_scratch, dtype=torch.bool, device=device)
         own[:, torch.arange(width), used_slots + torch.arange(width)] = True
         slots = prev.ancestor_slots.gather(1, chosen.unsqueeze(-1).expand(-1, -1, n_scratch)) | own
         pos = (lengths + d - 2).unsqueeze(1).expand(-1, width)
         write = lengths.unsqueeze(1) + used_slots + torch.arange(width, device=device)
-        mask = _expansion_mask(lengths, slots, int(lengths.max()) + n_scratch)
+        mask = _expansion_mask(lengths, slots, cache.n_slots)
         hidden_in = prev.hidden.gather(1, chosen.unsqueeze(-1).expand(-1, -1, prev.hidden.shape[-1]))
-        out = drafter(prev.tokens.gather(1, chosen), hidden_in, pos, kv, pe, write, mask, draft_vocab=draft_vocab,
-                      block_table=block_table)
-        child_tokens, child_logq, q = _children(out.logits, topk, sampled, temperature, top_p, generator)
-        prev.expanded = torch.zeros_like(prev.tokens, dtype=torch.bool).scatter_(1, chosen, True)
-        if sampled:
+        out = drafter(prev.tokens.gather(1, chosen), hidden_in, pos, cache.kv, cache.pe, write, mask,
+                      draft_vocab=shape.draft_vocab, block_table=cache.block_table)
+        child_tokens, child_logq, q = _children(out.logits, topk, rows, shape, take)
+        if shape.sampled_drafts:
             prev.child_q = torch.zeros(*prev.tokens.shape, q.shape[-1], device=device)
             prev.child_q.scatter_(1, chosen.unsqueeze(-1).expand_as(q), q)
         parent_scores = prev.scores.gather(1, chosen)
         layers.append(_Layer(
             child_tokens.flatten(1), (parent_scores.unsqueeze(-1) + child_logq).flatten(1),
             chosen.repeat_interleave(topk, dim=1),
-            out.hidden(draft_hidden).repeat_interleave(topk, dim=1),
+            out.hidden(shape.draft_hidden).repeat_interleave(topk, dim=1),
             slots.repeat_interleave(topk, dim=1)))
         total += width * topk
         used_slots += width
-    return _select(layers, budget if not sampled else total, q_root)
+    return _select(layers, budget if not shape.sampled_drafts else total,
+                   q_root[:, 0] if q_root is not None else None)
 
 
 def _select(layers: list[_Layer], n: int, q_root: torch.Tensor | None) -> DraftTree:
@@ -136,9 +176,8 @@ def _select(layers: list[_Layer], n: int, q_root: torch.Tensor | None) -> DraftT
     node_of = torch.full((batch, scores.shape[1]), -1, dtype=torch.long, device=device)
     node_of.scatter_(1, keep, torch.arange(1, n + 1, device=device).expand(batch, n))
     parent = parent_global.gather(1, keep)
+    # every kept node's parent is kept too (ancestors outrank descendants; `tests/test_tree.py` checks)
     parent_node = torch.where(parent < 0, torch.zeros_like(parent), node_of.gather(1, parent.clamp_min(0)))
-    if (parent_node < 0).any():
-        raise RuntimeError("tree selection lost an ancestor (non-monotone draft scores)")
     tokens = torch.cat([layer.tokens for layer in layers], dim=1).gather(1, keep)
     child_probs = None
     if q_root is not None:

@@ -14,7 +14,9 @@ Every rule is lossless:
   min(1, r(c)/q(c)); on rejection r ← norm((r − q)+) and c is removed from q; when no child is
   accepted, draw from r (r starts as p).
 
-Draws come from one seeded generator in a fixed order, identical on every rank.
+Every rule runs as tensor ops over all rows at once, a fixed number of them per tree shape (no
+host reads, so a step traces into one graph). Random numbers are inputs: uniforms drawn by the
+caller, identical on every rank.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from specdec.sampling import draw
+from specdec.sampling import draw_at
 from specdec.tree import DraftTree
 
 
@@ -36,53 +38,50 @@ class Acceptance(NamedTuple):
     next_token: torch.Tensor
 
 
-def _walk(tree: DraftTree, choose) -> Acceptance:
-    """Follow `choose(b, node, children) -> (child or None, token)` from each row's root."""
-    children = tree.children()
-    batch, depth = tree.tokens.shape[0], int(tree.depths.max())
-    path = torch.zeros(batch, depth, dtype=torch.long)
-    n_accepted, next_token = [], []
-    for b in range(batch):
-        node, steps = 0, 0
-        while True:
-            child, token = choose(b, node, children[b][node])
-            if child is None:
-                break
-            path[b, steps] = child
-            steps += 1
-            node = child
-        n_accepted.append(steps)
-        next_token.append(token)
-    device = tree.tokens.device
-    return Acceptance(torch.tensor(n_accepted, device=device), path.to(device), torch.tensor(next_token, device=device))
+def tree_children(parents: torch.Tensor, topk: int) -> torch.Tensor:
+    """`[B, N+1, topk]` int64: entry (b, i, c) is the c-th child of node i (in index order, which is
+    sampling order), or 0 where node i has fewer children. `parents` `[B, N]`: parent of node i+1."""
+    n = parents.shape[1]
+    is_child = parents.unsqueeze(1) == torch.arange(n + 1, device=parents.device).view(1, -1, 1)  # [B, N+1, N]
+    rank = is_child.long().cumsum(dim=-1) - 1
+    kids = []
+    for c in range(topk):
+        hit = is_child & (rank == c)
+        kids.append(torch.where(hit.any(dim=-1), hit.long().argmax(dim=-1) + 1, 0))
+    return torch.stack(kids, dim=-1)
 
 
-def _child_with_token(tokens: list[int], kids: list[int], token: int) -> int | None:
-    return next((c for c in kids if tokens[c - 1] == token), None)
+def _node_rows(x: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+    """x `[B, N+1, ...]` at each row's node `[B]` → `[B, ...]`."""
+    index = node.view(-1, *([1] * (x.dim() - 1))).expand(-1, 1, *x.shape[2:])
+    return x.gather(1, index).squeeze(1)
 
 
-def accept_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
-    """target_logits `[B, N+1, V]`: the verifier's logits at every node (root first)."""
-    best = target_logits.argmax(dim=-1).tolist()
-    tokens = tree.tokens.tolist()
-    return _walk(tree, lambda b, node, kids: (_child_with_token(tokens[b], kids, best[b][node]), best[b][node]))
-
-
-def accept_onehot(tree: DraftTree, target_probs: torch.Tensor | None, generator: torch.Generator | None = None,
-                  draws: torch.Tensor | None = None) -> Acceptance:
-    """target_probs `[B, N+1, V]`: the verifier's sampling distribution at every node; `draws`
-    `[B, N+1]`: y ~ p at every node, drawn by the caller (then `target_probs` is not read; else
-    they are drawn from `generator`, in node order)."""
-    y = (draws if draws is not None else draw(target_probs, generator)).tolist()
-    tokens = tree.tokens.tolist()
-    return _walk(tree, lambda b, node, kids: (_child_with_token(tokens[b], kids, y[b][node]), y[b][node]))
+def accept_targets(tree: DraftTree, kids: torch.Tensor, target: torch.Tensor, depth: int) -> Acceptance:
+    """Greedy and one-hot acceptance of a tree: from the root, move to the child whose token is the
+    verifier's token at the node (`target` `[B, N+1]`: its argmax, or a sampling row's draw y ~ p),
+    and stop with that token when no child has it. `kids`: `tree_children`; depth: the tree's."""
+    batch = target.shape[0]
+    tokens = torch.cat([torch.zeros_like(tree.tokens[:, :1]), tree.tokens], dim=1)  # node i's token at i
+    node = torch.zeros(batch, dtype=torch.long, device=target.device)
+    alive = torch.ones(batch, dtype=torch.bool, device=target.device)
+    n_accepted, path = torch.zeros_like(node), []
+    for _ in range(depth):
+        want = target.gather(1, node.unsqueeze(1))  # [B, 1]
+        cand = _node_rows(kids, node)  # [B, k]
+        match = (cand > 0) & (tokens.gather(1, cand) == want) & alive.unsqueeze(1)
+        found = match.any(dim=1)
+        child = cand.gather(1, match.long().argmax(dim=1, keepdim=True)).squeeze(1)
+        node = torch.where(found, child, node)
+        path.append(torch.where(found, child, 0))
+        n_accepted = n_accepted + found.long()
+        alive = alive & found
+    return Acceptance(n_accepted, torch.stack(path, dim=1), target.gather(1, node.unsqueeze(1)).squeeze(1))
 
 
 def accept_chain(drafts: torch.Tensor, target: torch.Tensor) -> Acceptance:
-    """A chain's walk as tensor ops: drafts `[B, K]`, target `[B, K+1]` the verifier's token at every
-    node (its argmax when greedy; for one-hot drafts the draws y ~ p of `accept_onehot`, same draws).
-    The first a drafts equal to the target are accepted; the target at node a follows them. Same
-    result as `accept_greedy`/`accept_onehot` on `chain_tree(drafts)`, without the Python walk."""
+    """`accept_targets` for a chain, shorter: drafts `[B, K]`, target `[B, K+1]` the verifier's token
+    at every node. The first a drafts equal to the target are accepted; the target at node a follows them."""
     batch, depth = drafts.shape
     n_accepted = (drafts == target[:, :-1]).long().cumprod(dim=1).sum(dim=1)
     path = torch.arange(1, depth + 1, device=drafts.device).expand(batch, depth)
@@ -96,28 +95,45 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, r / mass.clamp_min(1e-30), p)
 
 
-def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None) -> Acceptance:
-    """Multi-candidate speculative sampling; `tree.child_probs` `[B, N+1, V]` holds each node's draft q."""
-    tokens = tree.tokens.tolist()
-    q_all = tree.child_probs
+def accept_sampled(tree: DraftTree, kids: torch.Tensor, target_probs: torch.Tensor, uniforms: torch.Tensor,
+                   depth: int) -> Acceptance:
+    """Multi-candidate speculative sampling. `tree.child_probs` `[B, N+1, V]` holds the q each node's
+    children were drawn from; target_probs `[B, N+1, V]` the verifier's p at every node; `kids`:
+    `tree_children`; uniforms `[B, topk·depth + 1]`: child c of the node at depth d is tried with
+    column d·topk + c, the last draws the token after the path.
 
-    def choose(b: int, node: int, kids: list[int]):
-        r, q = target_probs[b, node], q_all[b, node]
-        for c in kids:
-            tok = tokens[b][c - 1]
-            q_tok = q[tok]
-            if q_tok <= 0:  # a child q could not have produced (fewer tokens than k in q's support)
-                continue
-            u = torch.rand((), generator=generator, device=q.device)
-            if u * q_tok < r[tok]:
-                return c, tok
-            r = residual_distribution(r, q)
-            q = q.clone()
-            q[tok] = 0.0
-            q = q / q.sum().clamp_min(1e-30)
-        return None, int(draw(r, generator))
-
-    return _walk(tree, choose)
+    At a node, children are tried in sampling order: child c (token t) is accepted with probability
+    min(1, r(t)/q(t)); on rejection r ← norm((r − q)+) and t leaves q (renormalised); a child q could
+    not have produced (q(t) = 0) is skipped. When none is accepted the token is drawn from r; r and
+    q restart as the accepted child's p and q."""
+    batch, topk = target_probs.shape[0], kids.shape[-1]
+    tokens = torch.cat([torch.zeros_like(tree.tokens[:, :1]), tree.tokens], dim=1)
+    node = torch.zeros(batch, dtype=torch.long, device=target_probs.device)
+    alive = torch.ones(batch, dtype=torch.bool, device=target_probs.device)
+    n_accepted, path = torch.zeros_like(node), []
+    r, q = target_probs[:, 0], tree.child_probs[:, 0]
+    for d in range(depth):
+        cand = _node_rows(kids, node)  # [B, k]
+        chosen = torch.zeros_like(node)
+        for c in range(topk):
+            kid = cand[:, c]
+            token = tokens.gather(1, kid.unsqueeze(1))  # [B, 1]
+            q_tok, r_tok = q.gather(1, token).squeeze(1), r.gather(1, token).squeeze(1)
+            tried = alive & (kid > 0) & (chosen == 0) & (q_tok > 0)
+            ok = tried & (uniforms[:, d * topk + c] * q_tok < r_tok)
+            chosen = torch.where(ok, kid, chosen)
+            rejected = (tried & ~ok).unsqueeze(1)
+            r = torch.where(rejected, residual_distribution(r, q), r)
+            q_left = q.scatter(1, token, 0.0)
+            q = torch.where(rejected, q_left / q_left.sum(dim=-1, keepdim=True).clamp_min(1e-30), q)
+        moved = chosen > 0
+        node = torch.where(moved, chosen, node)
+        path.append(torch.where(moved, chosen, 0))
+        n_accepted = n_accepted + moved.long()
+        alive = alive & moved
+        r = torch.where(moved.unsqueeze(1), _node_rows(target_probs, node), r)
+        q = torch.where(moved.unsqueeze(1), _node_rows(tree.child_probs, node), q)
+    return Acceptance(n_accepted, torch.stack(path, dim=1), draw_at(r, uniforms[:, topk * depth]))
 
 
 def cut_run(run: list[int], eos_ids: frozenset[int], budget: int) -> tuple[list[int], bool]:

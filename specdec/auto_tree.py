@@ -24,29 +24,31 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.acceptance import Acceptance
 from specdec.speculative import SpeculativeDecoder
-from specdec.tree import DraftTree, ancestor_matrix, tree_attention_mask, visible_slots
+from specdec.steps import StepResult
+from specdec.tree import ancestor_matrix, tree_attention_mask, visible_slots
 
 MAX_DEPTH = 5
 MAX_TOPK = 4
 CALIBRATION_TOKENS = 32
 
 
-class _RankRecorder(SpeculativeDecoder):
-    """A decoder that also records the sibling rank of every accepted node, by depth."""
+class _RankRecorder:
+    """A decoder's step observer (`SpeculativeDecoder.observer`) that records, at each depth, how
+    often it was reached and the sibling rank of the node accepted there."""
 
-    def __init__(self, *args, **kw) -> None:
-        super().__init__(*args, **kw)
-        self.reached = [0] * self.spec.depth
-        self.hits = [[0] * self.spec.topk for _ in range(self.spec.depth)]
+    def __init__(self, depth: int, topk: int) -> None:
+        self.depth = depth
+        self.reached = [0] * depth
+        self.hits = [[0] * topk for _ in range(depth)]
 
-    def _accept(self, tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
-        acc = super()._accept(tree, target_logits)
-        children = tree.children()
-        for b, (path, n) in enumerate(zip(acc.path.tolist(), acc.n_accepted.tolist())):
+    def __call__(self, result: StepResult) -> None:
+        if result.tree is None:
+            return
+        children = result.tree.children()
+        for b, (path, n) in enumerate(zip(result.path.tolist(), result.n_accepted.tolist())):
             node = 0
-            for d in range(self.spec.depth):
+            for d in range(self.depth):
                 if not children[b][node]:
                     break  # this node was not expanded: depth d+1 is not reached
                 self.reached[d] += 1
@@ -55,7 +57,6 @@ class _RankRecorder(SpeculativeDecoder):
                 child = path[d]
                 self.hits[d][children[b][node].index(child)] += 1
                 node = child
-        return acc
 
 
 @dataclass
@@ -131,8 +132,10 @@ def choose_tree(engine, ids: list[list[int]], temperature: float, top_p: float, 
     from specdec.engine import SpecConfig
 
     wide = SpecConfig(depth=MAX_DEPTH, topk=MAX_TOPK, nodes=MAX_TOPK * MAX_DEPTH, draft_mode=draft_mode)
-    recorder = _RankRecorder(engine, wide, temperature, top_p, seed)
-    engine.schedule(recorder, ids, CALIBRATION_TOKENS)
+    recorder = _RankRecorder(wide.depth, wide.topk)
+    decoder = SpeculativeDecoder(engine, wide, temperature, top_p, seed)
+    decoder.observer = recorder
+    engine.schedule(decoder, ids, CALIBRATION_TOKENS)
     lengths = torch.tensor([len(p) for p in ids], device=engine.device)
     engine.cache_for(len(ids), int(lengths.max()) + MAX_TOPK * MAX_DEPTH + 2)
 

@@ -10,6 +10,7 @@ import torch
 
 from kernels import fp8_cache
 from model.args import ModelArgs
+from specdec.steps import StepCache
 
 
 SPAN_MULTIPLE = 16
@@ -52,6 +53,12 @@ class LatentCache:
         n = min(self.seq_len, -(-(int(self.lengths.max()) + extra) // multiple) * multiple)
         return self.kv[:, :, :n], self.pe[:, :, :n]
 
+    def step_view(self, n_slots: int) -> StepCache:
+        """The pool as a step sees it (`specdec.steps`): views of its first `n_slots` slots (the
+        caller's longest row plus what the step writes; at most `seq_len`)."""
+        n = min(n_slots, self.seq_len)
+        return StepCache(self.kv[:, :, :n], self.pe[:, :, :n], None, n)
+
     def regroup(self, rows: list[int], n_rows: int) -> LatentCache:
         """A new pool of `n_rows` rows (same slots) holding this pool's rows `rows`, in that order, in
         its first `len(rows)` rows; its other rows are empty (length 0)."""
@@ -82,11 +89,6 @@ class LatentCache:
         self.kv[:, dst, :n] = self.kv[:, src, :n]
         self.pe[:, dst, :n] = self.pe[:, src, :n]
         self.lengths[dst] = n
-
-    def copy_slots(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """For each i, copy slot src[i] of row rows[i] to its slot dst[i], in every layer."""
-        self.kv[:, rows, dst] = self.kv[:, rows, src]
-        self.pe[:, rows, dst] = self.pe[:, rows, src]
 
 
 def take_rows(t: torch.Tensor, rows: list[int], n_rows: int, dim: int = 0) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from kernels import fp8_cache
 from model.args import ModelArgs
+from specdec.steps import StepCache
 
 
 class PagedLatentCache:
@@ -102,9 +103,7 @@ class PagedLatentCache:
         self.block_table[src] = 0
         self.lengths[src] = 0
 
-    def copy_slots(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """For each i, copy slot src[i] of row rows[i] to its slot dst[i], in every layer."""
-        size = self.block_size
-        src_block, dst_block = self.block_table[rows, src // size], self.block_table[rows, dst // size]
-        for pool in (self.kv, self.pe):
-            pool[:, dst_block, dst % size] = pool[:, src_block, src % size]
+    def step_view(self, n_slots: int) -> StepCache:
+        """The pool as a step sees it (`specdec.steps`): the block pools, the table, attention over
+        `n_slots` slots (the caller's longest row plus what the step writes)."""
+        return StepCache(self.kv, self.pe, self.block_table, min(n_slots, self.seq_len))

@@ -35,6 +35,25 @@ def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) 
     return nucleus / nucleus.sum(dim=-1, keepdim=True)
 
 
+def row_probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                      nucleus: bool = True) -> torch.Tensor:
+    """Row b's sampling distribution `[B, ..., V]` float32 from logits `[B, ..., V]`, with its own
+    temperature[b] and top_p[b] (`[B]` each): `probabilities` per row; a greedy row (temperature
+    0) gets its argmax as a point mass, which is what greedy decoding draws from. `nucleus` False:
+    no row has top_p < 1 (skips the sort)."""
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    t, p = temperature.view(shape), top_p.view(shape)
+    greedy = t == 0
+    probs = (logits.float() / torch.where(greedy, 1.0, t)).softmax(dim=-1)
+    if nucleus:
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(mass_before >= p, 0.0))
+        probs = torch.where(p < 1.0, kept / kept.sum(dim=-1, keepdim=True), probs)
+    point = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy, point, probs)
+
+
 MASK64 = (1 << 64) - 1
 
 
@@ -112,28 +131,25 @@ class RowSampling:
     def any_sampled(self) -> bool:
         return any(t > 0 for t in self.temperature)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """`[B, ..., V]` float32: row b's sampling distribution (`probabilities` with its temperature
-        and top-p; rows with equal settings in one call). Greedy rows get their argmax as a point
-        mass, which is what greedy decoding draws from."""
-        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        groups: dict[tuple[float, float], list[int]] = {}
-        for b, key in enumerate(zip(self.temperature, self.top_p)):
-            groups.setdefault(key, []).append(b)
-        for (temperature, top_p), rows in groups.items():
-            index = torch.tensor(rows, device=logits.device)
-            part = logits.index_select(0, index)
-            if temperature == 0.0:
-                probs = torch.zeros_like(part, dtype=torch.float32).scatter_(-1, part.argmax(-1, keepdim=True), 1.0)
-            else:
-                probs = probabilities(part, temperature, top_p)
-            out.index_copy_(0, index, probs)
-        return out
+    @property
+    def nucleus(self) -> bool:
+        """Whether some sampling row has top-p < 1."""
+        return any(t > 0 and p < 1.0 for t, p in zip(self.temperature, self.top_p))
+
+    def tensors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(temperature, top_p) `[B]` float32 each, on `device`."""
+        return (torch.tensor(self.temperature, dtype=torch.float32, device=device),
+                torch.tensor(self.top_p, dtype=torch.float32, device=device))
+
+    def uniforms(self, positions: list[list[int]]) -> torch.Tensor:
+        """`[B, W]` float64: u(seed[b], stream[b], positions[b][j]) (`position_uniforms`)."""
+        return position_uniforms(list(self.seed), list(self.stream), positions)
 
     def tokens(self, logits: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
         """`[B, W]` tokens from logits `[B, W, V]`: row b's argmax when greedy, else the draw of
         output position positions[b][j] (u(seed[b], stream[b], position), `draw_at`)."""
         if not self.any_sampled:
             return logits.argmax(dim=-1)
-        u = position_uniforms(list(self.seed), list(self.stream), positions)
-        return draw_at(self.probabilities(logits), u)  # a greedy row's point mass draws its argmax
+        temperature, top_p = self.tensors(logits.device)
+        probs = row_probabilities(logits, temperature, top_p, self.nucleus)
+        return draw_at(probs, self.uniforms(positions))  # a greedy row's point mass draws its argmax

@@ -1,5 +1,4 @@
-"""The decoding loop (continuous batching), and MTP speculative decoding, one step top-down:
-draft → verify → accept → commit.
+"""The decoding loop (continuous batching) around MTP speculative decoding steps (`specdec.steps`).
 
 Sequences (`specdec.sequence`) join between steps (`SpeculativeDecoder.admit`: their prefill),
 every step runs all live rows together, and each leaves when it finishes; `Engine.generate` and
@@ -13,39 +12,30 @@ State per active row b (cache rows are kept as a prefix 0..B-1 of the shared lat
   * `draft_logits[b]`, `draft_hidden[b]`: the MTP output at position L-1, i.e. the first draft's
     distribution (for x_{L+1}) and the hidden state that seeds depth 2.
 
-One step:
-  1. Draft: a chain d_1..d_K (d_1 from draft_logits; depth k ≥ 2 runs the MTP layer at position
-     L+k-2 on its own previous hidden and d_{k-1}) or a tree (`mtp.tree_draft`), writing scratch
-     MTP rows only.
-  2. Verify: one verifier forward over the root x_L and the N draft nodes: node i at position
-     L + depth(i), cache slot L + i, attending to the committed prefix and its ancestors.
-  3. Accept: a path of a nodes survives plus one verifier token (bonus or correction), cut at EOS
-     and at the budget (`specdec.acceptance`).
-  4. Commit: the accepted path's verifier rows move to slots L+1..L+a (a chain is already in
-     place); the new length L+a+1 is the commit, so everything else is rolled back by the length
-     alone. The MTP layer then runs over the newly committed pairs (h_{L+j}, x_{L+j+1}),
-     j = 0..a, from the verifier's states, overwriting its scratch rows; its output at the last
-     pair is the next step's first-draft distribution.
+One step is `specdec.steps.decode_step` (draft → verify → accept → commit, or a plain step): a
+function of tensors that reads nothing back; this loop prepares its inputs (the live rows' state,
+their sampling settings and random numbers, the slots attention spans, from host bookkeeping),
+reads its emitted tokens back once, and hands them to the sequences.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from model.transformer import ForwardOutput
-from mtp.tree_draft import expand_tree
-from specdec.acceptance import Acceptance, accept_chain, accept_greedy, accept_onehot, accept_sampled, cut_run
+from specdec.acceptance import cut_run
 from specdec.adaptive import SpeculationPolicy
 from specdec.cache import LatentCache
 from specdec.config import GenerationStats
 from specdec.paged_cache import PagedLatentCache
-from specdec.sampling import RowSampling, draw, probabilities
+from specdec.sampling import RowSampling
 from specdec.sequence import Sequence
-from specdec.tree import DraftTree, ancestor_matrix, chain_tree, tree_attention_mask, visible_slots
+from specdec.steps import StepResult, StepRows, StepShape, catch_up, decode_step
+from specdec.tree import visible_slots
 
 
 @dataclass
@@ -176,6 +166,8 @@ class SpeculativeDecoder:
         self.record_tpot = True
         self.step_start = 0.0
         self.prefill_s = 0.0  # seconds spent admitting (prefilling) sequences
+        self.observer: Callable[[StepResult], None] | None = None  # sees every step's result (`--tree auto`)
+        self._row_settings: tuple = (None,)  # (sampling, temperature, top_p tensors) of the live rows
 
     # ------------------------------------------------------------------ the loop
 
@@ -337,19 +329,57 @@ class SpeculativeDecoder:
 
     def _advance(self, cache: LatentCache, lengths: torch.Tensor, state: RowState,
                  depth: int) -> tuple[RowState, list[int], list[list[int]]]:
-        """The forwards of one step of `depth` over the rows at `lengths` (`state` caught up when
-        depth ≥ 1): a plain step, or draft → verify → accept → commit. Returns the new state, each
-        row's accepted drafts and its run of new tokens (read back to the host once)."""
-        if depth == 0:                                                        # a plain step
-            state = self._plain_step(cache, lengths, state)
-            return state, [0] * len(state.pending), [[t] for t in state.pending.tolist()]
-        tree = self._draft(cache, lengths, state, depth)                      # 1. draft
-        verified = self._verify(cache, lengths, state.pending, tree)          # 2. verify
-        acc = self._accept(tree, verified.logits)                             # 3. accept
-        state = self._commit(cache, tree, verified, acc)                      # 4. commit
-        n_acc, bonus = acc.n_accepted.tolist(), acc.next_token.tolist()
-        path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0)).tolist()
-        return state, n_acc, [path_tokens[r][:a] + [bonus[r]] for r, a in enumerate(n_acc)]
+        """One step of `depth` over the rows at `lengths` (`state` caught up when depth ≥ 1):
+        `specdec.steps.decode_step`, a plain step or draft → verify → accept → commit. Returns the
+        new state, each row's accepted drafts and its run of new tokens (read back to the host once)."""
+        shape = self._shape(depth)
+        result = decode_step(self.model, self.drafter, cache.step_view(self._n_slots(shape)),
+                             self._step_rows(lengths, state, shape), shape)
+        lengths.copy_(result.lengths)
+        if self.observer is not None:
+            self.observer(result)
+        if depth > 0:
+            state = RowState(result.pending, result.draft_logits, result.draft_hidden)
+        elif self.spec is None:  # plain decoding: no drafter to catch up
+            state = RowState(result.pending, None, None)
+        else:  # the pair (h_L, x_{L+1}) joins the lag for `_catch_up`
+            state = RowState(result.pending, state.draft_logits, state.draft_hidden,
+                             state.lag_hidden + [result.verifier_hidden], state.lag_tokens + [result.run],
+                             state.prompt)
+        read = torch.cat([result.n_accepted.unsqueeze(1), result.run], dim=1).tolist()
+        return state, [row[0] for row in read], [row[1:row[0] + 2] for row in read]
+
+    def _shape(self, depth: int) -> StepShape:
+        """The static settings of a step of `depth` (0: plain) over the live rows."""
+        spec, sampling = self.spec, self.sampling
+        sampled = any(t > 0 for t in sampling.temperature)
+        if spec is None:
+            return StepShape(0, any_sampled=sampled, nucleus=sampling.nucleus)
+        return StepShape(depth, spec.topk, spec.n_nodes, self.sampled_drafts and depth > 0, sampled,
+                         sampling.nucleus, spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
+
+    def _n_slots(self, shape: StepShape) -> int:
+        """Slots a step's attention spans: the longest live row's committed tokens (its context,
+        known on the host: no read of `cache.lengths`) and what the step writes past them."""
+        longest = max(len(s.context) for s in self.running)
+        if shape.depth == 0:
+            return longest + 1
+        return longest + (self.spec.draft_slots if shape.topk > 1 else shape.depth + 1)
+
+    def _step_rows(self, lengths: torch.Tensor, state: RowState, shape: StepShape) -> StepRows:
+        """The per-row inputs of a step: state, sampling settings, and its random numbers (the
+        draws of the output positions a sampling row may reach; uniforms for sampled drafts)."""
+        if self._row_settings[0] is not self.sampling:
+            self._row_settings = (self.sampling, *self.sampling.tensors(lengths.device))
+        _, temperature, top_p = self._row_settings
+        draws = noise = None
+        if shape.sampled_drafts:
+            noise = torch.rand(len(lengths), shape.noise_width, generator=self.generator, device=lengths.device)
+        elif shape.any_sampled:
+            draws = self.sampling.uniforms([list(range(len(s.output), len(s.output) + shape.depth + 1))
+                                            for s in self.running]).to(lengths.device)
+        return StepRows(lengths, state.pending, state.draft_logits, state.draft_hidden, temperature, top_p,
+                        draws, noise)
 
     def _loop_greedy_chain_step(self) -> None:
         """The loop for greedy chains with `--compile` (a static batch): each step (draft → verify →
@@ -447,23 +477,10 @@ class SpeculativeDecoder:
                            self.spec.draft_vocab, block_table=table)
         return mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0]
 
-    def _plain_step(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
-        """Depth 0: the verifier over x_L alone, then x_{L+1} sampled as plain decoding samples it.
-        The MTP layer does not run: the pair (h_L, x_{L+1}) joins the lag for `_catch_up`."""
-        slots = lengths.unsqueeze(1)
-        out = self.model(state.pending.unsqueeze(1), slots, cache.kv, cache.pe, slots,
-                         visible_slots(lengths, 1, int(lengths.max()) + 1), block_table=cache.block_table)
-        token = self.sampling.tokens(out.logits, [[len(s.output)] for s in self.running])[:, 0]
-        lengths += 1
-        if self.spec is None:  # plain decoding: no drafter to catch up
-            return RowState(token, None, None)
-        return RowState(token, state.draft_logits, state.draft_hidden, state.lag_hidden + [self._verifier_hidden(out)],
-                        state.lag_tokens + [token.unsqueeze(1)], state.prompt)
-
     def _catch_up(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
         """After plain steps: the MTP layer over the deferred prompt pairs if any (`_draft_prompts`),
-        then over the w lagging pairs (positions L-w..L-1, one forward), which fills its cache rows
-        and yields the first draft's distribution again.
+        then over the w lagging pairs (`specdec.steps.catch_up`: positions L-w..L-1, one forward),
+        which fills its cache rows and yields the first draft's distribution again.
         Its time is left out of the step costs the policy learns from (counting it against the draft
         step that follows a plain stretch would make drafting look dearer the longer plain decoding
         ran); the policy prices it into its revisits from plain decoding instead (`observe_catch_up`)."""
@@ -472,103 +489,10 @@ class SpeculativeDecoder:
             state = RowState(state.pending, *first_draft, state.lag_hidden, state.lag_tokens)
         if not state.lag_tokens:
             return state
-        width = len(state.lag_tokens)
-        first = lengths - width
-        pos = first.unsqueeze(1) + torch.arange(width, device=lengths.device)
-        mtp = self.drafter(torch.cat(state.lag_tokens, 1), torch.cat(state.lag_hidden, 1), pos, cache.kv, cache.pe, pos,
-                           visible_slots(first, width, int(lengths.max())),
-                           torch.full_like(lengths, width - 1).unsqueeze(1), self.spec.draft_vocab,
-                           block_table=cache.block_table)
-        return RowState(state.pending, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
-
-    def _draft(self, cache: LatentCache, lengths: torch.Tensor, state: RowState, depth: int) -> DraftTree:
-        """A chain of `depth` drafts (topk 1) or an MTP-expanded tree of drafts per row."""
-        logits, hidden = state.draft_logits, state.draft_hidden
-        if self.spec.topk > 1:
-            return expand_tree(self.drafter, cache.kv, cache.pe, lengths, logits, hidden,
-                               depth, self.spec.topk, self.spec.n_nodes, self.sampled_drafts, self.temperature,
-                               self.top_p, self.spec.draft_hidden, self.generator, self.spec.draft_vocab,
-                               block_table=cache.block_table)
-        return self._draft_chain(cache, lengths, logits, hidden, depth)
-
-    def _draft_chain(self, cache: LatentCache, lengths: torch.Tensor, logits: torch.Tensor,
-                     hidden: torch.Tensor, depth: int) -> DraftTree:
-        """`depth` drafts per row: d_1 from the committed MTP output, d_k (k ≥ 2) from MTP at position L+k-2."""
-        tokens, probs = [], []
-        for k in range(1, depth + 1):
-            if k > 1:
-                pos = (lengths + k - 2).unsqueeze(1)
-                mask = visible_slots(pos[:, 0], 1, int(pos.max()) + 1)
-                out = self.drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv, cache.pe, pos, mask,
-                                   draft_vocab=self.spec.draft_vocab, block_table=cache.block_table)
-                logits, hidden = out.logits[:, 0], out.hidden(self.spec.draft_hidden)[:, 0]
-            token, q = self._draft_token(logits)
-            tokens.append(token)
-            probs.append(q)
-        child_probs = None
-        if probs[0] is not None:  # node j's children were drawn from the q of depth j+1; leaves have none
-            child_probs = torch.stack(probs + [torch.zeros_like(probs[0])], dim=1)
-        return chain_tree(torch.stack(tokens, 1), child_probs)
-
-    def _draft_token(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The MTP argmax (greedy / one-hot drafts) or a draw from q (sampled drafts, q returned)."""
-        if not self.sampled_drafts:
-            return logits.argmax(dim=-1), None
-        q = probabilities(logits, self.temperature, self.top_p)
-        return draw(q, self.generator), q
-
-    def _verify(self, cache: LatentCache, lengths: torch.Tensor, pending: torch.Tensor,
-                tree: DraftTree) -> ForwardOutput:
-        """One verifier forward over the root and the N nodes (positions L + depth, slots L..L+N, tree mask)."""
-        tokens = tree.all_tokens(pending)
-        batch, width = tokens.shape
-        slots = lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)
-        if self.spec.topk == 1:  # a chain: positions are the slots, the tree mask is causal
-            return self.model(tokens, slots, cache.kv, cache.pe, slots,
-                              visible_slots(lengths, width, int(lengths.max()) + width), block_table=cache.block_table)
-        pos = lengths.unsqueeze(1) + tree.all_depths()
-        mask = tree_attention_mask(lengths, ancestor_matrix(tree.parents), int(lengths.max()) + width)
-        return self.model(tokens, pos, cache.kv, cache.pe, slots, mask, block_table=cache.block_table)
-
-    def _accept(self, tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
-        chain = self.spec.topk == 1
-        if self.sampled_drafts:  # drafts drawn from q: speculative sampling (rows share the settings)
-            p = probabilities(target_logits, self.temperature, self.top_p)
-            return accept_sampled(tree, p, self.generator)
-        if not self.sampling.any_sampled:
-            return accept_chain(tree.tokens, target_logits.argmax(-1)) if chain else accept_greedy(tree, target_logits)
-        # one-hot drafts: node i's token is the draw output position L' + depth(i) would get
-        # (greedy rows of a mixed batch: the argmax)
-        done = [len(s.output) for s in self.running]
-        depths = tree.all_depths().tolist()
-        y = self.sampling.tokens(target_logits, [[n + d for d in row] for n, row in zip(done, depths)])
-        return accept_chain(tree.tokens, y) if chain else accept_onehot(tree, None, draws=y)
-
-    def _commit(self, cache: LatentCache, tree: DraftTree, verified: ForwardOutput, acc: Acceptance):
-        """Compact the accepted path, set the new lengths, refresh the MTP rows from verifier states."""
-        batch, depth = acc.path.shape
-        lengths = cache.lengths[:batch]
-        rows = torch.arange(batch, device=lengths.device)
-        for j in range(1, depth + 1 if self.spec.topk > 1 else 1):  # node j → slot L+j (a chain's are in place)
-            live = acc.n_accepted >= j
-            src = lengths + acc.path[:, j - 1]
-            dst = lengths + j
-            move = live & (src != dst)
-            if move.any():
-                cache.copy_slots(rows[move], src[move], dst[move])
-        # pair j = (h at path node j, token of path node j+1), j = 0..a; the verifier's token at j = a
-        nodes = torch.cat([torch.zeros_like(acc.path[:, :1]), acc.path], dim=1)  # [B, depth+1], root first
-        width = depth + 1
-        hidden = self._verifier_hidden(verified)
-        hidden = hidden.gather(1, nodes.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        next_tokens = torch.cat([tree.tokens.gather(1, (acc.path - 1).clamp_min(0)), acc.next_token.unsqueeze(1)], 1)
-        next_tokens[rows, acc.n_accepted] = acc.next_token
-        pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)
-        mask = visible_slots(lengths, width, int(lengths.max()) + width)
-        mtp = self.drafter(next_tokens, hidden, pos, cache.kv, cache.pe, pos, mask,
-                           acc.n_accepted.unsqueeze(1), self.spec.draft_vocab, block_table=cache.block_table)
-        cache.lengths[:batch] += acc.n_accepted + 1
-        return RowState(acc.next_token, mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0])
+        view = cache.step_view(max(len(s.context) for s in self.running))
+        first_draft = catch_up(self.drafter, view, lengths, torch.cat(state.lag_tokens, 1),
+                               torch.cat(state.lag_hidden, 1), self._shape(1))
+        return RowState(state.pending, *first_draft)
 
     # ------------------------------------------------------------------ bookkeeping
 

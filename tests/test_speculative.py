@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import specdec.acceptance
-import specdec.speculative
+import specdec.steps
 from model.errors import ConfigError
 from specdec import Engine, SpecConfig
 from specdec.sampling import probabilities
@@ -74,14 +74,13 @@ def test_draft_vocabulary_subset_is_lossless_greedy(eng, tiny, spec):
 
 def test_draft_vocabulary_restricts_drafts(tiny):
     """Drafts really come from the subset: with 1 allowed id every drafted token is id 0."""
-    dec = SpeculativeDecoder(tiny, SpecConfig(depth=2, draft_vocab=1), 0.0, 1.0, 0)
-    with torch.inference_mode():  # the engine's cache is an inference tensor
-        cache = tiny.cache_for(2, 40)
-        state = dec._prefill(cache, random_prompts(8, [5, 6], seed=2))
-        tree = dec._draft(cache, cache.lengths[:2], state, 2)
-        logits = state.draft_logits
-    assert (tree.tokens == 0).all()
-    assert torch.isinf(logits[:, 1:]).all() and torch.isfinite(logits[:, :1]).all()
+    dec = SpeculativeDecoder(tiny, SpecConfig(depth=2, draft_vocab=1, adaptive=False), 0.0, 1.0, 0)
+    results = []
+    dec.observer = results.append
+    tiny.schedule(dec, random_prompts(8, [5, 6], seed=2), 6)
+    assert results and all((r.tree.tokens == 0).all() for r in results)
+    for r in results:
+        assert torch.isinf(r.draft_logits[:, 1:]).all() and torch.isfinite(r.draft_logits[:, :1]).all()
 
 
 def test_tiny_vocab_drafts_are_really_accepted(tiny):
@@ -101,33 +100,33 @@ def test_hidden_state_options_are_also_lossless(tiny):
                                       plain) == 0
 
 
-class OracleDecoder(SpeculativeDecoder):
-    """Drafts the known plain continuation, corrupting every 3rd drafted position: long accepted runs,
-    rejections at every depth, and the real MTP layer still refreshed at every commit."""
+def draft_oracle(monkeypatch, dec: SpeculativeDecoder, truth: list[list[int]]) -> None:
+    """Make `dec`'s steps draft the known plain continuation, corrupting every 3rd drafted position:
+    long accepted runs, rejections at every depth, and the real MTP layer still refreshed at every commit."""
+    calls = 0
 
-    def __init__(self, *a, truth: list[list[int]], **kw) -> None:
-        super().__init__(*a, **kw)
-        self.truth = truth
-        self.calls = 0
-
-    def _draft(self, cache, lengths, state, depth):
-        rows = []
-        for seq in self.running:  # prompt r is stream r of the call
+    def draft(drafter, cache, rows, shape, noise):
+        nonlocal calls
+        drafts = []
+        for seq in dec.running:  # prompt r is stream r of the call
             done = len(seq.output)
-            future = self.truth[seq.stream][done:done + depth]
-            future = future + [0] * (depth - len(future))
-            self.calls += 1
-            if self.calls % 3 == 0:
-                j = self.calls % depth
+            future = truth[seq.stream][done:done + shape.depth]
+            future = future + [0] * (shape.depth - len(future))
+            calls += 1
+            if calls % 3 == 0:
+                j = calls % shape.depth
                 future[j] = (future[j] + 1) % 8
-            rows.append(future)
-        return chain_tree(torch.tensor(rows))
+            drafts.append(future)
+        return chain_tree(torch.tensor(drafts))
+
+    monkeypatch.setattr(specdec.steps, "draft", draft)
 
 
-def test_long_accepted_runs_stay_lossless(eng):
+def test_long_accepted_runs_stay_lossless(eng, monkeypatch):
     prompts = random_prompts(eng.args.vocab_size, [7, 3, 11, 5], seed=5)
     plain = eng.generate(prompts, max_new_tokens=30).token_ids
-    dec = OracleDecoder(eng, SpecConfig(depth=4, adaptive=False), 0.0, 1.0, 0, truth=plain)
+    dec = SpeculativeDecoder(eng, SpecConfig(depth=4, adaptive=False), 0.0, 1.0, 0)
+    draft_oracle(monkeypatch, dec, plain)
     out, stats = eng.schedule(dec, prompts, 30)
     assert assert_same_or_tie(eng, prompts, out, plain) == 0
     assert stats.tau > 2.0 and stats.acceptance_per_position[3] > 0.2
@@ -280,19 +279,12 @@ def test_biased_acceptance_rules_are_detected(tiny, monkeypatch):
     assert stat > crit, (stat, crit)
     monkeypatch.undo()
 
-    def always_accept_first(tree, target_probs, generator=None, draws=None):
-        acc = specdec.acceptance.accept_onehot(tree, target_probs, generator, draws)
-        path = acc.path.clone()
-        path[:, 0] = 1
-        return specdec.acceptance.Acceptance(acc.n_accepted.clamp_min(1), path, acc.next_token)
-
     def always_accept_first_chain(drafts, target):  # the chain fast path, biased the same way
         acc = specdec.acceptance.accept_chain(drafts, target)
         n = acc.n_accepted.clamp_min(1)
         return specdec.acceptance.Acceptance(n, acc.path, target.gather(1, n.unsqueeze(1))[:, 0])
 
-    monkeypatch.setattr(specdec.speculative, "accept_onehot", always_accept_first)
-    monkeypatch.setattr(specdec.speculative, "accept_chain", always_accept_first_chain)
+    monkeypatch.setattr(specdec.steps, "accept_chain", always_accept_first_chain)
     counts = sample_joint(tiny, prompt, 3, 6000, SpecConfig(depth=2, draft_mode="onehot", adaptive=False), 1.0,
                           1.0, seed=11)
     stat, crit = chi_square(counts, probs)

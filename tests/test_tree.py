@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import specdec.acceptance
+import specdec.steps
 from mtp.tree_draft import expand_tree
 from specdec import SpecConfig
 from specdec.speculative import SpeculativeDecoder
@@ -65,24 +66,21 @@ def test_trees_accept_more_than_chains(tiny):
     assert tree.stats.acceptance_per_position[0] > chain.stats.acceptance_per_position[0]
 
 
-class TreeChainDecoder(SpeculativeDecoder):
-    """Drafts its chain through the tree expansion code with topk 1."""
-
-    def _draft(self, cache, lengths, state, depth):
-        batch = lengths.shape[0]
-        sampled = self.temperature > 0 and self.spec.draft_mode == "sample"
-        return expand_tree(self.drafter, cache.kv[:, :batch], cache.pe[:, :batch], lengths, state.draft_logits,
-                           state.draft_hidden, depth, 1, depth, sampled, self.temperature, self.top_p,
-                           self.spec.draft_hidden, self.generator)
+def draft_chains_as_trees(monkeypatch) -> None:
+    """Steps draft their chains through the tree expansion code with topk 1."""
+    monkeypatch.setattr(specdec.steps, "draft",
+                        lambda drafter, cache, rows, shape, noise: expand_tree(drafter, cache, rows, shape, noise.take))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_topk1_tree_expansion_reproduces_the_chain(eng, tiny, temperature):
+def test_topk1_tree_expansion_reproduces_the_chain(eng, tiny, temperature, monkeypatch):
     for engine, vocab in ((eng, eng.args.vocab_size), (tiny, 8)):
         prompts = random_prompts(vocab, [7, 3, 11, 5], seed=9)
-        spec = SpecConfig(depth=3, adaptive=False)
+        spec = SpecConfig(depth=3, adaptive=False, draft_mode="sample" if temperature else "onehot")
         chain = engine.schedule(SpeculativeDecoder(engine, spec, temperature, 1.0, 4), prompts, 24)
-        tree = engine.schedule(TreeChainDecoder(engine, spec, temperature, 1.0, 4), prompts, 24)
+        with monkeypatch.context() as m:
+            draft_chains_as_trees(m)
+            tree = engine.schedule(SpeculativeDecoder(engine, spec, temperature, 1.0, 4), prompts, 24)
         assert tree[0] == chain[0]
         assert tree[1].tau == chain[1].tau and tree[1].acceptance_per_position == chain[1].acceptance_per_position
 
@@ -97,15 +95,9 @@ def test_tree_draft_shape_and_budget(eng):
     prompts = random_prompts(eng.args.vocab_size, [5, 8], seed=1)
     dec = SpeculativeDecoder(eng, SpecConfig(depth=3, topk=3, nodes=10), 0.0, 1.0, 0)
     seen = []
-    original = dec._draft
-
-    def spy(*a):
-        tree = original(*a)
-        seen.append(tree)
-        return tree
-
-    dec._draft = spy
+    dec.observer = lambda result: seen.append(result.tree)
     eng.schedule(dec, prompts, 6)
+    assert seen
     for tree in seen:
         assert tree.n_nodes == 10 and int(tree.depths.max()) <= 3
         idx = torch.arange(1, 11)
