@@ -21,8 +21,7 @@ mean cost over the depths its steps ran). Where the ceiling is
 low, verifying W tokens per row costs nearly W plain steps (the step is compute-bound) and no
 cheaper drafting can help; where the speedup lies far below it, the drafting side is the cost.
 It also times whole steps (draft, verify, accept and MTP commit against one plain step) as the
-loop runs them (`bench.microbench.greedy_step_costs`: one compiled graph, greedy chains with
-`--compile`; `decoder_step_costs`: the decoder's stages, everything else) and reports the step
+loop runs them (`bench.microbench.decoder_step_costs`, compiled whole with `--compile`) and reports the step
 cost and the step bound tau / step cost: the decode speedup those steps allow, drafting included
 (an adaptive row's step cost is the mean over the depths its steps ran). The decode speedup falls
 short of it by what the loop spends outside its steps.
@@ -35,7 +34,7 @@ from argparse import Namespace
 from bench import plots
 from bench.common import (PLAIN, BenchError, Report, Shape, Table, batches, fmt, greedy_mismatch, parse_int_list,
                           paired_speedup, parse_shapes, progress, resolve_auto, timed_runs)
-from bench.microbench import decoder_step_costs, greedy_step_costs, verify_costs
+from bench.microbench import decoder_step_costs, verify_costs
 from bench.prompt_set import Prompt
 from specdec import Engine, SpecConfig
 
@@ -193,49 +192,33 @@ def _add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes:
                     temperature: float, top_p: float) -> None:
     """Add step_ms, step_cost (t(step) / t(plain step)) and step_bound (tau / step_cost) to the
     plain row, the chain rows and the adaptive rows of one batch size (`shapes[i]` for `rows[i]`),
-    timing whole steps on `ids` the way the run decoded them: greedy chains of an engine that
-    compiles whole steps as compiled steps (`bench.microbench.greedy_step_costs`), everything else
-    as `SpeculativeDecoder.step` runs it (`decoder_step_costs`).
+    timing whole steps on `ids` as `SpeculativeDecoder.step` runs them (`decoder_step_costs`:
+    compiled whole with `--compile`).
 
     An adaptive row's steps ran at several depths: its step cost is the mean cost of the steps it
     ran (`depth_steps`; depth d timed as a chain step of depth d, depth 0 as a plain step)."""
-    whole_steps = eng.run_chain_step is not None and temperature == 0.0
-    wanted: dict[tuple[str, int, int | None], SpecConfig] = {}
+    wanted: dict[tuple[int, int | None], SpecConfig] = {}
     for shape in shapes:
-        if shape.kind == "chain":
-            how = "whole" if whole_steps else "decoder"
-            wanted[(how, shape.depth, shape.draft_vocab)] = SpecConfig(depth=shape.depth, adaptive=False,
-                                                                       draft_vocab=shape.draft_vocab)
-        elif shape.kind == "adaptive":
-            for depth in range(1, shape.depth + 1):
-                wanted[("decoder", depth, shape.draft_vocab)] = SpecConfig(depth=depth, adaptive=False,
-                                                                           draft_vocab=shape.draft_vocab)
-    cost, plain_ms = {}, None
-    for how, timer in (("whole", greedy_step_costs), ("decoder", decoder_step_costs)):
-        keys = [k for k in wanted if k[0] == how]
-        if not keys:
-            continue
-        args = (temperature, top_p) if how == "decoder" else ()
-        plain_s, chain_s = timer(eng, ids, [wanted[k] for k in keys], *args)
-        plain_ms = plain_ms or plain_s * 1e3
-        cost.update({k: t / plain_s for k, t in zip(keys, chain_s)})
-        cost[(how, 0, None)] = plain_s
-    if not cost:
+        depths = {"chain": [shape.depth], "adaptive": range(1, shape.depth + 1)}.get(shape.kind, [])
+        for depth in depths:
+            wanted[(depth, shape.draft_vocab)] = SpecConfig(depth=depth, adaptive=False, draft_vocab=shape.draft_vocab)
+    if not wanted:
         return
+    plain_s, chain_s = decoder_step_costs(eng, ids, list(wanted.values()), temperature, top_p)
+    cost = {key: t / plain_s for key, t in zip(wanted, chain_s)}
+    cost[(0, None)] = 1.0
     for r, shape in zip(rows, shapes):
         if shape.kind == "plain":
-            r["step_ms"], r["step_cost"] = plain_ms, 1.0
+            r["step_ms"], r["step_cost"] = plain_s * 1e3, 1.0
             continue
         if shape.kind == "chain":
-            how = "whole" if whole_steps else "decoder"
-            r["step_cost"] = cost[(how, shape.depth, shape.draft_vocab)]
+            r["step_cost"] = cost[(shape.depth, shape.draft_vocab)]
         elif shape.kind == "adaptive" and sum(r["depth_steps"]):
-            how, steps = "decoder", r["depth_steps"]
-            r["step_cost"] = sum(n * (cost[(how, d, shape.draft_vocab)] if d else 1.0)
-                                 for d, n in enumerate(steps)) / sum(steps)
+            steps, vocab = r["depth_steps"], shape.draft_vocab
+            r["step_cost"] = sum(n * cost[(d, vocab if d else None)] for d, n in enumerate(steps)) / sum(steps)
         else:
             continue
-        r["step_ms"] = r["step_cost"] * cost[(how, 0, None)] * 1e3
+        r["step_ms"] = r["step_cost"] * plain_s * 1e3
         r["step_bound"] = r["tau"] / r["step_cost"]
 
 

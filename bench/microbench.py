@@ -138,46 +138,15 @@ def _interleaved_medians(calls: list[Callable[[], object]], rounds: int) -> list
 
 
 @torch.inference_mode()
-def greedy_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig], rounds: int = 20
-                      ) -> tuple[float, list[float]]:
-    """Median seconds of one compiled greedy plain step and of one compiled greedy chain step for each
-    chain `specs[i]` (needs `Engine(compile=True)` and a drafter).
-
-    Unlike `verify_costs`, these are whole steps as the decoding loop runs them: the chain step
-    drafts, verifies, accepts and reruns the MTP layer over the verified pairs. The batch `ids` is
-    prefilled once (verifier + MTP); every step starts from that state (lengths are passed as
-    copies, writes land in scratch slots past the prompts) over the pool's span of the prompts.
-    Rounds interleave the steps; the first two calls of each compile and warm up, untimed.
-    """
-    if eng.run_plain_step is None or eng.run_chain_step is None:
-        raise ValueError("greedy_step_costs needs an engine with compile=True and an MTP drafter")
-    room = max((s.depth for s in specs), default=0) + 1
-    sb = prepare(eng, ids, room=room)
-    live = torch.ones(sb.batch, dtype=torch.long, device=eng.device)
-    first_draft = sb.draft_logits.argmax(dim=-1)
-    kv, pe = sb.cache.span(room)
-
-    def plain() -> None:
-        eng.run_plain_step(kv, pe, sb.lengths.clone(), live, sb.pending)
-
-    def chain(spec: SpecConfig) -> None:
-        eng.run_chain_step(kv, pe, sb.lengths.clone(), live, sb.pending, first_draft, sb.draft_hidden, spec.depth,
-                           spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
-
-    medians = _interleaved_medians([plain] + [partial(chain, s) for s in specs], rounds)
-    return medians[0], medians[1:]
-
-
-@torch.inference_mode()
 def decoder_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig], temperature: float = 0.0,
                      top_p: float = 1.0, rounds: int = 20) -> tuple[float, list[float]]:
     """Median seconds of one plain step and of one chain step for each chain `specs[i]` (topk 1,
     one-hot drafts; its depth pinned) as `SpeculativeDecoder.step` runs them, at `temperature`/`top_p`
-    (the engine's forwards, compiled with `--compile`; the glue between them eager).
+    (`specdec.steps.decode_step`, compiled whole with `--compile`).
 
-    Unlike `greedy_step_costs` (one compiled graph per step), these steps run the decoder's own
-    `_advance`, the forwards of `step` (a plain step: the verifier over the pending token and its draw; a chain step: draft →
-    verify → accept → commit, the MTP layer over the verified pairs included), each ending with the
+    These steps run the decoder's own `_advance`, the step of `step` (a plain step: the verifier
+    over the pending token and its draw; a chain step: draft → verify → accept → commit, the MTP
+    layer over the verified pairs included), each ending with the
     host reads of what it emits, but not the emitting, retiring and policy bookkeeping around them.
     The batch `ids` is admitted once (verifier + MTP prefill); every step starts from that state
     (the lengths are restored, writes land in scratch slots past the prompts). Rounds interleave

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import socket
-import statistics
 import threading
 import time
 from argparse import Namespace

@@ -19,7 +19,6 @@ from torch import nn
 from tqdm import tqdm
 
 from model.errors import CheckpointError
-from model.parallel import ParallelContext
 
 SHARDING_FILE = "specdec_sharding.json"
 SCALE_SUFFIX = "_scale_inv"

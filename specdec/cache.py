@@ -14,7 +14,7 @@ from specdec.steps import StepCache
 
 
 SPAN_MULTIPLE = 16
-"""`LatentCache.span` rounds its slot count up to a multiple of this."""
+"""Spare slots a compiled engine's pool keeps past what a call needs (`Engine.cache_for`)."""
 
 
 class LatentCache:
@@ -42,31 +42,11 @@ class LatentCache:
         size = lambda d: torch.empty((), dtype=d).element_size()  # noqa: E731
         return (width * size(kv_dtype) + args.qk_rope_head_dim * size(dtype)) * n_layers
 
-    def span(self, extra: int, multiple: int = SPAN_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of `kv` and `pe` over their first n slots, `[n_layers, batch, n, ·]`: every row's
-        committed tokens plus `extra` slots to write (n = the longest row + `extra`, rounded up to
-        `multiple`, at most `seq_len`). Writes through them land in the pool.
-
-        Compiled greedy steps attend over every slot they are given (their masks span all of them,
-        so that no shape depends on the lengths); given the span instead of the pool they skip the
-        slots nobody has written. Reads `lengths` on the host (the compiled path is CPU-only)."""
-        n = min(self.seq_len, -(-(int(self.lengths.max()) + extra) // multiple) * multiple)
-        return self.kv[:, :, :n], self.pe[:, :, :n]
-
     def step_view(self, n_slots: int) -> StepCache:
         """The pool as a step sees it (`specdec.steps`): views of its first `n_slots` slots (the
         caller's longest row plus what the step writes; at most `seq_len`)."""
         n = min(n_slots, self.seq_len)
         return StepCache(self.kv[:, :, :n], self.pe[:, :, :n], None, n)
-
-    def regroup(self, rows: list[int], n_rows: int) -> LatentCache:
-        """A new pool of `n_rows` rows (same slots) holding this pool's rows `rows`, in that order, in
-        its first `len(rows)` rows; its other rows are empty (length 0)."""
-        new = LatentCache.__new__(LatentCache)
-        new.batch, new.seq_len = n_rows, self.seq_len
-        new.kv, new.pe = take_rows(self.kv, rows, n_rows, dim=1), take_rows(self.pe, rows, n_rows, dim=1)
-        new.lengths = take_rows(self.lengths, rows, n_rows)
-        return new
 
     block_table = None
     """A dense pool has no block table (the paged pool's interface, `specdec.paged_cache`)."""
@@ -90,11 +70,3 @@ class LatentCache:
         self.pe[:, dst, :n] = self.pe[:, src, :n]
         self.lengths[dst] = n
 
-
-def take_rows(t: torch.Tensor, rows: list[int], n_rows: int, dim: int = 0) -> torch.Tensor:
-    """`t` with only entries `rows` along `dim`, in that order, zero-padded to `n_rows` entries."""
-    shape = list(t.shape)
-    shape[dim] = n_rows
-    out = t.new_zeros(shape)
-    out.narrow(dim, 0, len(rows)).copy_(t.index_select(dim, torch.tensor(rows, device=t.device)))
-    return out

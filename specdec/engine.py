@@ -4,12 +4,12 @@ Plain and MTP speculative decoding run the one decoding loop of `specdec.specula
 join, each step runs the live rows, finished rows leave; a speculative step is draft → verify →
 accept → commit, a plain step the verifier alone), driven by the scheduler a server uses
 (`specdec.scheduler`: every prompt queued, rows refilled as they finish when `max_batch` caps
-them); `--compile` with greedy decoding runs whole compiled steps over a static batch instead
-(`specdec.greedy_step`).
+them); each step is `specdec.steps.decode_step`, compiled whole with `--compile`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -25,39 +25,17 @@ from model.parallel import ParallelContext
 from model.transformer import Transformer
 from mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
 from specdec.adaptive import SpeculationPolicy, StepCosts, default_cost_path
-from specdec.cache import SPAN_MULTIPLE, LatentCache, take_rows
+from specdec.cache import SPAN_MULTIPLE, LatentCache
 from specdec.config import GenerationOutput, GenerationStats, SpecConfig
 from specdec.compiled import CompiledDecode, check_compile_supported
 from specdec.defaults import default_model_path
 from specdec.distributed import bind_device, default_device, init_parallel
-from specdec.greedy_step import shrunk_rows
 from specdec.scheduler import Scheduler
 from specdec import sequence as sequences
 from specdec.speculative import SpeculativeDecoder
+from specdec.steps import decode_step
 from specdec.tokenizer import load_tokenizer
 from specdec.tree import visible_slots
-
-
-class StepClock:
-    """TTFT and TPOT of a plain decoding loop: `tick(n)` when a step's tokens for `n` rows are known.
-
-    The first tick ends the time to first token (from `start`); each later one gives each of its
-    `n` tokens the seconds since the previous tick."""
-
-    def __init__(self, start: float) -> None:
-        self.start = self.last = start
-        self.ttft: float = 0.0
-        self.tpot: list[float] = []
-        self.ticks = 0
-
-    def tick(self, n: int) -> None:
-        now = time.perf_counter()
-        if self.ticks == 0:
-            self.ttft = now - self.start
-        else:
-            self.tpot.extend([now - self.last] * n)
-        self.last = now
-        self.ticks += 1
 
 
 class Engine:
@@ -76,10 +54,8 @@ class Engine:
         # ones pad rows to the whole cache pool, so callers always pass the whole pool)
         self.run_verifier = compiled.verifier if compiled else model
         self.run_drafter = compiled.draft if compiled and drafter is not None else drafter
-        # whole greedy steps as one graph (`specdec.greedy_step`), with the forwards' signatures;
-        # None: greedy decoding runs the general loops
-        self.run_plain_step = compiled.plain_step if compiled else None
-        self.run_chain_step = compiled.chain_step if compiled and drafter is not None else None
+        # one decoding step (`specdec.steps.decode_step`), compiled whole with `--compile`
+        self.run_step = compiled.step if compiled else functools.partial(decode_step, model, drafter)
         self.args = model.args
         self.checkpoint = checkpoint
         self.notice = notice  # said once to the user (e.g. "random weights")
@@ -177,10 +153,10 @@ class Engine:
     def cache_for(self, batch: int, seq_len: int) -> LatentCache:
         """The shared latent cache, grown (reallocated) only when a call needs more rows or slots.
 
-        Compiled forwards run over every row of the pool, so then it has exactly `batch` rows, and
-        one spare block of slots: a compiled greedy step gets `LatentCache.span`, a view of fewer
-        slots than the pool, and a span that covered the whole (contiguous) pool would compile a
-        second graph."""
+        Compiled steps run over buckets of the pool's rows (`specdec.compiled.row_bucket`), so then
+        it has exactly `batch` rows, and one spare block of slots: a compiled step gets a view of
+        fewer slots than the pool (`LatentCache.step_view`), and a view that covered the whole
+        (contiguous) pool would compile a second graph."""
         old = self._cache
         rows = batch if self.compiled is not None else max(batch, old.batch if old else 0)
         seq_len += SPAN_MULTIPLE if self.compiled is not None else 0
@@ -190,23 +166,6 @@ class Engine:
             self._cache = LatentCache(self.args, self.args.n_layers + self.args.n_mtp_layers, rows, slots,
                                       self.model.dtype, self.device, self.kv_cache_dtype)
         return self._cache
-
-    def shrink_pool(self, cache: LatentCache, rows: list[int], prompt_of: list[int],
-                    per_row: list[torch.Tensor]) -> tuple[LatentCache, list[int], list[int], list[torch.Tensor]]:
-        """Once at most half of `cache`'s rows are live, move them into a smaller pool (`shrunk_rows`).
-
-        rows: the live cache rows; prompt_of[r]: the prompt cache row r decodes; per_row: tensors
-        `[cache.batch, ...]` of per-row loop state. Returns (cache, rows, prompt_of, per_row) for the
-        new pool, whose live rows are its first `len(rows)` (the rest empty, per-row state zero), and
-        which replaces the engine's shared cache (the old one is freed); all unchanged when no
-        smaller pool fits or nothing is live."""
-        n_rows = shrunk_rows(len(rows), cache.batch)
-        if not rows or n_rows == cache.batch:
-            return cache, rows, prompt_of, per_row
-        self._cache = None
-        self._cache = cache.regroup(rows, n_rows)
-        return (self._cache, list(range(len(rows))), [prompt_of[r] for r in rows],
-                [take_rows(t, rows, n_rows) for t in per_row])
 
     # ------------------------------------------------------------------ API
 
@@ -237,8 +196,8 @@ class Engine:
         `spec`: MTP speculative decoding with this draft shape (None: plain decoding). Output is the
         same as plain decoding's: token for token when greedy, in distribution when sampled.
         `max_batch`: rows decoded at once (None: every prompt at once); the other prompts wait and
-        join as rows finish (continuous batching: `specdec.scheduler.Scheduler`, which runs every
-        call but the static compiled greedy loops). Prompt i draws from stream i of `seed` either way.
+        join as rows finish (continuous batching: `specdec.scheduler.Scheduler` runs every call).
+        Prompt i draws from stream i of `seed` either way.
         """
         if spec is not None and self.drafter is None:
             raise ConfigError(f"{self.checkpoint}: checkpoint has no MTP layer "
@@ -258,14 +217,10 @@ class Engine:
         for i, p in enumerate(ids):
             self._check_length(len(p), max_new_tokens, i, draft_slots)
         rows = len(ids) if max_batch is None else min(max_batch, len(ids))
-        if spec is None:
-            return self._generate_plain(ids, max_new_tokens, temperature, top_p, seed, rows)
-        policy = self.policy_for(spec, temperature > 0) if spec.adapts and self.compiled is None else None
+        adapts = spec is not None and spec.adapts and self.compiled is None
+        policy = self.policy_for(spec, temperature > 0) if adapts else None
         decoder = SpeculativeDecoder(self, spec, temperature, top_p, seed, policy)
-        if decoder.compiled_chain and rows == len(ids):
-            outputs, stats = decoder.generate_compiled_chain(ids, max_new_tokens)
-        else:
-            outputs, stats = self.schedule(decoder, ids, max_new_tokens, rows)
+        outputs, stats = self.schedule(decoder, ids, max_new_tokens, rows)
         if policy is not None:
             policy.costs.save()
         return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
@@ -319,72 +274,6 @@ class Engine:
         return (f"{machine_key(self.model.dtype)} | {self.device} | world {self.ctx.world_size} | "
                 f"{self.checkpoint_id} | fp8 {self.model.fp8_block is not None} | cache {self.kv_cache_dtype} | {mode} | "
                 f"draft_vocab {spec.draft_vocab} | hidden {spec.verifier_hidden}/{spec.draft_hidden}")
-
-    # ------------------------------------------------------------------ plain decoding
-
-    @torch.inference_mode()
-    def _generate_plain(self, ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                        seed: int, rows: int) -> GenerationOutput:
-        """Plain decoding: the decoding loop without a drafter (`schedule`), or with `--compile`,
-        greedy and every prompt at once, whole compiled steps over a static batch
-        (`_plain_loop_greedy_step`)."""
-        if self.run_plain_step is None or temperature > 0.0 or rows < len(ids):
-            outputs, stats = self.schedule(SpeculativeDecoder(self, None, temperature, top_p, seed), ids,
-                                           max_new_tokens, rows)
-            return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
-        start = time.perf_counter()
-        batch = len(ids)
-        cache = self.cache_for(batch, max(map(len, ids)) + max_new_tokens)
-        tokens, lengths = self.pad(ids)
-        logits = self.prefill(cache, tokens, lengths)
-        prefill_s = time.perf_counter() - start
-        outputs: list[list[int]] = [[] for _ in range(batch)]
-        steps, row_steps, ttft, tpot = self._plain_loop_greedy_step(cache, logits, outputs, max_new_tokens, start)
-        wall = time.perf_counter() - start
-        n_tokens = sum(map(len, outputs))
-        stats = GenerationStats(tokens=n_tokens, verify_steps=steps, tau=1.0, tokens_per_s=n_tokens / wall,
-                                wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch,
-                                ttft_s=ttft, tpot_s=tpot, row_steps=row_steps)
-        return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)
-
-    def _plain_loop_greedy_step(self, cache: LatentCache, logits: torch.Tensor, outputs: list[list[int]],
-                                max_new_tokens: int, start: float) -> tuple[int, int, float, list[float]]:
-        """Plain greedy decoding with `--compile`: each step (forward + argmax) is one
-        compiled graph (`run_plain_step`, `specdec.greedy_step.GreedyPlainStep`). Finished rows
-        are parked (length 0, `live` 0) instead of compacted away, until at most half the rows are
-        live: then those move into a pool of half as many rows (`shrunk_rows`)."""
-        tokens = logits.argmax(dim=-1)
-        live = torch.ones(len(outputs), dtype=torch.long, device=self.device)
-        rows = list(range(len(outputs)))  # cache rows still decoding
-        prompt_of = list(range(len(outputs)))  # cache row r holds prompt prompt_of[r]
-        steps, row_steps, clock = 0, 0, StepClock(start)
-        while True:
-            next_tokens = tokens.tolist()
-            clock.tick(len(rows))
-            done = self._append(outputs, [prompt_of[r] for r in rows], [next_tokens[r] for r in rows],
-                                max_new_tokens)
-            for r in (r for r, d in zip(rows, done) if d):
-                live[r] = 0  # parked: frozen at length 0 (see specdec.greedy_step)
-                cache.lengths[r] = 0
-            rows = [r for r, d in zip(rows, done) if not d]
-            if not rows:
-                break
-            cache, rows, prompt_of, (tokens, live) = self.shrink_pool(cache, rows, prompt_of, [tokens, live])
-            tokens, lengths = self.run_plain_step(*cache.span(1), cache.lengths, live, tokens)
-            cache.lengths.copy_(lengths)
-            steps += 1
-            row_steps += len(rows)
-        return steps, row_steps, clock.ttft, clock.tpot
-
-    def _append(self, outputs: list[list[int]], prompt_rows: list[int], tokens: list[int],
-                max_new_tokens: int) -> list[bool]:
-        """Append `tokens[i]` to `outputs[prompt_rows[i]]`; return whether each row is now finished
-        (it emitted EOS or reached `max_new_tokens`)."""
-        done = []
-        for row, tok in zip(prompt_rows, tokens):
-            outputs[row].append(tok)
-            done.append(tok in self.eos_ids or len(outputs[row]) >= max_new_tokens)
-        return done
 
     def prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,
                  all_logits: bool = False) -> torch.Tensor:

@@ -57,6 +57,11 @@ class Sequence:
         is the pending one (not in the cache yet). A fresh sequence: the prompt."""
         return self.prompt + self.output[:-1]
 
+    @property
+    def context_len(self) -> int:
+        """`len(self.context)`: while it decodes, the tokens its cache row holds."""
+        return len(self.prompt) + max(len(self.output) - 1, 0)
+
     def sampling(self) -> RowSampling:
         """This sequence's settings as one row of a batch."""
         return RowSampling((self.temperature,), (self.top_p,), (self.seed,), (self.stream,))

@@ -34,7 +34,7 @@ from specdec.config import GenerationStats
 from specdec.paged_cache import PagedLatentCache
 from specdec.sampling import RowSampling
 from specdec.sequence import Sequence
-from specdec.steps import StepResult, StepRows, StepShape, catch_up, decode_step
+from specdec.steps import StepCache, StepResult, StepRows, StepShape, catch_up, decode_step
 from specdec.tree import visible_slots
 
 
@@ -139,9 +139,8 @@ class SpeculativeDecoder:
     drafts (`draft_mode="sample"`), whose rows share the decoder's `temperature` and `top_p`.
 
     A scheduler (`specdec.scheduler`: a server's, or the one `Engine.generate` runs a batch of
-    prompts through) keeps one decoder and calls `admit` and `step`; `generate_compiled_chain` is
-    the static loop of whole compiled greedy chain steps. Cache row r holds `running[r]`; the live
-    rows are a prefix of the pool.
+    prompts through) keeps one decoder and calls `admit` and `step`. Cache row r holds
+    `running[r]`; the live rows are a prefix of the pool.
     """
 
     def __init__(self, engine, spec, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -171,33 +170,12 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------------------ the loop
 
-    @property
-    def compiled_chain(self) -> bool:
-        """Greedy pinned chains on an engine that compiles whole steps: `generate_compiled_chain`."""
-        return (self.eng.run_chain_step is not None and self.temperature == 0.0 and self.spec is not None
-                and self.spec.topk == 1 and self.policy is None)
-
-    @torch.inference_mode()
-    def generate_compiled_chain(self, ids: list[list[int]], max_new_tokens: int):
-        """Decode every prompt (prompt r: stream r of the decoder's seed) as one static batch of whole
-        compiled greedy chain steps (`_loop_greedy_chain_step`; `compiled_chain` must hold); returns
-        (new tokens per prompt, GenerationStats). Every other call runs `admit` and `step` under a
-        scheduler (`Engine.generate`)."""
-        eng = self.eng
-        start = time.perf_counter()
-        seqs = [Sequence(p, max_new_tokens, self.temperature, self.top_p, self.seed, r) for r, p in enumerate(ids)]
-        self.use_cache(eng.cache_for(len(ids), max(map(len, ids)) + max_new_tokens + self.spec.draft_slots))
-        self.admit(seqs, retire=False)  # the compiled loop parks finished rows instead
-        self._loop_greedy_chain_step()
-        return [s.output for s in seqs], self.stats(start, len(ids), self.step_start - start,
-                                                    sum(len(s.output) for s in seqs))
-
     def use_cache(self, cache: LatentCache | PagedLatentCache) -> None:
         """Decode in `cache` (empty of live rows: before the first `admit`): a dense pool or a paged one."""
         self.cache = cache
 
     @torch.inference_mode()
-    def admit(self, seqs: list[Sequence], retire: bool = True) -> None:
+    def admit(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` into the next free rows (one verifier forward, and the MTP layer over them
         when drafting), emit each one's first token, and let them join the next step. Their prompt +
         budget (+ draft slots) must fit the pool's slots and there must be free rows (the caller's
@@ -217,8 +195,7 @@ class SpeculativeDecoder:
         defer = self.policy is not None and self.state is None
         self._join(seqs, self._prefill(self.cache, [s.context for s in seqs], first_row, sampling, resumed, defer),
                    sampling)
-        if retire:
-            self._retire()
+        self._retire()
         now = time.perf_counter()
         self.prefill_s += now - start
         if first_row == 0:  # the next step's tokens take its time from here (`_time_step`)
@@ -333,8 +310,8 @@ class SpeculativeDecoder:
         `specdec.steps.decode_step`, a plain step or draft → verify → accept → commit. Returns the
         new state, each row's accepted drafts and its run of new tokens (read back to the host once)."""
         shape = self._shape(depth)
-        result = decode_step(self.model, self.drafter, cache.step_view(self._n_slots(shape)),
-                             self._step_rows(lengths, state, shape), shape)
+        step = self.eng.run_step if cache.block_table is None else self._eager_step
+        result = step(cache.step_view(self._n_slots(shape)), self._step_rows(lengths, state, shape), shape)
         lengths.copy_(result.lengths)
         if self.observer is not None:
             self.observer(result)
@@ -349,6 +326,9 @@ class SpeculativeDecoder:
         read = torch.cat([result.n_accepted.unsqueeze(1), result.run], dim=1).tolist()
         return state, [row[0] for row in read], [row[1:row[0] + 2] for row in read]
 
+    def _eager_step(self, cache: StepCache, rows: StepRows, shape: StepShape) -> StepResult:
+        return decode_step(self.eng.model, self.eng.drafter, cache, rows, shape)
+
     def _shape(self, depth: int) -> StepShape:
         """The static settings of a step of `depth` (0: plain) over the live rows."""
         spec, sampling = self.spec, self.sampling
@@ -361,7 +341,7 @@ class SpeculativeDecoder:
     def _n_slots(self, shape: StepShape) -> int:
         """Slots a step's attention spans: the longest live row's committed tokens (its context,
         known on the host: no read of `cache.lengths`) and what the step writes past them."""
-        longest = max(len(s.context) for s in self.running)
+        longest = max(s.context_len for s in self.running)
         if shape.depth == 0:
             return longest + 1
         return longest + (self.spec.draft_slots if shape.topk > 1 else shape.depth + 1)
@@ -380,44 +360,6 @@ class SpeculativeDecoder:
                                             for s in self.running]).to(lengths.device)
         return StepRows(lengths, state.pending, state.draft_logits, state.draft_hidden, temperature, top_p,
                         draws, noise)
-
-    def _loop_greedy_chain_step(self) -> None:
-        """The loop for greedy chains with `--compile` (a static batch): each step (draft → verify →
-        accept → commit) is one compiled graph (`run_chain_step`, `specdec.greedy_step.GreedyChainStep`).
-
-        Finished rows are parked (length 0, `live_mask` 0) instead of compacted away, until at most
-        half the rows are live: then those move into a pool of half as many rows (`shrunk_rows`).
-        A step advances a row by everything it accepted, even past what its budget lets it keep, so
-        a parked row's length must be reset, or its next writes could run past the pool."""
-        spec, run_step, cache, state = self.spec, self.eng.run_chain_step, self.cache, self.state
-        seq_of = list(self.running)  # cache row r decodes seq_of[r] (every row of the pool)
-        live = [r for r, seq in enumerate(seq_of) if not seq.finished]
-        live_mask = torch.zeros(len(seq_of), dtype=torch.long, device=state.pending.device)
-        live_mask[live] = 1
-        cache.lengths[[r for r, seq in enumerate(seq_of) if seq.finished]] = 0  # parked (finished at prefill)
-        pending, first_draft, draft_hidden = state.pending, state.draft_logits.argmax(dim=-1), state.draft_hidden
-        while live:
-            out = run_step(*cache.span(spec.depth + 1), cache.lengths, live_mask, pending, first_draft, draft_hidden,
-                           spec.depth, spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
-            cache.lengths.copy_(out.lengths)
-            # contiguous like the prefill's (a strided `pending` compiled a second graph per setting)
-            pending, first_draft, draft_hidden = (t.contiguous() for t in (out.pending, out.first_draft,
-                                                                              out.draft_hidden))
-            emitted, n_acc = out.emitted.tolist(), out.n_accepted.tolist()
-            self.counts.add([n_acc[r] for r in live], spec.depth)
-            kept = []
-            for r in live:
-                kept.append(self._keep(seq_of[r], emitted[r][: n_acc[r] + 1]))
-            finished = [r for r in live if seq_of[r].finished]
-            if finished:  # parked: frozen at length 0, their writes stay in slots 0..K of their own row
-                live_mask[finished] = 0
-                cache.lengths[finished] = 0
-            live = [r for r in live if not seq_of[r].finished]
-            cache, live, seq_of, (pending, first_draft, draft_hidden, live_mask) = self.eng.shrink_pool(
-                cache, live, seq_of, [pending, first_draft, draft_hidden, live_mask])
-            self._time_step(kept)
-            self.steps += 1
-        self.cache, self.running, self.state = cache, [], None
 
     def _time_step(self, kept: list[int]) -> None:
         """Each token a row kept took the step's wall time over the tokens it kept (`tpot`)."""
@@ -489,7 +431,7 @@ class SpeculativeDecoder:
             state = RowState(state.pending, *first_draft, state.lag_hidden, state.lag_tokens)
         if not state.lag_tokens:
             return state
-        view = cache.step_view(max(len(s.context) for s in self.running))
+        view = cache.step_view(max(s.context_len for s in self.running))
         first_draft = catch_up(self.drafter, view, lengths, torch.cat(state.lag_tokens, 1),
                                torch.cat(state.lag_hidden, 1), self._shape(1))
         return RowState(state.pending, *first_draft)

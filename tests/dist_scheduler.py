@@ -28,7 +28,7 @@ def record(seqs):
     seen.extend(s for s in seqs if all(s is not t for t in seen))
 
 
-sched.decoder.admit = lambda seqs, retire=True: (record(seqs), admit(seqs, retire))[1]
+sched.decoder.admit = lambda seqs: (record(seqs), admit(seqs))[1]
 sched.decoder.start_prefill = lambda seq: (record([seq]), start_prefill(seq))[1]
 
 with torch.inference_mode():

@@ -307,41 +307,30 @@ def test_cli_peers_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_step_bound_is_tau_over_the_step_cost(monkeypatch) -> None:
-    """Greedy with --compile: chains are timed as whole compiled steps, the adaptive row's depths as
-    decoder steps, each against its own plain step; an adaptive row's cost is the mean over the
-    depths its steps ran; trees get none."""
-    from types import SimpleNamespace
-
+    """Chains and the adaptive row's depths are timed as decoder steps against one plain step; an
+    adaptive row's cost is the mean over the depths its steps ran; trees get none."""
     from bench import latency
     from bench.common import PLAIN, parse_shapes
 
     shapes = [PLAIN] + parse_shapes("1,2@64,a2", "2x2x4")
-    seen = {}
+    seen = []
 
-    def fake_costs(name, plain_s, by_depth):
-        def costs(eng, ids, specs, *sampling):
-            seen[name] = ([(s.depth, s.draft_vocab, s.adaptive) for s in specs], sampling)
-            return plain_s, [by_depth[s.depth] for s in specs]
-        return costs
+    def fake_costs(eng, ids, specs, *sampling):
+        seen.append(([(s.depth, s.draft_vocab, s.adaptive) for s in specs], sampling))
+        by_depth = {1: 0.030, 2: 0.040}
+        return 0.020, [by_depth[s.depth] + (0.010 if s.draft_vocab else 0.0) for s in specs]
 
-    monkeypatch.setattr(latency, "greedy_step_costs", fake_costs("whole", 0.010, {1: 0.015, 2: 0.025}))
-    monkeypatch.setattr(latency, "decoder_step_costs", fake_costs("decoder", 0.020, {1: 0.030, 2: 0.040}))
+    monkeypatch.setattr(latency, "decoder_step_costs", fake_costs)
     rows = [{"kind": s.kind, "tau": t, "depth_steps": n}
             for s, t, n in zip(shapes, [1.0, 1.8, 2.5, 2.4, 2.9], [[], [], [], [2, 0, 6], []])]
-    latency._add_step_bound(SimpleNamespace(run_chain_step=object()), [[1, 2]], rows, shapes, 0.0, 1.0)
-    assert seen == {"whole": ([(1, None, False), (2, 64, False)], ()),
-                    "decoder": ([(1, None, False), (2, None, False)], (0.0, 1.0))}
-    assert rows[0]["step_cost"] == 1.0 and rows[0]["step_ms"] == pytest.approx(10.0) and "step_bound" not in rows[0]
+    latency._add_step_bound(None, [[1, 2]], rows, shapes, 0.7, 0.9)
+    assert seen == [([(1, None, False), (2, 64, False), (2, None, False)], (0.7, 0.9))]
+    assert rows[0]["step_cost"] == 1.0 and rows[0]["step_ms"] == pytest.approx(20.0) and "step_bound" not in rows[0]
     assert rows[1]["step_cost"] == pytest.approx(1.5) and rows[1]["step_bound"] == pytest.approx(1.2)
-    assert rows[2]["step_ms"] == pytest.approx(25.0) and rows[2]["step_bound"] == pytest.approx(1.0)
+    assert rows[2]["step_ms"] == pytest.approx(50.0) and rows[2]["step_bound"] == pytest.approx(1.0)
     assert rows[3]["step_cost"] == pytest.approx((2 * 1.0 + 6 * 2.0) / 8)  # d0 at 1 plain step, d2 at 2
     assert rows[3]["step_ms"] == pytest.approx(35.0) and rows[3]["step_bound"] == pytest.approx(2.4 / 1.75)
     assert "step_cost" not in rows[4]
-
-    seen.clear()  # sampled, or an eager engine: every row's steps are decoder steps
-    latency._add_step_bound(SimpleNamespace(run_chain_step=None), [[1, 2]], rows, shapes, 0.7, 0.9)
-    assert list(seen) == ["decoder"] and seen["decoder"][1] == (0.7, 0.9)
-    assert seen["decoder"][0] == [(1, None, False), (2, 64, False), (2, None, False)]
 
 
 def test_cli_serve_quick(fp8_ckpt: Path, tmp_path: Path) -> None:

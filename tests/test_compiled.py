@@ -2,9 +2,8 @@
 
 The routing-independent MoE path is checked eagerly against the sorted dispatch; the compiled
 forwards against the eager ones (rows padded to the pool, cache writes), and compiled decoding
-(whole greedy steps, and the general loop over compiled forwards) against eager decoding token for
-token, plain and speculative, with a row retiring early; two compiled engines in one process keep
-their own graphs.
+(whole compiled steps) against eager decoding token for token, plain and speculative, with a row
+retiring early; two compiled engines in one process keep their own graphs.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ from model.errors import ConfigError
 from model.moe import MoE
 from specdec import Engine, SpecConfig
 from specdec.cache import LatentCache
-from specdec.compiled import check_compile_supported
-from specdec.greedy_step import shrunk_rows
+from specdec.compiled import check_compile_supported, row_bucket
 
 PROMPTS = [[5, 17, 300, 42, 9, 77, 12], [8, 100, 3]]
 
@@ -77,14 +75,14 @@ def test_compiled_forward_pads_rows_and_writes_the_cache(engines):
 
 @pytest.mark.parametrize("retiring", [1, 0])
 @pytest.mark.parametrize("spec", [None, SpecConfig(depth=2), SpecConfig(depth=2, topk=2)],
-                         ids=["plain-step", "chain2-step", "tree2x2-forwards"])
+                         ids=["plain", "chain2", "tree2x2"])
 def test_compiled_greedy_equals_eager_with_a_row_retiring(engines, spec, retiring):
-    """Greedy plain and chains run whole compiled steps (`specdec.greedy_step`); trees run the
-    general loop over compiled forwards."""
+    """Every step runs compiled whole (`specdec.steps.decode_step`); when one row retires, the
+    other moves to row 0 and steps run on a one-row bucket (`row_bucket`)."""
     eager, compiled = engines
     free = eager.generate(PROMPTS, max_new_tokens=12).token_ids
-    # one row ends early at a token the other never emits: steps park it, then move the other row
-    # into a one-row pool (row 1 to row 0 when row 0 retires); forwards pad it
+    # one row ends early at a token the other never emits: it retires, the other row moves to row
+    # 0 (when row 0 retires), and the steps after run on one row
     other = 1 - retiring
     stop = next(t for t in free[retiring][2:] if t not in free[other] and t not in free[retiring][:2])
     saved = [eng.eos_ids for eng in engines]
@@ -125,33 +123,18 @@ def test_compile_refuses_fp8_weights(fp8_ckpt):
         check_compile_supported(eng.model, eng.ctx, torch.device("cuda"))
 
 
-def test_shrunk_rows_halves_while_the_live_rows_fit():
-    assert [shrunk_rows(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
-    assert shrunk_rows(1, 1) == 1 and shrunk_rows(2, 3) == 3 and shrunk_rows(1, 3) == 1
+def test_row_bucket_halves_while_the_live_rows_fit():
+    assert [row_bucket(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert row_bucket(1, 1) == 1 and row_bucket(2, 3) == 3 and row_bucket(1, 3) == 1
 
 
-def test_regroup_moves_rows_and_empties_the_rest(engines):
-    cache = LatentCache(engines[0].args, 2, 4, 5, torch.float32, "cpu")
-    cache.kv.normal_(), cache.pe.normal_()
-    cache.lengths.copy_(torch.tensor([3, 1, 4, 2]))
-    new = cache.regroup([2, 0], 2)
-    assert (new.batch, new.seq_len, new.kv.shape[1]) == (2, 5, 2)
-    assert new.lengths.tolist() == [4, 3]
-    assert torch.equal(new.kv[:, 0], cache.kv[:, 2]) and torch.equal(new.pe[:, 1], cache.pe[:, 0])
-    padded = cache.regroup([3], 2)
-    assert padded.lengths.tolist() == [2, 0] and not padded.kv[:, 1].any()
-
-
-def test_span_covers_the_longest_row_and_writes_reach_the_pool(engines):
+def test_step_view_spans_the_slots_asked_and_writes_reach_the_pool(engines):
     cache = LatentCache(engines[0].args, 2, 3, 70, torch.float32, "cpu")
-    cache.lengths.copy_(torch.tensor([5, 20, 0]))
-    kv, pe = cache.span(4)  # 20 + 4 → 32 (a multiple of 16)
-    assert kv.shape == (2, 3, 32, cache.kv.shape[-1]) and pe.shape == (2, 3, 32, cache.pe.shape[-1])
-    kv[1, 2, 31] = 7.0
-    assert cache.kv[1, 2, 31].eq(7.0).all()  # a view: a step's writes land in the pool
-    assert cache.span(4, multiple=1)[0].shape[2] == 24
-    cache.lengths[1] = 69
-    assert cache.span(4)[0].shape[2] == 70  # never past the pool
+    view = cache.step_view(24)
+    assert view.n_slots == 24 and view.kv.shape == (2, 3, 24, cache.kv.shape[-1]) and view.block_table is None
+    view.kv[1, 2, 23] = 7.0
+    assert cache.kv[1, 2, 23].eq(7.0).all()  # a view: a step's writes land in the pool
+    assert cache.step_view(90).n_slots == 70  # never past the pool
 
 
 def test_compiled_pool_keeps_a_spare_block(engines):
@@ -162,15 +145,3 @@ def test_compiled_pool_keeps_a_spare_block(engines):
     eager, compiled = engines
     compiled._cache = None  # the next call allocates afresh
     assert compiled.cache_for(2, 40).seq_len == 40 + SPAN_MULTIPLE
-
-
-def test_greedy_step_costs_time_whole_compiled_steps(engines):
-    """`bench.microbench.greedy_step_costs` times the compiled steps from one prefilled state and
-    refuses an engine without them."""
-    from bench.microbench import greedy_step_costs
-
-    eager, compiled = engines
-    plain_s, chain_s = greedy_step_costs(compiled, PROMPTS, [SpecConfig(depth=1), SpecConfig(depth=2)], rounds=2)
-    assert plain_s > 0 and len(chain_s) == 2 and all(t > 0 for t in chain_s)
-    with pytest.raises(ValueError, match="compile=True"):
-        greedy_step_costs(eager, PROMPTS, [SpecConfig(depth=1)])

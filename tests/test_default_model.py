@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from mtp.eval import evaluate, heldout_stream
 from mtp.data import heldout_windows

@@ -33,10 +33,10 @@ def test_greedy_equals_plain_through_joins_and_leaves(eng, spec):
     joined_while_running = []
     original_admit = sched.decoder.admit
 
-    def admit(joining, retire=True):
+    def admit(joining):
         if joining:
             joined_while_running.append(len(sched.decoder.running))
-        original_admit(joining, retire)
+        original_admit(joining)
 
     sched.decoder.admit = admit
     sched.generate_all(seqs, timeout_s=600)
@@ -113,7 +113,16 @@ def test_preempted_sequences_resume_unchanged(eng, spec):
     settings = [(0.0, 1.0, 0), (0.9, 1.0, 5), (0.0, 1.0, 0), (0.8, 0.9, 6), (0.0, 1.0, 0), (1.1, 1.0, 7)]
     sched = Scheduler(eng, spec, max_rows=4, cache_tokens=96, block_size=8)
     seqs = [Sequence(p, 30, t, tp, sd) for p, (t, tp, sd) in zip(prompts, settings)]
+    dec, checked = sched.decoder, []
+    n_slots = dec._n_slots
+
+    def checked_n_slots(shape):  # steps size attention from the sequences, never reading the lengths back
+        checked.append([s.context_len for s in dec.running] == dec.cache.lengths[:len(dec.running)].tolist())
+        return n_slots(shape)
+
+    dec._n_slots = checked_n_slots
     sched.generate_all(seqs, timeout_s=600)
+    assert checked and all(checked)
     assert sched.preemptions > 0 and any(s.preemptions for s in seqs)
     assert_each_equals_decoding_alone(eng, prompts, settings, seqs, 30)
     assert sched.running == 0 and sched.cache.used_blocks == 0 and sched.cache.free_blocks == 12
@@ -192,10 +201,10 @@ def test_static_batching_admits_only_into_an_empty_batch(eng):
     sizes = []
     original_admit = sched.decoder.admit
 
-    def admit(joining, retire=True):
+    def admit(joining):
         if joining:
             sizes.append((len(sched.decoder.running), len(joining)))
-        original_admit(joining, retire)
+        original_admit(joining)
 
     sched.decoder.admit = admit
     sched.generate_all(seqs, timeout_s=600)
@@ -216,8 +225,8 @@ def test_engine_generate_runs_through_the_scheduler_with_rows_refilled(eng, spec
     def spy(cls, engine, decoder, max_rows, n_sequences, prefill_tokens):
         sched = original(cls, engine, decoder, max_rows, n_sequences, prefill_tokens)
         admit = decoder.admit
-        decoder.admit = lambda seqs, retire=True: (joined.append((len(decoder.running), len(seqs))),
-                                                   admit(seqs, retire))
+        decoder.admit = lambda seqs: (joined.append((len(decoder.running), len(seqs))),
+                                      admit(seqs))
         return sched
 
     with pytest.MonkeyPatch.context() as mp:

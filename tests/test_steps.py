@@ -33,8 +33,9 @@ def clone_cache(cache: StepCache) -> StepCache:
                      None if cache.block_table is None else cache.block_table.clone(), cache.n_slots)
 
 
-def first_step(monkeypatch, run) -> tuple[StepCache, object, StepShape]:
-    """The inputs of the first step `run()` takes (copies: the step writes the cache and the lengths)."""
+def first_step(monkeypatch, eng, run) -> tuple[StepCache, object, StepShape]:
+    """The inputs of the first step `run()` takes (copies: the step writes the cache and the lengths):
+    the engine's step over a dense pool, the decoder's eager one over a paged pool."""
     seen = []
     original = specdec.speculative.decode_step
 
@@ -44,6 +45,7 @@ def first_step(monkeypatch, run) -> tuple[StepCache, object, StepShape]:
         return original(verifier, drafter, cache, rows, shape)
 
     monkeypatch.setattr(specdec.speculative, "decode_step", spy)
+    monkeypatch.setattr(eng, "run_step", lambda cache, rows, shape: spy(eng.model, eng.drafter, cache, rows, shape))
     run()
     monkeypatch.undo()
     return seen[0]
@@ -79,11 +81,11 @@ def test_each_step_mode_traces_into_one_graph_and_equals_eager(eng, monkeypatch,
             pytest.skip("the scheduler drafts one-hot only (sampled drafts share the decoder's settings)")
         sched = Scheduler(eng, spec, max_rows=4, cache_tokens=128, block_size=8)
         seqs = [Sequence(p, 6, temperature, top_p, 3 + i) for i, p in enumerate(prompts)]
-        cache, rows, shape = first_step(monkeypatch, lambda: sched.generate_all(seqs, timeout_s=300))
+        cache, rows, shape = first_step(monkeypatch, eng, lambda: sched.generate_all(seqs, timeout_s=300))
         assert cache.block_table is not None
     else:
         dec = SpeculativeDecoder(eng, spec, temperature, top_p, 3)
-        cache, rows, shape = first_step(monkeypatch, lambda: eng.schedule(dec, prompts, 6))
+        cache, rows, shape = first_step(monkeypatch, eng, lambda: eng.schedule(dec, prompts, 6))
     assert shape.depth == (0 if spec is None else spec.depth) and shape.any_sampled == (temperature > 0)
     if shape.any_sampled and not shape.sampled_drafts:  # a greedy row among sampling ones
         rows = rows._replace(temperature=rows.temperature.clone().index_fill_(0, torch.tensor([0]), 0.0))
