@@ -1,4 +1,4 @@
-"""Decode-step forwards compiled with `torch.compile` (inductor, CPU, one process): `--compile`.
+"""Decoding steps and forwards compiled with `torch.compile` (inductor, CPU, one process): `--compile`.
 
 Every decoding step runs a few small forwards (plain decode: the verifier on one token per row;
 speculative: drafter steps, one verify over the draft, one MTP commit). On the CPU an eager forward
@@ -6,13 +6,12 @@ of the embedded model is ~2,800 dispatched ops, more time than its GEMMs. Compil
 is one C++ function: fused elementwise kernels, GEMMs on weights prepacked at compile time.
 
 Shapes. Inductor specialises a graph on the number of rows and tokens of a call; the cache length
-(and the pool's slot count) stay dynamic. So that retiring finished rows does not compile new
-graphs, a call's per-row inputs are padded to every row of the cache pool: rows past the batch
-are free (the engine keeps live rows in a prefix and sizes the pool to the call's batch), padded
-rows attend to nothing and write only their own row's slot 0. Prefill-sized calls (more than
-`max_tokens` tokens per row) run eagerly. Graphs per `generate` call: one per distinct tokens-per-
-row of its forwards (a tree of N nodes: the verifier on N+1, the drafter on each level's width
-and on depth+1).
+(and the pool's slot count) stay dynamic. So that retiring finished rows does not compile a new
+graph each time, a forward's per-row inputs are padded to every row of the cache pool: rows past
+the batch are free (the engine keeps live rows in a prefix and sizes the pool to the call's
+batch), padded rows attend to nothing and write only their own row's slot 0. Prefill-sized calls
+(more than `max_tokens` tokens per row) run eagerly; the compiled forwards serve shorter prefills
+and the MTP catch-up.
 
 Inductor settings (measured on the embedded model, batch 1, one decode forward, 2-core CPU: eager
 8.1 ms; compiled 6.1 ms with defaults, 4.4 ms with freezing and no module guards, 2.7–3.9 ms
