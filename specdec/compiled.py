@@ -154,9 +154,10 @@ class CompiledDecode:
 
     def step(self, cache: StepCache, rows: StepRows, shape: StepShape) -> StepResult:
         """`decode_step`, compiled, over a dense pool's view (`LatentCache.step_view`): the rows are
-        padded to their bucket (`row_bucket`) and the result cut back to them."""
+        padded to their bucket (`row_bucket`) and the result cut back to them. Over a paged pool it
+        runs eagerly, as the forwards do."""
         if cache.block_table is not None:
-            raise ValueError("compiled steps run on a dense pool (the scheduler's paged pool runs eagerly)")
+            return decode_step(self.model, self.drafter, cache, rows, shape)
         batch = rows.lengths.shape[0]
         bucket = row_bucket(batch, cache.kv.shape[1])
         kv, pe = cache.kv[:, :bucket], cache.pe[:, :bucket]

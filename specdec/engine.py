@@ -216,11 +216,10 @@ class Engine:
         draft_slots = spec.draft_slots if spec is not None else 0  # a step writes beyond the last token
         for i, p in enumerate(ids):
             self._check_length(len(p), max_new_tokens, i, draft_slots)
-        rows = len(ids) if max_batch is None else min(max_batch, len(ids))
         adapts = spec is not None and spec.adapts and self.compiled is None
         policy = self.policy_for(spec, temperature > 0) if adapts else None
         decoder = SpeculativeDecoder(self, spec, temperature, top_p, seed, policy)
-        outputs, stats = self.schedule(decoder, ids, max_new_tokens, rows)
+        outputs, stats = self.schedule(decoder, ids, max_new_tokens, max_batch)
         if policy is not None:
             policy.costs.save()
         return GenerationOutput(outputs, [self.decode(o) for o in outputs], stats)

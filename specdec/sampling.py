@@ -54,6 +54,16 @@ def row_probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_p: to
     return torch.where(greedy, point, probs)
 
 
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, draws: torch.Tensor | None,
+                  sampled: bool, nucleus: bool) -> torch.Tensor:
+    """`[B, W]` tokens from logits `[B, W, V]`: row b's argmax when greedy, else the draw of its
+    distribution (`row_probabilities`) with the uniforms `draws` `[B, W]` (`draw_at`). `sampled`
+    False: no row samples (argmax everywhere; `draws` unused); `nucleus`: as `row_probabilities`."""
+    if not sampled:
+        return logits.argmax(dim=-1)
+    return draw_at(row_probabilities(logits, temperature, top_p, nucleus), draws)  # greedy rows: their argmax
+
+
 MASK64 = (1 << 64) - 1
 
 
@@ -150,6 +160,4 @@ class RowSampling:
         output position positions[b][j] (u(seed[b], stream[b], position), `draw_at`)."""
         if not self.any_sampled:
             return logits.argmax(dim=-1)
-        temperature, top_p = self.tensors(logits.device)
-        probs = row_probabilities(logits, temperature, top_p, self.nucleus)
-        return draw_at(probs, self.uniforms(positions))  # a greedy row's point mass draws its argmax
+        return sample_tokens(logits, *self.tensors(logits.device), self.uniforms(positions), True, self.nucleus)

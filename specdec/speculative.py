@@ -34,7 +34,7 @@ from specdec.config import GenerationStats
 from specdec.paged_cache import PagedLatentCache
 from specdec.sampling import RowSampling
 from specdec.sequence import Sequence
-from specdec.steps import StepCache, StepResult, StepRows, StepShape, catch_up, decode_step
+from specdec.steps import StepResult, StepRows, StepShape, catch_up
 from specdec.tree import visible_slots
 
 
@@ -310,8 +310,8 @@ class SpeculativeDecoder:
         `specdec.steps.decode_step`, a plain step or draft → verify → accept → commit. Returns the
         new state, each row's accepted drafts and its run of new tokens (read back to the host once)."""
         shape = self._shape(depth)
-        step = self.eng.run_step if cache.block_table is None else self._eager_step
-        result = step(cache.step_view(self._n_slots(shape)), self._step_rows(lengths, state, shape), shape)
+        result = self.eng.run_step(cache.step_view(self._n_slots(shape)), self._step_rows(lengths, state, shape),
+                                   shape)
         lengths.copy_(result.lengths)
         if self.observer is not None:
             self.observer(result)
@@ -325,9 +325,6 @@ class SpeculativeDecoder:
                              state.prompt)
         read = torch.cat([result.n_accepted.unsqueeze(1), result.run], dim=1).tolist()
         return state, [row[0] for row in read], [row[1:row[0] + 2] for row in read]
-
-    def _eager_step(self, cache: StepCache, rows: StepRows, shape: StepShape) -> StepResult:
-        return decode_step(self.eng.model, self.eng.drafter, cache, rows, shape)
 
     def _shape(self, depth: int) -> StepShape:
         """The static settings of a step of `depth` (0: plain) over the live rows."""

@@ -34,7 +34,7 @@ import torch
 from model.transformer import ForwardOutput
 from mtp.tree_draft import draft_chain, expand_tree, tree_widths
 from specdec.acceptance import Acceptance, accept_chain, accept_sampled, accept_targets, tree_children
-from specdec.sampling import draw_at, row_probabilities
+from specdec.sampling import row_probabilities, sample_tokens
 from specdec.tree import DraftTree, ancestor_matrix, tree_attention_mask, visible_slots
 
 
@@ -233,9 +233,7 @@ def catch_up(drafter, cache: StepCache, lengths: torch.Tensor, tokens: torch.Ten
 def target_tokens(logits: torch.Tensor, rows: StepRows, shape: StepShape, draws: torch.Tensor | None) -> torch.Tensor:
     """`[B, W]` the verifier's token at each of W positions from logits `[B, W, V]`: the argmax of a
     greedy row; the draw with `draws` `[B, W]` from a sampling row's distribution (`specdec.sampling`)."""
-    if not shape.any_sampled:
-        return logits.argmax(dim=-1)
-    return draw_at(row_probabilities(logits, rows.temperature, rows.top_p, shape.nucleus), draws)
+    return sample_tokens(logits, rows.temperature, rows.top_p, draws, shape.any_sampled, shape.nucleus)
 
 
 def move_slots(cache: StepCache, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import specdec.speculative
 from specdec import SpecConfig
 from specdec.scheduler import Scheduler
 from specdec.sequence import Sequence
@@ -34,18 +33,16 @@ def clone_cache(cache: StepCache) -> StepCache:
 
 
 def first_step(monkeypatch, eng, run) -> tuple[StepCache, object, StepShape]:
-    """The inputs of the first step `run()` takes (copies: the step writes the cache and the lengths):
-    the engine's step over a dense pool, the decoder's eager one over a paged pool."""
+    """The inputs of the first step `run()` takes (copies: the step writes the cache and the lengths)."""
     seen = []
-    original = specdec.speculative.decode_step
+    original = eng.run_step
 
-    def spy(verifier, drafter, cache, rows, shape):
+    def spy(cache, rows, shape):
         if not seen:
             seen.append((clone_cache(cache), rows._replace(lengths=rows.lengths.clone()), shape))
-        return original(verifier, drafter, cache, rows, shape)
+        return original(cache, rows, shape)
 
-    monkeypatch.setattr(specdec.speculative, "decode_step", spy)
-    monkeypatch.setattr(eng, "run_step", lambda cache, rows, shape: spy(eng.model, eng.drafter, cache, rows, shape))
+    monkeypatch.setattr(eng, "run_step", spy)
     run()
     monkeypatch.undo()
     return seen[0]
@@ -71,14 +68,12 @@ def assert_same_results(a, b) -> None:
             assert_same(x, y, name)
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode, paged", [(mode, paged) for mode in MODES for paged in (False, True)
+                                         if not (paged and "sampled drafts" in mode)])  # the scheduler drafts one-hot
 def test_each_step_mode_traces_into_one_graph_and_equals_eager(eng, monkeypatch, mode, paged):
     spec, temperature, top_p = MODES[mode]
     prompts = random_prompts(eng.args.vocab_size, [5, 9, 7], seed=4)
     if paged:
-        if spec is not None and spec.draft_mode == "sample":
-            pytest.skip("the scheduler drafts one-hot only (sampled drafts share the decoder's settings)")
         sched = Scheduler(eng, spec, max_rows=4, cache_tokens=128, block_size=8)
         seqs = [Sequence(p, 6, temperature, top_p, 3 + i) for i, p in enumerate(prompts)]
         cache, rows, shape = first_step(monkeypatch, eng, lambda: sched.generate_all(seqs, timeout_s=300))
