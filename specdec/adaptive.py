@@ -9,25 +9,34 @@ over d = 0 (plain decoding: one verifier forward over the pending token, no draf
 decayed counts, so it follows the text) and `cost(d, rows)` is the measured wall time of a real
 step of depth d with that many rows on this machine, by row bucket (`StepCosts`, saved on disk
 between runs): depths are compared by the ratio of their steps timed back to back, since the
-machine's own speed drifts more than they differ; plain decoding wins unless a depth is predicted
-`PLAIN_PREFERENCE` faster. Every step, whatever its depth, is lossless on its own,
-and the depth is a function of the past only, so switching depth never changes what is decoded:
-greedy output stays token-identical to plain decoding and sampled output follows the verifier's
-distribution (tests force the switching).
+machine's own speed drifts more than they differ. Every step, whatever its depth, is lossless on
+its own, and the depth is a function of the past only, so switching depth never changes what is
+decoded: greedy output stays token-identical to plain decoding and sampled output follows the
+verifier's distribution (tests force the switching).
+
+No margin is a constant tuned on one machine. Drafting after plain steps first pays the MTP
+catch-up (and, in a call whose prompts the drafter has not seen, its prefill over them), both
+timed on this machine, spread over the tokens the live rows still have to decode. And the policy
+leaves the depth it holds (plain decoding, before any choice) for a drafting depth only when that
+is predicted faster by `CONFIDENCE` standard errors of the prediction: the spread of the cost
+ratios measured here (a quiet machine's ratios agree, a shared one's wander) and, leaving plain
+decoding, of the acceptance counts (few drafts seen, wide). Going back to plain decoding needs no
+such proof: speculation must show that it pays.
 
 Exploration: a row bucket with no cost for some depth runs that depth (two samples each, the
 deepest first so that every position's acceptance is seen); while too few drafts have been
 verified to estimate acceptance, steps draft as deep as they may. The engine keeps the cost
-table (also on disk) and the policy (acceptance, settled choice, revisit clock) across calls, so short calls do not each start
-from scratch. Between depths whose predicted rates lie within `SWITCH_MARGIN` the policy keeps
-the one it runs. In each row bucket one depth not chosen is run again now and then (the least
-recently run; `FIRST_REVISIT` steps after the choice settled, then twice as many each time, and
-spaced further when a revisit would cost much: `REVISIT_BUDGET`), which refreshes its cost, the
-back-to-back ratios and, for speculative depths, the acceptance that plain steps cannot measure.
+table (also on disk) and the policy (acceptance, settled choice, revisit clock) across calls, so
+short calls do not each start from scratch. In each row bucket one depth not chosen is run again
+now and then (the least recently run; `FIRST_REVISIT` steps after the choice settled, then twice
+as many each time, and spaced further when a revisit would cost much: `REVISIT_BUDGET`), which
+refreshes its cost, the back-to-back ratios and, for speculative depths, the acceptance that plain
+steps cannot measure.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,17 +68,12 @@ would lose little comes `FIRST_REVISIT` steps after the last and one that costs 
 drafts at a large batch) only every few hundred."""
 CATCH_UP = -1
 """The pseudo-depth `StepCosts` files the MTP catch-up's timings under (after plain steps)."""
-PLAIN_PREFERENCE = 0.10
-"""A draft depth runs instead of plain decoding only when predicted ≥ 10% faster per token: a step's
-cost leaves out what drafting costs around the steps: the MTP layer's catch-up over a plain
-stretch and its prefill over the prompts, and, in a batch whose rows start together, the rows
-finishing apart, so that the last steps run few rows at nearly a full step's cost. Measured on a
-2-core VM at 8 rows, temperature 0.7, chain 1 at τ 1.5 ran its steps at 1.5 plain steps back to
-back (even per token) but the whole call at 0.82-0.91x plain."""
-SWITCH_MARGIN = 0.03
-"""The policy leaves the depth it settled on only for one predicted ≥ 3% faster: step timings on a
-shared CPU wander by about that much, and flipping between two near-equal depths costs more than
-either (going from plain steps back to drafting runs the MTP catch-up)."""
+PROMPT_CATCH_UP = -2
+"""The pseudo-depth of the MTP layer's deferred prefill over a call's prompts (with any catch-up
+after it), run before a call's first drafting step."""
+CONFIDENCE = 2.0
+"""Standard errors by which a drafting depth's predicted rate must exceed that of the depth held
+before the policy switches to it (about 98% one-sided confidence that it is faster)."""
 
 
 def row_bucket(rows: int) -> int:
@@ -129,6 +133,19 @@ class StepCosts:
         cost, ref = self.cost(depth, rows), self.cost(reference, rows)
         return cost / ref if cost and ref else None
 
+    def relative_error(self, depth: int, reference: int, rows: int) -> float:
+        """The relative standard error of `relative(depth, reference, rows)`: that of the median of
+        the back-to-back ratios when it is taken from them, else that of the two costs combined
+        (`median_error`); 0 for a fixed table or the reference itself."""
+        if self.fixed is not None or depth == reference:
+            return 0.0
+        low, high = sorted((depth, reference))
+        ratios = self.pairs.get((low, high, row_bucket(rows)), ())
+        if len(ratios) >= MIN_SAMPLES:
+            return median_error(ratios)
+        errors = [median_error(self.samples.get((d, row_bucket(rows)), ())) for d in (depth, reference)]
+        return math.hypot(*errors)
+
     def count(self, depth: int, rows: int) -> int:
         if self.fixed is not None:
             return MIN_SAMPLES if (depth, row_bucket(rows)) in self.fixed else 0
@@ -171,6 +188,16 @@ def step_cost(seconds) -> float:
     return ordered[(len(ordered) - 1) // 4]
 
 
+def median_error(values) -> float:
+    """The relative standard error of the median of `values` (≥ 2 of them; else 0): 1.2533 σ / √n
+    over the median, σ estimated robustly as 1.4826 × the median absolute deviation."""
+    if len(values) < 2:
+        return 0.0
+    middle = statistics.median(values)
+    spread = 1.4826 * statistics.median(abs(v - middle) for v in values)
+    return 1.2533 * spread / math.sqrt(len(values)) / middle if middle > 0 else 0.0
+
+
 def default_cost_path() -> Path:
     return cache_dir() / "step_costs.json"
 
@@ -211,6 +238,24 @@ class AcceptanceEstimate:
         return tau
 
 
+    def tau_error(self, depth: int) -> float:
+        """The relative standard error of `expected_tokens(depth)`: each position's binomial error
+        √(a(1−a)/(n+1)) (n: its decayed reached count, plus the prior's weight) carried through
+        τ's product terms (∂τ/∂a_j = Σ_{i ≥ j} Π_{k ≤ i} a_k / a_j)."""
+        if depth == 0:
+            return 0.0
+        a = [self.conditional(j) for j in range(depth)]
+        products, run = [], 1.0
+        for j in range(depth):
+            run *= a[j]
+            products.append(run)
+        variance = 0.0
+        for j in range(depth):
+            slope = sum(products[j:]) / a[j] if a[j] > 0 else 0.0
+            variance += slope ** 2 * a[j] * (1 - a[j]) / (self.reached[j] + 1.0)
+        return math.sqrt(variance) / self.expected_tokens(depth)
+
+
 class SpeculationPolicy:
     """Chooses each step's draft depth in `min_depth`..`max_depth` (see the module docstring).
 
@@ -235,8 +280,10 @@ class SpeculationPolicy:
         self.revisit_gap: dict[int, float] = {}  # bucket -> steps from the last revisit to the next
         self.previous: tuple[int, int, float] | None = None  # the last step's (depth, rows, seconds)
 
-    def choose(self, rows: int) -> int:
-        """The depth of the next step for a batch of `rows` rows."""
+    def choose(self, rows: int, horizon: float = math.inf, catch_up: int | None = None) -> int:
+        """The depth of the next step for a batch of `rows` rows that still have `horizon` tokens
+        each to decode (their mean budget left), drafting after plain steps first running the
+        pseudo-depth `catch_up` (`CATCH_UP` or `PROMPT_CATCH_UP`; None: the drafter is level)."""
         bucket = row_bucket(rows)
         clock = self.clock[bucket] = self.clock.get(bucket, 0) + 1
         unexplored = [d for d in self.depths if self.costs.count(d, rows) < MIN_SAMPLES]
@@ -246,7 +293,7 @@ class SpeculationPolicy:
             return self.max_depth  # acceptance unknown (a new engine, or long plain stretches)
         rates = self.rates(rows)
         held = self.settled.get(bucket)
-        best = self._best(rows, rates)
+        best = self._best(rows, rates, horizon, catch_up)
         if len(self.depths) == 1:
             return best
         if best != held or bucket not in self.revisit_at:  # a new choice: its revisit clock starts
@@ -298,16 +345,43 @@ class SpeculationPolicy:
             lost += catch_up if catch_up is not None else 1.0
         return lost
 
-    def _best(self, rows: int, rates: dict[int, float]) -> int:
-        """The fastest depth by prediction, plain decoding given `PLAIN_PREFERENCE`, keeping the one
-        settled on in this bucket unless another beats it by more than `SWITCH_MARGIN`."""
-        score = {d: rates[d] * (1 + PLAIN_PREFERENCE if d == 0 else 1.0) for d in self.depths}
+    def _best(self, rows: int, rates: dict[int, float], horizon: float, catch_up: int | None) -> int:
+        """The fastest depth by prediction (`_scores`), except that the policy leaves the depth it
+        holds in this bucket (the shallowest allowed before any) for another drafting depth only
+        when that is predicted faster by `CONFIDENCE` standard errors (`_error`); plain decoding
+        needs only to be predicted faster."""
+        bucket = row_bucket(rows)
+        score = self._scores(rows, rates, horizon, catch_up)
+        held = self.settled.get(bucket, self.min_depth)
         best = max(self.depths, key=lambda d: (score[d], -d))
-        held = self.settled.get(row_bucket(rows))
-        if held in score and score[best] <= score[held] * (1 + SWITCH_MARGIN):
+        if best not in (held, 0) and score[best] <= score[held] * (1 + CONFIDENCE * self._error(best, held, rows)):
             best = held
-        self.settled[row_bucket(rows)] = best
+        self.settled[bucket] = best
         return best
+
+    def _scores(self, rows: int, rates: dict[int, float], horizon: float, catch_up: int | None) -> dict[int, float]:
+        """`rates`, with the catch-up that drafting must first run (None: none) spread over the
+        `horizon` tokens per row left: R tokens at rate r after a catch-up of C units take R/r + C,
+        so the depth's rate over them is r / (1 + C r / R). An unmeasured prompt catch-up is priced
+        as a plain-stretch catch-up, and an unmeasured catch-up as one unit."""
+        if catch_up is None or not math.isfinite(horizon):
+            return dict(rates)
+        reference = self.settled.get(row_bucket(rows), self.min_depth)
+        cost = self.costs.relative(catch_up, reference, rows)
+        if cost is None and catch_up == PROMPT_CATCH_UP:
+            cost = self.costs.relative(CATCH_UP, reference, rows)
+        units = (cost if cost is not None else 1.0) / max(horizon, 1.0)
+        return {d: r / (1 + units * r) if d > 0 else r for d, r in rates.items()}
+
+    def _error(self, depth: int, reference: int, rows: int) -> float:
+        """The relative standard error of rate(depth) / rate(reference): the cost ratio's
+        (`StepCosts.relative_error`), and, leaving plain decoding, τ(depth)'s
+        (`AcceptanceEstimate.tau_error`); between two drafting depths τ's errors are nearly the same
+        error (the same counts), which the comparison cancels."""
+        error = self.costs.relative_error(depth, reference, rows)
+        if reference == 0:
+            error = math.hypot(error, self.acceptance.tau_error(depth))
+        return error
 
     def observe(self, depth: int, rows: int, seconds: float, n_accepted: list[int]) -> None:
         """A step ran: its depth, rows, wall seconds and (depth ≥ 1) each row's accepted drafts."""
@@ -321,6 +395,7 @@ class SpeculationPolicy:
         if depth > 0:
             self.acceptance.add(n_accepted, depth)
 
-    def observe_catch_up(self, rows: int, seconds: float) -> None:
-        """The MTP layer caught up over a plain stretch before a drafting step (`rows` rows)."""
-        self.costs.add(CATCH_UP, rows, seconds)
+    def observe_catch_up(self, rows: int, seconds: float, kind: int = CATCH_UP) -> None:
+        """The MTP layer caught up before a drafting step (`rows` rows): over a plain stretch
+        (`CATCH_UP`) or over the call's prompts (`PROMPT_CATCH_UP`)."""
+        self.costs.add(kind, rows, seconds)

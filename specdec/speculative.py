@@ -28,7 +28,7 @@ import torch
 
 from model.transformer import ForwardOutput
 from specdec.acceptance import cut_run
-from specdec.adaptive import SpeculationPolicy
+from specdec.adaptive import CATCH_UP, PROMPT_CATCH_UP, SpeculationPolicy
 from specdec.cache import LatentCache
 from specdec.config import GenerationStats
 from specdec.paged_cache import PagedLatentCache
@@ -285,13 +285,15 @@ class SpeculativeDecoder:
         rows = len(self.running)
         lengths = cache.lengths[:rows]
         depth = self.spec.depth if self.spec is not None else 0
+        catch_up_kind = None if not state.lagging else CATCH_UP if state.prompt is None else PROMPT_CATCH_UP
         if self.policy:  # timings differ per rank: rank 0's choice holds for all
-            depth = self.eng.ctx.broadcast_int(self.policy.choose(rows), self.eng.device)
-        if depth > 0 and state.lagging:  # after plain steps: not part of this step's cost (see `_catch_up`)
-            t0, plain_stretch = time.perf_counter(), state.prompt is None
+            horizon = sum(s.max_new_tokens - len(s.output) for s in self.running) / rows
+            depth = self.eng.ctx.broadcast_int(self.policy.choose(rows, horizon, catch_up_kind), self.eng.device)
+        if depth > 0 and catch_up_kind is not None:  # after plain steps: not part of this step's cost
+            t0 = time.perf_counter()
             state = self._catch_up(cache, lengths, state)
-            if self.policy and plain_stretch:
-                self.policy.observe_catch_up(rows, time.perf_counter() - t0)
+            if self.policy:
+                self.policy.observe_catch_up(rows, time.perf_counter() - t0, catch_up_kind)
         t0 = time.perf_counter()
         state, n_acc, runs = self._advance(cache, lengths, state, depth)
         self.state = state
@@ -422,7 +424,7 @@ class SpeculativeDecoder:
         which fills its cache rows and yields the first draft's distribution again.
         Its time is left out of the step costs the policy learns from (counting it against the draft
         step that follows a plain stretch would make drafting look dearer the longer plain decoding
-        ran); the policy prices it into its revisits from plain decoding instead (`observe_catch_up`)."""
+        ran); the policy prices it into leaving plain decoding instead (`observe_catch_up`)."""
         if state.prompt is not None:
             first_draft = self._draft_prompts(cache.kv, cache.pe, cache.block_table, state.prompt)
             state = RowState(state.pending, *first_draft, state.lag_hidden, state.lag_tokens)

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from specdec import SpecConfig
-from specdec.adaptive import (CATCH_UP, FIRST_REVISIT, MAX_REVISIT, MIN_SAMPLES, PLAIN_PREFERENCE, SWITCH_MARGIN,
-                              AcceptanceEstimate, SpeculationPolicy, StepCosts,
-                              row_bucket)
+from specdec.adaptive import (CATCH_UP, CONFIDENCE, FIRST_REVISIT, MAX_REVISIT, MIN_SAMPLES, PROMPT_CATCH_UP,
+                              AcceptanceEstimate, SpeculationPolicy, StepCosts, median_error, row_bucket)
 from specdec.sequence import Sequence
 from specdec.speculative import SpeculativeDecoder
 from tests.test_speculative import assert_same_or_tie, chi_square, eng, exact_joint, random_prompts, tiny  # noqa: F401
@@ -21,7 +20,7 @@ class ScriptedPolicy:
     def __init__(self, script: list[int]) -> None:
         self.script, self.i, self.ran = script, 0, []
 
-    def choose(self, rows: int) -> int:
+    def choose(self, rows: int, horizon: float = float("inf"), catch_up: int | None = None) -> int:
         depth = self.script[self.i % len(self.script)]
         self.i += 1
         return depth
@@ -29,7 +28,7 @@ class ScriptedPolicy:
     def observe(self, depth: int, rows: int, seconds: float, n_accepted: list[int]) -> None:
         self.ran.append(depth)
 
-    def observe_catch_up(self, rows: int, seconds: float) -> None:
+    def observe_catch_up(self, rows: int, seconds: float, kind: int = CATCH_UP) -> None:
         pass
 
 
@@ -80,7 +79,7 @@ def test_mtp_cache_after_plain_steps_equals_a_fresh_pass(eng):
     dec = SpeculativeDecoder(eng, SpecConfig(depth=2), 0.0, 1.0, 0, ScriptedPolicy([0, 0, 0, 2]))
     out, _ = eng.schedule(dec, prompts, 13)  # 1 prefill token + 3 plain steps + a depth-2 step + ...
     with torch.inference_mode():
-        cache = eng.cache_for(2, 40)
+        cache = dec.cache  # the pool the loop decoded in (cache_for below may reallocate)
         live_kv = cache.kv[-1].clone()  # the MTP layer's rows as the loop left them
         lengths = cache.lengths[:2].clone()
     fresh = SpeculativeDecoder(eng, SpecConfig(depth=2, adaptive=False), 0.0, 1.0, 0)
@@ -171,8 +170,13 @@ def test_speculation_that_does_not_pay_decodes_plainly(eng, monkeypatch):
 
 
 def test_cheap_speculation_runs_deep(eng):
+    """Drafting for free, with drafts seen accepted (this checkpoint's random weights accept none of
+    their own, and with none accepted drafting cannot be shown to pay): every step drafts 3 deep."""
     spec = SpecConfig(depth=3)
-    eng.cost_tables[eng.cost_key(spec)] = costs(1.0, [1.0, 1.0, 1.0])  # drafting for free
+    eng.cost_tables[eng.cost_key(spec)] = costs(1.0, [1.0, 1.0, 1.0])
+    known = eng.policy_for(spec).acceptance
+    for _ in range(20):
+        known.add([3, 3, 3, 2], 3)
     try:
         out = eng.generate(random_prompts(eng.args.vocab_size, [5], seed=2), max_new_tokens=24, spec=spec)
     finally:
@@ -293,27 +297,84 @@ def test_a_burst_of_slow_timings_does_not_price_a_depth_out():
     assert policy.choose(1) == 3
 
 
-def test_settled_depth_is_kept_within_the_switch_margin():
-    """Near-equal predicted rates do not flip the depth; a clear win does. Plain decoding has a head
-    start of PLAIN_PREFERENCE."""
+def test_drafting_must_beat_plain_by_its_measured_uncertainty():
+    """With exact costs, the uncertainty is the acceptance's: drafting runs only when predicted
+    faster than plain by CONFIDENCE standard errors of τ; once it runs, plain decoding takes over as
+    soon as it is predicted faster at all."""
     table = costs(1.0, [1.5, 9.0, 9.0])
     policy = SpeculationPolicy(3, table)
     for _ in range(40):
         policy.acceptance.add([1, 0], 3)  # position 1 accepted about half the time
-    tau1 = policy.acceptance.expected_tokens(1)
+    tau1, error = policy.acceptance.expected_tokens(1), policy.acceptance.tau_error(1)
+    assert 0.02 < error < 0.2  # about 66 decayed drafts seen at position 1
     table.fixed[(1, 1)] = tau1  # depth 1 exactly as fast per token as plain: plain
     assert policy.choose(1) == 0
-    head_start = 1 + PLAIN_PREFERENCE
-    table.fixed[(1, 1)] = tau1 / head_start  # predicted faster by the preference alone: still plain
+    table.fixed[(1, 1)] = tau1 / (1 + CONFIDENCE * error / 2)  # faster by half the confidence: plain
     assert policy.choose(1) == 0
-    table.fixed[(1, 1)] = tau1 / head_start / (1 + SWITCH_MARGIN / 2)  # and by half the margin: stay plain
-    assert policy.choose(1) == 0
-    table.fixed[(1, 1)] = tau1 / head_start / (1 + 2 * SWITCH_MARGIN)  # by twice the margin: switch, and stay
+    table.fixed[(1, 1)] = tau1 / (1 + 1.5 * CONFIDENCE * error)  # clearly faster: depth 1, and it stays
     assert policy.choose(1) == 1
-    table.fixed[(1, 1)] = tau1 / head_start * (1 + SWITCH_MARGIN / 2)
+    table.fixed[(1, 1)] = tau1 / 1.01
     assert policy.choose(1) == 1
-    table.fixed[(1, 1)] = tau1 / head_start * (1 + 2 * SWITCH_MARGIN)
+    table.fixed[(1, 1)] = tau1 * 1.01  # plain faster by a hair: plain
     assert policy.choose(1) == 0
+
+
+def test_between_drafting_depths_only_the_cost_noise_counts():
+    """Depths 2 and 3 share their acceptance counts, so with exact costs the policy moves from 2 to
+    3 as soon as 3 is predicted faster, however few drafts it has seen."""
+    table = costs(1.0, [9.0, 1.0, 1.0])
+    policy = SpeculationPolicy(3, table)
+    for _ in range(5):
+        policy.acceptance.add([3], 3)  # every draft accepted, but few seen
+    table.fixed[(3, 1)] = 9.0
+    assert policy.choose(1) == 2
+    table.fixed[(3, 1)] = policy.acceptance.expected_tokens(3) / policy.acceptance.expected_tokens(2) / 1.01
+    assert policy.choose(1) == 3
+
+
+def test_noisy_cost_ratios_widen_the_margin():
+    """The same median ratio of depth 1 to plain (1.2 plain steps for τ(1) ≈ 1.3): measured steadily
+    it is a clear win; measured on a machine whose ratios wander by ±30% it is not proof enough."""
+    def choice(ratios: list[float]) -> int:
+        steps = StepCosts()
+        for r in ratios:
+            steps.add(0, 1, 0.010)
+            steps.add(1, 1, 0.010 * r)
+            steps.add_pair(0, 0.010, 1, 0.010 * r, 1)
+        policy = SpeculationPolicy(1, steps)
+        for _ in range(200):
+            policy.acceptance.add([1, 1, 1, 0, 0, 0, 1, 1, 1, 1], 1)  # 70% accepted: τ(1) ≈ 1.7
+        return policy.choose(1)
+
+    steady = [1.19, 1.2, 1.21, 1.2, 1.2, 1.19, 1.21, 1.2, 1.2]
+    noisy = [0.9, 1.2, 1.5, 1.2, 1.6, 0.8, 1.2, 1.55, 0.85]
+    assert median_error(steady) < 0.01 < 0.1 < median_error(noisy)
+    assert choice([r * 1.3 for r in steady]) == 1
+    assert choice([r * 1.3 for r in noisy]) == 0
+
+
+def test_catch_up_is_repaid_over_the_tokens_left():
+    """After plain steps, drafting first runs the MTP catch-up (measured: 4 plain steps). Depth 1 at
+    1.5× the rate of plain repays it over a long budget, not over the last few tokens."""
+    table = costs(1.0, [1.0], catch_up=4.0)
+    def choice(horizon: float) -> int:
+        policy = SpeculationPolicy(1, table)
+        for _ in range(200):
+            policy.acceptance.add([1, 0], 1)  # τ(1) ≈ 1.5 for one plain step's cost
+        return policy.choose(1, horizon, CATCH_UP)
+
+    assert choice(200.0) == 1
+    assert choice(6.0) == 0  # 6 tokens: 6 plain steps, or 4 + 4 at depth 1
+    policy = SpeculationPolicy(1, table)
+    for _ in range(200):
+        policy.acceptance.add([1, 0], 1)
+    assert policy.choose(1, 6.0, PROMPT_CATCH_UP) == 0  # an unmeasured prompt catch-up: priced as a catch-up
+    assert policy.choose(1, 6.0, None) == 1  # the drafter is level: nothing to repay
+
+
+def test_median_error():
+    assert median_error([1.0]) == 0.0 and median_error([2.0, 2.0, 2.0]) == 0.0
+    assert median_error([1.0, 2.0, 3.0]) == pytest.approx(1.2533 * 1.4826 / 3 ** 0.5 / 2.0)
 
 
 def test_depths_are_compared_by_steps_timed_back_to_back():
