@@ -14,13 +14,23 @@ from pathlib import Path
 
 
 def figures_table(run_dirs: list[Path]) -> str:
-    """Markdown: one row per (run, batch size)."""
-    lines = ["| machine | sampling | batch | plain tokens/s | adaptive (default): speedup, tau | adaptive: step bound "
-             "| best fixed chain: speedup |", "|---|---|---|---|---|---|---|"]
-    for run in run_dirs:
-        data = json.loads((run / "latency.json").read_text())
+    """Markdown: a line naming the machine(s) and commit(s) the runs came from, then one table row
+    per (run, batch size); a machine column only when the runs come from more than one machine."""
+    runs = [json.loads((run / "latency.json").read_text()) for run in run_dirs]
+    machines = {}
+    for data in runs:
+        m = data["machine"]
+        name = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} threads"
+        machines.setdefault(name, set()).add((m.get("git_commit") or "?")[:7])
+    several = len(machines) > 1
+    lines = ["; ".join(f"Machine: {name} (commit {', '.join(sorted(commits))})" for name, commits in machines.items()),
+             "",
+             ("| machine " if several else "") + "| sampling | batch | plain tokens/s | adaptive (default): speedup, tau "
+             "| adaptive: step bound | best fixed chain: speedup |",
+             "|---" * (7 if several else 6) + "|"]
+    for data in runs:
         m, s = data["machine"], data["settings"]
-        machine = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} threads"
+        machine = f"| {m['cpu']}, {m['cores']} cores " if several else ""
         mode = "greedy" if s["temperature"] == 0 else f"T={s['temperature']:g}"
         for batch in s["batch_sizes"]:
             rows = [r for r in data["rows"] if r["batch_size"] == batch]
@@ -31,7 +41,7 @@ def figures_table(run_dirs: list[Path]) -> str:
             a = f"{adaptive[0]['speedup']:.2f}×, {adaptive[0]['tau']:.2f}" if adaptive else "-"
             bound = f"{adaptive[0]['step_bound']:.2f}×" if adaptive and "step_bound" in adaptive[0] else "-"
             b = f"{best['speedup']:.2f}× ({best['label']})" if best else "-"
-            lines.append(f"| {machine} | {mode} | {batch} | {plain['tokens_per_s']:.0f} | {a} | {bound} | {b} |")
+            lines.append(f"{machine}| {mode} | {batch} | {plain['tokens_per_s']:.0f} | {a} | {bound} | {b} |")
     return "\n".join(lines)
 
 

@@ -1,9 +1,9 @@
 """Single steps of the decoding loop, set up from a loaded `Engine` for micro-benchmarks
 (`bench/perf/` with pytest-benchmark on the CPU, `bench/gpu_bench.py` on CUDA).
 
-Uses the engine's internals read-only, the way `specdec.speculative.SpeculativeDecoder` calls
-them: the prompt batch is prefilled once (verifier + MTP), then each step function runs one
-verifier forward over a draft tree / one plain decode step / one MTP draft, writing only scratch
+The prompt batch is admitted once (`SpeculativeDecoder.admit`: verifier + MTP prefill), then each
+call runs one phase of a step with `specdec.steps`' functions, as `decode_step` runs them: one
+verifier forward over a draft tree, one plain decode step, one MTP draft, writing only scratch
 cache slots beyond the committed length (the decode step's length bump is undone by `reset`).
 """
 
@@ -20,7 +20,10 @@ import torch
 from specdec import Engine, SpecConfig
 from specdec.auto_tree import finished
 from specdec.sequence import Sequence
-from specdec.speculative import RowState, SpeculativeDecoder
+from specdec.speculative import SpeculativeDecoder
+from specdec.steps import StepNoise, StepRows, StepShape
+from specdec.steps import draft as draft_step
+from specdec.steps import verify as verify_step
 from specdec.tree import DraftTree, chain_tree, visible_slots
 
 MAX_NODES = 32
@@ -61,10 +64,18 @@ class StepBench:
     def reset(self) -> None:
         self.cache.lengths[: self.batch] = self.lengths
 
+    def _rows(self) -> StepRows:
+        zeros = torch.zeros(self.batch, device=self.lengths.device)
+        return StepRows(self.cache.lengths[: self.batch], self.pending, self.draft_logits, self.draft_hidden,
+                        zeros, zeros + 1.0)
+
     @torch.inference_mode()
     def verify(self, tree: DraftTree):
         """One verifier forward over the root and the tree's nodes (what a speculative step verifies)."""
-        return self.decoder._verify(self.cache, self.cache.lengths[: self.batch], self.pending, tree)
+        n_nodes = tree.tokens.shape[1]
+        shape = StepShape(1, 1) if n_nodes == 1 else StepShape(n_nodes, 2, n_nodes)
+        view = self.cache.step_view(int(self.lengths.max()) + n_nodes + 1)
+        return verify_step(self.eng.run_verifier, view, self._rows(), tree, shape)
 
     @torch.inference_mode()
     def decode(self):
@@ -73,10 +84,10 @@ class StepBench:
 
     @torch.inference_mode()
     def draft(self, spec: SpecConfig) -> DraftTree:
-        """One MTP drafting phase of shape `spec` (chain or tree), as `SpeculativeDecoder._draft` runs it."""
-        dec = SpeculativeDecoder(self.eng, spec, 0.0, 1.0, 0)
-        state = RowState(self.pending, self.draft_logits, self.draft_hidden)
-        return dec._draft(self.cache, self.cache.lengths[: self.batch], state, spec.depth)
+        """One MTP drafting phase of shape `spec` (chain or tree), greedy, as a step drafts."""
+        shape = StepShape(spec.depth, spec.topk, spec.n_nodes, draft_vocab=spec.draft_vocab)
+        view = self.cache.step_view(int(self.lengths.max()) + spec.draft_slots)
+        return draft_step(self.eng.run_drafter, view, self._rows(), shape, StepNoise(None))
 
     @torch.inference_mode()
     def mtp_forward(self):
@@ -91,10 +102,11 @@ class StepBench:
 
 @torch.inference_mode()
 def prepare(eng: Engine, ids: list[list[int]], room: int = MAX_NODES + 8) -> StepBench:
-    """Prefill `ids` (one row each) through the verifier and the MTP layer; leave `room` scratch slots."""
+    """Admit `ids` (one row each: verifier and MTP prefill); leave `room` scratch slots."""
     decoder = SpeculativeDecoder(eng, SpecConfig(depth=1, adaptive=False), 0.0, 1.0, 0)
-    cache = eng.cache_for(len(ids), max(map(len, ids)) + room)
-    state = decoder._prefill(cache, ids)
+    decoder.use_cache(eng.cache_for(len(ids), max(map(len, ids)) + room))
+    decoder.admit([Sequence(p, 1 << 30, 0.0, 1.0, 0, r) for r, p in enumerate(ids)])
+    cache, state = decoder.cache, decoder.state
     return StepBench(eng, decoder, cache, cache.lengths[: len(ids)].clone(), state.pending, state.draft_logits,
                      state.draft_hidden)
 
@@ -144,7 +156,7 @@ def decoder_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig
     one-hot drafts; its depth pinned) as `SpeculativeDecoder.step` runs them, at `temperature`/`top_p`
     (`specdec.steps.decode_step`, compiled whole with `--compile`).
 
-    These steps run the decoder's own `_advance`, the step of `step` (a plain step: the verifier
+    These steps run the decoder's own `advance`, the step of `step` (a plain step: the verifier
     over the pending token and its draw; a chain step: draft → verify → accept → commit, the MTP
     layer over the verified pairs included), each ending with the
     host reads of what it emits, but not the emitting, retiring and policy bookkeeping around them.
@@ -174,7 +186,7 @@ def decoder_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig
         return dec
 
     def step(dec: SpeculativeDecoder, depth: int) -> None:
-        dec._advance(cache, lengths(), state, depth)
+        dec.advance(cache, lengths(), state, depth)
 
     try:
         medians = _interleaved_medians([partial(step, base, 0)] + [partial(step, pinned(s), s.depth) for s in specs],

@@ -63,9 +63,11 @@ PRIOR_ACCEPTANCE = 0.6
 REVISIT_BUDGET = 0.01
 """Revisits are spaced so that their cost stays within this share of the time: a revisit of depth d
 loses cost(d)/cost(best) × (1 − rate(d)/rate(best)) of a best step, plus, leaving plain decoding,
-the MTP catch-up over the plain stretch (its measured time over a best step's), so a revisit that
-would lose little comes `FIRST_REVISIT` steps after the last and one that costs much more (deep
-drafts at a large batch) only every few hundred."""
+the MTP catch-up it first runs (its measured time over a best step's; when it comes due while the
+call's prompts still wait for the drafter, their dearer catch-up, and the revisit waits longer),
+so a revisit that would lose little comes `FIRST_REVISIT` steps after the last and one that costs
+much more (deep drafts at a large batch, the MTP prefill over a batch of prompts) only every few
+hundred."""
 CATCH_UP = -1
 """The pseudo-depth `StepCosts` files the MTP catch-up's timings under (after plain steps)."""
 PROMPT_CATCH_UP = -2
@@ -278,6 +280,7 @@ class SpeculationPolicy:
         self.last_run: dict[tuple[int, int], int] = {}  # (bucket, depth) -> its clock when that depth last ran
         self.revisit_at: dict[int, int] = {}  # bucket -> its clock at the next revisit
         self.revisit_gap: dict[int, float] = {}  # bucket -> steps from the last revisit to the next
+        self.revisit_from: dict[int, int] = {}  # bucket -> its clock when the next revisit was planned
         self.previous: tuple[int, int, float] | None = None  # the last step's (depth, rows, seconds)
 
     def choose(self, rows: int, horizon: float = math.inf, catch_up: int | None = None) -> int:
@@ -302,6 +305,10 @@ class SpeculationPolicy:
         if clock < self.revisit_at[bucket]:
             return best
         depth = self._next_revisit(bucket, best)  # its cost, or the acceptance, may have moved
+        spacing = min(self._revisit_loss(depth, best, rows, rates, catch_up) / REVISIT_BUDGET, MAX_REVISIT)
+        if clock - self.revisit_from[bucket] < spacing:  # dearer now than planned (the prompts' catch-up is due)
+            self.revisit_at[bucket] = self.revisit_from[bucket] + spacing
+            return best
         self.last_run[(bucket, depth)] = clock
         self._schedule_revisit(bucket, best, rows, rates)
         return depth
@@ -318,8 +325,9 @@ class SpeculationPolicy:
     def _schedule_revisit(self, bucket: int, best: int, rows: int, rates: dict[int, float]) -> None:
         """Set the bucket's next revisit: twice the last gap, or more when it would cost more than
         `REVISIT_BUDGET` of the steps between (at most `MAX_REVISIT`)."""
-        lost = self._revisit_loss(self._next_revisit(bucket, best), best, rows, rates)
+        lost = self._revisit_loss(self._next_revisit(bucket, best), best, rows, rates, CATCH_UP)
         self.revisit_gap[bucket] = min(max(2 * self.revisit_gap[bucket], lost / REVISIT_BUDGET), MAX_REVISIT)
+        self.revisit_from[bucket] = self.clock[bucket]
         self.revisit_at[bucket] = self.clock[bucket] + self.revisit_gap[bucket]
 
     def rates(self, rows: int) -> dict[int, float]:
@@ -333,17 +341,24 @@ class SpeculationPolicy:
             rates[d] = self.acceptance.expected_tokens(d) / relative if relative else 0.0
         return rates
 
-    def _revisit_loss(self, depth: int, best: int, rows: int, rates: dict[int, float]) -> float:
+    def _revisit_loss(self, depth: int, best: int, rows: int, rates: dict[int, float], catch_up: int | None) -> float:
         """What one step of `depth` in place of `best` is predicted to lose, in best steps, with the
-        MTP catch-up it first needs when `best` is plain decoding."""
+        catch-up `catch_up` it first needs when `best` is plain decoding (None: a plain-stretch one)."""
         relative = self.costs.relative(depth, best, rows)
         if not (rates[best] and relative):
             return 0.0
         lost = relative * max(0.0, 1.0 - rates[depth] / rates[best])
         if best == 0 and depth > 0:
-            catch_up = self.costs.relative(CATCH_UP, 0, rows)
-            lost += catch_up if catch_up is not None else 1.0
+            lost += self._catch_up_cost(catch_up or CATCH_UP, 0, rows)
         return lost
+
+    def _catch_up_cost(self, catch_up: int, reference: int, rows: int) -> float:
+        """The catch-up `catch_up` (`CATCH_UP`, `PROMPT_CATCH_UP`) in steps of depth `reference`: an
+        unmeasured prompt catch-up is priced as a plain-stretch one, an unmeasured catch-up as one step."""
+        cost = self.costs.relative(catch_up, reference, rows)
+        if cost is None and catch_up == PROMPT_CATCH_UP:
+            cost = self.costs.relative(CATCH_UP, reference, rows)
+        return cost if cost is not None else 1.0
 
     def _best(self, rows: int, rates: dict[int, float], horizon: float, catch_up: int | None) -> int:
         """The fastest depth by prediction (`_scores`), except that the policy leaves the depth it
@@ -362,15 +377,11 @@ class SpeculationPolicy:
     def _scores(self, rows: int, rates: dict[int, float], horizon: float, catch_up: int | None) -> dict[int, float]:
         """`rates`, with the catch-up that drafting must first run (None: none) spread over the
         `horizon` tokens per row left: R tokens at rate r after a catch-up of C units take R/r + C,
-        so the depth's rate over them is r / (1 + C r / R). An unmeasured prompt catch-up is priced
-        as a plain-stretch catch-up, and an unmeasured catch-up as one unit."""
+        so the depth's rate over them is r / (1 + C r / R) (C: `_catch_up_cost`)."""
         if catch_up is None or not math.isfinite(horizon):
             return dict(rates)
         reference = self.settled.get(row_bucket(rows), self.min_depth)
-        cost = self.costs.relative(catch_up, reference, rows)
-        if cost is None and catch_up == PROMPT_CATCH_UP:
-            cost = self.costs.relative(CATCH_UP, reference, rows)
-        units = (cost if cost is not None else 1.0) / max(horizon, 1.0)
+        units = self._catch_up_cost(catch_up, reference, rows) / max(horizon, 1.0)
         return {d: r / (1 + units * r) if d > 0 else r for d, r in rates.items()}
 
     def _error(self, depth: int, reference: int, rows: int) -> float:

@@ -91,7 +91,7 @@ def finished(result) -> None:
 def _verify_seconds(engine, lengths: torch.Tensor, width: int) -> float:
     """Seconds of one verifier forward over `width` tokens per row (a chain-shaped tree; cost ≈ shape-independent)."""
     batch = lengths.shape[0]
-    cache = engine._cache
+    cache = engine.latent_cache
     tokens = torch.zeros(batch, width, dtype=torch.long, device=lengths.device)
     pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)
     parents = torch.arange(width - 1, device=lengths.device).expand(batch, -1)
@@ -103,7 +103,7 @@ def _verify_seconds(engine, lengths: torch.Tensor, width: int) -> float:
 def _mtp_seconds(engine, lengths: torch.Tensor, width: int) -> float:
     """Seconds of one MTP forward over `width` tokens per row."""
     batch = lengths.shape[0]
-    cache = engine._cache
+    cache = engine.latent_cache
     tokens = torch.zeros(batch, width, dtype=torch.long, device=lengths.device)
     hidden = torch.zeros(batch, width, engine.args.dim, dtype=engine.model.dtype, device=lengths.device)
     pos = lengths.unsqueeze(1) + torch.arange(width, device=lengths.device)

@@ -150,6 +150,11 @@ class Engine:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    @property
+    def latent_cache(self) -> LatentCache | None:
+        """The shared latent pool as the last call left it (None before any: see `cache_for`)."""
+        return self._cache
+
     def cache_for(self, batch: int, seq_len: int) -> LatentCache:
         """The shared latent cache, grown (reallocated) only when a call needs more rows or slots.
 

@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
                         "about half of bf16's bytes; changes logits slightly, see README)")
     p.add_argument("--compile", action="store_true",
-                   help="compile decoding with torch.compile: whole steps for greedy plain decoding and greedy "
-                        "chains, the per-step forwards otherwise (CPU, one process; the first use of each batch "
-                        "size and draft shape compiles for ~30-120 s)")
+                   help="compile every decoding step whole with torch.compile (CPU, one process, unquantised "
+                        "weights; pins the draft depth; the first use of each batch size and draft shape compiles "
+                        "for ~30-120 s)")
     return p
 
 

@@ -295,7 +295,7 @@ class SpeculativeDecoder:
             if self.policy:
                 self.policy.observe_catch_up(rows, time.perf_counter() - t0, catch_up_kind)
         t0 = time.perf_counter()
-        state, n_acc, runs = self._advance(cache, lengths, state, depth)
+        state, n_acc, runs = self.advance(cache, lengths, state, depth)
         self.state = state
         self.counts.add(n_acc, depth)
         kept = self._emit(runs)
@@ -306,7 +306,7 @@ class SpeculativeDecoder:
         self._retire()
         return kept
 
-    def _advance(self, cache: LatentCache, lengths: torch.Tensor, state: RowState,
+    def advance(self, cache: LatentCache, lengths: torch.Tensor, state: RowState,
                  depth: int) -> tuple[RowState, list[int], list[list[int]]]:
         """One step of `depth` over the rows at `lengths` (`state` caught up when depth ≥ 1):
         `specdec.steps.decode_step`, a plain step or draft → verify → accept → commit. Returns the

@@ -141,7 +141,7 @@ def decode_step(verifier: Forward, drafter, cache: StepCache, rows: StepRows, sh
     signatures (compiled forwards)."""
     if shape.depth == 0:
         return plain_step(verifier, cache, rows, shape)
-    noise = _Noise(rows.noise)
+    noise = StepNoise(rows.noise)
     tree = draft(drafter, cache, rows, shape, noise)                              # 1. draft
     verified = verify(verifier, cache, rows, tree, shape)                         # 2. verify
     acc = accept(tree, verified.logits, rows, shape, noise)                       # 3. accept
@@ -158,7 +158,7 @@ def plain_step(verifier: Forward, cache: StepCache, rows: StepRows, shape: StepS
                       _verifier_state(out, shape))
 
 
-def draft(drafter, cache: StepCache, rows: StepRows, shape: StepShape, noise: "_Noise") -> DraftTree:
+def draft(drafter, cache: StepCache, rows: StepRows, shape: StepShape, noise: "StepNoise") -> DraftTree:
     """A chain of `shape.depth` drafts per row, or an MTP-expanded tree (`mtp.tree_draft`)."""
     if shape.topk == 1:
         return draft_chain(drafter, cache, rows, shape, noise.take)
@@ -179,7 +179,7 @@ def verify(verifier: Forward, cache: StepCache, rows: StepRows, tree: DraftTree,
 
 
 def accept(tree: DraftTree, target_logits: torch.Tensor, rows: StepRows, shape: StepShape,
-           noise: "_Noise") -> Acceptance:
+           noise: "StepNoise") -> Acceptance:
     """The longest valid path and the token after it (`specdec.acceptance`), by the step's rule."""
     if shape.sampled_drafts:  # drafts drawn from q: speculative sampling
         p = row_probabilities(target_logits, rows.temperature, rows.top_p, shape.nucleus)
@@ -254,7 +254,7 @@ def _verifier_state(out: ForwardOutput, shape: StepShape) -> torch.Tensor:
     return out.hidden if shape.verifier_hidden == "normed" else out.hidden_prenorm
 
 
-class _Noise:
+class StepNoise:
     """Hands out consecutive columns of a step's `[B, R]` uniforms (`StepRows.noise`), in trace order."""
 
     def __init__(self, noise: torch.Tensor | None) -> None:

@@ -84,9 +84,10 @@ def test_mtp_cache_after_plain_steps_equals_a_fresh_pass(eng):
         lengths = cache.lengths[:2].clone()
     fresh = SpeculativeDecoder(eng, SpecConfig(depth=2, adaptive=False), 0.0, 1.0, 0)
     full = [p + o[:-1] for p, o in zip(prompts, out)]  # every committed token (the last is pending)
+    fresh.use_cache(eng.cache_for(2, 40))
+    fresh.admit([Sequence(p, 1 << 20, 0.0, 1.0, 0, r) for r, p in enumerate(full)])  # prefill: verifier, then MTP
     with torch.inference_mode():
-        fresh._prefill(eng.cache_for(2, 40), full)
-        fresh_kv = eng.cache_for(2, 40).kv[-1]
+        fresh_kv = fresh.cache.kv[-1]
         for r in range(2):
             n = int(lengths[r]) - 1  # positions whose pair (h_i, x_{i+1}) both runs know
             torch.testing.assert_close(live_kv[r, :n], fresh_kv[r, :n], rtol=1e-4, atol=1e-5)
@@ -253,6 +254,29 @@ def test_revisits_are_spaced_by_what_they_cost():
     assert 1 <= len(costly) <= 3 and min(gaps) >= 150
     slow_catch_up = revisits(1.05, MAX_REVISIT + 1, catch_up=2.0)  # cheap step, dear catch-up
     assert 1 <= len(slow_catch_up) <= 3 and slow_catch_up[0] >= 150
+
+
+def test_a_revisit_due_while_the_prompts_wait_for_the_drafter_waits_for_their_price():
+    """Plain decoding settled; a revisit of depth 1 from plain steps costs a catch-up of 0.1 step,
+    but while the call's prompts still wait for the MTP prefill (measured: 3 steps) it costs 3
+    steps more, so it waits until its share of the time is REVISIT_BUDGET again."""
+    table = costs(1.0, [1.05], catch_up=0.1)
+    for b in (1, 2, 4):
+        table.fixed[(PROMPT_CATCH_UP, b)] = 3.0
+    def revisits(catch_up: int) -> list[int]:
+        policy = SpeculationPolicy(1, table)
+        for _ in range(20):
+            policy.acceptance.add([0, 0], 1)
+        at = []
+        for step in range(MAX_REVISIT + 1):
+            if policy.choose(1, 1000.0, catch_up):
+                at.append(step)
+            policy.observe(0, 1, 0.0, [])
+        return at
+
+    assert revisits(CATCH_UP)[0] == FIRST_REVISIT
+    prompts_waiting = revisits(PROMPT_CATCH_UP)
+    assert prompts_waiting and prompts_waiting[0] >= 300
 
 
 def test_acceptance_estimate_is_conditional_per_position():

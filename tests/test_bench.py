@@ -235,7 +235,8 @@ def test_cli_latency_quick(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
     assert sum(r["best_chain"] for r in rows) == 2
     assert data["failures"] == []
     table = figures_table([out]).splitlines()  # the README's figures table, generated from this JSON
-    assert len(table) == 2 + 2 and "| greedy | 1 |" in table[2] and "(chain " in table[3]
+    assert table[0].startswith("Machine: ") and data["machine"]["cpu"] in table[0]
+    assert len(table) == 4 + 2 and table[4].startswith("| greedy | 1 |") and "(chain " in table[5]
 
 
 def test_cli_latency_ceiling(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
@@ -257,7 +258,7 @@ def test_cli_latency_ceiling(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
         r = rows[config]
         assert r["step_cost"] > 0 and r["step_bound"] == pytest.approx(r["tau"] / r["step_cost"])
     assert rows["plain"]["step_cost"] == 1.0 and "step_cost" not in rows["tree 2x2x4"]
-    assert f"| {rows['adaptive 2']['step_bound']:.2f}× |" in figures_table([out]).splitlines()[2]
+    assert f"| {rows['adaptive 2']['step_bound']:.2f}× |" in figures_table([out]).splitlines()[4]
 
 
 def test_cli_latency_continuous(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:

@@ -137,7 +137,7 @@ def assert_cache_equals_from_scratch(engine: Engine, spec: SpecConfig, max_new_t
     prefill over the committed tokens followed by one MTP pass over the pairs (h_i, x_{i+1})."""
     prompt = random_prompts(engine.args.vocab_size, [9], seed=7)
     out = engine.generate(prompt, max_new_tokens=max_new_tokens, spec=spec)
-    cache, n_layers = engine._cache, engine.args.n_layers
+    cache, n_layers = engine.latent_cache, engine.args.n_layers
     length = int(cache.lengths[0])
     seq = prompt[0] + out.token_ids[0]
     assert length == len(seq) - 1  # the last emitted token is pending, not yet in the verifier cache
