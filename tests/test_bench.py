@@ -377,3 +377,14 @@ def test_compile_break_even_counts_load_and_overhead() -> None:
 
 def test_cli_compile_rejects_bad_batch_size(tmp_path: Path) -> None:
     assert bench_main(["compile", "--batch-size", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_perf_suite_runs(tmp_path: Path) -> None:
+    """`pytest bench/perf` (not collected by `make test`) still runs against the current code: each
+    micro-benchmark once, untimed, on the embedded model."""
+    from tests.conftest import run_cli
+
+    proc = run_cli(["-m", "pytest", "-q", "bench/perf", "--benchmark-disable", "-p", "no:cacheprovider"],
+                   env={"SPECDEC_BENCH_ROUNDS": "1", "SPECDEC_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
