@@ -13,7 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 
@@ -64,18 +64,25 @@ class StepBench:
     def reset(self) -> None:
         self.cache.lengths[: self.batch] = self.lengths
 
-    def _rows(self) -> StepRows:
+    @cached_property
+    def rows(self) -> StepRows:
+        """The batch's greedy step inputs (`lengths`: a view of the pool's, so `reset` applies)."""
         zeros = torch.zeros(self.batch, device=self.lengths.device)
         return StepRows(self.cache.lengths[: self.batch], self.pending, self.draft_logits, self.draft_hidden,
                         zeros, zeros + 1.0)
+
+    @cached_property
+    def longest(self) -> int:
+        """The longest admitted context (committed tokens)."""
+        return int(self.lengths.max())
 
     @torch.inference_mode()
     def verify(self, tree: DraftTree):
         """One verifier forward over the root and the tree's nodes (what a speculative step verifies)."""
         n_nodes = tree.tokens.shape[1]
         shape = StepShape(1, 1) if n_nodes == 1 else StepShape(n_nodes, 2, n_nodes)
-        view = self.cache.step_view(int(self.lengths.max()) + n_nodes + 1)
-        return verify_step(self.eng.run_verifier, view, self._rows(), tree, shape)
+        view = self.cache.step_view(self.longest + n_nodes + 1)
+        return verify_step(self.eng.run_verifier, view, self.rows, tree, shape)
 
     @torch.inference_mode()
     def decode(self):
@@ -86,8 +93,8 @@ class StepBench:
     def draft(self, spec: SpecConfig) -> DraftTree:
         """One MTP drafting phase of shape `spec` (chain or tree), greedy, as a step drafts."""
         shape = StepShape(spec.depth, spec.topk, spec.n_nodes, draft_vocab=spec.draft_vocab)
-        view = self.cache.step_view(int(self.lengths.max()) + spec.draft_slots)
-        return draft_step(self.eng.run_drafter, view, self._rows(), shape, StepNoise(None))
+        view = self.cache.step_view(self.longest + spec.draft_slots)
+        return draft_step(self.eng.run_drafter, view, self.rows, shape, StepNoise(None))
 
     @torch.inference_mode()
     def mtp_forward(self):
@@ -100,12 +107,20 @@ class StepBench:
                                 self.cache.pe[:, : self.batch], pos, mask)
 
 
+def admitted(eng: Engine, ids: list[list[int]], spec: SpecConfig, room: int, temperature: float = 0.0,
+             top_p: float = 1.0) -> SpeculativeDecoder:
+    """A decoder of `spec` with `ids` admitted (one row each, an unbounded budget: the verifier and
+    MTP prefill), in a pool with `room` slots past the longest for the steps to write."""
+    decoder = SpeculativeDecoder(eng, spec, temperature, top_p, 0)
+    decoder.use_cache(eng.cache_for(len(ids), max(map(len, ids)) + room))
+    decoder.admit([Sequence(p, 1 << 30, temperature, top_p, 0, r) for r, p in enumerate(ids)])
+    return decoder
+
+
 @torch.inference_mode()
 def prepare(eng: Engine, ids: list[list[int]], room: int = MAX_NODES + 8) -> StepBench:
-    """Admit `ids` (one row each: verifier and MTP prefill); leave `room` scratch slots."""
-    decoder = SpeculativeDecoder(eng, SpecConfig(depth=1, adaptive=False), 0.0, 1.0, 0)
-    decoder.use_cache(eng.cache_for(len(ids), max(map(len, ids)) + room))
-    decoder.admit([Sequence(p, 1 << 30, 0.0, 1.0, 0, r) for r, p in enumerate(ids)])
+    """Admit `ids` (`admitted`); leave `room` scratch slots."""
+    decoder = admitted(eng, ids, SpecConfig(depth=1, adaptive=False), room)
     cache, state = decoder.cache, decoder.state
     return StepBench(eng, decoder, cache, cache.lengths[: len(ids)].clone(), state.pending, state.draft_logits,
                      state.draft_hidden)
@@ -168,11 +183,9 @@ def decoder_step_costs(eng: Engine, ids: list[list[int]], specs: list[SpecConfig
         raise ValueError("decoder_step_costs needs an engine with an MTP drafter")
     room = max((s.depth for s in specs), default=0) + 1
     vocabs = {s.draft_vocab for s in specs}
-    base = SpeculativeDecoder(eng, SpecConfig(depth=room - 1 if specs else 1, adaptive=False,
-                                              draft_vocab=vocabs.pop() if len(vocabs) == 1 else None),
-                              temperature, top_p, 0)
-    base.use_cache(eng.cache_for(len(ids), max(map(len, ids)) + room))
-    base.admit([Sequence(p, 1 << 30, temperature, top_p, 0, r) for r, p in enumerate(ids)])
+    base = admitted(eng, ids, SpecConfig(depth=room - 1 if specs else 1, adaptive=False,
+                                         draft_vocab=vocabs.pop() if len(vocabs) == 1 else None),
+                    room, temperature, top_p)
     cache, state, rows = base.cache, base.state, len(base.running)
     start_lengths = cache.lengths[:rows].clone()
 

@@ -366,21 +366,22 @@ class SpeculationPolicy:
         when that is predicted faster by `CONFIDENCE` standard errors (`_error`); plain decoding
         needs only to be predicted faster."""
         bucket = row_bucket(rows)
-        score = self._scores(rows, rates, horizon, catch_up)
-        held = self.settled.get(bucket, self.min_depth)
+        held = self.settled.get(bucket, self.min_depth)  # also the unit of `rates`
+        score = self._scores(rows, rates, held, horizon, catch_up)
         best = max(self.depths, key=lambda d: (score[d], -d))
         if best not in (held, 0) and score[best] <= score[held] * (1 + CONFIDENCE * self._error(best, held, rows)):
             best = held
         self.settled[bucket] = best
         return best
 
-    def _scores(self, rows: int, rates: dict[int, float], horizon: float, catch_up: int | None) -> dict[int, float]:
-        """`rates`, with the catch-up that drafting must first run (None: none) spread over the
-        `horizon` tokens per row left: R tokens at rate r after a catch-up of C units take R/r + C,
-        so the depth's rate over them is r / (1 + C r / R) (C: `_catch_up_cost`)."""
+    def _scores(self, rows: int, rates: dict[int, float], reference: int, horizon: float,
+                catch_up: int | None) -> dict[int, float]:
+        """`rates` (in steps of depth `reference`), with the catch-up that drafting must first run
+        (None: none) spread over the `horizon` tokens per row left: R tokens at rate r after a
+        catch-up of C units take R/r + C, so the depth's rate over them is r / (1 + C r / R)
+        (C: `_catch_up_cost`)."""
         if catch_up is None or not math.isfinite(horizon):
             return dict(rates)
-        reference = self.settled.get(row_bucket(rows), self.min_depth)
         units = self._catch_up_cost(catch_up, reference, rows) / max(horizon, 1.0)
         return {d: r / (1 + units * r) if d > 0 else r for d, r in rates.items()}
 
