@@ -183,19 +183,21 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                draft_mode: str | Sequence[str] = "onehot", warmup: bool = True, repeats: int = 1,
                on_call: Callable[[str], None] | None = None, max_batch: int | None = None) -> list[Run]:
-    """Every shape decoded over all `groups`, interleaved: a warm-up per shape, then `repeats` rounds,
-    each decoding every batch with every shape in turn. So plain decoding and the drafts share each
-    stretch of machine time: on a shared or throttled CPU speeds drift over minutes, and
-    configurations timed one after another (all repeats of one, then the next) were seen to swing
-    their ratio by ±0.3x between runs.
+    """Every shape decoded over all `groups`, interleaved call by call: a warm-up per shape, then
+    `repeats` rounds, each decoding every batch with every shape in turn before the next batch. So
+    plain decoding and the drafts share each stretch of machine time, seconds apart: on a shared or
+    throttled CPU speeds drift over minutes, and configurations timed one after another (all repeats
+    of one, then the next) were seen to swing their ratio by ±0.3x between runs; interleaved by
+    round (every call of one shape, then every call of the next: a minute apart at batch 1), a
+    2-core VM's per-round ratio of two identical workloads still ranged 0.68–1.28.
 
     The warm-up decodes the first batch with 8 new tokens; with `--compile`, every batch with the
     full `max_new_tokens`, so that the graphs of each call's shrinking pool are compiled before
     timing (a warm-up of the first batch alone left a later call compiling: 30 tokens/s in a round
     of ~950).
 
-    Round r starts with shape r (mod the number of shapes), so that no configuration always runs
-    right after the same one. Call i is seeded with `seed + i`, the same for every configuration
+    Call i of round r starts with shape r + i (mod the number of shapes), so that no configuration
+    always runs right after the same one. Call i is seeded with `seed + i`, the same for every configuration
     and round (so rounds decode the same tokens). `draft_mode`: one for every shape, or one per shape. Per run: rates and
     latency samples are pooled over all rounds; tokens/s and decode tokens/s (new tokens over wall
     seconds after prefill) are the medians of the rounds', and every round's value is kept
@@ -216,17 +218,19 @@ def timed_runs(eng: Engine, groups: list[list[list[int]]], shapes: Sequence[Shap
     rounds = max(repeats, 1)
     stats: list[list] = [[] for _ in shapes]
     per_round: list[list[dict]] = [[] for _ in shapes]
-    outs: list[list] = [[] for _ in shapes]
+    outs: list[list] = []
     for r in range(rounds):
-        for j in [(r + k) % len(shapes) for k in range(len(shapes))]:  # each round starts one later
-            shape, spec = shapes[j], specs[j]
-            outs[j] = [eng.generate(g, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    seed=seed + i, spec=spec, max_batch=max_batch) for i, g in enumerate(groups)]
+        outs = [[] for _ in shapes]
+        for i, g in enumerate(groups):
+            for j in [(r + i + k) % len(shapes) for k in range(len(shapes))]:  # each call starts one later
+                outs[j].append(eng.generate(g, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                            seed=seed + i, spec=specs[j], max_batch=max_batch))
+        for j in [(r + k) % len(shapes) for k in range(len(shapes))]:
             call_stats = [o.stats for o in outs[j]]
             per_round[j].append(pool(call_stats))
             stats[j] += call_stats
             if on_call:
-                on_call(f"{shape.key} round {r + 1}/{rounds}")
+                on_call(f"{shapes[j].key} round {r + 1}/{rounds}")
     runs = []
     for j, shape in enumerate(shapes):
         pooled = pool(stats[j])

@@ -4,7 +4,8 @@ For each batch size B the prompts are decoded in calls of B rows (the last call 
 cycling through the prompts; with `--continuous`, in one call of every prompt with B rows at once,
 each finished row taken over by the next prompt), plainly and with every draft shape (chains, trees, `auto` calibrated
 at that batch size), all in the same process: one warm-up call per configuration, then `--repeats`
-rounds, each decoding all calls with every configuration in turn (`bench.common.timed_runs`).
+rounds, each decoding every call with every configuration in turn, call after call
+(`bench.common.timed_runs`).
 Reported: tokens/s (all new tokens / wall seconds of all calls; median of the rounds), TPOT p50/p90
 (`stats.tpot_s`: seconds per token after each row's first), TTFT (mean of `stats.ttft_s` over the
 calls), speedup (tokens/s over plain's at the same batch size: the median over rounds of the
@@ -140,7 +141,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     mode = "greedy" if greedy else f"T={a.temperature:g}, top-p {a.top_p:g}"
     rounds = max(a.repeats, 1)
     notes = [f"{len(prompts)} prompts, {a.max_new_tokens} new tokens each at most, {mode}; one warm-up call per "
-             f"configuration, then {rounds} round(s) each timing every configuration in turn; tokens/s: median "
+             f"configuration, then {rounds} round(s) each timing every configuration in turn on each call; "
+             "tokens/s: median "
              "of the rounds; speedup = tokens/s over plain's at the same batch size, the median over rounds of "
              "the ratio within a round; decode speedup = the same without prefill (new tokens over the seconds "
              "after prefill)"]

@@ -23,6 +23,8 @@ ratios measured here (a quiet machine's ratios agree, a shared one's wander) and
 decoding, of the acceptance counts (few drafts seen, wide). Going back to plain decoding needs no
 such proof: speculation must show that it pays.
 
+No step drafts more tokens than any row can still keep (`choose`'s `deepest`: a call's last steps).
+
 Exploration: a row bucket with no cost for some depth runs that depth (two samples each, the
 deepest first so that every position's acceptance is seen); while too few drafts have been
 verified to estimate acceptance, steps draft as deep as they may. The engine keeps the cost
@@ -283,10 +285,18 @@ class SpeculationPolicy:
         self.revisit_from: dict[int, int] = {}  # bucket -> its clock when the next revisit was planned
         self.previous: tuple[int, int, float] | None = None  # the last step's (depth, rows, seconds)
 
-    def choose(self, rows: int, horizon: float = math.inf, catch_up: int | None = None) -> int:
+    def choose(self, rows: int, horizon: float = math.inf, catch_up: int | None = None,
+               deepest: int | None = None) -> int:
         """The depth of the next step for a batch of `rows` rows that still have `horizon` tokens
         each to decode (their mean budget left), drafting after plain steps first running the
-        pseudo-depth `catch_up` (`CATCH_UP` or `PROMPT_CATCH_UP`; None: the drafter is level)."""
+        pseudo-depth `catch_up` (`CATCH_UP` or `PROMPT_CATCH_UP`; None: the drafter is level).
+
+        `deepest`: the most drafts any row can still keep (a row keeps at most depth + 1 tokens, so
+        with n tokens left at most n - 1): the choice is cut to it (not below `min_depth`)."""
+        depth = self._choose(rows, horizon, catch_up)
+        return depth if deepest is None else min(depth, max(deepest, self.min_depth))
+
+    def _choose(self, rows: int, horizon: float, catch_up: int | None) -> int:
         bucket = row_bucket(rows)
         clock = self.clock[bucket] = self.clock.get(bucket, 0) + 1
         unexplored = [d for d in self.depths if self.costs.count(d, rows) < MIN_SAMPLES]

@@ -287,8 +287,9 @@ class SpeculativeDecoder:
         depth = self.spec.depth if self.spec is not None else 0
         catch_up_kind = None if not state.lagging else CATCH_UP if state.prompt is None else PROMPT_CATCH_UP
         if self.policy:  # timings differ per rank: rank 0's choice holds for all
-            horizon = sum(s.max_new_tokens - len(s.output) for s in self.running) / rows
-            depth = self.eng.ctx.broadcast_int(self.policy.choose(rows, horizon, catch_up_kind), self.eng.device)
+            left = [s.max_new_tokens - len(s.output) for s in self.running]
+            choice = self.policy.choose(rows, sum(left) / rows, catch_up_kind, deepest=max(left) - 1)
+            depth = self.eng.ctx.broadcast_int(choice, self.eng.device)
         if depth > 0 and catch_up_kind is not None:  # after plain steps: not part of this step's cost
             t0 = time.perf_counter()
             state = self._catch_up(cache, lengths, state)

@@ -20,7 +20,8 @@ class ScriptedPolicy:
     def __init__(self, script: list[int]) -> None:
         self.script, self.i, self.ran = script, 0, []
 
-    def choose(self, rows: int, horizon: float = float("inf"), catch_up: int | None = None) -> int:
+    def choose(self, rows: int, horizon: float = float("inf"), catch_up: int | None = None,
+               deepest: int | None = None) -> int:
         depth = self.script[self.i % len(self.script)]
         self.i += 1
         return depth
@@ -183,7 +184,19 @@ def test_cheap_speculation_runs_deep(eng):
     finally:
         del eng.cost_tables[eng.cost_key(spec)]
         eng.policies.pop(eng.cost_key(spec), None)
-    assert out.stats.depth_steps[3] == out.stats.verify_steps  # deepest is best at equal cost
+    # deepest is best at equal cost, except in the last steps: a row with n tokens left drafts n - 1
+    assert out.stats.depth_steps[3] >= out.stats.verify_steps - 3 and out.stats.depth_steps[0] <= 1
+
+
+def test_no_step_drafts_more_than_a_row_can_keep():
+    """With n tokens left a row keeps at most n of a step's depth + 1: the choice is cut to n - 1."""
+    policy = SpeculationPolicy(3, costs(1.0, [1.0, 1.0, 1.0]))
+    for _ in range(20):
+        policy.acceptance.add([3, 3], 3)
+    assert [policy.choose(2, deepest=d) for d in (None, 5, 2, 1, 0)] == [3, 3, 2, 1, 0]
+    kept_on = SpeculationPolicy(3, costs(1.0, [1.0, 1.0, 1.0]), min_depth=1)
+    kept_on.acceptance = policy.acceptance
+    assert kept_on.choose(2, deepest=0) == 1  # speculation pinned on stays on
 
 
 def test_choice_follows_measured_costs_and_acceptance():
