@@ -32,7 +32,7 @@ bench: $(VENV)/.installed-bench
 	mkdir -p bench/results
 	$(PY) -m pytest bench/perf --benchmark-only -q -p no:cacheprovider \
 		--benchmark-json bench/results/perf.json
-	$(PY) -m bench all --out bench/results $(BENCH_ARGS)
+	$(PY) -m specdec.bench all --out bench/results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

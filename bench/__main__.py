@@ -1,4 +1,4 @@
-"""`python -m bench {acceptance,latency,peers,serve,soak,compile,all}`: the benchmark suite.
+"""`python -m specdec.bench {acceptance,latency,peers,serve,soak,compile,all}`: the benchmark suite.
 
   acceptance  MTP draft acceptance (tau, per-position unconditional/conditional, draft acceptance
               rate) over draft shapes x temperatures x draft modes
@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (BenchError, machine_info, parse_float_list, parse_int_list, parse_shapes,
+from specdec.bench.common import (BenchError, machine_info, parse_float_list, parse_int_list, parse_shapes,
                           write_report)
-from bench.prompt_set import PromptFileError, select_prompts
-from kernels.fp8_cache import KV_CACHE_DTYPES
-from model.errors import SpecdecError
+from specdec.bench.prompt_set import PromptFileError, select_prompts
+from specdec.kernels.fp8_cache import KV_CACHE_DTYPES
+from specdec.model.errors import SpecdecError
 
-PROG = "python -m bench"
+PROG = "python -m specdec.bench"
 
 DEFAULTS = {
     "common": {"num_prompts": 16, "max_new_tokens": 64, "repeats": 3},
@@ -212,7 +212,7 @@ def check_bench(s: argparse.Namespace, name: str) -> None:
 
 
 def _default_checkpoint() -> Path:
-    from model.parallel import ParallelContext
+    from specdec.model.parallel import ParallelContext
     from specdec.defaults import default_model_path
 
     return default_model_path(ParallelContext())[0]
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = all_prompts[: s.num_prompts]
             if name in ("peers", "compile"):  # they load the model themselves
                 ckpt = Path(a.ckpt_path) if a.ckpt_path else (eng.checkpoint if eng else _default_checkpoint())
-                module = importlib.import_module("bench.peers" if name == "peers" else "bench.compile_cost")
+                module = importlib.import_module("specdec.bench.peers" if name == "peers" else "specdec.bench.compile_cost")
                 report = module.run(ckpt, prompts, s)
             else:
                 if eng is None:

@@ -1,4 +1,4 @@
-"""`python -m bench acceptance`: how often the MTP drafter's tokens survive verification.
+"""`python -m specdec.bench acceptance`: how often the MTP drafter's tokens survive verification.
 
 Sweep: draft shapes (chains of depth 1..K, trees DEPTHxTOPKxNODES, `auto`) × temperatures ×
 draft modes (one-hot drafts always; sampled drafts only at T > 0, greedy drafts are the argmax).
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from bench import plots
-from bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy_mismatch, fmt_list, parse_float_list,
+from specdec.bench import plots
+from specdec.bench.common import (PLAIN, BenchError, Report, Table, batches, fmt, greedy_mismatch, fmt_list, parse_float_list,
                           paired_speedup, parse_shapes, progress, resolve_auto, timed_runs)
-from bench.prompt_set import Prompt
+from specdec.bench.prompt_set import Prompt
 from specdec import Engine
 
 DRAFT_MODES = ("onehot", "sample")

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from bench.stats import pool
-from model.errors import ConfigError
+from specdec.bench.stats import pool
+from specdec.model.errors import ConfigError
 from specdec import Engine, SpecConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,7 +258,7 @@ def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
 
 def greedy_mismatch(what: str, got: list[list[int]], want: list[list[int]]) -> str | None:
     """None when `got` equals the plain-decoding reference `want` row for row, else the failure line."""
-    from bench.stats import compare_outputs
+    from specdec.bench.stats import compare_outputs
 
     cmp = compare_outputs(got, want)
     if cmp["equal"]:

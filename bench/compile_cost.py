@@ -1,4 +1,4 @@
-"""`python -m bench compile`: what `--compile` costs a user, first with empty inductor caches and
+"""`python -m specdec.bench compile`: what `--compile` costs a user, first with empty inductor caches and
 then on a second run that finds them on disk, against the default eager path.
 
 Three fresh processes run the same job (the prompts at batch `--batch-size`, greedy, MTP as
@@ -26,8 +26,8 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-from bench.common import BenchError, Report, Table, fmt
-from bench.prompt_set import Prompt
+from specdec.bench.common import BenchError, Report, Table, fmt
+from specdec.bench.prompt_set import Prompt
 MODES = (("eager", False, None), ("compile, cold", True, "cold"), ("compile, warm", True, "warm"))
 
 
@@ -75,7 +75,7 @@ def run(checkpoint: Path, prompts: list[Prompt], a: Namespace) -> Report:
                 job = json.dumps([ckpt, texts, a.batch_size, a.max_new_tokens, compile, out.name])
                 env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
                 t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "bench.compile_cost", job], env=env,
+                proc = subprocess.run([sys.executable, "-m", "specdec.bench.compile_cost", job], env=env,
                                       capture_output=True, text=True)
                 wall = time.perf_counter() - t0
                 if proc.returncode != 0:

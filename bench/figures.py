@@ -1,9 +1,9 @@
-"""`python -m bench.figures DIR [DIR ...]`: the README's figures table, generated from `bench latency`
+"""`python -m specdec.bench.figures DIR [DIR ...]`: the README's figures table, generated from `bench latency`
 JSON (never typed): per run directory and batch size, plain tokens/s, the adaptive default's
 speedup, tau and step bound (runs with `--ceiling`; "-" otherwise), and the best fixed chain's
 speedup, all from the same interleaved run.
 
-Each DIR holds a `latency.json` written by `python -m bench latency --chains aK,1,2,...`.
+Each DIR holds a `latency.json` written by `python -m specdec.bench latency --chains aK,1,2,...`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def figures_table(run_dirs: list[Path]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        print("usage: python -m bench.figures DIR [DIR ...] (each with a latency.json)", file=sys.stderr)
+        print("usage: python -m specdec.bench.figures DIR [DIR ...] (each with a latency.json)", file=sys.stderr)
         return 2
     dirs = [Path(a) for a in args]
     missing = [d for d in dirs if not (d / "latency.json").is_file()]

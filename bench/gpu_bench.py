@@ -65,8 +65,8 @@ def _sync() -> None:
 
 
 def bench_gemm(rows: list[int], shapes=SHAPES_671B) -> list[dict]:
-    import kernels
-    from kernels import reference as ref
+    from specdec import kernels
+    from specdec.kernels import reference as ref
 
     out = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -97,8 +97,8 @@ def bench_grouped(tokens: list[int], n_experts: int = 32, topk: int = 8, n: int 
     32 = one rank of 8), `tokens` tokens × `topk` routed slots spread uniformly over all 256
     experts: the grouped FP8 GEMM (one launch) against a loop of per-expert `fp8_gemm` calls and
     against dequantise + BF16 matmul per expert. TFLOP/s counts the local slots' FLOPs only."""
-    import kernels
-    from kernels import reference as ref
+    from specdec import kernels
+    from specdec.kernels import reference as ref
 
     g = torch.Generator(device="cuda").manual_seed(1)
     quantised = [ref.weight_quant(torch.randn(n, k, device="cuda", generator=g)) for _ in range(n_experts)]
@@ -135,9 +135,9 @@ def bench_grouped(tokens: list[int], n_experts: int = 32, topk: int = 8, n: int 
 def bench_verify(ckpt: str | None, nodes: list[int], batches: list[int], new_tokens: int) -> tuple[list[dict], list[dict], bool]:
     import time
 
-    from bench.microbench import heap_tree, prepare
-    from bench.prompt_set import HELDOUT_FILE, load_prompt_file
-    from bench.stats import compare_outputs
+    from specdec.bench.microbench import heap_tree, prepare
+    from specdec.bench.prompt_set import HELDOUT_FILE, load_prompt_file
+    from specdec.bench.stats import compare_outputs
     from specdec import Engine, SpecConfig
 
     eng = Engine.from_pretrained(ckpt, device=DEVICE, max_seq_len=1024)

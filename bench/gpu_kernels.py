@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+from specdec import kernels  # noqa: E402
+from specdec.kernels import reference as ref  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 DEV = "cuda"
@@ -172,7 +172,7 @@ ULP = {torch.float32: 1e-4, torch.bfloat16: 2 * 2.0 ** -8, torch.float16: 2 * 2.
 
 
 def compare_attention(ops, mask: torch.Tensor, scale: float, label: str) -> None:
-    from kernels import triton_attention
+    from specdec.kernels import triton_attention
 
     got = triton_attention.mla_attention(*ops, mask, scale)
     want = kernels.mla_attention_reference(*(x.double() for x in ops), mask, scale)

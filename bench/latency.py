@@ -1,4 +1,4 @@
-"""`python -m bench latency`: throughput and per-token latency by batch size, plain vs MTP.
+"""`python -m specdec.bench latency`: throughput and per-token latency by batch size, plain vs MTP.
 
 For each batch size B the prompts are decoded in calls of B rows (the last call filled up by
 cycling through the prompts; with `--continuous`, in one call of every prompt with B rows at once,
@@ -32,11 +32,11 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from bench import plots
-from bench.common import (PLAIN, BenchError, Report, Shape, Table, batches, fmt, greedy_mismatch, parse_int_list,
+from specdec.bench import plots
+from specdec.bench.common import (PLAIN, BenchError, Report, Shape, Table, batches, fmt, greedy_mismatch, parse_int_list,
                           paired_speedup, parse_shapes, progress, resolve_auto, timed_runs)
-from bench.microbench import decoder_step_costs, verify_costs
-from bench.prompt_set import Prompt
+from specdec.bench.microbench import decoder_step_costs, verify_costs
+from specdec.bench.prompt_set import Prompt
 from specdec import Engine, SpecConfig
 
 

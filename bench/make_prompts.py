@@ -1,4 +1,4 @@
-"""`python -m bench.make_prompts`: write the fixed held-out prompt set `bench/prompts/heldout.jsonl`.
+"""`python -m specdec.bench.make_prompts`: write the fixed held-out prompt set `bench/prompts/heldout.jsonl`.
 
 Prompts are code snippets cut from the standard library's *test suite* (`Lib/test`), which the
 default model never saw in training (`mtp.data.split_files` holds that package out). Deterministic:
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mtp.data import HELDOUT_PACKAGE, read_texts, split_files, stdlib_root
+from specdec.mtp.data import HELDOUT_PACKAGE, read_texts, split_files, stdlib_root
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "prompts" / "heldout.jsonl"
 TOP_LEVEL = re.compile(r"^(def|class) ", re.MULTILINE)
@@ -92,7 +92,7 @@ def write_jsonl(records: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.make_prompts", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m specdec.bench.make_prompts", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--count", type=int, default=48)
     p.add_argument("--min-chars", type=int, default=200)

@@ -1,4 +1,4 @@
-"""`python -m bench peers`: specdec against transformers on the same weights, prompts and run.
+"""`python -m specdec.bench peers`: specdec against transformers on the same weights, prompts and run.
 
 Decoders (greedy, batch 1, one prompt per call; a warm-up call each, then `--repeats` rounds that
 each run every decoder over all prompts in turn):
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from bench import plots
-from bench.common import BenchError, Report, Table, fmt, paired_ratio, parse_shapes, progress, resolve_auto
-from bench.prompt_set import Prompt
-from bench.stats import compare_outputs
-from model.checkpoint import SCALE_SUFFIX, CheckpointReader
+from specdec.bench import plots
+from specdec.bench.common import BenchError, Report, Table, fmt, paired_ratio, parse_shapes, progress, resolve_auto
+from specdec.bench.prompt_set import Prompt
+from specdec.bench.stats import compare_outputs
+from specdec.model.checkpoint import SCALE_SUFFIX, CheckpointReader
 from specdec import Engine
 
 
@@ -46,7 +46,7 @@ def is_fp8(path: Path) -> bool:
 
 def float32_copy(src: Path, dst: Path) -> Path:
     """Write `src` to `dst` with every tensor in float32 (FP8 blocks dequantised), shard by shard."""
-    from model.fp8_cast_bf16 import cast
+    from specdec.model.fp8_cast_bf16 import cast
 
     config = json.loads((src / "config.json").read_text())
     block = (config.get("quantization_config") or {}).get("weight_block_size", [128])[0]

@@ -1,4 +1,4 @@
-"""`python -m bench serve`: the OpenAI server under load, adaptive MTP against plain decoding.
+"""`python -m specdec.bench serve`: the OpenAI server under load, adaptive MTP against plain decoding.
 
 For each configuration (plain, then adaptive MTP up to depth 3) the bench starts `specdec.serve`'s
 app on 127.0.0.1 (a free port, in this process, over the one loaded engine) and sends streamed
@@ -24,9 +24,9 @@ from argparse import Namespace
 import httpx
 import uvicorn
 
-from bench import plots
-from bench.common import BenchError, Report, Table, fmt, parse_float_list, parse_int_list, progress
-from bench.prompt_set import Prompt
+from specdec.bench import plots
+from specdec.bench.common import BenchError, Report, Table, fmt, parse_float_list, parse_int_list, progress
+from specdec.bench.prompt_set import Prompt
 from specdec import Engine, SpecConfig
 from specdec.serve import Server, ServerConfig, build_app
 

@@ -1,4 +1,4 @@
-"""`python -m bench soak`: many concurrent streams against the server for minutes; errors, cache and memory.
+"""`python -m specdec.bench soak`: many concurrent streams against the server for minutes; errors, cache and memory.
 
 The server (`specdec.serve`'s app, adaptive MTP, over the loaded engine) runs on 127.0.0.1 in this
 process with a paged cache small enough that the newest requests get preempted now and then. S
@@ -22,10 +22,10 @@ from argparse import Namespace
 
 import httpx
 
-from bench import plots
-from bench.common import BenchError, Report, Table, fmt
-from bench.prompt_set import Prompt
-from bench.serve import MODEL, _Served
+from specdec.bench import plots
+from specdec.bench.common import BenchError, Report, Table, fmt
+from specdec.bench.prompt_set import Prompt
+from specdec.bench.serve import MODEL, _Served
 from specdec import Engine, SpecConfig
 
 

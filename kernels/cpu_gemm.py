@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.machine_cache import cache_dir, cpu_model, machine_key, read_json, write_json
+from specdec.kernels.machine_cache import cache_dir, cpu_model, machine_key, read_json, write_json
 
 __all__ = ["DEFAULT", "FORMULATIONS", "ROW_BUCKETS", "GemmTuner", "RowPlan", "cache_dir", "cpu_model", "gemm",
            "interleaved_seconds", "machine_key", "measure_enabled"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from model.errors import ConfigError
+from specdec.model.errors import ConfigError
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 

@@ -1,7 +1,7 @@
 """Reading Hugging Face-layout checkpoints: index + safetensors shards, FP8 block scales, per-rank slices.
 
 A checkpoint directory holds `config.json` and either `model.safetensors.index.json` (+ shards),
-a single `model.safetensors`, or the pre-sharded output of `python -m model.convert`
+a single `model.safetensors`, or the pre-sharded output of `python -m specdec.model.convert`
 (`specdec_sharding.json` + `model{rank}-mp{N}.safetensors`). Only safetensors is read: nothing
 is unpickled and no code from the directory runs.
 """
@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
-from model.errors import CheckpointError
+from specdec.model.errors import CheckpointError
 
 SHARDING_FILE = "specdec_sharding.json"
 SCALE_SUFFIX = "_scale_inv"

@@ -1,4 +1,4 @@
-"""`python -m model.convert`: pre-shard an HF-layout checkpoint for a given model-parallel size.
+"""`python -m specdec.model.convert`: pre-shard an HF-layout checkpoint for a given model-parallel size.
 
 Writes `model{rank}-mp{N}.safetensors` per rank (tensor names unchanged, each holding only that
 rank's slice, FP8 weights kept with their scale windows), `specdec_sharding.json`, and copies
@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import trange
 
-from model.args import load_model_args
-from model.export import atomic_directory
-from model.checkpoint import SHARDING_FILE, CheckpointReader, load_state
-from model.errors import SpecdecError
-from model.mtp_layer import MTPLayer
-from model.parallel import ParallelContext
-from model.transformer import Transformer
+from specdec.model.args import load_model_args
+from specdec.model.export import atomic_directory
+from specdec.model.checkpoint import SHARDING_FILE, CheckpointReader, load_state
+from specdec.model.errors import SpecdecError
+from specdec.model.mtp_layer import MTPLayer
+from specdec.model.parallel import ParallelContext
+from specdec.model.transformer import Transformer
 
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
                 "special_tokens_map.json")
@@ -70,7 +70,7 @@ def convert(src: str | Path, dst: str | Path, world_size: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m specdec.model.convert", description=__doc__.splitlines()[0])
     p.add_argument("--hf-ckpt-path", required=True, help="HF-layout checkpoint directory")
     p.add_argument("--save-path", required=True, help="output directory (replaced if present)")
     p.add_argument("--model-parallel", type=int, required=True, help="number of ranks to shard for")

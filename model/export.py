@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import kernels
+from specdec import kernels
 
 # Projections inside decoder blocks are FP8 in the release; eh_proj, embeddings, heads, norms, router stay BF16.
 _FP8_NAME = re.compile(r"^model\.layers\.\d+\.(?!eh_proj).*_proj(_with_mqa)?\.weight$")

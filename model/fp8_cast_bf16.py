@@ -1,4 +1,4 @@
-"""`python -m model.fp8_cast_bf16`: turn an FP8 checkpoint into a BF16 one (same layout, no scales).
+"""`python -m specdec.model.fp8_cast_bf16`: turn an FP8 checkpoint into a BF16 one (same layout, no scales).
 
 Shard by shard: every FP8 weight is multiplied by its 128×128 `weight_scale_inv` blocks and
 stored as BF16, the scales are dropped from shards and index, and `quantization_config` is
@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import kernels
-from model.export import atomic_directory
-from model.checkpoint import SCALE_SUFFIX, CheckpointReader
-from model.errors import CheckpointError, SpecdecError
+from specdec import kernels
+from specdec.model.export import atomic_directory
+from specdec.model.checkpoint import SCALE_SUFFIX, CheckpointReader
+from specdec.model.errors import CheckpointError, SpecdecError
 
 
 def cast(src: str | Path, dst: str | Path, block: int = 128, dtype: torch.dtype = torch.bfloat16,
@@ -66,7 +66,7 @@ def cast(src: str | Path, dst: str | Path, block: int = 128, dtype: torch.dtype 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.fp8_cast_bf16", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m specdec.model.fp8_cast_bf16", description=__doc__.splitlines()[0])
     p.add_argument("--input-fp8-hf-path", required=True)
     p.add_argument("--output-bf16-hf-path", required=True)
     a = p.parse_args(argv)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from kernels.cpu_gemm import GemmTuner
-from model.args import ModelArgs, load_model_args
-from model.checkpoint import CheckpointReader, load_state, mtp_tensor_names
-from model.mla import MLA
-from model.moe import MoE
-from model.parallel import ParallelContext, prepare_cpu
-from model.transformer import Transformer
+from specdec.kernels.cpu_gemm import GemmTuner
+from specdec.model.args import ModelArgs, load_model_args
+from specdec.model.checkpoint import CheckpointReader, load_state, mtp_tensor_names
+from specdec.model.mla import MLA
+from specdec.model.moe import MoE
+from specdec.model.parallel import ParallelContext, prepare_cpu
+from specdec.model.transformer import Transformer
 
 
 def prepare_loaded(module: torch.nn.Module) -> None:
@@ -38,7 +38,7 @@ def load_verifier(
     """Load the main model (layers 0..L-1, norm, head) of the checkpoint at `path` for this rank.
 
     Args:
-        path: checkpoint directory (HF layout or pre-sharded by `python -m model.convert`).
+        path: checkpoint directory (HF layout or pre-sharded by `python -m specdec.model.convert`).
         ctx: this rank's parallel context; only this rank's slices are read.
         device / dtype: where and in which dtype to compute.
         max_seq_len: longest sequence (prompt + generated + draft) the RoPE tables cover.

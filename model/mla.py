@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
-from kernels import fp8_cache, paged
-from model.args import ModelArgs
-from model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RMSNorm, RowParallelLinear
-from model.rope import rotate
+from specdec import kernels
+from specdec.kernels import fp8_cache, paged
+from specdec.model.args import ModelArgs
+from specdec.model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RMSNorm, RowParallelLinear
+from specdec.model.rope import rotate
 
 
 class MLA(nn.Module):

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from model.args import ModelArgs
-from kernels.cpu_gemm import GemmTuner, RowPlan, interleaved_seconds
-from model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RowParallelLinear
+from specdec import kernels
+from specdec.model.args import ModelArgs
+from specdec.kernels.cpu_gemm import GemmTuner, RowPlan, interleaved_seconds
+from specdec.model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RowParallelLinear
 
 
 GATHER_MAX_BYTES = 1 << 30

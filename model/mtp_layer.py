@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.args import ModelArgs
-from model.parallel import ColumnParallelLinear, Linear, ParallelContext, ParallelEmbedding, RMSNorm
-from model.transformer import Block
+from specdec.model.args import ModelArgs
+from specdec.model.parallel import ColumnParallelLinear, Linear, ParallelContext, ParallelEmbedding, RMSNorm
+from specdec.model.transformer import Block
 
 
 class SharedHead(nn.Module):

@@ -15,10 +15,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels import cpu_gemm
-from kernels.cpu_gemm import DEFAULT_PLAN, RowPlan, GemmTuner
-from model.errors import ConfigError
+from specdec import kernels
+from specdec.kernels import cpu_gemm
+from specdec.kernels.cpu_gemm import DEFAULT_PLAN, RowPlan, GemmTuner
+from specdec.model.errors import ConfigError
 
 
 @dataclass(frozen=True)

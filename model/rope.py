@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from model.args import ModelArgs
+from specdec.model.args import ModelArgs
 
 
 def _correction_dim(n_rotations: float, dim: int, base: float, original_len: int) -> float:

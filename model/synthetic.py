@@ -1,6 +1,6 @@
 """Randomly initialised DeepSeek-V3-shaped checkpoints in the exact released layout.
 
-`python -m model.synthetic --out DIR [--bf16]` writes one (small config by default). Tests use it
+`python -m specdec.model.synthetic --out DIR [--bf16]` writes one (small config by default). Tests use it
 to exercise the loader, the FP8 path and the MTP layer without any download; the demo uses it
 until a trained default model ships.
 """
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from model.args import from_hf_config
-from model.export import quantize_state, write_checkpoint
-from model.parallel import ParallelContext
-from model.tokenizer_build import train_bpe, tokenizer_files
-from model.mtp_layer import MTPLayer
-from model.transformer import Transformer
+from specdec.model.args import from_hf_config
+from specdec.model.export import quantize_state, write_checkpoint
+from specdec.model.parallel import ParallelContext
+from specdec.model.tokenizer_build import train_bpe, tokenizer_files
+from specdec.model.mtp_layer import MTPLayer
+from specdec.model.transformer import Transformer
 
 
 def small_config(vocab_size: int = 512, **overrides) -> dict:
@@ -124,7 +124,7 @@ def _default_texts() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.synthetic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m specdec.model.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write (replaced if present)")
     parser.add_argument("--bf16", action="store_true", help="write float weights without FP8 quantisation")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,11 +12,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from model.args import ModelArgs
-from model.mla import MLA
-from model.moe import MLP, MoE
-from model.parallel import ColumnParallelLinear, ParallelContext, ParallelEmbedding, RMSNorm
-from model.rope import rope_tables
+from specdec.model.args import ModelArgs
+from specdec.model.mla import MLA
+from specdec.model.moe import MLP, MoE
+from specdec.model.parallel import ColumnParallelLinear, ParallelContext, ParallelEmbedding, RMSNorm
+from specdec.model.rope import rope_tables
 
 
 class Block(nn.Module):

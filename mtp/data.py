@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from model.tokenizer_build import EOS, train_bpe
+from specdec.model.tokenizer_build import EOS, train_bpe
 
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 HELDOUT_PACKAGE = "test"

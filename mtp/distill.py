@@ -1,4 +1,4 @@
-"""`python -m mtp.distill`: fine-tune a trained checkpoint's MTP module toward its own main model.
+"""`python -m specdec.mtp.distill`: fine-tune a trained checkpoint's MTP module toward its own main model.
 
 The MTP module is trained jointly with the paper's objective (cross-entropy against the true
 token i+2), but as a drafter what counts is agreeing with the *verifier*: acceptance is decided by
@@ -15,13 +15,13 @@ its own chain's scratch rows (`DeepSeekV3ForTraining.mtp_chain_forward`), and is
 p_main(t_{i+k+1} | t_≤i+k). Depths ≥ 2 reuse the one MTP layer, so without this the layer never
 sees its own output as input while training.
 
-`--self-data FILE` (from `python -m mtp.self_data`) mixes in windows of the main model's own greedy
+`--self-data FILE` (from `python -m specdec.mtp.self_data`) mixes in windows of the main model's own greedy
 continuations of training prompts, `--self-frac` of every batch: the text the drafter is run on.
 
 The last `--qat-frac` of the steps see the FP8 round trip of the MTP projections
 (quantisation-aware, as in `mtp.train`). The output is the same checkpoint with only the MTP
 layer's tensors replaced (FP8 + `weight_scale_inv`, as released), written every `--save-every`
-minutes and at the end, so a stopped run leaves its latest state; `python -m mtp.eval` measures
+minutes and at the end, so a stopped run leaves its latest state; `python -m specdec.mtp.eval` measures
 the agreement before and after.
 """
 
@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.args import from_hf_config
-from model.checkpoint import CheckpointReader
-from model.export import quantize_state, write_checkpoint
-from mtp.data import build_corpus, train_batch
-from mtp.train import FP8_BLOCK, autocast, dequantized
-from mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors
+from specdec.model.args import from_hf_config
+from specdec.model.checkpoint import CheckpointReader
+from specdec.model.export import quantize_state, write_checkpoint
+from specdec.mtp.data import build_corpus, train_batch
+from specdec.mtp.train import FP8_BLOCK, autocast, dequantized
+from specdec.mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors
 
 
 def distill_loss(model: DeepSeekV3ForTraining, window: torch.Tensor, depth: int = 1) -> torch.Tensor:
@@ -108,7 +108,7 @@ def write_distilled(out: Path, ckpt: Path, cfg: dict, stored: dict[str, torch.Te
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtp.distill", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m specdec.mtp.distill", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, default=Path("specdec/default_model"))
     p.add_argument("--work-dir", type=Path, default=Path(".train"), help="mtp.train's work dir (token cache)")
     p.add_argument("--out", type=Path, required=True)

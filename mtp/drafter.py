@@ -20,13 +20,13 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from model.checkpoint import CheckpointReader, load_state
-from model.errors import CheckpointError, ConfigError
-from model.load import prepare_loaded
-from model.mtp_layer import MTPLayer
-from kernels.cpu_gemm import GemmTuner
-from model.parallel import prepare_cpu
-from model.transformer import Transformer
+from specdec.model.checkpoint import CheckpointReader, load_state
+from specdec.model.errors import CheckpointError, ConfigError
+from specdec.model.load import prepare_loaded
+from specdec.model.mtp_layer import MTPLayer
+from specdec.kernels.cpu_gemm import GemmTuner
+from specdec.model.parallel import prepare_cpu
+from specdec.model.transformer import Transformer
 
 HiddenChoice = Literal["normed", "prenorm"]  # which hidden state feeds the (next) MTP step
 

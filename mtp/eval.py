@@ -1,4 +1,4 @@
-"""`python -m mtp.eval`: held-out quality of a checkpoint's main model and MTP head, through specdec's loader.
+"""`python -m specdec.mtp.eval`: held-out quality of a checkpoint's main model and MTP head, through specdec's loader.
 
 On windows of the standard library's test suite (never trained on), it reports
 * perplexity of the main model (next-token cross-entropy, exp'd),
@@ -20,8 +20,8 @@ import sys
 import numpy as np
 import torch
 
-from model.errors import SpecdecError
-from mtp.data import heldout_windows, read_texts, split_files, stdlib_root
+from specdec.model.errors import SpecdecError
+from specdec.mtp.data import heldout_windows, read_texts, split_files, stdlib_root
 from specdec import Engine
 
 
@@ -65,7 +65,7 @@ def evaluate(engine: Engine, windows: torch.Tensor, batch_size: int = 8) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtp.eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m specdec.mtp.eval", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt-path", help="checkpoint directory (default: the embedded model)")
     p.add_argument("--windows", type=int, default=128, help="held-out windows")
     p.add_argument("--window", type=int, default=256, help="tokens per window")

@@ -1,4 +1,4 @@
-"""`python -m mtp.self_data`: windows of the main model's own greedy text, for `mtp.distill --self-data`.
+"""`python -m specdec.mtp.self_data`: windows of the main model's own greedy text, for `mtp.distill --self-data`.
 
 A drafter is judged on what the verifier generates, not on the corpus: acceptance is measured on
 the main model's continuations of a prompt. This writes such continuations as training windows:
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtp.data import build_corpus, window_starts
+from specdec.mtp.data import build_corpus, window_starts
 from specdec.config import SpecConfig
 from specdec.engine import Engine
 
@@ -37,7 +37,7 @@ def save_windows(path: Path, windows: list[np.ndarray]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtp.self_data", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m specdec.mtp.self_data", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, default=Path("specdec/default_model"))
     p.add_argument("--work-dir", type=Path, default=Path(".train"), help="mtp.train's work dir (token cache)")
     p.add_argument("--out", type=Path, required=True, help="output .npy")

@@ -1,4 +1,4 @@
-"""`python -m mtp.train`: train the small DeepSeek-V3-shaped default model (with one MTP module) on CPU.
+"""`python -m specdec.mtp.train`: train the small DeepSeek-V3-shaped default model (with one MTP module) on CPU.
 
 Data: the standard library's source (its `test` package held out), byte-level BPE (`mtp.data`).
 Model: `mtp.train_model.DeepSeekV3ForTraining` (HF checkpoint names, inference-identical math).
@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import kernels
-from model.args import ModelArgs, from_hf_config
-from model.export import is_fp8_tensor, quantize_state, write_checkpoint
-from model.load import load_verifier
-from model.parallel import ParallelContext
-from model.tokenizer_build import tokenizer_files
-from mtp.data import Corpus, build_corpus, heldout_windows, train_batch
-from mtp.train_model import (DeepSeekV3ForTraining, count_parameters, export_tensors, fake_fp8_weights,
+from specdec import kernels
+from specdec.model.args import ModelArgs, from_hf_config
+from specdec.model.export import is_fp8_tensor, quantize_state, write_checkpoint
+from specdec.model.load import load_verifier
+from specdec.model.parallel import ParallelContext
+from specdec.model.tokenizer_build import tokenizer_files
+from specdec.mtp.data import Corpus, build_corpus, heldout_windows, train_batch
+from specdec.mtp.train_model import (DeepSeekV3ForTraining, count_parameters, export_tensors, fake_fp8_weights,
                              load_tensors, training_losses, update_router_bias)
 
 CKPT_DIR = "checkpoint"
@@ -48,7 +48,7 @@ FP8_BLOCK = 128
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags: architecture, optimisation, budget, I/O."""
-    p = argparse.ArgumentParser(prog="python -m mtp.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m specdec.mtp.train", description=__doc__.splitlines()[0])
     arch = p.add_argument_group("architecture")
     arch.add_argument("--vocab-size", type=int, default=8192)
     arch.add_argument("--hidden", type=int, default=256, help="hidden_size")
@@ -591,7 +591,7 @@ def passive_omp_environment() -> dict[str, str] | None:
 def main(argv: list[str] | None = None) -> int:
     env = passive_omp_environment() if argv is None else None
     if env is not None:
-        os.execve(sys.executable, [sys.executable, "-m", "mtp.train", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", "specdec.mtp.train", *sys.argv[1:]], env)
     keep_freed_memory()
     run(argv)
     return 0

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from model.args import ModelArgs
-from model.export import is_fp8_tensor
-from model.rope import apply_rope, rope_tables
+from specdec import kernels
+from specdec.model.args import ModelArgs
+from specdec.model.export import is_fp8_tensor
+from specdec.model.rope import apply_rope, rope_tables
 
 
 class RMSNorm(nn.Module):

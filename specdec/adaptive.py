@@ -44,7 +44,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels.machine_cache import cache_dir, read_json, write_json
+from specdec.kernels.machine_cache import cache_dir, read_json, write_json
 
 SAMPLES_KEPT = 9
 """Step timings kept per (depth, row bucket); the cost is their lower quartile (`step_cost`)."""

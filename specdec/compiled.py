@@ -47,10 +47,10 @@ import itertools
 import torch
 from torch import nn
 
-from model.errors import ConfigError
-from model.parallel import ParallelContext
-from model.transformer import ForwardOutput, Transformer
-from mtp.drafter import MTPDrafter, MTPOutput
+from specdec.model.errors import ConfigError
+from specdec.model.parallel import ParallelContext
+from specdec.model.transformer import ForwardOutput, Transformer
+from specdec.mtp.drafter import MTPDrafter, MTPOutput
 from specdec.steps import StepCache, StepResult, StepRows, StepShape, decode_step
 
 RECOMPILE_LIMIT = 256

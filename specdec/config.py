@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from model.errors import ConfigError
+from specdec.model.errors import ConfigError
 
 
 @dataclass(frozen=True)

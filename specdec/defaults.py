@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from model.parallel import ParallelContext
+from specdec.model.parallel import ParallelContext
 
 PACKAGED_MODEL = Path(__file__).resolve().parent / "default_model"
 
@@ -33,7 +33,7 @@ def default_model_path(ctx: ParallelContext) -> tuple[Path, str | None]:
         return PACKAGED_MODEL, None
     path = random_model_dir()
     if ctx.rank == 0 and not (path / "config.json").is_file():
-        from model.synthetic import write_random_checkpoint
+        from specdec.model.synthetic import write_random_checkpoint
 
         print(f"writing a random default checkpoint to {path} ...", file=sys.stderr)
         write_random_checkpoint(path)

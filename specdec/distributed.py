@@ -8,8 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from model.errors import ConfigError
-from model.parallel import ParallelContext
+from specdec.model.errors import ConfigError
+from specdec.model.parallel import ParallelContext
 
 
 def rank_device(device: torch.device, local_rank: int, world_size: int, visible_gpus: int) -> torch.device:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from model.args import ModelArgs
-from model.load import prepare_loaded
-from model.parallel import ParallelContext
-from mtp.drafter import MTPDrafter
+from specdec.model.args import ModelArgs
+from specdec.model.load import prepare_loaded
+from specdec.model.parallel import ParallelContext
+from specdec.mtp.drafter import MTPDrafter
 from specdec.cache import LatentCache
 
 

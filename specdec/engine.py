@@ -17,13 +17,13 @@ from typing import Sequence
 
 import torch
 
-from kernels import fp8_cache
-from kernels.cpu_gemm import GemmTuner, machine_key, measure_enabled
-from model.errors import ConfigError
-from model.load import load_verifier
-from model.parallel import ParallelContext
-from model.transformer import Transformer
-from mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
+from specdec.kernels import fp8_cache
+from specdec.kernels.cpu_gemm import GemmTuner, machine_key, measure_enabled
+from specdec.model.errors import ConfigError
+from specdec.model.load import load_verifier
+from specdec.model.parallel import ParallelContext
+from specdec.model.transformer import Transformer
+from specdec.mtp.drafter import MTPDrafter, has_mtp_layer, load_drafter
 from specdec.adaptive import SpeculationPolicy, StepCosts, default_cost_path
 from specdec.cache import SPAN_MULTIPLE, LatentCache
 from specdec.config import GenerationOutput, GenerationStats, SpecConfig

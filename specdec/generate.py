@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kernels.fp8_cache import KV_CACHE_DTYPES
-from model.errors import ConfigError, SpecdecError
+from specdec.kernels.fp8_cache import KV_CACHE_DTYPES
+from specdec.model.errors import ConfigError, SpecdecError
 from specdec.auto_tree import choose_tree
 from specdec.distributed import shutdown
 from specdec.engine import Engine, SpecConfig

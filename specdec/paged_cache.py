@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import fp8_cache
-from model.args import ModelArgs
+from specdec.kernels import fp8_cache
+from specdec.model.args import ModelArgs
 from specdec.steps import StepCache
 
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from model.args import ModelArgs, load_model_args
-from kernels.fp8_cache import KV_CACHE_DTYPES
-from model.errors import SpecdecError
-from model.mtp_layer import MTPLayer
-from model.parallel import ParallelContext
-from model.transformer import Transformer
+from specdec.model.args import ModelArgs, load_model_args
+from specdec.kernels.fp8_cache import KV_CACHE_DTYPES
+from specdec.model.errors import SpecdecError
+from specdec.model.mtp_layer import MTPLayer
+from specdec.model.parallel import ParallelContext
+from specdec.model.transformer import Transformer
 from specdec.cache import LatentCache
 
 GIB = 1 << 30

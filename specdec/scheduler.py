@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from model.errors import ConfigError, SpecdecError
+from specdec.model.errors import ConfigError, SpecdecError
 from specdec.paged_cache import PagedLatentCache
 from specdec.config import SpecConfig
 from specdec.sequence import Sequence

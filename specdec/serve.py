@@ -30,8 +30,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kernels.fp8_cache import KV_CACHE_DTYPES
-from model.errors import ConfigError, SpecdecError
+from specdec.kernels.fp8_cache import KV_CACHE_DTYPES
+from specdec.model.errors import ConfigError, SpecdecError
 from specdec.distributed import shutdown
 from specdec.openai_protocol import (DEFAULT_CHAT_TEMPLATE, CompletionParams, RequestError, chunk_body,
                                      completion_body, new_id, parse_chat, parse_completion, usage)

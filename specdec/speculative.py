@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from model.transformer import ForwardOutput
+from specdec.model.transformer import ForwardOutput
 from specdec.acceptance import cut_run
 from specdec.adaptive import CATCH_UP, PROMPT_CATCH_UP, SpeculationPolicy
 from specdec.cache import LatentCache

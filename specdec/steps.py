@@ -31,8 +31,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from model.transformer import ForwardOutput
-from mtp.tree_draft import draft_chain, expand_tree, tree_widths
+from specdec.model.transformer import ForwardOutput
+from specdec.mtp.tree_draft import draft_chain, expand_tree, tree_widths
 from specdec.acceptance import Acceptance, accept_chain, accept_sampled, accept_targets, tree_children
 from specdec.sampling import row_probabilities, sample_tokens
 from specdec.tree import DraftTree, ancestor_matrix, tree_attention_mask, visible_slots

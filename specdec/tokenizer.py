@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from model.errors import CheckpointError
+from specdec.model.errors import CheckpointError
 
 
 def load_tokenizer(path: str | Path):

@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from kernels.cpu_gemm import ROW_BUCKETS, GemmTuner, machine_key
-from model.errors import SpecdecError
+from specdec.kernels.cpu_gemm import ROW_BUCKETS, GemmTuner, machine_key
+from specdec.model.errors import SpecdecError
 from specdec.adaptive import row_bucket
 from specdec.config import SpecConfig
 from specdec.engine import Engine

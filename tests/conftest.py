@@ -13,7 +13,7 @@ import pytest
 # measured GEMM plans and step costs go to a cache of the test session's own, never the user's
 os.environ.setdefault("SPECDEC_CACHE", tempfile.mkdtemp(prefix="specdec-test-cache-"))
 
-from model.synthetic import small_config, write_random_checkpoint  # noqa: E402
+from specdec.model.synthetic import small_config, write_random_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.args import from_hf_config, load_model_args
-from model.errors import ConfigError
-from model.rope import rope_inv_freq
-from model.synthetic import small_config
+from specdec.model.args import from_hf_config, load_model_args
+from specdec.model.errors import ConfigError
+from specdec.model.rope import rope_inv_freq
+from specdec.model.synthetic import small_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -22,10 +22,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kernels
+from specdec import kernels
 from tests.interpreter_harness import main as interpreter_main
 from tests.interpreter_harness import results_in_interpreter
-from kernels import attention
+from specdec.kernels import attention
 
 REPO = Path(__file__).resolve().parents[1]
 C, R = 128, 32  # kv_lora_rank and RoPE width of the test shapes (DeepSeek-V3: 512, 64)
@@ -147,7 +147,7 @@ FP32_TOL = {"rtol": 1e-5, "atol": 1e-5}
 def _compare(ops: Operands, mask: torch.Tensor, scale: float, label: str, num_splits: int | None = None,
              tol: dict[str, float] = FP32_TOL) -> None:
     """Assert the Triton kernel matches the reference (and is exactly 0 on padding queries)."""
-    from kernels import triton_attention
+    from specdec.kernels import triton_attention
 
     want = kernels.mla_attention_reference(*ops, mask, scale)
     got = triton_attention.mla_attention(*ops, mask, scale, num_splits=num_splits)
@@ -211,7 +211,7 @@ def _check_split_slots() -> None:
 
 def _check_exact(ops: Operands, mask: torch.Tensor, scale: float, label: str, tol: float) -> None:
     """Assert the Triton kernel is within `tol` (relative and absolute) of float64 attention."""
-    from kernels import triton_attention
+    from specdec.kernels import triton_attention
 
     got = triton_attention.mla_attention(*ops, mask, scale).double()
     torch.testing.assert_close(got, loop_attention(*ops, mask, scale), rtol=tol, atol=tol,
@@ -257,7 +257,7 @@ def _check_large_logits() -> None:
 
 
 def _check_dispatch_and_validation() -> None:
-    import kernels.triton_attention as ta
+    import specdec.kernels.triton_attention as ta
 
     ops = operands(2, 3, 2, 20, seed=95)
     mask = prefill_mask([10, 17], [3, 3], 3, 20)
@@ -282,7 +282,7 @@ def _check_dispatch_and_validation() -> None:
 
 
 def _check_kernels_are_interpreted() -> None:
-    from kernels import triton_attention
+    from specdec.kernels import triton_attention
 
     assert triton_attention.INTERPRETED
 

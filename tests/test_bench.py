@@ -1,4 +1,4 @@
-"""The benchmark suite (`python -m bench`): pure statistics, prompt files, the shipped held-out set,
+"""The benchmark suite (`python -m specdec.bench`): pure statistics, prompt files, the shipped held-out set,
 and quick end-to-end CLI runs on the small synthetic FP8 checkpoint (no timings are asserted)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import main as bench_main
-from bench.common import PLAIN, BenchError, Shape, batches, paired_speedup, parse_shapes, timed_runs
-from bench.prompt_set import HELDOUT_FILE, PromptFileError, load_prompt_file
-from bench.figures import figures_table
-from bench.stats import compare_outputs, conditional_acceptance, percentile, pool
+from specdec.bench.__main__ import main as bench_main
+from specdec.bench.common import PLAIN, BenchError, Shape, batches, paired_speedup, parse_shapes, timed_runs
+from specdec.bench.prompt_set import HELDOUT_FILE, PromptFileError, load_prompt_file
+from specdec.bench.figures import figures_table
+from specdec.bench.stats import compare_outputs, conditional_acceptance, percentile, pool
 from specdec.engine import GenerationStats
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,7 +160,7 @@ def test_cli_rejects_empty_prompt_file_in_one_line(tmp_path: Path, capsys) -> No
 
 
 def test_shipped_heldout_prompts_are_held_out() -> None:
-    from mtp.data import HELDOUT_PACKAGE, read_texts, split_files, stdlib_root
+    from specdec.mtp.data import HELDOUT_PACKAGE, read_texts, split_files, stdlib_root
 
     lines = HELDOUT_FILE.read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
@@ -188,7 +188,7 @@ def test_packaging_and_collection_settings() -> None:
     except ImportError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert "prompts/*.jsonl" in cfg["tool"]["setuptools"]["package-data"]["bench"]
+    assert "prompts/*.jsonl" in cfg["tool"]["setuptools"]["package-data"]["specdec.bench"]
     assert any(d.startswith("matplotlib") for d in cfg["project"]["optional-dependencies"]["bench"])
     assert cfg["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]  # bench/perf is not collected
 
@@ -311,8 +311,8 @@ def test_cli_peers_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
 def test_step_bound_is_tau_over_the_step_cost(monkeypatch) -> None:
     """Chains and the adaptive row's depths are timed as decoder steps against one plain step; an
     adaptive row's cost is the mean over the depths its steps ran; trees get none."""
-    from bench import latency
-    from bench.common import PLAIN, parse_shapes
+    from specdec.bench import latency
+    from specdec.bench.common import PLAIN, parse_shapes
 
     shapes = [PLAIN] + parse_shapes("1,2@64,a2", "2x2x4")
     seen = []
@@ -365,7 +365,7 @@ def test_cli_soak_quick(fp8_ckpt: Path, tmp_path: Path) -> None:
 def test_compile_break_even_counts_load_and_overhead() -> None:
     """Break-even: the new tokens after which the compiled process, its extra load and compile
     included, finishes first; none when compiling is not faster."""
-    from bench.compile_cost import compare
+    from specdec.bench.compile_cost import compare
 
     rows = [{"load_s": 5.0, "overhead_s": 0.0, "tokens_per_s": 100.0},
             {"load_s": 7.0, "overhead_s": 28.0, "tokens_per_s": 300.0},

@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import kernels
-from model.checkpoint import CheckpointReader
-from model.errors import CheckpointError
-from model.fp8_cast_bf16 import cast
-from model.load import load_verifier
-from model.parallel import ParallelContext
+from specdec import kernels
+from specdec.model.checkpoint import CheckpointReader
+from specdec.model.errors import CheckpointError
+from specdec.model.fp8_cast_bf16 import cast
+from specdec.model.load import load_verifier
+from specdec.model.parallel import ParallelContext
 from specdec import Engine
 from tests.conftest import run_cli
 
@@ -209,8 +209,8 @@ def test_heads_not_divisible_by_world_size(fp8_ckpt, tmp_path):
 def test_fp8_kv_b_is_dequantised_once_at_load(fp8_ckpt, monkeypatch):
     """An FP8 kv_b_proj is dequantised at load (verifier and MTP layer), not in every forward; the
     forward's output is what per-call dequantisation gave."""
-    from model import mla
-    from mtp.drafter import load_drafter
+    from specdec.model import mla
+    from specdec.mtp.drafter import load_drafter
     model, reader = load_verifier(fp8_ckpt, ParallelContext(), keep_fp8=True, show_progress=False)
     drafter = load_drafter(model, reader, "cpu", model.fp8_block, False)
     layers = [m for m in list(model.modules()) + list(drafter.layer.modules()) if isinstance(m, mla.MLA)]

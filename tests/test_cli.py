@@ -112,7 +112,7 @@ def test_compare_reports_both_and_the_speedup(fp8_ckpt, tmp_path):
 
 
 def test_spec_mtp_without_mtp_layer(tmp_path):
-    from model.synthetic import small_config, write_random_checkpoint
+    from specdec.model.synthetic import small_config, write_random_checkpoint
 
     ckpt = write_random_checkpoint(tmp_path / "nomtp", small_config(num_nextn_predict_layers=0))
     assert_one_line_error(gen(ckpt, "--prompt", "x", "--spec", "mtp"), "no MTP layer")

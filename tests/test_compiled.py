@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.errors import ConfigError
-from model.moe import MoE
+from specdec.model.errors import ConfigError
+from specdec.model.moe import MoE
 from specdec import Engine, SpecConfig
 from specdec.cache import LatentCache
 from specdec.compiled import check_compile_supported, row_bucket
@@ -33,7 +33,7 @@ def test_routed_static_equals_sorted_dispatch(engines, tokens, path, monkeypatch
     moe = next(m for m in engines[0].model.modules() if isinstance(m, MoE))
     assert moe.stacked is not None
     if path == "all experts":
-        monkeypatch.setattr("model.moe.GATHER_MAX_BYTES", 0)
+        monkeypatch.setattr("specdec.model.moe.GATHER_MAX_BYTES", 0)
     x = torch.randn(tokens, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(tokens))
     with torch.inference_mode():
         weights, indices = moe.gate(x)
@@ -101,7 +101,7 @@ def test_compiled_greedy_equals_eager_with_a_row_retiring(engines, spec, retirin
 def test_two_compiled_engines_keep_their_own_graphs(engines, tmp_path):
     """A second compiled engine of the same shapes but another routing scale decodes its own tokens,
     not the first engine's (dynamo's graph cache is per process and skips module guards)."""
-    from model.synthetic import small_config, write_random_checkpoint
+    from specdec.model.synthetic import small_config, write_random_checkpoint
 
     eager, compiled = engines
     other_ckpt = write_random_checkpoint(tmp_path / "other", {**small_config(), "routed_scaling_factor": 0.25},

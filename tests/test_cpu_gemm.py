@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kernels.cpu_gemm import DEFAULT, FORMULATIONS, MIN_GAIN, ROW_BUCKETS, GemmTuner, RowPlan, cpu_model, machine_key
+from specdec.kernels.cpu_gemm import DEFAULT, FORMULATIONS, MIN_GAIN, ROW_BUCKETS, GemmTuner, RowPlan, cpu_model, machine_key
 from specdec import Engine, SpecConfig
 
 
@@ -71,7 +71,7 @@ def test_measuring_off_means_the_default_and_no_file(tmp_path, monkeypatch):
 
 
 def test_real_timer_runs_every_candidate():
-    from kernels.cpu_gemm import blas_timer
+    from specdec.kernels.cpu_gemm import blas_timer
 
     t = blas_timer(torch.float32, budget_s=1e-4, rounds=2)(FORMULATIONS, 3, 40, 24)
     assert set(t) == set(FORMULATIONS) and all(v > 0 for v in t.values())

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_gemm import FORMULATIONS, ROW_BUCKETS, RowPlan
-from model.args import from_hf_config
-from model.moe import MoE
-from model.parallel import Linear, ParallelContext, RMSNorm, prepare_cpu
-from model.rope import apply_rope, rope_tables, rotate
-from model.synthetic import small_config
+from specdec.kernels.cpu_gemm import FORMULATIONS, ROW_BUCKETS, RowPlan
+from specdec.model.args import from_hf_config
+from specdec.model.moe import MoE
+from specdec.model.parallel import Linear, ParallelContext, RMSNorm, prepare_cpu
+from specdec.model.rope import apply_rope, rope_tables, rotate
+from specdec.model.synthetic import small_config
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])
@@ -83,7 +83,7 @@ def test_moe_expert_formulations_agree(tokens):
 
 
 def test_fused_linears_share_storage_and_match_the_parts():
-    from model.moe import MLP
+    from specdec.model.moe import MLP
 
     mlp = MLP(48, 80, ParallelContext(), torch.float32, None)
     g = torch.Generator().manual_seed(3)

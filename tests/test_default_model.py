@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from mtp.eval import evaluate, heldout_stream
-from mtp.data import heldout_windows
+from specdec.mtp.eval import evaluate, heldout_stream
+from specdec.mtp.data import heldout_windows
 from specdec import Engine, SpecConfig
 from specdec.defaults import PACKAGED_MODEL
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from model.convert import convert
+from specdec.model.convert import convert
 from tests.conftest import run_cli
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -110,7 +110,7 @@ def test_each_rank_runs_on_its_own_gpu(device, local_rank, world, gpus, expected
     ("cuda", 0, 1, 0, "no CUDA device"),
 ])
 def test_a_wrong_gpu_for_a_rank_is_refused(device, local_rank, world, gpus, message):
-    from model.errors import ConfigError
+    from specdec.model.errors import ConfigError
     from specdec.distributed import rank_device
     with pytest.raises(ConfigError, match=message):
         rank_device(torch.device(device), local_rank, world, gpus)

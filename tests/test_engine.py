@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.errors import ConfigError
+from specdec.model.errors import ConfigError
 from specdec import Engine, SpecConfig
 from specdec.sampling import RowSampling, probabilities
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import fp8_cache
-from model.errors import ConfigError
+from specdec.kernels import fp8_cache
+from specdec.model.errors import ConfigError
 from specdec import Engine
 from specdec.cache import LatentCache
 from specdec.config import SpecConfig

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+from specdec import kernels
 from tests.interpreter_harness import main as interpreter_main
 from tests.interpreter_harness import results_in_interpreter
-from kernels import reference as ref
+from specdec.kernels import reference as ref
 
 REPO = Path(__file__).resolve().parents[1]
 FP8 = torch.float8_e4m3fn
@@ -291,7 +291,7 @@ def _grouped_case(rows: int, n_experts: int, n: int, k: int, ids: list[int] | No
 
 
 def _check_grouped_fp8_gemm() -> None:
-    from kernels.triton_fp8 import align_by_expert
+    from specdec.kernels.triton_fp8 import align_by_expert
     cases = [
         _grouped_case(37, 4, 200, 130),                                   # random, partial blocks, ids -1 and E
         _grouped_case(5, 6, 64, 256, ids=[3, 3, 3, 3, 3]),                # one expert has every row, five none
@@ -312,7 +312,7 @@ def _check_grouped_fp8_gemm() -> None:
 
 
 def _check_kernels_are_interpreted() -> None:
-    from kernels import triton_fp8
+    from specdec.kernels import triton_fp8
 
     assert triton_fp8.INTERPRETED
 

@@ -20,7 +20,7 @@ def pair(f32_ckpt):
 
 
 def test_project_kernels_package_does_not_fool_transformers(pair):
-    import kernels  # noqa: F401  (the project's package is importable ...)
+    from specdec import kernels  # noqa: F401  (the project's package is importable ...)
     from transformers.utils.import_utils import is_kernels_available
 
     assert not is_kernels_available()  # ... yet transformers does not take it for the hub-kernels package
@@ -72,7 +72,7 @@ def test_greedy_tokens_match_generate(pair):
 def test_config_variants_match(tmp_path, overrides):
     from transformers import DeepseekV3ForCausalLM
 
-    from model.synthetic import small_config, write_random_checkpoint
+    from specdec.model.synthetic import small_config, write_random_checkpoint
 
     ckpt = write_random_checkpoint(tmp_path / "v", small_config(**overrides), fp8=False, seed=5)
     hf = DeepseekV3ForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()

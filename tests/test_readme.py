@@ -14,7 +14,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", REPO / "bench" / "README.md"]
-PACKAGES = {"specdec", "model", "kernels", "mtp", "bench"}  # the project's own commands (not pytest's)
 
 
 class Parsed(Exception):
@@ -22,7 +21,7 @@ class Parsed(Exception):
 
 
 def readme_commands() -> list[tuple[str, str, list[str]]]:
-    """(doc, module, argv) of every `-m MODULE args` command of this project's `PACKAGES` in the
+    """(doc, module, argv) of every `-m specdec...` command (the project's own, not pytest's) in the
     docs' ```bash blocks, with continuation lines joined and comments dropped."""
     found = []
     for doc in DOCS:
@@ -31,7 +30,7 @@ def readme_commands() -> list[tuple[str, str, list[str]]]:
                 words = shlex.split(line, comments=True)
                 if "-m" in words:
                     at = words.index("-m")
-                    if words[at + 1].split(".")[0] in PACKAGES:
+                    if words[at + 1].split(".")[0] == "specdec":
                         found.append((doc.name, words[at + 1], words[at + 2:]))
     return found
 
@@ -41,8 +40,8 @@ COMMANDS = readme_commands()
 
 def test_the_readme_shows_the_main_commands():
     modules = {m for _, m, _ in COMMANDS}
-    assert {"specdec.generate", "specdec.serve", "specdec.tune", "specdec.plan", "bench", "bench.figures",
-            "model.convert", "model.fp8_cast_bf16", "model.synthetic"} <= modules
+    assert {"specdec.generate", "specdec.serve", "specdec.tune", "specdec.plan", "specdec.bench", "specdec.bench.figures",
+            "specdec.model.convert", "specdec.model.fp8_cast_bf16", "specdec.model.synthetic"} <= modules
 
 
 @pytest.mark.parametrize("doc,module,argv", COMMANDS, ids=[f"{d}:{m} {' '.join(a)}"[:90] for d, m, a in COMMANDS])
@@ -54,9 +53,9 @@ def test_readme_command_parses(doc, module, argv, monkeypatch):
         raise Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    if module == "bench.figures":  # reads its directories itself (no argparse): they must exist
+    if module == "specdec.bench.figures":  # reads its directories itself (no argparse): they must exist
         assert all((REPO / a / "latency.json").is_file() or a.startswith("results/") for a in argv)
         return
-    main = importlib.import_module(module if module != "bench" else "bench.__main__").main
+    main = importlib.import_module(module if module != "specdec.bench" else "specdec.bench.__main__").main
     with pytest.raises(Parsed):
         main(argv)

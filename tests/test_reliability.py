@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
-from model.args import load_model_args
-from model.convert import convert
-from model.load import load_verifier
-from model.parallel import ParallelContext
-from mtp.drafter import load_drafter
+from specdec.model.args import load_model_args
+from specdec.model.convert import convert
+from specdec.model.load import load_verifier
+from specdec.model.parallel import ParallelContext
+from specdec.mtp.drafter import load_drafter
 from specdec import Engine, SpecConfig
 from specdec.plan import plan
 from tests.conftest import REPO, run_cli
@@ -158,7 +158,7 @@ def test_dry_run_pushes_full_size_steps_through_each_rank(config, world_size, sp
 def test_dry_run_cli_says_what_it_checked(tmp_path):
     import json
 
-    from model.synthetic import small_config
+    from specdec.model.synthetic import small_config
     config = tmp_path / "config.json"
     config.write_text(json.dumps(small_config()))
     proc = run_cli(["-m", "specdec.plan", "--config", str(config), "--world-size", "2", "--max-seq-len", "64",

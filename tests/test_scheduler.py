@@ -4,7 +4,7 @@ own settings, and every output stays what plain decoding of that prompt alone gi
 import pytest
 import torch
 
-from model.errors import ConfigError
+from specdec.model.errors import ConfigError
 from specdec import SpecConfig
 from specdec.scheduler import NotAccepting, QueueFull, Scheduler
 from specdec.sequence import Sequence

@@ -121,7 +121,7 @@ def test_many_requests_in_flight_each_equal_plain_greedy(served, f32_engine):
 def test_a_tree_drafting_server_answers_plain_greedy(f32_engine, f32_ckpt):
     """`--tree-topk 2`: the server drafts trees over its paged cache; 12 requests in flight (4 rows),
     each its plain greedy text; a bad tree flag is a one-line error."""
-    from model.errors import ConfigError
+    from specdec.model.errors import ConfigError
     from specdec.serve import build_parser, load_server
     server = load_server(build_parser().parse_args(["--ckpt-path", str(f32_ckpt), "--draft-depth", "2",
                                                     "--tree-topk", "2", "--tree-nodes", "4", "--max-seq-len", "160"]))

@@ -9,7 +9,7 @@ import torch
 
 import specdec.acceptance
 import specdec.steps
-from model.errors import ConfigError
+from specdec.model.errors import ConfigError
 from specdec import Engine, SpecConfig
 from specdec.sampling import probabilities
 from specdec.speculative import SpeculativeDecoder
@@ -307,7 +307,7 @@ def test_bad_spec_configs():
 
 
 def test_spec_on_checkpoint_without_mtp_layer(tmp_path):
-    from model.synthetic import small_config, write_random_checkpoint
+    from specdec.model.synthetic import small_config, write_random_checkpoint
 
     ckpt = write_random_checkpoint(tmp_path / "nomtp", small_config(num_nextn_predict_layers=0), fp8=False)
     engine = Engine.from_pretrained(ckpt, device="cpu", max_seq_len=32)

@@ -13,21 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+from specdec import kernels
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from model.args import ModelArgs, from_hf_config
-from model.checkpoint import CheckpointReader, load_state
-from model.load import load_verifier
-from model.mtp_layer import MTPLayer
-from model.parallel import ParallelContext
-from model.rope import rope_tables
-from model.synthetic import random_tensors
-from mtp import train as T
-from mtp.data import (build_corpus, encode_stream, heldout_windows, split_files, stdlib_root, train_batch,
+from specdec.model.args import ModelArgs, from_hf_config
+from specdec.model.checkpoint import CheckpointReader, load_state
+from specdec.model.load import load_verifier
+from specdec.model.mtp_layer import MTPLayer
+from specdec.model.parallel import ParallelContext
+from specdec.model.rope import rope_tables
+from specdec.model.synthetic import random_tensors
+from specdec.mtp import train as T
+from specdec.mtp.data import (build_corpus, encode_stream, heldout_windows, split_files, stdlib_root, train_batch,
                       window_starts)
-from mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors, update_router_bias
+from specdec.mtp.train_model import DeepSeekV3ForTraining, export_tensors, fake_fp8_weights, load_tensors, update_router_bias
 from specdec import Engine
 
 TINY = [
@@ -331,7 +331,7 @@ def test_router_bias_moves_against_load_and_has_no_gradient() -> None:
     delta = gate.e_score_correction_bias.detach() - before
     torch.testing.assert_close(delta, 0.01 * torch.sign(load.float().mean() - load.float()))
     window = torch.randint(3, args.vocab_size, (2, 10))
-    from mtp.train_model import training_losses
+    from specdec.mtp.train_model import training_losses
 
     losses = training_losses(model, window, 0.3)
     losses.total.backward()
@@ -421,7 +421,7 @@ def test_exported_fp8_weights_dequantise_to_the_float_weights(trained) -> None:
 
 
 def test_mtp_distillation_changes_only_the_mtp_layer_and_lowers_its_loss(trained, tmp_path: Path) -> None:
-    from mtp import distill as D
+    from specdec.mtp import distill as D
 
     work, _ = trained
     out = tmp_path / "distilled"
@@ -449,8 +449,8 @@ def test_distillation_on_the_main_models_own_text(trained, tmp_path: Path) -> No
     """`mtp.self_data` writes training prompts followed by the main model's greedy continuation
     (exactly what plain greedy decoding gives), and `mtp.distill --self-data` trains on a mix of
     those windows and corpus windows; a file of the wrong shape is a one-line error."""
-    from mtp import distill as D
-    from mtp import self_data as S
+    from specdec.mtp import distill as D
+    from specdec.mtp import self_data as S
 
     work, _ = trained
     data = tmp_path / "self.npy"

@@ -7,7 +7,7 @@ import torch
 
 import specdec.acceptance
 import specdec.steps
-from mtp.tree_draft import expand_tree
+from specdec.mtp.tree_draft import expand_tree
 from specdec import SpecConfig
 from specdec.speculative import SpeculativeDecoder
 from specdec.tree import DraftTree, ancestor_matrix, tree_attention_mask

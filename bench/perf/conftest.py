@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from bench.microbench import prepare
-from bench.prompt_set import HELDOUT_FILE, load_prompt_file
+from specdec.bench.microbench import prepare
+from specdec.bench.prompt_set import HELDOUT_FILE, load_prompt_file
 from specdec import Engine
 
 ROUNDS = int(os.environ.get("SPECDEC_BENCH_ROUNDS", "30"))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.microbench import heap_tree
-from bench.perf.conftest import run_rounds
+from specdec.bench.microbench import heap_tree
+from specdec.bench.perf.conftest import run_rounds
 from specdec.acceptance import accept_sampled, accept_targets, tree_children
 from specdec.tree import chain_tree
 

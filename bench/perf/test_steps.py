@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.microbench import heap_tree
-from bench.perf.conftest import run_rounds
+from specdec.bench.microbench import heap_tree
+from specdec.bench.perf.conftest import run_rounds
 from specdec import SpecConfig
 
 
