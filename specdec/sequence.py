@@ -52,6 +52,11 @@ class Sequence:
             self.finish_reason = reason
 
     @property
+    def tokens_left(self) -> int:
+        """New tokens it may still emit (`max_new_tokens` less those emitted)."""
+        return self.max_new_tokens - len(self.output)
+
+    @property
     def context(self) -> list[int]:
         """What a (re)admission prefills: the prompt and every emitted token but the last, which
         is the pending one (not in the cache yet). A fresh sequence: the prompt."""

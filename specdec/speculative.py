@@ -287,7 +287,7 @@ class SpeculativeDecoder:
         depth = self.spec.depth if self.spec is not None else 0
         catch_up_kind = None if not state.lagging else CATCH_UP if state.prompt is None else PROMPT_CATCH_UP
         if self.policy:  # timings differ per rank: rank 0's choice holds for all
-            left = [s.max_new_tokens - len(s.output) for s in self.running]
+            left = [s.tokens_left for s in self.running]
             choice = self.policy.choose(rows, sum(left) / rows, catch_up_kind, deepest=max(left) - 1)
             depth = self.eng.ctx.broadcast_int(choice, self.eng.device)
         if depth > 0 and catch_up_kind is not None:  # after plain steps: not part of this step's cost
@@ -450,7 +450,7 @@ class SpeculativeDecoder:
         either cut it, and tell its client; returns the number of tokens kept."""
         if seq.finished:  # finished by its client meanwhile: nothing more reaches it
             return 0
-        kept, done = cut_run(run, self.eng.eos_ids, seq.max_new_tokens - len(seq.output))
+        kept, done = cut_run(run, self.eng.eos_ids, seq.tokens_left)
         seq.output.extend(kept)
         if done:
             seq.finish("stop" if kept and kept[-1] in self.eng.eos_ids else "length")
