@@ -31,6 +31,7 @@ short of it by what the loop spends outside its steps.
 from __future__ import annotations
 
 from argparse import Namespace
+from typing import Callable, NamedTuple
 
 from specdec.bench import plots
 from specdec.bench.common import (PLAIN, BenchError, Report, Shape, Table, batches, fmt, greedy_mismatch, parse_int_list,
@@ -111,33 +112,14 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         rows += batch_rows
     bar.close()
 
+    columns = [c for c in _COLUMNS if c.needs is None or any(c.needs in r for r in rows)]
     tables = []
-    step_bound = any("step_cost" in r for r in rows)
     for batch in batch_sizes:
-        body = []
-        for r in (r for r in rows if r["batch_size"] == batch):
-            label = r["label"] + (" (best chain)" if r["best_chain"] else "") + depth_share(r)
-            equal = "" if r["kind"] == "plain" else ("n/a (sampled)" if r["equal_to_plain"] is None
-                                                     else fmt(r["equal_to_plain"]))
-            body.append([label, fmt(r["tau"]), fmt(r["tokens_per_s"], 1), fmt(r["tpot_p50_ms"]),
-                         fmt(r["tpot_p90_ms"]), fmt(r["ttft_mean_ms"]), f"{r['speedup']:.2f}x",
-                         f"{r['decode_speedup']:.2f}x", equal])
-            if a.ceiling:
-                body[-1][1:1] = [str(r["verify_width"]), fmt(r["verify_ms"]), f"{r['verify_cost']:.2f}x",
-                                 "" if r["kind"] == "plain" else f"{r['ceiling']:.2f}x"]
-            if step_bound:
-                body[-1][5:5] = (["", ""] if "step_cost" not in r else
-                                 [f"{r['step_cost']:.2f}x", "" if r["kind"] == "plain" else f"{r['step_bound']:.2f}x"])
         calls = rows[[r["batch_size"] for r in rows].index(batch)]["calls"]
         title = (f"batch {batch} (one call of {len(ids)} prompts, {batch} row(s) at once)" if a.continuous
                  else f"batch {batch} ({calls} call(s) of {batch} rows)")
-        headers = ["config", "tau", "tokens/s", "TPOT p50 ms", "TPOT p90 ms", "TTFT ms", "speedup", "decode speedup",
-                   "= plain"]
-        if a.ceiling:
-            headers[1:1] = ["verify W", "verify ms", "verify cost", "ceiling"]
-        if step_bound:
-            headers[5:5] = ["step cost", "step bound"]
-        tables.append(Table(title, headers, body))
+        body = [[c.cell(r) for c in columns] for r in rows if r["batch_size"] == batch]
+        tables.append(Table(title, [c.header for c in columns], body))
     mode = "greedy" if greedy else f"T={a.temperature:g}, top-p {a.top_p:g}"
     rounds = max(a.repeats, 1)
     notes = [f"{len(prompts)} prompts, {a.max_new_tokens} new tokens each at most, {mode}; one warm-up call per "
@@ -159,7 +141,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                      "verify ms: its median time on the first call's prompts (adaptive: the mean over the depths "
                      "its steps ran); verify cost: t(W) / t(1); ceiling: tau / verify cost, the speedup if "
                      "drafting, acceptance and commit were free")
-    if step_bound:
+    if any("step_cost" in r for r in rows):
         notes.append("step cost: one whole step (draft, verify, accept, MTP commit) over one plain step, "
                      "same prompts, interleaved, run as the decoding loop runs it (compiled whole with "
                      "--compile and greedy chains, else the decoder's stages); an adaptive row's: the mean over "
@@ -180,6 +162,46 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     report.plots = [("tokens_per_s", lambda: plots.tokens_per_s_vs_batch(rows)),
                     ("speedup", lambda: plots.speedup_vs_shape(rows))]
     return report
+
+
+class _Column(NamedTuple):
+    """One column of the per-batch tables: shown when some row has the key `needs` (None: always);
+    `text(row)` its cell, left empty for a row without `needs` or, when `drafts_only`, for plain."""
+
+    header: str
+    text: Callable[[dict], str]
+    needs: str | None = None
+    drafts_only: bool = False
+
+    def cell(self, row: dict) -> str:
+        if (self.needs is not None and self.needs not in row) or (self.drafts_only and row["kind"] == "plain"):
+            return ""
+        return self.text(row)
+
+
+def _equal_to_plain(row: dict) -> str:
+    return "n/a (sampled)" if row["equal_to_plain"] is None else fmt(row["equal_to_plain"])
+
+
+_COLUMNS = [
+    _Column("config", lambda r: r["label"] + (" (best chain)" if r["best_chain"] else "") + depth_share(r)),
+    _Column("verify W", lambda r: str(r["verify_width"]), "verify_width"),
+    _Column("verify ms", lambda r: fmt(r["verify_ms"]), "verify_width"),
+    _Column("verify cost", lambda r: f"{r['verify_cost']:.2f}x", "verify_width"),
+    _Column("ceiling", lambda r: f"{r['ceiling']:.2f}x", "verify_width", drafts_only=True),
+    _Column("step cost", lambda r: f"{r['step_cost']:.2f}x", "step_cost"),
+    _Column("step bound", lambda r: f"{r['step_bound']:.2f}x", "step_cost", drafts_only=True),
+    _Column("tau", lambda r: fmt(r["tau"])),
+    _Column("tokens/s", lambda r: fmt(r["tokens_per_s"], 1)),
+    _Column("TPOT p50 ms", lambda r: fmt(r["tpot_p50_ms"])),
+    _Column("TPOT p90 ms", lambda r: fmt(r["tpot_p90_ms"])),
+    _Column("TTFT ms", lambda r: fmt(r["ttft_mean_ms"])),
+    _Column("speedup", lambda r: f"{r['speedup']:.2f}x"),
+    _Column("decode speedup", lambda r: f"{r['decode_speedup']:.2f}x"),
+    _Column("= plain", _equal_to_plain, drafts_only=True),
+]
+"""The per-batch table: the verifier ceiling's and the step bound's columns (`--ceiling`) only when
+measured."""
 
 
 def depth_share(row: dict) -> str:

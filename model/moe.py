@@ -105,21 +105,25 @@ class Gate(nn.Module):
         """x `[N, dim]` → (weights `[N, topk]` float32, expert indices `[N, topk]` int64)."""
         logits = F.linear(x.float(), self.weight)
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
-        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        if self.n_groups > 1:
-            grouped = choice.view(x.shape[0], self.n_groups, -1)
-            if self.e_score_correction_bias is None:
-                group_scores = grouped.amax(dim=-1)
-            else:
-                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
-            keep = group_scores.topk(self.topk_groups, dim=-1)[1]
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = choice.topk(self.topk, dim=-1)[1]
+        indices = self.select(scores.detach())
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.route_scale, indices
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k expert indices `[N, topk]` int64 from scores `[N, E]`: scores plus the correction
+        bias, restricted to the `topk_groups` best expert groups (a group's score: its best expert's,
+        or its best two's sum when biased)."""
+        bias = self.e_score_correction_bias
+        choice = scores if bias is None else scores + bias
+        if self.n_groups > 1:
+            grouped = choice.view(scores.shape[0], self.n_groups, -1)
+            group_scores = grouped.amax(dim=-1) if bias is None else grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        return choice.topk(self.topk, dim=-1)[1]
 
 
 class MoE(nn.Module):

@@ -8,12 +8,15 @@ module at `model.layers.{L}` with `enorm`, `hnorm`, `eh_proj`, a decoder block a
 DeepSeek-V3 paper); `export_tensors` writes the copies the release stores at
 `model.layers.{L}.embed_tokens` / `model.layers.{L}.shared_head.head`.
 
-The math is the inference model's (`model.transformer`, `model.mla`, `model.moe`): float32 RMSNorm,
-MLA with q-LoRA and a normalised KV latent, interleaved-pair RoPE from `model.rope.rope_tables`,
-`ModelArgs.softmax_scale`, sigmoid router whose `e_score_correction_bias` affects selection only,
-group-limited top-k, weights normalised over the top-k times `routed_scaling_factor`, shared
-experts, dense first layers. Attention is the plain (non-absorbed) causal form via
-`F.scaled_dot_product_attention`, which equals the absorbed decode path mathematically.
+The math is the inference model's, and where the two forms agree the code is too: the norms and
+the router are `model.parallel.RMSNorm` and `model.moe.Gate` (float32 RMSNorm; sigmoid router whose
+`e_score_correction_bias` affects selection only, group-limited top-k, weights normalised over the
+top-k times `routed_scaling_factor`) with weights that train, and RoPE is `model.rope`'s
+interleaved-pair form and tables. What differs is the form training needs: MLA with q-LoRA and a
+normalised KV latent is computed in the plain (non-absorbed) causal form via
+`F.scaled_dot_product_attention`, which equals the absorbed decode path mathematically, over
+`nn.Linear` weights; each routed expert runs on the tokens sorted to it; shared experts and dense
+first layers as the inference model has them.
 """
 
 from __future__ import annotations
@@ -28,24 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec import kernels
+from specdec.model import moe, parallel
 from specdec.model.args import ModelArgs
 from specdec.model.export import is_fp8_tensor
 from specdec.model.rope import apply_rope, rope_tables
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm over the last dim in float32, returned in the input dtype (as `model.parallel.RMSNorm`)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[..., dim]` → `[..., dim]` in x's dtype."""
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+def _norm(dim: int, eps: float) -> parallel.RMSNorm:
+    """The inference model's RMSNorm (`model.parallel.RMSNorm`) with a float32 weight that trains."""
+    norm = parallel.RMSNorm(dim, eps, torch.float32)
+    norm.weight.requires_grad_(True)
+    return norm
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
@@ -66,10 +62,10 @@ class MLA(nn.Module):
             self.q_proj = _linear(args.dim, q_out)
         else:
             self.q_a_proj = _linear(args.dim, args.q_lora_rank)
-            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+            self.q_a_layernorm = _norm(args.q_lora_rank, args.rms_norm_eps)
             self.q_b_proj = _linear(args.q_lora_rank, q_out)
         self.kv_a_proj_with_mqa = _linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim)
-        self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
+        self.kv_a_layernorm = _norm(args.kv_lora_rank, args.rms_norm_eps)
         self.kv_b_proj = _linear(args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim))
         self.o_proj = _linear(args.n_heads * args.v_head_dim, args.dim)
 
@@ -126,42 +122,19 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Gate(nn.Module):
-    """Router: trained `weight [E, dim]`; `e_score_correction_bias [E]` is set by load balancing, not by gradient."""
+class Gate(moe.Gate):
+    """The inference router (`model.moe.Gate`: scores, group-limited top-k, weights) with a weight
+    that trains; `e_score_correction_bias [E]` is set by load balancing, not by gradient. Scores stay
+    float32 under autocast."""
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.topk = args.n_activated_experts
-        self.n_groups, self.topk_groups = args.n_expert_groups, args.n_limited_groups
-        self.score_func, self.route_scale, self.norm_topk_prob = args.score_func, args.route_scale, args.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
-        if args.has_score_bias:
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts), requires_grad=False)
-        else:
-            self.register_parameter("e_score_correction_bias", None)
+        super().__init__(args)
+        self.weight.requires_grad_(True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[N, dim]` → (weights `[N, topk]` float32, differentiable; expert indices `[N, topk]` int64)."""
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
-        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
-        indices = self._select(scores.detach())
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, indices
-
-    def _select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Top-k expert indices `[N, topk]` from scores `[N, E]` (+ bias, within the best groups)."""
-        bias = self.e_score_correction_bias
-        choice = scores if bias is None else scores + bias
-        if self.n_groups > 1:
-            grouped = choice.view(scores.shape[0], self.n_groups, -1)
-            group_scores = grouped.amax(dim=-1) if bias is None else grouped.topk(2, dim=-1)[0].sum(dim=-1)
-            keep = group_scores.topk(self.topk_groups, dim=-1)[1]
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        return choice.topk(self.topk, dim=-1)[1]
+            return super().forward(x)
 
 
 class MoE(nn.Module):
@@ -206,9 +179,9 @@ class Block(nn.Module):
 
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.input_layernorm = _norm(args.dim, args.rms_norm_eps)
         self.self_attn = MLA(args)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.post_attention_layernorm = _norm(args.dim, args.rms_norm_eps)
         dense = layer_id < args.n_dense_layers
         self.mlp = MLP(args.dim, args.inter_dim) if dense else MoE(args)
 
@@ -231,7 +204,7 @@ class SharedHeadNorm(nn.Module):
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.norm = _norm(args.dim, args.rms_norm_eps)
 
 
 class MTPBlock(Block):
@@ -239,8 +212,8 @@ class MTPBlock(Block):
 
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__(layer_id, args)
-        self.enorm = RMSNorm(args.dim, args.rms_norm_eps)
-        self.hnorm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.enorm = _norm(args.dim, args.rms_norm_eps)
+        self.hnorm = _norm(args.dim, args.rms_norm_eps)
         self.eh_proj = _linear(2 * args.dim, args.dim)
         self.shared_head = SharedHeadNorm(args)
 
@@ -258,7 +231,7 @@ class Decoder(nn.Module):
         main = [Block(i, args) for i in range(args.n_layers)]
         mtp = [MTPBlock(i, args) for i in range(args.n_layers, args.n_layers + args.n_mtp_layers)]
         self.layers = nn.ModuleList(main + mtp)
-        self.norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.norm = _norm(args.dim, args.rms_norm_eps)
 
 
 class Forward(NamedTuple):

@@ -92,7 +92,7 @@ def draft_chain(drafter, cache: StepCache, rows: StepRows, shape: StepShape, tak
             out = drafter(tokens[-1].unsqueeze(1), hidden.unsqueeze(1), pos, cache.kv, cache.pe, pos,
                           visible_slots(pos[:, 0], 1, cache.n_slots), draft_vocab=shape.draft_vocab,
                           block_table=cache.block_table)
-            logits, hidden = out.logits[:, 0], out.hidden(shape.draft_hidden)[:, 0]
+            logits, hidden = out.logits[:, 0], out.hidden(shape.draft_hidden_kind)[:, 0]
         if shape.sampled_drafts:
             q = row_probabilities(logits, rows.temperature, rows.top_p, shape.nucleus)
             tokens.append(draw_at(q, take(1)[:, 0]))
@@ -153,7 +153,7 @@ def expand_tree(drafter, cache: StepCache, rows: StepRows, shape: StepShape, tak
         layers.append(_Layer(
             child_tokens.flatten(1), (parent_scores.unsqueeze(-1) + child_logq).flatten(1),
             chosen.repeat_interleave(topk, dim=1),
-            out.hidden(shape.draft_hidden).repeat_interleave(topk, dim=1),
+            out.hidden(shape.draft_hidden_kind).repeat_interleave(topk, dim=1),
             slots.repeat_interleave(topk, dim=1)))
         total += width * topk
         used_slots += width

@@ -17,9 +17,9 @@ class SpecConfig:
         default topk × depth; between depth and the full tree's topk + (depth-1)·topk²).
     draft_mode: "onehot" drafts the MTP argmax; "sample" draws drafts from the MTP distribution q
         (temperature > 0 only; greedy decoding always drafts the argmax).
-    verifier_hidden: which verifier state feeds the MTP layer: "normed" (after model.norm, the
+    verifier_hidden_kind: which verifier state feeds the MTP layer: "normed" (after model.norm, the
         head's input) or "prenorm" (the last block's output).
-    draft_hidden: which MTP state feeds the next depth: "normed" (after shared_head.norm) or "prenorm".
+    draft_hidden_kind: which MTP state feeds the next depth: "normed" (after shared_head.norm) or "prenorm".
     draft_vocab: the drafter proposes only token ids below this (None: the whole vocabulary); its
         head then reads that many rows instead of all (see `MTPDrafter.forward`). Lossless either way.
     adaptive: for chains (topk 1) of one-hot drafts, choose each step's depth in 0..depth (0: a
@@ -32,8 +32,8 @@ class SpecConfig:
     topk: int = 1
     nodes: int | None = None
     draft_mode: str = "onehot"
-    verifier_hidden: str = "normed"
-    draft_hidden: str = "normed"
+    verifier_hidden_kind: str = "normed"
+    draft_hidden_kind: str = "normed"
     draft_vocab: int | None = None
     adaptive: bool = True
 
@@ -51,8 +51,8 @@ class SpecConfig:
             raise ConfigError(f"tree nodes ({self.nodes}) exceed the full tree of depth {self.depth} and topk "
                               f"{self.topk} ({full} nodes)")
         for name, value, allowed in (("draft mode", self.draft_mode, ("onehot", "sample")),
-                                     ("verifier hidden", self.verifier_hidden, ("normed", "prenorm")),
-                                     ("draft hidden", self.draft_hidden, ("normed", "prenorm"))):
+                                     ("verifier hidden", self.verifier_hidden_kind, ("normed", "prenorm")),
+                                     ("draft hidden", self.draft_hidden_kind, ("normed", "prenorm"))):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 

@@ -277,7 +277,7 @@ class Engine:
         mode = f"sampled {spec.draft_mode}" if sampled else "greedy"
         return (f"{machine_key(self.model.dtype)} | {self.device} | world {self.ctx.world_size} | "
                 f"{self.checkpoint_id} | fp8 {self.model.fp8_block is not None} | cache {self.kv_cache_dtype} | {mode} | "
-                f"draft_vocab {spec.draft_vocab} | hidden {spec.verifier_hidden}/{spec.draft_hidden}")
+                f"draft_vocab {spec.draft_vocab} | hidden {spec.verifier_hidden_kind}/{spec.draft_hidden_kind}")
 
     def prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,
                  all_logits: bool = False) -> torch.Tensor:

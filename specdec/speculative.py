@@ -26,7 +26,6 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from specdec.model.transformer import ForwardOutput
 from specdec.acceptance import cut_run
 from specdec.adaptive import CATCH_UP, PROMPT_CATCH_UP, SpeculationPolicy
 from specdec.cache import LatentCache
@@ -34,7 +33,7 @@ from specdec.config import GenerationStats
 from specdec.paged_cache import PagedLatentCache
 from specdec.sampling import RowSampling
 from specdec.sequence import Sequence
-from specdec.steps import StepResult, StepRows, StepShape, catch_up
+from specdec.steps import StepResult, StepRows, StepShape, catch_up, verifier_state
 from specdec.tree import visible_slots
 
 
@@ -336,7 +335,7 @@ class SpeculativeDecoder:
         if spec is None:
             return StepShape(0, any_sampled=sampled, nucleus=sampling.nucleus)
         return StepShape(depth, spec.topk, spec.n_nodes, self.sampled_drafts and depth > 0, sampled,
-                         sampling.nucleus, spec.verifier_hidden, spec.draft_hidden, spec.draft_vocab)
+                         sampling.nucleus, spec.verifier_hidden_kind, spec.draft_hidden_kind, spec.draft_vocab)
 
     def _n_slots(self, shape: StepShape) -> int:
         """Slots a step's attention spans: the longest live row's committed tokens (its context,
@@ -402,7 +401,7 @@ class SpeculativeDecoder:
             return RowState(first, None, None)
         next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
         next_tokens[torch.arange(batch), sizes - 1] = first
-        pairs = PromptPairs(next_tokens, self._verifier_hidden(out), sizes)
+        pairs = PromptPairs(next_tokens, verifier_state(out, self.spec.verifier_hidden_kind), sizes)
         if defer_drafter and start == 0:
             return RowState(first, None, None, prompt=pairs)
         return RowState(first, *self._draft_prompts(kv, pe, table, pairs, start))
@@ -417,7 +416,7 @@ class SpeculativeDecoder:
         mask = visible_slots(pos[:, 0], width, start + width)
         mtp = self.drafter(pairs.tokens, pairs.hidden, pos, kv, pe, pos, mask, (pairs.lengths - 1).unsqueeze(1),
                            self.spec.draft_vocab, block_table=table)
-        return mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden)[:, 0]
+        return mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden_kind)[:, 0]
 
     def _catch_up(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
         """After plain steps: the MTP layer over the deferred prompt pairs if any (`_draft_prompts`),
@@ -437,9 +436,6 @@ class SpeculativeDecoder:
         return RowState(state.pending, *first_draft)
 
     # ------------------------------------------------------------------ bookkeeping
-
-    def _verifier_hidden(self, out: ForwardOutput) -> torch.Tensor:
-        return out.hidden if self.spec.verifier_hidden == "normed" else out.hidden_prenorm
 
     def _emit(self, runs: list[list[int]], first_row: int = 0) -> list[int]:
         """Give run i to the sequence of row first_row + i (`_keep`); returns how many tokens each kept."""

@@ -45,7 +45,7 @@ class StepShape(NamedTuple):
     chain). nodes: draft nodes per row (trees; a chain's is its depth). sampled_drafts: drafts are
     drawn from q and accepted by speculative sampling (else the draft's argmax, accepted against
     the verifier's argmax or, for rows that sample, its one-hot draws). any_sampled: some row samples.
-    nucleus: some sampled row has top-p < 1. verifier_hidden / draft_hidden / draft_vocab: as in
+    nucleus: some sampled row has top-p < 1. verifier_hidden_kind / draft_hidden_kind / draft_vocab: as in
     `SpecConfig`.
     """
 
@@ -55,8 +55,8 @@ class StepShape(NamedTuple):
     sampled_drafts: bool = False
     any_sampled: bool = False
     nucleus: bool = False
-    verifier_hidden: str = "normed"
-    draft_hidden: str = "normed"
+    verifier_hidden_kind: str = "normed"
+    draft_hidden_kind: str = "normed"
     draft_vocab: int | None = None
 
     @property
@@ -155,7 +155,7 @@ def plain_step(verifier: Forward, cache: StepCache, rows: StepRows, shape: StepS
                    visible_slots(rows.lengths, 1, cache.n_slots), block_table=cache.block_table)
     token = target_tokens(out.logits, rows, shape, rows.draws[:, :1] if rows.draws is not None else None)
     return StepResult(token, torch.zeros_like(rows.lengths), rows.lengths + 1, token[:, 0], None, None,
-                      _verifier_state(out, shape))
+                      verifier_state(out, shape.verifier_hidden_kind))
 
 
 def draft(drafter, cache: StepCache, rows: StepRows, shape: StepShape, noise: "StepNoise") -> DraftTree:
@@ -204,7 +204,7 @@ def commit(drafter, cache: StepCache, rows: StepRows, shape: StepShape, tree: Dr
             move_slots(cache, lengths + src, lengths + j)
     # pair j = (h at path node j, token of path node j+1), j = 0..a; the verifier's token at j = a
     nodes = torch.cat([torch.zeros_like(acc.path[:, :1]), acc.path], dim=1)  # [B, depth+1], root first
-    hidden = _verifier_state(verified, shape)
+    hidden = verifier_state(verified, shape.verifier_hidden_kind)
     hidden = hidden.gather(1, nodes.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     path_tokens = tree.tokens.gather(1, (acc.path - 1).clamp_min(0))
     run = torch.cat([path_tokens, acc.next_token.unsqueeze(1)], 1).scatter(
@@ -214,7 +214,7 @@ def commit(drafter, cache: StepCache, rows: StepRows, shape: StepShape, tree: Dr
     mtp = drafter(run, hidden, pos, cache.kv, cache.pe, pos, mask, acc.n_accepted.unsqueeze(1), shape.draft_vocab,
                   block_table=cache.block_table)
     return StepResult(run, acc.n_accepted, lengths + acc.n_accepted + 1, acc.next_token, mtp.logits[:, 0],
-                      mtp.hidden(shape.draft_hidden)[:, 0], None, tree, acc.path)
+                      mtp.hidden(shape.draft_hidden_kind)[:, 0], None, tree, acc.path)
 
 
 def catch_up(drafter, cache: StepCache, lengths: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor,
@@ -227,7 +227,7 @@ def catch_up(drafter, cache: StepCache, lengths: torch.Tensor, tokens: torch.Ten
     pos = first.unsqueeze(1) + torch.arange(width, device=lengths.device)
     mtp = drafter(tokens, hidden, pos, cache.kv, cache.pe, pos, visible_slots(first, width, cache.n_slots),
                   torch.full_like(lengths, width - 1).unsqueeze(1), shape.draft_vocab, block_table=cache.block_table)
-    return mtp.logits[:, 0], mtp.hidden(shape.draft_hidden)[:, 0]
+    return mtp.logits[:, 0], mtp.hidden(shape.draft_hidden_kind)[:, 0]
 
 
 def target_tokens(logits: torch.Tensor, rows: StepRows, shape: StepShape, draws: torch.Tensor | None) -> torch.Tensor:
@@ -249,9 +249,10 @@ def move_slots(cache: StepCache, src: torch.Tensor, dst: torch.Tensor) -> None:
         pool[:, dst_block, dst % size] = pool[:, src_block, src % size]
 
 
-def _verifier_state(out: ForwardOutput, shape: StepShape) -> torch.Tensor:
-    """The verifier state that feeds the MTP layer (`SpecConfig.verifier_hidden`)."""
-    return out.hidden if shape.verifier_hidden == "normed" else out.hidden_prenorm
+def verifier_state(out: ForwardOutput, kind: str) -> torch.Tensor:
+    """The verifier state `[B, T, dim]` that feeds the MTP layer: `kind` "normed" (after model.norm)
+    or "prenorm" (`SpecConfig.verifier_hidden_kind`)."""
+    return out.hidden if kind == "normed" else out.hidden_prenorm
 
 
 class StepNoise:

@@ -95,7 +95,7 @@ def test_hidden_state_options_are_also_lossless(tiny):
     plain = tiny.generate(prompts, max_new_tokens=16).token_ids
     for vh in ("normed", "prenorm"):
         for dh in ("normed", "prenorm"):
-            spec = SpecConfig(depth=3, verifier_hidden=vh, draft_hidden=dh)
+            spec = SpecConfig(depth=3, verifier_hidden_kind=vh, draft_hidden_kind=dh)
             assert assert_same_or_tie(tiny, prompts, tiny.generate(prompts, max_new_tokens=16, spec=spec).token_ids,
                                       plain) == 0
 
