@@ -9,13 +9,16 @@ Reported: output tokens/s (all new tokens / wall seconds of the run), TTFT and T
 tau and tokens kept per request-step (the decoder's counts over the run), and, at each closed-loop
 concurrency, static batching (the same server, admitting only into an empty batch of at most C
 requests, adaptive MTP) for the same requests: what continuous batching gains over a batch that
-waits for its slowest row, with the same HTTP path.
+waits for its slowest row, with the same HTTP path. `--repeats` rounds each serve every
+configuration in turn (the order rotating), and a table figure is the median over rounds, so the
+drift of a shared machine lands on every configuration alike.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import statistics
 import socket
 import threading
 import time
@@ -191,6 +194,42 @@ def _summary(label: str, mode: str, results: list[dict], wall: float, counts_bef
             "kept_per_row_step": (tokens - len(results)) / row_steps if row_steps else None}
 
 
+def _serve_loads(served: _Served, label: str, static: bool, jobs: list[tuple[str, int]], clients: list[int],
+                 rates: list[float], seed: int, bar) -> list[dict]:
+    """One configuration's loads against its server: each closed-loop client count, then (unless static)
+    each Poisson rate; one summary per load (`_summary`)."""
+    counts = served.server.scheduler.decoder.counts
+    snap = lambda: (counts.row_steps, counts.emitted)  # noqa: E731
+    _closed_loop(served.url, jobs[: min(4, len(jobs))], min(4, len(jobs)))  # warm-up
+    out = []
+    for c in clients:
+        if static:  # a batch of at most c requests at a time
+            served.server.scheduler.max_rows = c
+        before = snap()
+        results, wall = _closed_loop(served.url, jobs, c)
+        out.append(_summary(label, f"closed {c} clients", results, wall, before, snap()))
+        bar.update(1)
+    for rate in ([] if static else rates):
+        before = snap()
+        results, wall = _poisson(served.url, jobs, rate, seed)
+        out.append(_summary(label, f"Poisson {rate:g}/s", results, wall, before, snap()))
+        bar.update(1)
+    return out
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """One table row from a load's rounds: each figure the median over rounds (`vs_plain` the median of
+    the per-round ratios, each against plain decoding in the same round), `rounds` how many."""
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        if key not in ("config", "mode", "round") and isinstance(value, (int, float)):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+    row["rounds"] = len(runs)
+    del row["round"]
+    return row
+
+
 def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     clients = parse_int_list(a.clients, "--clients")
     rates = parse_float_list(a.rates, "--rates") if a.rates else []
@@ -202,7 +241,6 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     jobs = [(prompts[i % len(prompts)].prompt, a.max_new_tokens) for i in range(n_requests)]
     configs = [("plain", None, False), ("adaptive 3", SpecConfig(depth=3), False),
                ("adaptive 3, static batching", SpecConfig(depth=3), True)]
-    rows: list[dict] = []
     stalls: list[dict] = []
     long_prompt = []
     if a.long_prompt:
@@ -213,36 +251,31 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         while len(long_prompt) < a.long_prompt:
             long_prompt += ids
         long_prompt = long_prompt[: a.long_prompt]
-    bar = progress(2 * (len(clients) + len(rates)) + len(clients), "serve")
-    for label, spec, static in configs:
-        served = _Served(eng, spec, max(clients + [a.max_batch]), static)
-        try:
-            counts = served.server.scheduler.decoder.counts
-            snap = lambda: (counts.row_steps, counts.emitted)  # noqa: E731
-            _closed_loop(served.url, jobs[: min(4, len(jobs))], min(4, len(jobs)))  # warm-up
-            for c in clients:
-                if static:  # a batch of at most c requests at a time
-                    served.server.scheduler.max_rows = c
-                before = snap()
-                results, wall = _closed_loop(served.url, jobs, c)
-                rows.append(_summary(label, f"closed {c} clients", results, wall, before, snap()))
-                bar.update(1)
-            if long_prompt and not static:
-                streams = max(1, min(min(clients), served.server.scheduler.max_rows - 1))  # a row left for it
-                stall = _long_prefill(served.url, [(p, 4 * n) for p, n in jobs], long_prompt, streams)
-                stalls.append({"config": label, "clients": streams,
-                               "prefill_tokens": served.server.scheduler.prefill_tokens, **stall})
-            for rate in ([] if static else rates):
-                before = snap()
-                results, wall = _poisson(served.url, jobs, rate, a.seed)
-                rows.append(_summary(label, f"Poisson {rate:g}/s", results, wall, before, snap()))
-                bar.update(1)
-        finally:
-            served.stop()
+    per_round = 2 * (len(clients) + len(rates)) + len(clients)
+    bar = progress(a.repeats * per_round, "serve")
+    rounds: list[list[dict]] = []
+    for r in range(a.repeats):  # every round serves every configuration, the order rotating
+        measured: list[dict] = []
+        for label, spec, static in configs[r % len(configs):] + configs[: r % len(configs)]:
+            served = _Served(eng, spec, max(clients + [a.max_batch]), static)
+            try:
+                measured += _serve_loads(served, label, static, jobs, clients, rates, a.seed, bar)
+                if long_prompt and not static and r == 0:
+                    streams = max(1, min(min(clients), served.server.scheduler.max_rows - 1))  # a row left for it
+                    stall = _long_prefill(served.url, [(p, 4 * n) for p, n in jobs], long_prompt, streams)
+                    stalls.append({"config": label, "clients": streams,
+                                   "prefill_tokens": served.server.scheduler.prefill_tokens, **stall})
+            finally:
+                served.stop()
+        plain = {m["mode"]: m["tokens_per_s"] for m in measured if m["config"] == "plain"}
+        for m in measured:
+            m["round"] = r
+            m["vs_plain"] = m["tokens_per_s"] / plain[m["mode"]] if m["mode"] in plain else None
+        rounds.append(measured)
     bar.close()
-    plain = {r["mode"]: r["tokens_per_s"] for r in rows if r["config"] == "plain"}
-    for r in rows:
-        r["vs_plain"] = r["tokens_per_s"] / plain[r["mode"]] if r["mode"] in plain else None
+    order = [(label, m["mode"]) for label, _, _ in configs for m in rounds[0] if m["config"] == label]
+    rows = [_median_row([m for measured in rounds for m in measured if (m["config"], m["mode"]) == key])
+            for key in order]
     headers = ["config", "load", "requests", "tokens/s", "× plain", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
                "TPOT p99 ms", "tau", "kept/row-step"]
     table = Table("Serving: streamed greedy completions", headers,
@@ -262,7 +295,10 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                 "clients": clients, "rates": rates, "max_batch": max(clients + [a.max_batch]),
                 "long_prompt": a.long_prompt}
     notes = ["one server per configuration on 127.0.0.1, same engine and requests; tokens/s: new tokens over the "
-             "run's wall seconds; × plain: against plain decoding under the same load",
+             "run's wall seconds; × plain: against plain decoding under the same load in the same round",
+             f"{a.repeats} round(s), each serving every configuration in turn (the order rotating by round); "
+             "every figure is the median over rounds (× plain: of the per-round ratios); the JSON's rounds hold "
+             "each round's",
              "tau: tokens emitted per row-step (bonus included, before budget cuts); kept/row-step: tokens the "
              "clients received after each request's first (the prefill's) per row-step: tau less what budget "
              "cuts drop",
@@ -274,5 +310,6 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                      "chunks (one step: one token plain, several with MTP), during = between the long prompt's "
                      "submission and its first token")
     report = Report("serve", "Serving under load", settings, rows + stalls, tables, notes)
+    report.extra = {"rounds": rounds}
     report.plots = [("tokens_per_s", lambda: plots.serve_tokens_per_s(rows))]
     return report
