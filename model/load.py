@@ -9,20 +9,9 @@ import torch
 from specdec.kernels.cpu_gemm import GemmTuner
 from specdec.model.args import ModelArgs, load_model_args
 from specdec.model.checkpoint import CheckpointReader, load_state, mtp_tensor_names
-from specdec.model.mla import MLA
-from specdec.model.moe import MoE
-from specdec.model.parallel import ParallelContext, prepare_cpu
+from specdec.model.parallel import ParallelContext
+from specdec.model.prepare import prepare_cpu, prepare_loaded
 from specdec.model.transformer import Transformer
-
-
-def prepare_loaded(module: torch.nn.Module) -> None:
-    """Work done once after loading, on every device: FP8 `kv_b_proj` dequantised for the absorbed
-    attention (`MLA.absorb_once`) and FP8 experts stacked for grouped GEMMs (`MoE.stack_fp8`)."""
-    for sub in module.modules():
-        if isinstance(sub, MLA):
-            sub.absorb_once()
-        elif isinstance(sub, MoE):
-            sub.stack_fp8()
 
 
 def load_verifier(

@@ -55,11 +55,6 @@ class MLA(nn.Module):
         if self.kv_b_proj.weight_scale_inv is not None:
             self.kv_b_absorbed = self._kv_b()
 
-    def fuse_for_cpu(self) -> None:
-        """Run q_a_proj and kv_a_proj_with_mqa (both read x) as one GEMM on the CPU (see `FusedLinears`)."""
-        if hasattr(self, "q_a_proj") and FusedLinears.possible([self.q_a_proj, self.kv_a_proj_with_mqa]):
-            self.q_kv_a = FusedLinears([self.q_a_proj, self.kv_a_proj_with_mqa])
-
     def _kv_b(self) -> torch.Tensor:
         """kv_b_proj weight as `[local_heads, nope_dim + v_dim, kv_lora_rank]` in the compute dtype."""
         if self.kv_b_absorbed is not None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from specdec import kernels
 from specdec.kernels import cpu_gemm
-from specdec.kernels.cpu_gemm import DEFAULT_PLAN, RowPlan, GemmTuner
+from specdec.kernels.cpu_gemm import DEFAULT_PLAN, RowPlan
 from specdec.model.errors import ConfigError
 
 
@@ -103,7 +103,7 @@ class Linear(nn.Module):
         else:
             self.register_parameter("weight_scale_inv", None)
 
-    gemm_plan: RowPlan | None = None  # the CPU formulation per row count once `prepare_cpu` ran
+    gemm_plan: RowPlan | None = None  # the CPU formulation per row count once prepared (`model.prepare`)
     weight_copy: torch.Tensor | None = None  # `[in, out]` contiguous copy when the plan runs "x_wcopy"
 
     def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
@@ -124,7 +124,7 @@ class Linear(nn.Module):
         """Set up the CPU path for an unquantised weight (call after loading): each call runs the
         formulation `plan` gives for its row count (`kernels.cpu_gemm`; default: keep the plan set
         before, else `DEFAULT_PLAN`). A plan that runs "x_wcopy" gets an `[in, out]` copy of the
-        weight (in × out more memory), which only `prepare_cpu(module, tuner)` offers, to heads."""
+        weight (in × out more memory), which only `model.prepare.prepare_cpu(module, tuner)` offers, to heads."""
         if self.weight_scale_inv is None:
             self.gemm_plan = plan or self.gemm_plan or DEFAULT_PLAN
             needs_copy = self.gemm_plan.needs_copy
@@ -176,34 +176,6 @@ class FusedLinears:
         if not _cpu_path(x, self.plan, self.weight):
             return [p(x) for p in self.parts]
         return list(_cpu_linear(x, self.weight, None, self.plan).split(self.sizes, dim=-1))
-
-
-def prepare_cpu(module: nn.Module, tuner: GemmTuner | None = None, heads: tuple[Linear, ...] = ()) -> None:
-    """Set up `module` for the CPU after loading: `fuse_for_cpu()` on every submodule that has one,
-    then a GEMM plan for every unquantised linear layer and fused group, timed by `tuner` on this
-    machine (None: the default formulation everywhere), then `tune_cpu(tuner)` on every submodule
-    that has one. Layers in `heads` (vocabulary heads) may also get a transposed copy of their
-    weight when the tuner finds it faster."""
-    for sub in module.modules():
-        if isinstance(sub, Linear):
-            sub.prepare_cpu()
-    for sub in module.modules():
-        if hasattr(sub, "fuse_for_cpu"):
-            sub.fuse_for_cpu()
-    if tuner is None:
-        return
-    fused = [v for sub in module.modules() for v in vars(sub).values() if isinstance(v, FusedLinears)]
-    parts = {id(p) for f in fused for p in f.parts}  # run through their group on the CPU
-    for f in fused:
-        f.plan = tuner.plan(*f.weight.shape)
-    for sub in module.modules():
-        if isinstance(sub, Linear) and sub.weight_scale_inv is None and id(sub) not in parts:
-            out, inp = sub.weight.shape
-            sub.prepare_cpu(tuner.plan(out, inp, allow_copy=any(sub is h for h in heads)))
-    for sub in module.modules():
-        if hasattr(sub, "tune_cpu"):  # module-level choices (MoE expert formulation)
-            sub.tune_cpu(tuner)
-    tuner.save()
 
 
 class ColumnParallelLinear(Linear):

@@ -22,10 +22,9 @@ from torch import nn
 
 from specdec.model.checkpoint import CheckpointReader, load_state
 from specdec.model.errors import CheckpointError, ConfigError
-from specdec.model.load import prepare_loaded
 from specdec.model.mtp_layer import MTPLayer
 from specdec.kernels.cpu_gemm import GemmTuner
-from specdec.model.parallel import prepare_cpu
+from specdec.model.prepare import prepare_cpu, prepare_loaded
 from specdec.model.transformer import Transformer
 
 HiddenChoice = Literal["normed", "prenorm"]  # which hidden state feeds the (next) MTP step

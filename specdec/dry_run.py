@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from specdec.model.args import ModelArgs
-from specdec.model.load import prepare_loaded
+from specdec.model.prepare import prepare_loaded
 from specdec.model.parallel import ParallelContext
 from specdec.mtp.drafter import MTPDrafter
 from specdec.cache import LatentCache

@@ -17,6 +17,7 @@ from specdec.model.errors import CheckpointError
 from specdec.model.fp8_cast_bf16 import cast
 from specdec.model.load import load_verifier
 from specdec.model.parallel import ParallelContext
+from specdec.model.prepare import GroupedFP8Experts
 from specdec import Engine
 from tests.conftest import run_cli
 
@@ -241,18 +242,18 @@ def test_fp8_experts_run_grouped_like_one_by_one(fp8_ckpt, local):
     rank holds only some experts (expert parallelism: the others' slots give zeros)."""
     model, _ = load_verifier(fp8_ckpt, ParallelContext(), keep_fp8=True, show_progress=False)
     moe = model.model.layers[1].mlp
-    assert moe.fp8_stacked is not None
-    w, _ = moe.fp8_stacked["down_proj"]
+    assert isinstance(moe.routed_backend, GroupedFP8Experts)
+    w, _ = moe.routed_backend.stacks["down_proj"]
     assert moe.experts[str(moe.local_experts.start)].down_proj.weight.data_ptr() == w.data_ptr()  # views, no copy
     if local is not None:
         moe.local_experts = range(*local)
-        moe.stack_fp8()
+        moe.routed_backend = GroupedFP8Experts(moe)
     flat = torch.randn(7, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(3))
     weights, indices = moe.gate(flat)
     with torch.inference_mode():
-        grouped = moe._routed_local(flat, weights, indices, "loop")
-        stacked, moe.fp8_stacked = moe.fp8_stacked, None
-        one_by_one = moe._routed_local(flat, weights, indices, "loop")
+        grouped = moe.routed_backend(flat, weights, indices)
+        stacked = moe.routed_backend.stacks
+        one_by_one = moe.routed_local(flat, weights, indices)
     torch.testing.assert_close(grouped, one_by_one, rtol=1e-5, atol=1e-5)
     if local is not None:
         others = ~((indices >= local[0]) & (indices < local[1])).any(dim=1)

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from specdec.model.errors import ConfigError
+from specdec.kernels import experts
 from specdec.model.moe import MoE
+from specdec.model.prepare import StackedExperts
 from specdec import Engine, SpecConfig
 from specdec.cache import LatentCache
 from specdec.compiled import check_compile_supported, row_bucket
@@ -31,18 +33,20 @@ def engines(f32_ckpt):
 @pytest.mark.parametrize("tokens", [1, 3, 4, 8, 9, 64])
 def test_routed_static_equals_sorted_dispatch(engines, tokens, path, monkeypatch):
     moe = next(m for m in engines[0].model.modules() if isinstance(m, MoE))
-    assert moe.stacked is not None
+    stacked = moe.routed_backend
+    assert isinstance(stacked, StackedExperts)
     if path == "all experts":
-        monkeypatch.setattr("specdec.model.moe.GATHER_MAX_BYTES", 0)
+        monkeypatch.setattr("specdec.kernels.experts.GATHER_MAX_BYTES", 0)
     x = torch.randn(tokens, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(tokens))
     with torch.inference_mode():
         weights, indices = moe.gate(x)
-        torch.testing.assert_close(moe._routed_static(x, weights, indices), moe(x), rtol=1e-5, atol=1e-5)
+        static = experts.gathered(x, weights, indices, moe.local_experts.start, stacked.gate_up, stacked.down)
+        torch.testing.assert_close(static + moe.shared_experts(x), moe(x), rtol=1e-5, atol=1e-5)
 
 
 def test_stacked_experts_share_the_parameters(engines):
     moe = next(m for m in engines[0].model.modules() if isinstance(m, MoE))
-    gate_up, down = moe.stacked
+    gate_up, down = moe.routed_backend.gate_up, moe.routed_backend.down
     first = moe.experts[str(moe.local_experts.start)]
     assert first.gate_proj.weight.data_ptr() == gate_up[0].data_ptr()
     assert first.down_proj.weight.data_ptr() == down[0].data_ptr()

@@ -100,8 +100,8 @@ def test_decoded_tokens_do_not_depend_on_the_choice(f32_ckpt, forced, experts, t
     head = chosen.model.lm_head
     assert head.gemm_plan.for_rows(1) == forced and default.model.lm_head.gemm_plan.for_rows(1) == DEFAULT
     moe = chosen.model.model.layers[-1].mlp
-    assert moe.expert_plan.for_rows(4) == experts
-    assert set(default.model.model.layers[-1].mlp.expert_plan.by_bucket) == {"loop"}  # measuring off: the default
+    assert moe.routed_backend.plan.for_rows(4) == experts
+    assert set(default.model.model.layers[-1].mlp.routed_backend.plan.by_bucket) == {"loop"}  # measuring off: the default
     if forced == "w_xt":
         assert chosen.model.model.layers[0].self_attn.q_kv_a.plan.for_rows(3) == "w_xt"  # fused groups too
     prompts = [[5, 17, 300, 41], [9, 8, 7]]
@@ -119,4 +119,4 @@ def test_moe_layers_get_a_timed_expert_plan(f32_ckpt, tmp_path):
     assert len(moe_entries) == 1  # every MoE layer has one shape: timed once
     entry = next(iter(moe_entries.values()))
     assert set(entry["us"]["4"]) == {"loop", "dense"} and all(t > 0 for t in entry["us"]["4"].values())
-    assert eng.model.model.layers[-1].mlp.expert_plan.by_bucket == tuple(entry["plan"])
+    assert eng.model.model.layers[-1].mlp.routed_backend.plan.by_bucket == tuple(entry["plan"])

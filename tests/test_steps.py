@@ -50,7 +50,7 @@ def first_step(monkeypatch, eng, run) -> tuple[StepCache, object, StepShape]:
 
 def assert_same(x, y, name: str) -> None:
     """Integer tensors (tokens, counts, lengths) exactly; float ones to rounding: traced forwards run
-    the model's compiled formulations (`MoE._routed_static`), which sum in another order."""
+    the model's compiled formulations (`kernels.experts.gathered`), which sum in another order."""
     if x is None or y is None:
         assert x is None and y is None, name
     elif x.is_floating_point():
