@@ -11,7 +11,8 @@
 #    pip-installed only if they do not import.
 # 2. Kernels: bench/gpu_kernels.py compiles the Triton kernels of kernels/ for this GPU and
 #    compares them with the torch references (act_quant and weight_dequant bit-exact, fp8_gemm,
-#    grouped_fp8_gemm and mla_attention within tolerance, including DeepSeek-V3 sizes). The test suite only runs
+#    grouped_fp8_gemm and mla_attention within tolerance, including DeepSeek-V3 sizes, and mla_attention
+#    over a paged cache equal to it over dense rows). The test suite only runs
 #    them under TRITON_INTERPRET=1 on the CPU.
 # 3. FP8 GEMM micro-benchmark: Triton fp8_gemm / fp8_linear vs dequant+matmul vs BF16 matmul at
 #    DeepSeek-V3 671B projection shapes, TFLOP/s, and the grouped FP8 expert GEMM (one launch for

@@ -222,6 +222,44 @@ def check_attention_deepseek_sizes() -> None:
     compare_attention(operands(2, 9, 16, 4096, 97, c=512, r=64), tree, scale, "tree verify, float32")
 
 
+def paged(ops, page: int, seed: int):
+    """ops' kv / pe rows in block pools of `page` slots with shuffled blocks (block 0 never handed
+    out): (kv pool, pe pool, block table `[B, blocks per row]`)."""
+    _, _, kv, pe = ops
+    b, s = kv.shape[:2]
+    per_row = -(-s // page)
+    n_blocks = 1 + b * per_row
+    table = (torch.randperm(n_blocks - 1, generator=_gen(seed), device=DEV)[: b * per_row] + 1).view(b, per_row)
+    pools = []
+    for rows in (kv, pe):
+        pool = torch.zeros(n_blocks, page, rows.shape[-1], dtype=rows.dtype, device=DEV)
+        padded = torch.zeros(b, per_row * page, rows.shape[-1], dtype=rows.dtype, device=DEV)
+        padded[:, :s] = rows
+        pool[table.flatten()] = padded.view(b * per_row, page, -1)
+        pools.append(pool)
+    return pools[0], pools[1], table
+
+
+def check_attention_paged() -> None:
+    """Over block pools read through a block table (the paged cache of the server) the kernel
+    equals itself over the dense rows, bit for bit; DeepSeek-V3 sizes when not a dry run."""
+    from specdec.kernels import triton_attention
+
+    lengths = torch.tensor([5, 33, 64, 100], device=DEV)
+    cases = [(operands(4, 1, 16, 100, 110), (torch.arange(100, device=DEV) < lengths[:, None]).unsqueeze(1), 16,
+              0.09, "ragged decode, page 16"),
+             (operands(2, 12, 4, 45, 111), tree_mask([30, 7], [12, 9], 12, 45, 112), 8, 0.09, "tree, page 8")]
+    if LARGE:
+        lengths = torch.tensor([4096, 1000, 3000, 17], device=DEV)
+        cases.append((operands(4, 1, 16, 4096, 113, c=512, r=64, dtype=torch.bfloat16),
+                      (torch.arange(4096, device=DEV) < lengths[:, None]).unsqueeze(1), 64, 192 ** -0.5,
+                      "decode, 16 heads, bf16, page 64"))
+    for ops, mask, page, scale, label in cases:
+        kv_pool, pe_pool, table = paged(ops, page, 114)
+        got = triton_attention.mla_attention(*ops[:2], kv_pool, pe_pool, mask, scale, block_table=table)
+        assert torch.equal(got, triton_attention.mla_attention(*ops, mask, scale)), f"{label}: paged != dense"
+
+
 CHECKS: dict[str, tuple[Callable[[], None], bool]] = {  # name -> (check, needs FP8)
     "grouped_fp8_gemm": (check_grouped_fp8_gemm, True),
     "act_quant": (check_act_quant, True),
@@ -231,6 +269,7 @@ CHECKS: dict[str, tuple[Callable[[], None], bool]] = {  # name -> (check, needs 
     "attention_masks": (check_attention_masks, False),
     "attention_dtypes_and_views": (check_attention_dtypes_and_views, False),
     "attention_deepseek_sizes": (check_attention_deepseek_sizes, False),
+    "attention_paged": (check_attention_paged, False),
 }
 
 

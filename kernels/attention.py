@@ -24,6 +24,7 @@ from types import ModuleType
 
 import torch
 
+from . import paged
 from .dispatch import resolve_impl
 
 
@@ -84,6 +85,7 @@ def mla_attention(
     mask: torch.Tensor,
     softmax_scale: float,
     impl: str = "auto",
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked latent attention; shapes as in `mla_attention_reference`.
 
@@ -91,10 +93,17 @@ def mla_attention(
         q_latent, q_pe, kv, pe, mask, softmax_scale: see `mla_attention_reference`. Strided
             views (e.g. `kv_cache[:, :kv_len]`) are read in place by the Triton kernel.
         impl: "auto", "torch" or "triton" (see the module docstring).
+        block_table: for a paged cache: kv `[n_blocks, block_size, C]` / pe `[n_blocks, block_size, R]`
+            are one layer's block pools and `block_table` `[≥B, max_blocks]` lists row b's blocks
+            (`kernels.paged`); S is the mask's last dim. The Triton kernel reads the blocks in place;
+            the reference gathers the rows first (`paged.dense_rows`).
     Returns:
         `[B, T, H, C]` in q_latent's dtype; zeros for queries whose mask row is all False.
     """
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_latent, q_pe, kv, pe))
     if _use_triton(impl, q_latent, needs_grad):
-        return _triton_impl().mla_attention(q_latent, q_pe, kv, pe, mask, softmax_scale)
+        return _triton_impl().mla_attention(q_latent, q_pe, kv, pe, mask, softmax_scale, block_table=block_table)
+    if block_table is not None:
+        batch, n_slots = q_latent.shape[0], mask.shape[-1]
+        kv, pe = (paged.dense_rows(pool, block_table, batch, n_slots) for pool in (kv, pe))
     return mla_attention_reference(q_latent, q_pe, kv, pe, mask, softmax_scale)

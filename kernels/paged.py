@@ -22,9 +22,15 @@ def write_slots(pool: torch.Tensor, layer: int, table: torch.Tensor, slots: torc
 
 
 def gather_rows(pool: torch.Tensor, layer: int, table: torch.Tensor, batch: int, n_slots: int) -> torch.Tensor:
-    """Slots 0..n_slots-1 of the first `batch` table rows as one contiguous tensor `[batch, n_slots, D]`
-    (a copy: the torch attention reads dense rows)."""
-    block_size = pool.shape[2]
+    """Slots 0..n_slots-1 of the first `batch` table rows of `pool[layer]` as one contiguous tensor
+    `[batch, n_slots, D]` (a copy: `dense_rows`)."""
+    return dense_rows(pool[layer], table, batch, n_slots)
+
+
+def dense_rows(layer_pool: torch.Tensor, table: torch.Tensor, batch: int, n_slots: int) -> torch.Tensor:
+    """Slots 0..n_slots-1 of the first `batch` table rows of one layer's pool `[n_blocks, block, D]` as
+    one contiguous tensor `[batch, n_slots, D]` (a copy: the torch attention reads dense rows)."""
+    block_size = layer_pool.shape[1]
     n_blocks = -(-n_slots // block_size)
-    rows = pool[layer][table[:batch, :n_blocks]]  # [batch, n_blocks, block, D]
+    rows = layer_pool[table[:batch, :n_blocks]]  # [batch, n_blocks, block, D]
     return rows.flatten(1, 2)[:, :n_slots]

@@ -29,6 +29,11 @@ Masking. A query row that sees no slot keeps acc = 0 and sum = 0 and its output 
 Strides. q_latent, q_pe, kv, pe and mask are read through their strides (no copies), so
 `kv_cache[:, :kv_len]` slices, permuted query views and broadcast (stride-0) masks cost nothing.
 
+Paged caches. With a block table, kv / pe are one layer's block pools `[n_blocks, block_size, ·]`
+(`specdec.paged_cache`) and each cache tile's rows are found through the table (one extra load of
+BLOCK_S block ids per tile), so a step reads the blocks where they lie instead of gathering every
+row's slots into a dense copy first.
+
 Precision. float32 inputs use IEEE fp32 dots (no TF32). For bf16/fp16 inputs the dots take the
 input dtype with float32 accumulation, and the softmax numerators are rounded to kv's dtype
 before the second dot (as the reference does). Under TRITON_INTERPRET=1 (fixed when this
@@ -89,10 +94,21 @@ def _visible_range(mask_ptr, b, rows, H, M, s_begin, s_end, stride_b, stride_t, 
 
 
 @triton.jit
-def _cache_block(ptr, b, slots, hi, cols, n_cols, stride_b, stride_s, stride_c):
-    """Load `[BLOCK_S, BLOCK_COLS]` cache entries of batch row b; slots >= hi or cols >= n_cols read 0."""
-    offs = b.to(tl.int64) * stride_b + slots[:, None] * stride_s + cols[None, :] * stride_c
-    return tl.load(ptr + offs, mask=(slots[:, None] < hi) & (cols[None, :] < n_cols), other=0.0)
+def _cache_block(ptr, b, slots, hi, cols, n_cols, stride_b, stride_s, stride_c,
+                 table_ptr, stride_tb, page, PAGED: tl.constexpr):
+    """Load `[BLOCK_S, BLOCK_COLS]` cache entries of batch row b; slots >= hi or cols >= n_cols read 0.
+
+    Dense (not PAGED): entry (b, s) at `b * stride_b + s * stride_s`. PAGED: the pool holds blocks
+    of `page` slots and slot s of row b lives in block `table[b, s // page]` at offset `s % page`
+    (`stride_b` is then the pool's block stride)."""
+    ok = slots < hi
+    if PAGED:
+        block = tl.load(table_ptr + b.to(tl.int64) * stride_tb + slots // page, mask=ok, other=0)
+        rows = block.to(tl.int64) * stride_b + (slots % page) * stride_s
+    else:
+        rows = b.to(tl.int64) * stride_b + slots * stride_s
+    offs = rows[:, None] + cols[None, :] * stride_c
+    return tl.load(ptr + offs, mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
 
 
 @triton.jit
@@ -136,8 +152,9 @@ def _mla_attention_kernel(
     skv_b, skv_s, skv_c,
     spe_b, spe_s, spe_r,
     sm_b, sm_t, sm_s,
+    table_ptr, st_b, page,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr,
 ):
     """Attention of BLOCK_M flattened (query, head) rows of batch row b over one slot range.
 
@@ -145,7 +162,8 @@ def _mla_attention_kernel(
     Without SPLIT it writes normalised rows of `out[B, M, C]` (contiguous); with SPLIT it writes
     the unnormalised accumulator to `out[B, M, num_splits, C]` and (max, sum) to
     `ml[B, M, num_splits, 2]` (float32, base-2 max) for `_merge_splits_kernel`.
-    UPCAST: do the dots in float32 (see `_dot`).
+    UPCAST: do the dots in float32 (see `_dot`). PAGED: kv / pe are block pools read through the
+    block table (see `_cache_block`).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -163,8 +181,8 @@ def _mla_attention_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for start in range(lo, hi, BLOCK_S):
         slots = start + tl.arange(0, BLOCK_S)
-        kv = _cache_block(kv_ptr, b, slots, hi, cols_c, C, skv_b, skv_s, skv_c)
-        pe = _cache_block(pe_ptr, b, slots, hi, cols_r, R, spe_b, spe_s, spe_r)
+        kv = _cache_block(kv_ptr, b, slots, hi, cols_c, C, skv_b, skv_s, skv_c, table_ptr, st_b, page, PAGED)
+        pe = _cache_block(pe_ptr, b, slots, hi, cols_r, R, spe_b, spe_s, spe_r, table_ptr, st_b, page, PAGED)
         logits = _dot(q, tl.trans(kv), UPCAST) + _dot(q_pe, tl.trans(pe), UPCAST)
         vis = _visible(mask_ptr, b, rows, H, M, slots, hi, sm_b, sm_t, sm_s)
         m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST)
@@ -211,13 +229,26 @@ INTERPRETED: bool = isinstance(_mla_attention_kernel, InterpretedFunction)
 
 
 def _check_operands(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
-                    mask: torch.Tensor) -> None:
+                    mask: torch.Tensor, block_table: torch.Tensor | None) -> None:
     """Raise ValueError unless the operands have the shapes, dtypes and device the kernel needs."""
     if q_latent.dim() != 4 or q_pe.dim() != 4 or kv.dim() != 3 or pe.dim() != 3 or mask.dim() != 3:
-        raise ValueError("mla_attention expects q_latent/q_pe [B, T, H, *], kv/pe [B, S, *], mask [B, T, S]")
+        raise ValueError("mla_attention expects q_latent/q_pe [B, T, H, *], kv/pe [B, S, *] (paged: "
+                         "[blocks, block_size, *]), mask [B, T, S]")
     b, t, h, c = q_latent.shape
-    s, r = kv.shape[1], pe.shape[2]
-    expected = {"q_pe": (b, t, h, r), "kv": (b, s, c), "pe": (b, s, r)}
+    r = pe.shape[2]
+    if block_table is None:
+        s = kv.shape[1]
+        expected = {"q_pe": (b, t, h, r), "kv": (b, s, c), "pe": (b, s, r)}
+    else:
+        s = mask.shape[2]
+        n_blocks, page = kv.shape[:2]
+        expected = {"q_pe": (b, t, h, r), "kv": (n_blocks, page, c), "pe": (n_blocks, page, r)}
+        if block_table.dim() != 2 or block_table.shape[0] < b or block_table.shape[1] * page < s:
+            raise ValueError(f"block_table shape {tuple(block_table.shape)} does not cover {b} rows of {s} "
+                             f"slots in blocks of {page}")
+        if block_table.dtype not in (torch.int32, torch.int64) or block_table.device != kv.device:
+            raise ValueError(f"block_table must be int32/int64 on {kv.device}, got {block_table.dtype} on "
+                             f"{block_table.device}")
     for name, tensor in (("q_pe", q_pe), ("kv", kv), ("pe", pe)):
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{name} shape {tuple(tensor.shape)} != {expected[name]}")
@@ -273,8 +304,9 @@ def mla_attention(
     mask: torch.Tensor,
     softmax_scale: float,
     num_splits: int | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of `kernels.attention.mla_attention_reference`.
+    """Triton version of `kernels.attention.mla_attention_reference`, over a dense or a paged cache.
 
     Args:
         q_latent: `[B, T, H, C]` float32/bf16/fp16 (any strides).
@@ -285,13 +317,17 @@ def mla_attention(
         softmax_scale: multiplier on the logits.
         num_splits: slot ranges processed in parallel and merged (flash decoding); None picks
             one from the GPU's SM count (1 on CPU). Clamped to the number of BLOCK_S blocks.
+        block_table: None: kv / pe are dense rows as above. Paged: kv `[n_blocks, block_size, C]` and
+            pe `[n_blocks, block_size, R]` are one layer's block pools, `block_table` `[≥B, max_blocks]`
+            int32/int64 lists row b's blocks in order (slot s in block `block_table[b, s // block_size]`),
+            and S is the mask's last dim; the kernel reads the blocks in place (no gather).
     Returns:
         `[B, T, H, C]` contiguous tensor in q_latent's dtype; all-zero for queries whose mask
         row is all False.
     """
-    _check_operands(q_latent, q_pe, kv, pe, mask)
+    _check_operands(q_latent, q_pe, kv, pe, mask, block_table)
     bsz, t, h, c = q_latent.shape
-    s, r = kv.shape[1], pe.shape[2]
+    s, r = (kv.shape[1] if block_table is None else mask.shape[2]), pe.shape[2]
     mask = mask.expand(bsz, t, s).view(torch.uint8)
     m = t * h
     if q_latent.numel() == 0 or s == 0:
@@ -311,7 +347,9 @@ def mla_attention(
         q_latent, q_pe, kv, pe, mask, part, ml,
         h, m, c, r, s, per_split, num_splits, softmax_scale * LOG2E,
         *q_latent.stride(), *q_pe.stride(), *kv.stride(), *pe.stride(), *mask.stride(),
-        SPLIT=split, UPCAST=INTERPRETED, **cfg,
+        mask if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
+        1 if block_table is None else kv.shape[1],
+        SPLIT=split, UPCAST=INTERPRETED, PAGED=block_table is not None, **cfg,
     )
     if split:
         _merge_splits_kernel[(bsz * m,)](

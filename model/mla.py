@@ -120,6 +120,7 @@ class MLA(nn.Module):
         k_pe = rotate(k_pe.unsqueeze(2), rope).squeeze(2)
 
         kv_len = attn_mask.shape[-1]
+        table = None  # attention reads the paged pools through it (`kernels.mla_attention`)
         if block_table is None:
             rows = torch.arange(bsz, device=x.device).unsqueeze(1)
             where = (rows.new_full((), layer), rows, write_slots)
@@ -129,8 +130,11 @@ class MLA(nn.Module):
         else:
             paged.write_slots(kv_pool, layer, block_table, write_slots, self._stored_latent(latent, kv_pool))
             paged.write_slots(pe_pool, layer, block_table, write_slots, k_pe)
-            kv = paged.gather_rows(kv_pool, layer, block_table, bsz, kv_len)
-            pe = paged.gather_rows(pe_pool, layer, block_table, bsz, kv_len)
+            if fp8_cache.is_fp8(kv_pool):  # decoded from dense rows
+                kv = paged.gather_rows(kv_pool, layer, block_table, bsz, kv_len)
+                pe = paged.gather_rows(pe_pool, layer, block_table, bsz, kv_len)
+            else:
+                kv, pe, table = kv_pool[layer], pe_pool[layer], block_table[:bsz]
         if fp8_cache.is_fp8(kv):
             kv = fp8_cache.decode(kv, self.compute_dtype())
         w_kv_b = self._kv_b()
@@ -138,7 +142,7 @@ class MLA(nn.Module):
         # absorb W_uk into the queries: per head [B·T, nope] @ [nope, C] (one batched GEMM over heads)
         q_latent = torch.bmm(q_nope.reshape(bsz * seqlen, heads, self.nope_dim).transpose(0, 1),
                              w_kv_b[:, : self.nope_dim]).transpose(0, 1).reshape(bsz, seqlen, heads, -1)
-        out_latent = kernels.mla_attention(q_latent, q_pe, kv, pe, attn_mask, self.softmax_scale)
+        out_latent = kernels.mla_attention(q_latent, q_pe, kv, pe, attn_mask, self.softmax_scale, block_table=table)
         # W_uv after attention: per head [B·T, C] @ [C, v]
         out = torch.bmm(out_latent.reshape(bsz * seqlen, heads, -1).transpose(0, 1),
                         w_kv_b[:, self.nope_dim :].transpose(1, 2))

@@ -95,6 +95,30 @@ def mixed_case() -> tuple[Operands, torch.Tensor]:
     return operands(2, 6, 3, 15, seed=2, c=16, r=8), mask
 
 
+def paged_operands(ops: Operands, page: int, seed: int,
+                   index_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ops' kv / pe rows stored in block pools of `page` slots, each row's blocks drawn at random from
+    the pool (block 0 never handed out, as `specdec.paged_cache` does; one table column to spare,
+    pointing at it): (kv pool `[n_blocks, page, C]`, pe pool `[n_blocks, page, R]`, block table
+    `[B, blocks per row + 1]`). Slots no row holds are finite noise, as stale cache entries are."""
+    _, _, kv, pe = ops
+    b, s = kv.shape[:2]
+    per_row = -(-s // page)
+    n_blocks = 1 + b * per_row + 3
+    g = torch.Generator().manual_seed(seed)
+    table = torch.zeros(b, per_row + 1, dtype=index_dtype)
+    table[:, :per_row] = (torch.randperm(n_blocks - 1, generator=g)[: b * per_row] + 1).view(b, per_row)
+    pools = []
+    for rows in (kv, pe):
+        pool = torch.randn(n_blocks, page, rows.shape[-1], generator=g).to(rows.dtype)
+        for row in range(b):
+            for j in range(per_row):
+                part = rows[row, j * page : (j + 1) * page]
+                pool[table[row, j], : part.shape[0]] = part
+        pools.append(pool)
+    return pools[0], pools[1], table
+
+
 # ------------------------------------------------------------- 1. reference correctness
 
 
@@ -137,6 +161,16 @@ def test_reference_unchanged_for_queries_that_see_slots(dtype: torch.dtype) -> N
     exact = loop_attention(q, qp, kv, pe, mask, 0.3)
     tol64 = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 6e-2}
     torch.testing.assert_close(new[~padding].double(), exact[~padding], **tol64)
+
+
+@pytest.mark.parametrize("page", [4, 16])
+def test_reference_over_a_paged_cache_equals_dense_rows(page: int) -> None:
+    """With a block table, the torch path gathers each row's blocks and attends exactly as over the
+    dense rows they hold."""
+    (q, qp, kv, pe), mask = mixed_case()
+    kv_pool, pe_pool, table = paged_operands((q, qp, kv, pe), page, seed=5)
+    got = attention.mla_attention(q, qp, kv_pool, pe_pool, mask, 0.3, impl="torch", block_table=table)
+    assert torch.equal(got, kernels.mla_attention_reference(q, qp, kv, pe, mask, 0.3))
 
 
 # ------------------------------------------- 2. Triton kernel (interpreter subprocess)
@@ -281,6 +315,45 @@ def _check_dispatch_and_validation() -> None:
             raise AssertionError(f"no ValueError for {message!r}")
 
 
+def _check_paged_cache() -> None:
+    """Over block pools read through a block table the kernel computes what it computes over the
+    dense rows those blocks hold, bit for bit (same values, same order), for decode, trees, splits,
+    pages that are not a power of two or smaller than a tile, int32 tables and bf16."""
+    from specdec.kernels import triton_attention
+
+    lengths = torch.tensor([5, 33, 64, 100])
+    decode = (torch.arange(100) < lengths[:, None]).unsqueeze(1)
+    cases = [(operands(4, 1, 16, 100, seed=100), decode, 16, None, torch.int64, "ragged decode, page 16"),
+             (operands(2, 10, 3, 90, seed=101), tree_mask([70, 3], [10, 6], 10, 90, seed=102), 5, None,
+              torch.int32, "tree, page 5, int32 table"),
+             (operands(2, 10, 3, 90, seed=103), tree_mask([70, 3], [10, 6], 10, 90, seed=104), 64, 3,
+              torch.int64, "tree, page 64, 3 splits"),
+             (operands(2, 12, 4, 45, seed=105, dtype=torch.bfloat16), tree_mask([30, 7], [12, 9], 12, 45, seed=106),
+              8, 2, torch.int64, "bf16, page 8, 2 splits")]
+    for ops, mask, page, splits, index_dtype, label in cases:
+        kv_pool, pe_pool, table = paged_operands(ops, page, seed=107, index_dtype=index_dtype)
+        q, qp = ops[:2]
+        got = triton_attention.mla_attention(q, qp, kv_pool, pe_pool, mask, 0.09, num_splits=splits, block_table=table)
+        dense = triton_attention.mla_attention(*ops, mask, 0.09, num_splits=splits)
+        assert torch.equal(got, dense), f"{label}: paged differs from dense"
+        tol = FP32_TOL if ops[0].dtype == torch.float32 else {"rtol": 2.0**-6, "atol": 2.0**-6}
+        _compare(ops, mask, 0.09, label, num_splits=splits, tol=tol)
+        via_dispatch = kernels.mla_attention(q, qp, kv_pool, pe_pool, mask, 0.09, impl="triton", block_table=table)
+        if splits is None:
+            assert torch.equal(via_dispatch, got), f"{label}: dispatch"
+    ops = operands(2, 3, 2, 20, seed=108)
+    kv_pool, pe_pool, table = paged_operands(ops, 8, seed=109)
+    for bad_table, message in ((table[:, :2], "does not cover"), (table.float(), "int32/int64"),
+                               (table[:1], "does not cover")):
+        try:
+            triton_attention.mla_attention(*ops[:2], kv_pool, pe_pool, prefill_mask([10, 17], [3, 3], 3, 20), 0.1,
+                                           block_table=bad_table)
+        except ValueError as e:
+            assert message in str(e), f"wrong error for {message!r}: {e}"
+        else:
+            raise AssertionError(f"no ValueError for {message!r}")
+
+
 def _check_kernels_are_interpreted() -> None:
     from specdec.kernels import triton_attention
 
@@ -299,6 +372,7 @@ INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
     "strided_operands": _check_strided_operands,
     "large_logits": _check_large_logits,
     "dispatch_and_validation": _check_dispatch_and_validation,
+    "paged_cache": _check_paged_cache,
 }
 
 
