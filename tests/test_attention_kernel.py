@@ -16,8 +16,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -354,6 +356,50 @@ def _check_paged_cache() -> None:
             raise AssertionError(f"no ValueError for {message!r}")
 
 
+def _check_mla_layer_over_a_paged_pool() -> None:
+    """An MLA layer decoding over a paged pool (what the server runs) with the Triton kernel reading
+    the blocks in place gives the output and writes the pool of the torch path that gathers them."""
+    from specdec.model.args import from_hf_config
+    from specdec.model.mla import MLA
+    from specdec.model.parallel import ParallelContext
+    from specdec.model.rope import rope_tables
+    from specdec.model.synthetic import small_config
+
+    args = from_hf_config(small_config())
+    g = torch.Generator().manual_seed(120)
+    layer = MLA(args, ParallelContext(), torch.float32, None)
+    for p in layer.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    bsz, t, page, n_blocks, layers = 2, 3, 4, 12, 2
+    cos, sin = rope_tables(args, 64)
+    positions = torch.tensor([[9, 10, 11], [17, 18, 19]])
+    rope = torch.complex(cos, sin)[positions]
+    table = torch.zeros(3, 8, dtype=torch.int64)  # a spare third row, as the pool's other rows
+    table[0, :3], table[1, :5] = torch.tensor([7, 2, 9]), torch.tensor([4, 11, 1, 6, 3])
+    mask = torch.zeros(bsz, t, 20, dtype=torch.bool)
+    for b in range(bsz):
+        for i in range(t):
+            mask[b, i, : positions[b, i] + 1] = True
+    x = torch.randn(bsz, t, args.dim, generator=g)
+    pools = (torch.randn(layers, n_blocks, page, args.kv_lora_rank, generator=g),
+             torch.randn(layers, n_blocks, page, args.qk_rope_head_dim, generator=g))
+    results, tables = [], []
+
+    def forced(*a, impl: str, **kw) -> torch.Tensor:
+        tables.append(kw.get("block_table"))
+        return attention.mla_attention(*a, impl=impl, **kw)
+
+    for impl in ("torch", "triton"):
+        kv_pool, pe_pool = (p.clone() for p in pools)
+        with torch.inference_mode(), mock.patch.object(kernels, "mla_attention", partial(forced, impl=impl)):
+            out = layer(x, rope, kv_pool, pe_pool, 1, positions, mask, block_table=table)
+        results.append((out, kv_pool, pe_pool))
+    assert all(t is not None and t.shape[0] == bsz for t in tables), "attention did not get the block table"
+    (want, want_kv, want_pe), (got, got_kv, got_pe) = results
+    assert torch.equal(got_kv, want_kv) and torch.equal(got_pe, want_pe), "pools written differently"
+    torch.testing.assert_close(got, want, **FP32_TOL)
+
+
 def _check_kernels_are_interpreted() -> None:
     from specdec.kernels import triton_attention
 
@@ -373,6 +419,7 @@ INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
     "large_logits": _check_large_logits,
     "dispatch_and_validation": _check_dispatch_and_validation,
     "paged_cache": _check_paged_cache,
+    "mla_layer_over_a_paged_pool": _check_mla_layer_over_a_paged_pool,
 }
 
 
