@@ -242,8 +242,9 @@ def paged(ops, page: int, seed: int):
 
 def check_attention_paged() -> None:
     """Over block pools read through a block table (the paged cache of the server) the kernel
-    equals itself over the dense rows, bit for bit; DeepSeek-V3 sizes when not a dry run."""
-    from specdec.kernels import triton_attention
+    equals itself over the dense rows, bit for bit, and over FP8 latent pools it equals itself over
+    the decoded rows; DeepSeek-V3 sizes when not a dry run."""
+    from specdec.kernels import fp8_cache, triton_attention
 
     lengths = torch.tensor([5, 33, 64, 100], device=DEV)
     cases = [(operands(4, 1, 16, 100, 110), (torch.arange(100, device=DEV) < lengths[:, None]).unsqueeze(1), 16,
@@ -258,6 +259,14 @@ def check_attention_paged() -> None:
         kv_pool, pe_pool, table = paged(ops, page, 114)
         got = triton_attention.mla_attention(*ops[:2], kv_pool, pe_pool, mask, scale, block_table=table)
         assert torch.equal(got, triton_attention.mla_attention(*ops, mask, scale)), f"{label}: paged != dense"
+        # the FP8 latent cache (--kv-cache-dtype fp8), decoded in the kernel as tiles are read
+        q, qp, kv, pe = ops
+        stored = fp8_cache.encode(kv)
+        decoded = fp8_cache.decode(stored, kv.dtype)
+        kv_pool, pe_pool, table = paged((q, qp, stored, pe), page, 115)
+        got = triton_attention.mla_attention(q, qp, kv_pool, pe_pool, mask, scale, block_table=table)
+        want = triton_attention.mla_attention(q, qp, decoded, pe, mask, scale)
+        assert torch.equal(got, want), f"{label}, fp8 latents: in-kernel decode != decoded rows"
 
 
 CHECKS: dict[str, tuple[Callable[[], None], bool]] = {  # name -> (check, needs FP8)

@@ -24,7 +24,7 @@ from types import ModuleType
 
 import torch
 
-from . import paged
+from . import fp8_cache, paged
 from .dispatch import resolve_impl
 
 
@@ -97,6 +97,8 @@ def mla_attention(
             are one layer's block pools and `block_table` `[≥B, max_blocks]` lists row b's blocks
             (`kernels.paged`); S is the mask's last dim. The Triton kernel reads the blocks in place;
             the reference gathers the rows first (`paged.dense_rows`).
+        kv may also be an FP8 latent pool or rows (uint8 `[…, C + 4]`, `kernels.fp8_cache`): the Triton
+        kernel decodes its tiles as it reads them, the reference decodes the rows first.
     Returns:
         `[B, T, H, C]` in q_latent's dtype; zeros for queries whose mask row is all False.
     """
@@ -106,4 +108,6 @@ def mla_attention(
     if block_table is not None:
         batch, n_slots = q_latent.shape[0], mask.shape[-1]
         kv, pe = (paged.dense_rows(pool, block_table, batch, n_slots) for pool in (kv, pe))
+    if fp8_cache.is_fp8(kv):
+        kv = fp8_cache.decode(kv, q_latent.dtype)
     return mla_attention_reference(q_latent, q_pe, kv, pe, mask, softmax_scale)

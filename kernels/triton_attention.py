@@ -32,7 +32,9 @@ Strides. q_latent, q_pe, kv, pe and mask are read through their strides (no copi
 Paged caches. With a block table, kv / pe are one layer's block pools `[n_blocks, block_size, ·]`
 (`specdec.paged_cache`) and each cache tile's rows are found through the table (one extra load of
 BLOCK_S block ids per tile), so a step reads the blocks where they lie instead of gathering every
-row's slots into a dense copy first.
+row's slots into a dense copy first. An FP8 latent pool (uint8: per token C e4m3fn codes and a
+float32 scale, `kernels.fp8_cache`) is decoded tile by tile as it is read, to the queries' dtype,
+with the same float32 code × scale as `fp8_cache.decode`, instead of decoding every row first.
 
 Precision. float32 inputs use IEEE fp32 dots (no TF32). For bf16/fp16 inputs the dots take the
 input dtype with float32 accumulation, and the softmax numerators are rounded to kv's dtype
@@ -49,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from .fp8_cache import SCALE_BYTES
 
 LOG2E = 1.4426950408889634
 """log2(e): logits are scaled by `softmax_scale * LOG2E` so the kernel can use exp2."""
@@ -94,21 +98,46 @@ def _visible_range(mask_ptr, b, rows, H, M, s_begin, s_end, stride_b, stride_t, 
 
 
 @triton.jit
-def _cache_block(ptr, b, slots, hi, cols, n_cols, stride_b, stride_s, stride_c,
-                 table_ptr, stride_tb, page, PAGED: tl.constexpr):
-    """Load `[BLOCK_S, BLOCK_COLS]` cache entries of batch row b; slots >= hi or cols >= n_cols read 0.
+def _cache_rows(b, slots, hi, stride_b, stride_s, table_ptr, stride_tb, page, PAGED: tl.constexpr):
+    """Element offsets `[BLOCK_S]` of slots `slots` of batch row b in a cache.
 
     Dense (not PAGED): entry (b, s) at `b * stride_b + s * stride_s`. PAGED: the pool holds blocks
     of `page` slots and slot s of row b lives in block `table[b, s // page]` at offset `s % page`
-    (`stride_b` is then the pool's block stride)."""
+    (`stride_b` is then the pool's block stride). Slots >= hi point at row 0 / block 0."""
     ok = slots < hi
     if PAGED:
         block = tl.load(table_ptr + b.to(tl.int64) * stride_tb + slots // page, mask=ok, other=0)
-        rows = block.to(tl.int64) * stride_b + (slots % page) * stride_s
-    else:
-        rows = b.to(tl.int64) * stride_b + slots * stride_s
+        return block.to(tl.int64) * stride_b + (slots % page) * stride_s
+    return b.to(tl.int64) * stride_b + slots * stride_s
+
+
+@triton.jit
+def _cache_block(ptr, rows, ok, cols, n_cols, stride_c):
+    """Load `[BLOCK_S, BLOCK_COLS]` cache entries at row offsets `rows` (`_cache_rows`); rows not
+    `ok` and cols >= n_cols read 0."""
     offs = rows[:, None] + cols[None, :] * stride_c
     return tl.load(ptr + offs, mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _fp8_latent_block(ptr, rows, ok, cols, n_cols, stride_c):
+    """Decode `[BLOCK_S, BLOCK_COLS]` latents of an FP8 latent pool (`kernels.fp8_cache`: per token
+    C e4m3fn codes then its float32 scale, as uint8 bytes) at row offsets `rows`: code × scale in
+    float32, exactly as `fp8_cache.decode`. The e4m3fn bits are decoded arithmetically (exact in
+    float32; the interpreter has no native float8), the scale assembled from its 4 little-endian
+    bytes. Rows not `ok` and cols >= n_cols read 0."""
+    bits = tl.load(ptr + rows[:, None] + cols[None, :] * stride_c,
+                   mask=ok[:, None] & (cols[None, :] < n_cols), other=0).to(tl.int32)
+    exponent = (bits >> 3) & 15
+    mantissa = (bits & 7).to(tl.float32)
+    magnitude = tl.where(exponent == 0, mantissa * 0.001953125,  # subnormal: m · 2^-9
+                         (mantissa + 8.0) * tl.exp2((exponent - 10).to(tl.float32)))  # (1 + m/8) · 2^(e-7)
+    value = tl.where((bits & 128) != 0, -magnitude, magnitude)
+    scale_bits = tl.zeros(rows.shape, tl.int32)
+    for i in tl.static_range(4):
+        byte = tl.load(ptr + rows + (n_cols + i) * stride_c, mask=ok, other=0).to(tl.int32)
+        scale_bits = scale_bits | (byte << (8 * i))
+    return value * scale_bits.to(tl.float32, bitcast=True)[:, None]
 
 
 @triton.jit
@@ -154,7 +183,7 @@ def _mla_attention_kernel(
     sm_b, sm_t, sm_s,
     table_ptr, st_b, page,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, FP8_KV: tl.constexpr,
 ):
     """Attention of BLOCK_M flattened (query, head) rows of batch row b over one slot range.
 
@@ -163,7 +192,8 @@ def _mla_attention_kernel(
     the unnormalised accumulator to `out[B, M, num_splits, C]` and (max, sum) to
     `ml[B, M, num_splits, 2]` (float32, base-2 max) for `_merge_splits_kernel`.
     UPCAST: do the dots in float32 (see `_dot`). PAGED: kv / pe are block pools read through the
-    block table (see `_cache_block`).
+    block table (see `_cache_rows`). FP8_KV: kv holds FP8 latents (`_fp8_latent_block`), decoded to
+    the queries' dtype as tiles are read.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -181,8 +211,14 @@ def _mla_attention_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for start in range(lo, hi, BLOCK_S):
         slots = start + tl.arange(0, BLOCK_S)
-        kv = _cache_block(kv_ptr, b, slots, hi, cols_c, C, skv_b, skv_s, skv_c, table_ptr, st_b, page, PAGED)
-        pe = _cache_block(pe_ptr, b, slots, hi, cols_r, R, spe_b, spe_s, spe_r, table_ptr, st_b, page, PAGED)
+        ok = slots < hi
+        kv_rows = _cache_rows(b, slots, hi, skv_b, skv_s, table_ptr, st_b, page, PAGED)
+        if FP8_KV:
+            kv = _fp8_latent_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c).to(q.dtype)
+        else:
+            kv = _cache_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c)
+        pe_rows = _cache_rows(b, slots, hi, spe_b, spe_s, table_ptr, st_b, page, PAGED)
+        pe = _cache_block(pe_ptr, pe_rows, ok, cols_r, R, spe_r)
         logits = _dot(q, tl.trans(kv), UPCAST) + _dot(q_pe, tl.trans(pe), UPCAST)
         vis = _visible(mask_ptr, b, rows, H, M, slots, hi, sm_b, sm_t, sm_s)
         m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST)
@@ -236,13 +272,15 @@ def _check_operands(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
                          "[blocks, block_size, *]), mask [B, T, S]")
     b, t, h, c = q_latent.shape
     r = pe.shape[2]
+    fp8_kv = kv.dtype == torch.uint8
+    kv_width = c + SCALE_BYTES if fp8_kv else c  # FP8 latents: C codes, then a float32 scale, as bytes
     if block_table is None:
         s = kv.shape[1]
-        expected = {"q_pe": (b, t, h, r), "kv": (b, s, c), "pe": (b, s, r)}
+        expected = {"q_pe": (b, t, h, r), "kv": (b, s, kv_width), "pe": (b, s, r)}
     else:
         s = mask.shape[2]
         n_blocks, page = kv.shape[:2]
-        expected = {"q_pe": (b, t, h, r), "kv": (n_blocks, page, c), "pe": (n_blocks, page, r)}
+        expected = {"q_pe": (b, t, h, r), "kv": (n_blocks, page, kv_width), "pe": (n_blocks, page, r)}
         if block_table.dim() != 2 or block_table.shape[0] < b or block_table.shape[1] * page < s:
             raise ValueError(f"block_table shape {tuple(block_table.shape)} does not cover {b} rows of {s} "
                              f"slots in blocks of {page}")
@@ -256,9 +294,10 @@ def _check_operands(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
         raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to {(b, t, s)}")
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool, got {mask.dtype}")
-    dtypes = {q_latent.dtype, q_pe.dtype, kv.dtype, pe.dtype}
+    dtypes = {q_latent.dtype, q_pe.dtype, pe.dtype} | (set() if fp8_kv else {kv.dtype})
     if len(dtypes) != 1 or q_latent.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"q_latent, q_pe, kv and pe must share one float32/bf16/fp16 dtype, got {dtypes}")
+        raise ValueError(f"q_latent, q_pe, kv and pe must share one float32/bf16/fp16 dtype (kv may be an "
+                         f"FP8 latent pool, uint8), got {dtypes}")
     if len({x.device for x in (q_latent, q_pe, kv, pe, mask)}) != 1:
         raise ValueError("mla_attention operands live on different devices")
     if not q_latent.is_cuda and not INTERPRETED:
@@ -311,7 +350,8 @@ def mla_attention(
     Args:
         q_latent: `[B, T, H, C]` float32/bf16/fp16 (any strides).
         q_pe: `[B, T, H, R]`, same dtype.
-        kv: `[B, S, C]`, same dtype (any strides, e.g. a slice of a longer cache).
+        kv: `[B, S, C]`, same dtype (any strides, e.g. a slice of a longer cache), or an FP8 latent
+            pool `[B, S, C + 4]` uint8 (`kernels.fp8_cache`), decoded as its tiles are read.
         pe: `[B, S, R]`, same dtype.
         mask: bool, `[B, T, S]` or broadcastable to it; query t of row b sees slot s iff True.
         softmax_scale: multiplier on the logits.
@@ -349,7 +389,7 @@ def mla_attention(
         *q_latent.stride(), *q_pe.stride(), *kv.stride(), *pe.stride(), *mask.stride(),
         mask if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
         1 if block_table is None else kv.shape[1],
-        SPLIT=split, UPCAST=INTERPRETED, PAGED=block_table is not None, **cfg,
+        SPLIT=split, UPCAST=INTERPRETED, PAGED=block_table is not None, FP8_KV=kv.dtype == torch.uint8, **cfg,
     )
     if split:
         _merge_splits_kernel[(bsz * m,)](

@@ -120,28 +120,22 @@ class MLA(nn.Module):
         k_pe = rotate(k_pe.unsqueeze(2), rope).squeeze(2)
 
         kv_len = attn_mask.shape[-1]
-        table = None  # attention reads the paged pools through it (`kernels.mla_attention`)
         if block_table is None:
             rows = torch.arange(bsz, device=x.device).unsqueeze(1)
             where = (rows.new_full((), layer), rows, write_slots)
             kv_pool.index_put_(where, self._stored_latent(latent, kv_pool))
             pe_pool.index_put_(where, k_pe.to(pe_pool.dtype))
-            kv, pe = kv_pool[layer, :bsz, :kv_len], pe_pool[layer, :bsz, :kv_len]
+            kv, pe, table = kv_pool[layer, :bsz, :kv_len], pe_pool[layer, :bsz, :kv_len], None
         else:
             paged.write_slots(kv_pool, layer, block_table, write_slots, self._stored_latent(latent, kv_pool))
             paged.write_slots(pe_pool, layer, block_table, write_slots, k_pe)
-            if fp8_cache.is_fp8(kv_pool):  # decoded from dense rows
-                kv = paged.gather_rows(kv_pool, layer, block_table, bsz, kv_len)
-                pe = paged.gather_rows(pe_pool, layer, block_table, bsz, kv_len)
-            else:
-                kv, pe, table = kv_pool[layer], pe_pool[layer], block_table[:bsz]
-        if fp8_cache.is_fp8(kv):
-            kv = fp8_cache.decode(kv, self.compute_dtype())
+            kv, pe, table = kv_pool[layer], pe_pool[layer], block_table[:bsz]
         w_kv_b = self._kv_b()
         heads = self.n_local_heads
         # absorb W_uk into the queries: per head [B·T, nope] @ [nope, C] (one batched GEMM over heads)
         q_latent = torch.bmm(q_nope.reshape(bsz * seqlen, heads, self.nope_dim).transpose(0, 1),
                              w_kv_b[:, : self.nope_dim]).transpose(0, 1).reshape(bsz, seqlen, heads, -1)
+        # the cache as it is stored (dense rows or paged blocks, FP8 latents or not): the kernel reads it
         out_latent = kernels.mla_attention(q_latent, q_pe, kv, pe, attn_mask, self.softmax_scale, block_table=table)
         # W_uv after attention: per head [B·T, C] @ [C, v]
         out = torch.bmm(out_latent.reshape(bsz * seqlen, heads, -1).transpose(0, 1),

@@ -356,6 +356,40 @@ def _check_paged_cache() -> None:
             raise AssertionError(f"no ValueError for {message!r}")
 
 
+def _check_fp8_latents() -> None:
+    """Over an FP8 latent cache (uint8 e4m3 codes + a float32 scale per token), dense or paged, the
+    kernel decodes each tile as it reads it and computes what it computes over the decoded rows, bit
+    for bit: the decode is exact, every code (subnormals, both signs, the largest) included."""
+    from specdec.kernels import fp8_cache, triton_attention
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[~torch.isnan(codes.view(torch.float8_e4m3fn).float())]  # every finite e4m3fn value (254)
+    codes = torch.cat([codes, codes[:2]])  # C = 256: a float32 scale after the codes stays aligned
+    scale = torch.tensor([0.37], dtype=torch.float32).view(torch.uint8)
+    every_code = torch.cat([codes, scale]).view(1, 1, -1)  # one token whose latent takes every value
+    q, qp, kv, pe = operands(2, 5, 3, 70, seed=130, c=codes.numel())
+    kv = fp8_cache.encode(kv)
+    kv[1, 7] = every_code
+    mask = tree_mask([60, 9], [5, 5], 5, 70, seed=131)
+    decoded = fp8_cache.decode(kv, torch.float32)
+    assert decoded[1, 7].tolist() == (codes.view(torch.float8_e4m3fn).float() * 0.37).tolist()
+    dense = triton_attention.mla_attention(q, qp, decoded, pe, mask, 0.09)
+    got = triton_attention.mla_attention(q, qp, kv, pe, mask, 0.09)
+    assert torch.equal(got, dense), "fp8 rows: differs from the decoded rows"
+    kv_pool, pe_pool, table = paged_operands((q, qp, kv, pe), 16, seed=132)
+    got = triton_attention.mla_attention(q, qp, kv_pool, pe_pool, mask, 0.09, num_splits=2, block_table=table)
+    assert torch.equal(got, triton_attention.mla_attention(q, qp, decoded, pe, mask, 0.09, num_splits=2)), \
+        "fp8 paged pool: differs from the decoded rows"
+    reference = kernels.mla_attention(q, qp, kv_pool, pe_pool, mask, 0.09, impl="torch", block_table=table)
+    torch.testing.assert_close(got, reference, **FP32_TOL)
+    try:
+        triton_attention.mla_attention(q, qp, kv[..., :-1], pe, mask, 0.09)
+    except ValueError as e:
+        assert "kv shape" in str(e), e
+    else:
+        raise AssertionError("no ValueError for an FP8 pool of the wrong width")
+
+
 def _check_mla_layer_over_a_paged_pool() -> None:
     """An MLA layer decoding over a paged pool (what the server runs) with the Triton kernel reading
     the blocks in place gives the output and writes the pool of the torch path that gathers them."""
@@ -420,6 +454,7 @@ INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
     "dispatch_and_validation": _check_dispatch_and_validation,
     "paged_cache": _check_paged_cache,
     "mla_layer_over_a_paged_pool": _check_mla_layer_over_a_paged_pool,
+    "fp8_latents": _check_fp8_latents,
 }
 
 
