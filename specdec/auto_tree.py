@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.config import SpecConfig
 from specdec.speculative import SpeculativeDecoder
 from specdec.steps import StepResult
 from specdec.tree import ancestor_matrix, tree_attention_mask, visible_slots
@@ -116,7 +117,6 @@ def _mtp_seconds(engine, lengths: torch.Tensor, width: int) -> float:
 def _loop_costs(engine, ids: list[list[int]], depth1_forwards: float) -> tuple[float, float]:
     """(seconds of a real plain decode step, seconds a real depth-1 speculative step spends outside
     its verifier and MTP forwards `depth1_forwards`), from short generate calls on `ids`."""
-    from specdec.engine import SpecConfig
 
     def per_step(spec) -> float:
         engine.generate(ids, max_new_tokens=4, spec=spec)  # warm-up
@@ -129,7 +129,6 @@ def _loop_costs(engine, ids: list[list[int]], depth1_forwards: float) -> tuple[f
 def choose_tree(engine, ids: list[list[int]], temperature: float, top_p: float, seed: int,
                 draft_mode: str = "onehot") -> TreeChoice:
     """Calibrate on `ids` and return the shape with the best predicted speedup."""
-    from specdec.engine import SpecConfig
 
     wide = SpecConfig(depth=MAX_DEPTH, topk=MAX_TOPK, nodes=MAX_TOPK * MAX_DEPTH, draft_mode=draft_mode)
     recorder = _RankRecorder(wide.depth, wide.topk)

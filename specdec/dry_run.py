@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 
 from specdec.model.args import ModelArgs
+from specdec.model.mtp_layer import MTPLayer
 from specdec.model.prepare import prepare_loaded
 from specdec.model.parallel import ParallelContext
+from specdec.model.transformer import Transformer
 from specdec.mtp.drafter import MTPDrafter
 from specdec.cache import LatentCache
 
@@ -55,14 +57,25 @@ def _step(main, drafter: MTPDrafter | None, cache: LatentCache, rows: int, start
     return line
 
 
+def rank_modules(args: ModelArgs, ctx: ParallelContext, dtype: torch.dtype, keep_fp8: bool, with_mtp: bool,
+                 max_seq_len: int = 2):
+    """The verifier and (optionally) MTP layer of this rank on the meta device, as the loader builds them."""
+    fp8_block = args.fp8_block_size if keep_fp8 else None
+    with torch.device("meta"):
+        main = Transformer(args, ctx, dtype, fp8_block, max_seq_len)
+        mtp = MTPLayer(args.n_layers, args, ctx, dtype, fp8_block) if with_mtp else None
+    if mtp is not None:  # specdec reuses the verifier's embedding and head (identical copies in the release)
+        mtp.embed_tokens = None
+        mtp.shared_head.head = None
+    return main, mtp
+
+
 def dry_run(args: ModelArgs, world_size: int, max_batch: int, max_seq_len: int, spec_nodes: int | None,
             dtype: torch.dtype, prefill_chunk: int, kv_cache_dtype: str = "auto",
             ranks: list[int] | None = None) -> list[str]:
     """Build each of `ranks` (default: all) on the meta device and run a prefill chunk of
     `prefill_chunk` tokens and a verify step of `max_batch` rows × (spec_nodes + 1) tokens (1: plain)
     at the end of a `max_seq_len` context; returns one line per rank. Raises on any shape error."""
-    from specdec.plan import rank_modules  # the planner's builder: the loader's sharding rules
-
     width = spec_nodes + 1 if spec_nodes else 1
     slots = max_seq_len + (width if spec_nodes else 0)
     chunk = min(prefill_chunk, max_seq_len)

@@ -23,7 +23,7 @@ from specdec.engine import Engine, SpecConfig
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
     """argparse that reports bad flags in one line and exits 2 (its default) without usage spam."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="specdec.generate", description="Generate with a DeepSeek-V3 checkpoint (specdec).")
+    p = CliParser(prog="specdec.generate", description="Generate with a DeepSeek-V3 checkpoint (specdec).")
     p.add_argument("--ckpt-path", help="checkpoint directory (HF layout); default: the embedded model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")

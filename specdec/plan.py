@@ -26,10 +26,9 @@ import torch
 from specdec.model.args import ModelArgs, load_model_args
 from specdec.kernels.fp8_cache import KV_CACHE_DTYPES
 from specdec.model.errors import SpecdecError
-from specdec.model.mtp_layer import MTPLayer
 from specdec.model.parallel import ParallelContext
-from specdec.model.transformer import Transformer
 from specdec.cache import LatentCache
+from specdec.dry_run import dry_run, rank_modules
 
 GIB = 1 << 30
 
@@ -55,19 +54,6 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self.fp8_weights + self.fp8_scales + self.other_weights + self.cache + self.activations
-
-
-def rank_modules(args: ModelArgs, ctx: ParallelContext, dtype: torch.dtype, keep_fp8: bool, with_mtp: bool,
-                 max_seq_len: int = 2):
-    """The verifier and (optionally) MTP layer of this rank on the meta device, as the loader builds them."""
-    fp8_block = args.fp8_block_size if keep_fp8 else None
-    with torch.device("meta"):
-        main = Transformer(args, ctx, dtype, fp8_block, max_seq_len)
-        mtp = MTPLayer(args.n_layers, args, ctx, dtype, fp8_block) if with_mtp else None
-    if mtp is not None:  # specdec reuses the verifier's embedding and head (identical copies in the release)
-        mtp.embed_tokens = None
-        mtp.shared_head.head = None
-    return main, mtp
 
 
 def _weight_bytes(module: torch.nn.Module) -> tuple[int, int, int]:
@@ -179,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  total                {_gib(m.total)}  of {a.gpu_mem_gib:.0f} GiB: "
           f"{'fits' if m.total <= budget else 'DOES NOT FIT'} ({100 * m.total / budget:.0f}%)")
     if a.dry_run:
-        from specdec.dry_run import dry_run
-
         print("dry run on the meta device (shapes only):")
         try:
             for line in dry_run(args, a.world_size, a.max_batch_size, a.max_seq_len, nodes, dtype, a.prefill_chunk,

@@ -33,6 +33,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from specdec.kernels.fp8_cache import KV_CACHE_DTYPES
 from specdec.model.errors import ConfigError, SpecdecError
 from specdec.distributed import shutdown
+from specdec.engine import Engine, SpecConfig
+from specdec.generate import CliParser
 from specdec.openai_protocol import (DEFAULT_CHAT_TEMPLATE, CompletionParams, RequestError, chunk_body,
                                      completion_body, new_id, parse_chat, parse_completion, usage)
 from specdec.scheduler import NotAccepting, QueueFull, Scheduler
@@ -271,9 +273,7 @@ def build_app(server: Server):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from specdec.generate import _Parser
-
-    p = _Parser(prog="specdec.serve", description="Serve a DeepSeek-V3 checkpoint over the OpenAI API (specdec).")
+    p = CliParser(prog="specdec.serve", description="Serve a DeepSeek-V3 checkpoint over the OpenAI API (specdec).")
     p.add_argument("--ckpt-path", help="checkpoint directory (HF layout); default: the embedded model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -308,8 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_server(a: argparse.Namespace) -> Server:
-    from specdec.engine import Engine, SpecConfig
-
     if a.threads is not None:
         if a.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {a.threads}")

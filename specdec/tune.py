@@ -26,7 +26,7 @@ from specdec.model.errors import SpecdecError
 from specdec.adaptive import row_bucket
 from specdec.config import SpecConfig
 from specdec.engine import Engine
-from specdec.generate import EXIT_USAGE, _Parser, write_json_atomic
+from specdec.generate import EXIT_USAGE, CliParser, write_json_atomic
 
 PROMPTS = [
     "def fibonacci(n):", "class Stack:", "import os\nimport sys\n\n\ndef main(argv):",
@@ -49,7 +49,7 @@ def gemm_table(tuner: GemmTuner) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="specdec.tune", description=__doc__.splitlines()[0])
+    p = CliParser(prog="specdec.tune", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt-path", help="checkpoint directory; default: the embedded model")
     p.add_argument("--batch-sizes", default="1,4,8,16", help="batch sizes to time steps at (default 1,4,8,16)")
     p.add_argument("--draft-depth", type=int, default=3, help="deepest draft the policy may choose (default 3)")
