@@ -105,7 +105,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             _add_ceiling(eng, timing_ids, batch_rows, widths)
             if eng.drafter is not None:
                 bar.set_postfix_str(f"batch {batch} step costs")
-                _add_step_bound(eng, timing_ids, batch_rows, [r.shape for r in runs], a.temperature, a.top_p)
+                add_step_bound(eng, timing_ids, batch_rows, [r.shape for r in runs], a.temperature, a.top_p)
         chains = [r for r in batch_rows if r["kind"] == "chain"]
         if chains:
             max(chains, key=lambda r: r["tokens_per_s"])["best_chain"] = True
@@ -212,7 +212,7 @@ def depth_share(row: dict) -> str:
     return " [" + " ".join(f"d{d} {100 * n / sum(steps):.0f}%" for d, n in enumerate(steps) if n) + "]"
 
 
-def _add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: list[Shape],
+def add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: list[Shape],
                     temperature: float, top_p: float) -> None:
     """Add step_ms, step_cost (t(step) / t(plain step)) and step_bound (tau / step_cost) to the
     plain row, the chain rows and the adaptive rows of one batch size (`shapes[i]` for `rows[i]`),

@@ -62,7 +62,7 @@ def mla_attention_reference(
     return out.view(batch, width, heads, rank).to(q_latent.dtype)
 
 
-def _use_triton(impl: str, t: torch.Tensor, needs_grad: bool) -> bool:
+def uses_triton(impl: str, t: torch.Tensor, needs_grad: bool) -> bool:
     """Resolve `impl` for attention whose main operand is `t` (`needs_grad`: autograd must track
     the call; the kernel has no backward); raise ValueError if impossible."""
     if needs_grad and impl == "triton":
@@ -103,7 +103,7 @@ def mla_attention(
         `[B, T, H, C]` in q_latent's dtype; zeros for queries whose mask row is all False.
     """
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_latent, q_pe, kv, pe))
-    if _use_triton(impl, q_latent, needs_grad):
+    if uses_triton(impl, q_latent, needs_grad):
         return _triton_impl().mla_attention(q_latent, q_pe, kv, pe, mask, softmax_scale, block_table=block_table)
     if block_table is not None:
         batch, n_slots = q_latent.shape[0], mask.shape[-1]

@@ -286,7 +286,8 @@ class DeepSeekV3ForTraining(nn.Module):
                     scale = 1 / math.sqrt(2 * depth) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
                     p.normal_(0.0, std * scale, generator=generator)
 
-    def _rope(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) `[1, seqlen, rope_dim/2]` of positions 0..seqlen-1."""
         if seqlen > self.max_seq_len:
             raise ValueError(f"sequence length {seqlen} exceeds the RoPE tables' {self.max_seq_len}")
         return self.rope_cos[:seqlen].unsqueeze(0), self.rope_sin[:seqlen].unsqueeze(0)
@@ -297,7 +298,7 @@ class DeepSeekV3ForTraining(nn.Module):
 
     def main_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """tokens `[B, T]` → (hidden after model.norm `[B, T, dim]`, logits `[B, T, vocab]`, loads)."""
-        cos, sin = self._rope(tokens.shape[1])
+        cos, sin = self.rope(tokens.shape[1])
         h = self.model.embed_tokens(tokens)
         loads: dict[int, torch.Tensor] = {}
         for i in range(self.args.n_layers):
@@ -316,7 +317,7 @@ class DeepSeekV3ForTraining(nn.Module):
         Returns:
             (logits `[B, T, vocab]` float32 for tokens t_{i+2}, per-expert counts `[E]` or None).
         """
-        cos, sin = self._rope(hidden.shape[1])
+        cos, sin = self.rope(hidden.shape[1])
         mtp = self.mtp
         x = mtp.combine(self.model.embed_tokens(next_tokens), hidden)
         x, counts = mtp(x, cos, sin)
@@ -341,7 +342,7 @@ class DeepSeekV3ForTraining(nn.Module):
         bsz, seqlen, _ = hidden.shape
         if tokens.shape[1] < seqlen + depth - 1:
             raise ValueError(f"tokens [{tokens.shape[1]}] must cover the {seqlen} anchors plus {depth - 1} chained")
-        cos_all, sin_all = self._rope(seqlen + depth - 1)
+        cos_all, sin_all = self.rope(seqlen + depth - 1)
         mtp, attn = self.mtp, self.mtp.self_attn
         causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=hidden.device).tril()
         keys: list[torch.Tensor] = []

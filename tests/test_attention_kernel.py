@@ -485,19 +485,19 @@ def test_auto_and_torch_on_cpu_use_reference(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_auto_picks_triton_for_cuda_tensors_only_when_triton_imports(monkeypatch: pytest.MonkeyPatch) -> None:
-    cuda_tensor = SimpleNamespace(is_cuda=True)  # `_use_triton` only asks where the operand lives
+    cuda_tensor = SimpleNamespace(is_cuda=True)  # `uses_triton` only asks where the operand lives
     monkeypatch.setattr(kernels.dispatch, "triton_available", lambda: True)
-    assert attention._use_triton("auto", cuda_tensor, needs_grad=False)
-    assert attention._use_triton("triton", cuda_tensor, needs_grad=False)
-    assert not attention._use_triton("torch", cuda_tensor, needs_grad=False)
-    assert not attention._use_triton("auto", torch.zeros(1), needs_grad=False)
-    assert not attention._use_triton("auto", cuda_tensor, needs_grad=True)  # no backward in Triton
+    assert attention.uses_triton("auto", cuda_tensor, needs_grad=False)
+    assert attention.uses_triton("triton", cuda_tensor, needs_grad=False)
+    assert not attention.uses_triton("torch", cuda_tensor, needs_grad=False)
+    assert not attention.uses_triton("auto", torch.zeros(1), needs_grad=False)
+    assert not attention.uses_triton("auto", cuda_tensor, needs_grad=True)  # no backward in Triton
     with pytest.raises(ValueError, match="no backward"):
-        attention._use_triton("triton", cuda_tensor, needs_grad=True)
+        attention.uses_triton("triton", cuda_tensor, needs_grad=True)
     monkeypatch.setattr(kernels.dispatch, "triton_available", lambda: False)
-    assert not attention._use_triton("auto", cuda_tensor, needs_grad=False)
+    assert not attention.uses_triton("auto", cuda_tensor, needs_grad=False)
     with pytest.raises(ValueError, match="cannot be imported"):
-        attention._use_triton("triton", cuda_tensor, needs_grad=False)
+        attention.uses_triton("triton", cuda_tensor, needs_grad=False)
 
 
 def test_gradients_flow_through_auto() -> None:

@@ -325,7 +325,7 @@ def test_step_bound_is_tau_over_the_step_cost(monkeypatch) -> None:
     monkeypatch.setattr(latency, "decoder_step_costs", fake_costs)
     rows = [{"kind": s.kind, "tau": t, "depth_steps": n}
             for s, t, n in zip(shapes, [1.0, 1.8, 2.5, 2.4, 2.9], [[], [], [], [2, 0, 6], []])]
-    latency._add_step_bound(None, [[1, 2]], rows, shapes, 0.7, 0.9)
+    latency.add_step_bound(None, [[1, 2]], rows, shapes, 0.7, 0.9)
     assert seen == [([(1, None, False), (2, 64, False), (2, None, False)], (0.7, 0.9))]
     assert rows[0]["step_cost"] == 1.0 and rows[0]["step_ms"] == pytest.approx(20.0) and "step_bound" not in rows[0]
     assert rows[1]["step_cost"] == pytest.approx(1.5) and rows[1]["step_bound"] == pytest.approx(1.2)

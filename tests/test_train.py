@@ -478,7 +478,7 @@ def test_distillation_on_the_main_models_own_text(trained, tmp_path: Path) -> No
 
 def _mtp_normed(model: DeepSeekV3ForTraining, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """shared_head.norm of the MTP block run causally over inputs (hidden_j, t_{j+1}) at positions 0..T-1."""
-    cos, sin = model._rope(hidden.shape[1])
+    cos, sin = model.rope(hidden.shape[1])
     x, _ = model.mtp(model.mtp.combine(model.model.embed_tokens(tokens), hidden), cos, sin)
     return model.mtp.shared_head.norm(x)
 
