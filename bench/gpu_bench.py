@@ -1,10 +1,13 @@
-"""`python bench/gpu_bench.py {gemm,verify,all}`: CUDA micro-benchmarks.
+"""`python bench/gpu_bench.py {gemm,attention,verify,all}`: CUDA micro-benchmarks.
 
 gemm    FP8 block-scaled GEMM `y = x @ W^T` at DeepSeek-V3 (671B) projection shapes and a few row
         counts M (decode batch / tree nodes / prefill chunk): Triton `fp8_gemm` on pre-quantised
         activations, Triton `fp8_linear` (act_quant + fp8_gemm), per-call dequantisation + BF16 matmul
         (`weight_dequant` then cuBLAS), and BF16 matmul on weights dequantised once (cuBLAS; the
         memory-hungry baseline). TFLOP/s = 2·M·N·K / time (median of `triton.testing.do_bench`).
+attention  decode attention at DeepSeek-V3 latent sizes: the Triton kernel over dense rows, over a
+        paged pool read in place against gathering the rows first, over an FP8 latent pool decoded in
+        the kernel against decoding the rows first (ms per layer).
 verify  the embedded default model (or --ckpt-path) on CUDA: one verifier forward over the root + N
         draft-tree nodes (N = 0 is a plain decode step) for batch 1 and 8, the MTP forward, and an
         end-to-end greedy generate (plain, chain 2, tree 3x2x6) with tokens/s, speedup and the
@@ -178,6 +181,48 @@ def bench_verify(ckpt: str | None, nodes: list[int], batches: list[int], new_tok
     return steps_rows, e2e, ok
 
 
+def bench_attention(batches: list[int], seq_len: int = 4096, heads: int = 16, page: int = 64) -> list[dict]:
+    """Decode attention at DeepSeek-V3 latent sizes (C 512, R 64, bf16, `heads` local heads, rows of
+    `seq_len` slots): the Triton kernel over dense rows; over a paged pool read in place, against
+    gathering the rows first (what the torch path does); and over an FP8 latent pool decoded in the
+    kernel, against decoding the rows first. Milliseconds per call (one layer)."""
+    from specdec.kernels import fp8_cache, paged, triton_attention
+
+    c, r, scale = 512, 64, 192 ** -0.5
+    out = []
+    for b in batches:
+        g = torch.Generator(device=DEVICE).manual_seed(b)
+        q = torch.randn(b, 1, heads, c, generator=g, device=DEVICE).bfloat16()
+        qp = torch.randn(b, 1, heads, r, generator=g, device=DEVICE).bfloat16()
+        per_row = seq_len // page
+        table = (torch.randperm(b * per_row, generator=g, device=DEVICE) + 1).view(b, per_row)
+        kv_pool = torch.randn(b * per_row + 1, page, c, generator=g, device=DEVICE).bfloat16()
+        pe_pool = torch.randn(b * per_row + 1, page, r, generator=g, device=DEVICE).bfloat16()
+        fp8_pool = fp8_cache.encode(kv_pool)
+        mask = torch.ones(b, 1, seq_len, dtype=torch.bool, device=DEVICE)
+        kv, pe = paged.dense_rows(kv_pool, table, b, seq_len), paged.dense_rows(pe_pool, table, b, seq_len)
+
+        def gathered():
+            rows = (paged.dense_rows(pool, table, b, seq_len) for pool in (kv_pool, pe_pool))
+            return triton_attention.mla_attention(q, qp, *rows, mask, scale)
+
+        def decoded():
+            rows = fp8_cache.decode(paged.dense_rows(fp8_pool, table, b, seq_len), torch.bfloat16)
+            return triton_attention.mla_attention(q, qp, rows, pe, mask, scale)
+
+        out.append({
+            "batch": b, "slots": seq_len,
+            "dense ms": _ms(lambda: triton_attention.mla_attention(q, qp, kv, pe, mask, scale)),
+            "paged in place ms": _ms(lambda: triton_attention.mla_attention(q, qp, kv_pool, pe_pool, mask, scale,
+                                                                            block_table=table)),
+            "gather + dense ms": _ms(gathered),
+            "fp8 paged in place ms": _ms(lambda: triton_attention.mla_attention(q, qp, fp8_pool, pe_pool, mask,
+                                                                                scale, block_table=table)),
+            "decode + dense ms": _ms(decoded),
+        })
+    return out
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     def cell(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -189,7 +234,7 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/gpu_bench.py", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["gemm", "verify", "all"])
+    p.add_argument("what", choices=["gemm", "attention", "verify", "all"])
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="GEMM row counts M (default 1,16,128,1024)")
     p.add_argument("--ckpt-path", help="checkpoint for the verify benchmark (default: the embedded model)")
     p.add_argument("--nodes", default="1,4,8,16", help="draft-tree nodes verified (default 1,4,8,16)")
@@ -228,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             print(table(grouped, ["tokens", "local slots"] + [f"{i} ms" for i in impls] +
                         ["grouped fp8 (1 launch) TFLOP/s"]))
             print()
+    if a.what in ("attention", "all"):
+        rows = bench_attention([1, 8, 32])
+        result["attention"] = rows
+        print("### Decode attention, V3 latent sizes, bf16, 16 heads, 4,096 slots, blocks of 64 (ms per layer)\n")
+        print(table(rows, list(rows[0])))
+        print()
     if a.what in ("verify", "all"):
         steps, e2e, ok = bench_verify(a.ckpt_path, [int(n) for n in a.nodes.split(",")],
                                       [int(b) for b in a.batches.split(",")], a.max_new_tokens)

@@ -17,7 +17,9 @@
 # 3. FP8 GEMM micro-benchmark: Triton fp8_gemm / fp8_linear vs dequant+matmul vs BF16 matmul at
 #    DeepSeek-V3 671B projection shapes, TFLOP/s, and the grouped FP8 expert GEMM (one launch for
 #    32 local experts) against per-expert calls (bench/gpu_bench.py gemm).
-# 4. Verify-step micro-benchmark on the embedded default model on CUDA: plain decode step vs
+# 4. Decode attention at V3 latent sizes: the paged cache read in place against gathering its rows,
+#    the FP8 latent cache decoded in the kernel against decoding its rows (bench/gpu_bench.py attention).
+# 5. Verify-step micro-benchmark on the embedded default model on CUDA: plain decode step vs
 #    verifier forward over 1/4/8/16 tree nodes, MTP forward, and greedy generate (plain, chain,
 #    tree) checked token-equal to plain decoding (bench/gpu_bench.py verify).
 #
@@ -74,6 +76,7 @@ step() {  # step NAME CMD...: run with a time limit, keep the log, remember fail
 
 step kernels "$PY" bench/gpu_kernels.py --json "$OUT/kernels.json"
 step gemm "$PY" bench/gpu_bench.py gemm --json "$OUT/gemm.json"
+step attention "$PY" bench/gpu_bench.py attention --json "$OUT/attention.json"
 step verify "$PY" bench/gpu_bench.py verify --json "$OUT/verify.json"
 
 log "summary"
