@@ -22,10 +22,10 @@ class SpecConfig:
     draft_hidden_kind: which MTP state feeds the next depth: "normed" (after shared_head.norm) or "prenorm".
     draft_vocab: the drafter proposes only token ids below this (None: the whole vocabulary); its
         head then reads that many rows instead of all (see `MTPDrafter.forward`). Lossless either way.
-    adaptive: for chains (topk 1) of one-hot drafts, choose each step's depth in 0..depth (0: a
+    adaptive: for chains (topk 1), choose each step's depth in 0..depth (0: a
         plain step, no drafter) from step costs measured on this machine and the running
-        acceptance (`specdec.adaptive`); False pins every step to `depth`. Trees and sampled drafts
-        are always pinned.
+        acceptance (`specdec.adaptive`); False pins every step to `depth`. Trees are always pinned
+        (see `adapts` for sampled drafts).
     """
 
     depth: int = 3
@@ -58,10 +58,13 @@ class SpecConfig:
 
     @property
     def adapts(self) -> bool:
-        """Whether the depth is chosen per step: an adaptive chain of one-hot drafts. Sampled drafts
-        pin it: their tokens depend on how steps split the output (the draws for drafts and their
-        acceptance come from one sequential generator), so a seed would not reproduce them."""
-        return self.adaptive and self.topk == 1 and self.draft_mode == "onehot"
+        """Whether the depth is chosen per step: an adaptive chain. With one-hot drafts a seeded
+        sampled output is plain sampling's whatever the depths. With sampled drafts it follows the
+        same distribution, but its tokens depend on how the steps split the output (the draws for
+        drafts and their acceptance come from one sequential generator), so with adaptive depths,
+        which follow timings, a seed does not reproduce them; `adaptive=False` pins the depth and
+        makes them reproducible."""
+        return self.adaptive and self.topk == 1
 
     @property
     def n_nodes(self) -> int:

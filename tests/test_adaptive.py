@@ -171,6 +171,33 @@ def test_speculation_that_does_not_pay_decodes_plainly(eng, monkeypatch):
     assert drafter_calls == []
 
 
+def test_sampled_drafts_adapt_too(eng):
+    """Drafts sampled from q (T > 0) are chosen per step like one-hot ones, from their own measured
+    costs: where drafting loses, every step is plain (and then the output is plain seeded sampling's,
+    whose draws are keyed by position); where it is free, steps draft deep."""
+    spec = SpecConfig(depth=3, draft_mode="sample")
+    assert spec.adapts and not SpecConfig(depth=3, draft_mode="sample", adaptive=False).adapts
+    key = eng.cost_key(spec, sampled=True)
+    assert key != eng.cost_key(SpecConfig(depth=3), sampled=True)  # sampled drafts cost more: own table
+    prompts = random_prompts(eng.args.vocab_size, [5, 8], seed=9)
+    n = FIRST_REVISIT - 4
+    depth_steps = {}
+    for label, per_depth in (("dear", [50.0, 60.0, 70.0]), ("free", [1.0, 1.0, 1.0])):
+        eng.cost_tables[key] = costs(1.0, per_depth)
+        known = eng.policy_for(spec, sampled=True).acceptance
+        for _ in range(20):
+            known.add([3, 3, 2, 3], 3)
+        try:
+            out = eng.generate(prompts, max_new_tokens=n, temperature=0.8, seed=4, spec=spec)
+        finally:
+            del eng.cost_tables[key], eng.policies[key]
+        depth_steps[label] = out.stats.depth_steps
+        if label == "dear":
+            assert out.token_ids == eng.generate(prompts, max_new_tokens=n, temperature=0.8, seed=4).token_ids
+    assert depth_steps["dear"] == [n - 1, 0, 0, 0]
+    assert depth_steps["free"][0] <= 1 and depth_steps["free"][3] > 0
+
+
 def test_cheap_speculation_runs_deep(eng):
     """Drafting for free, with drafts seen accepted (this checkpoint's random weights accept none of
     their own, and with none accepted drafting cannot be shown to pay): every step drafts 3 deep."""
