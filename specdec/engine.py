@@ -155,6 +155,10 @@ class Engine:
         """The shared latent pool as the last call left it (None before any: see `cache_for`)."""
         return self._cache
 
+    def release_cache(self) -> None:
+        """Drop the shared latent pool and its memory; the next call allocates one afresh."""
+        self._cache = None
+
     def cache_for(self, batch: int, seq_len: int) -> LatentCache:
         """The shared latent cache, grown (reallocated) only when a call needs more rows or slots.
 

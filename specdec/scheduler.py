@@ -227,7 +227,7 @@ class Scheduler:
                     if not self.accepting:
                         break
                     continue
-                joining, chunked = self._take_admissible()
+                joining, chunked = self.take_admissible()
             self.run_once(joining, chunked, finished)
         self.close()
 
@@ -340,7 +340,7 @@ class Scheduler:
             self._closed = True
             self._send(Round(step=False, stop=True))
 
-    def _take_admissible(self) -> tuple[list[Sequence], Sequence | None]:
+    def take_admissible(self) -> tuple[list[Sequence], Sequence | None]:
         """Pop the waiting sequences that join this round, and the long context (if any) that starts
         its chunked prefill (caller holds the lock); ones finished while waiting (cancelled) are dropped."""
         joining, tokens, blocks = [], 0, 0
@@ -376,7 +376,7 @@ class Scheduler:
                 self.submit(pending.pop(0))
             with self._wake:
                 finished = self._apply_finishing()
-                joining, chunked = self._take_admissible()
+                joining, chunked = self.take_admissible()
             self.run_once(joining, chunked, finished)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("generate_all ran past its deadline")

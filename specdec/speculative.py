@@ -312,7 +312,7 @@ class SpeculativeDecoder:
         `specdec.steps.decode_step`, a plain step or draft → verify → accept → commit. Returns the
         new state, each row's accepted drafts and its run of new tokens (read back to the host once)."""
         shape = self._shape(depth)
-        result = self.eng.run_step(cache.step_view(self._n_slots(shape)), self._step_rows(lengths, state, shape),
+        result = self.eng.run_step(cache.step_view(self.step_span(shape)), self._step_rows(lengths, state, shape),
                                    shape)
         lengths.copy_(result.lengths)
         if self.observer is not None:
@@ -337,7 +337,7 @@ class SpeculativeDecoder:
         return StepShape(depth, spec.topk, spec.n_nodes, self.sampled_drafts and depth > 0, sampled,
                          sampling.nucleus, spec.verifier_hidden_kind, spec.draft_hidden_kind, spec.draft_vocab)
 
-    def _n_slots(self, shape: StepShape) -> int:
+    def step_span(self, shape: StepShape) -> int:
         """Slots a step's attention spans: the longest live row's committed tokens (its context,
         known on the host: no read of `cache.lengths`) and what the step writes past them."""
         longest = max(s.context_len for s in self.running)

@@ -147,5 +147,5 @@ def test_compiled_pool_keeps_a_spare_block(engines):
     from specdec.cache import SPAN_MULTIPLE
 
     eager, compiled = engines
-    compiled._cache = None  # the next call allocates afresh
+    compiled.release_cache()  # the next call allocates afresh
     assert compiled.cache_for(2, 40).seq_len == 40 + SPAN_MULTIPLE

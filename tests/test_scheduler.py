@@ -114,13 +114,13 @@ def test_preempted_sequences_resume_unchanged(eng, spec):
     sched = Scheduler(eng, spec, max_rows=4, cache_tokens=96, block_size=8)
     seqs = [Sequence(p, 30, t, tp, sd) for p, (t, tp, sd) in zip(prompts, settings)]
     dec, checked = sched.decoder, []
-    n_slots = dec._n_slots
+    n_slots = dec.step_span
 
     def checked_n_slots(shape):  # steps size attention from the sequences, never reading the lengths back
         checked.append([s.context_len for s in dec.running] == dec.cache.lengths[:len(dec.running)].tolist())
         return n_slots(shape)
 
-    dec._n_slots = checked_n_slots
+    dec.step_span = checked_n_slots
     sched.generate_all(seqs, timeout_s=600)
     assert checked and all(checked)
     assert sched.preemptions > 0 and any(s.preemptions for s in seqs)
@@ -174,7 +174,7 @@ def test_admission_waits_for_blocks(eng):
     prompts = random_prompts(eng.args.vocab_size, [30, 30, 30], seed=5)
     for p in prompts:
         sched.submit(Sequence(p, 4))
-    joining, chunked = sched._take_admissible()
+    joining, chunked = sched.take_admissible()
     assert len(joining) == 1 and chunked is None  # 30 + 3 slots = 5 blocks each: the second does not fit the other 3
     assert len(sched.waiting) == 2
 
