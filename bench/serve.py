@@ -28,7 +28,8 @@ import httpx
 import uvicorn
 
 from specdec.bench import plots
-from specdec.bench.common import BenchError, Report, Table, fmt, parse_float_list, parse_int_list, progress
+from specdec.bench.common import (BenchError, Report, Table, fmt, paired_ratio, parse_float_list, parse_int_list,
+                                  progress)
 from specdec.bench.prompt_set import Prompt
 from specdec import Engine, SpecConfig
 from specdec.serve import Server, ServerConfig, build_app
@@ -218,8 +219,7 @@ def _serve_loads(served: _Served, label: str, static: bool, jobs: list[tuple[str
 
 
 def _median_row(runs: list[dict]) -> dict:
-    """One table row from a load's rounds: each figure the median over rounds (`vs_plain` the median of
-    the per-round ratios, each against plain decoding in the same round), `rounds` how many."""
+    """One table row from a load's rounds: each figure the median over rounds, `rounds` how many."""
     row = dict(runs[0])
     for key, value in runs[0].items():
         if key not in ("config", "mode", "round") and isinstance(value, (int, float)):
@@ -267,15 +267,17 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                                    "prefill_tokens": served.server.scheduler.prefill_tokens, **stall})
             finally:
                 served.stop()
-        plain = {m["mode"]: m["tokens_per_s"] for m in measured if m["config"] == "plain"}
         for m in measured:
             m["round"] = r
-            m["vs_plain"] = m["tokens_per_s"] / plain[m["mode"]] if m["mode"] in plain else None
         rounds.append(measured)
     bar.close()
     order = [(label, m["mode"]) for label, _, _ in configs for m in rounds[0] if m["config"] == label]
-    rows = [_median_row([m for measured in rounds for m in measured if (m["config"], m["mode"]) == key])
-            for key in order]
+    runs = {key: [m for measured in rounds for m in measured if (m["config"], m["mode"]) == key] for key in order}
+    rows = [_median_row(runs[key]) for key in order]
+    for row in rows:  # against plain decoding under the same load, round by round
+        plain = runs.get(("plain", row["mode"]))
+        row["vs_plain"] = paired_ratio([m["tokens_per_s"] for m in runs[(row["config"], row["mode"])]],
+                                       [m["tokens_per_s"] for m in plain]) if plain else None
     headers = ["config", "load", "requests", "tokens/s", "× plain", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
                "TPOT p99 ms", "tau", "kept/row-step"]
     table = Table("Serving: streamed greedy completions", headers,

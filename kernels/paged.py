@@ -21,12 +21,6 @@ def write_slots(pool: torch.Tensor, layer: int, table: torch.Tensor, slots: torc
     pool.index_put_((blocks.new_full((), layer), blocks, slots % block_size), values.to(pool.dtype))
 
 
-def gather_rows(pool: torch.Tensor, layer: int, table: torch.Tensor, batch: int, n_slots: int) -> torch.Tensor:
-    """Slots 0..n_slots-1 of the first `batch` table rows of `pool[layer]` as one contiguous tensor
-    `[batch, n_slots, D]` (a copy: `dense_rows`)."""
-    return dense_rows(pool[layer], table, batch, n_slots)
-
-
 def dense_rows(layer_pool: torch.Tensor, table: torch.Tensor, batch: int, n_slots: int) -> torch.Tensor:
     """Slots 0..n_slots-1 of the first `batch` table rows of one layer's pool `[n_blocks, block, D]` as
     one contiguous tensor `[batch, n_slots, D]` (a copy: the torch attention reads dense rows)."""

@@ -98,22 +98,26 @@ def _visible_range(mask_ptr, b, rows, H, M, s_begin, s_end, stride_b, stride_t, 
 
 
 @triton.jit
-def _cache_rows(b, slots, hi, stride_b, stride_s, table_ptr, stride_tb, page, PAGED: tl.constexpr):
-    """Element offsets `[BLOCK_S]` of slots `slots` of batch row b in a cache.
-
-    Dense (not PAGED): entry (b, s) at `b * stride_b + s * stride_s`. PAGED: the pool holds blocks
-    of `page` slots and slot s of row b lives in block `table[b, s // page]` at offset `s % page`
-    (`stride_b` is then the pool's block stride). Slots >= hi point at row 0 / block 0."""
-    ok = slots < hi
+def _slot_places(b, slots, ok, table_ptr, stride_tb, page, PAGED: tl.constexpr):
+    """Where slots `slots` of batch row b live, as (row or block `[BLOCK_S]` int64, index in it):
+    dense (not PAGED), row b at slot s; PAGED, block `table[b, s // page]` at `s % page`. Computed
+    once per tile and shared by the kv and pe caches (`_cache_rows`); slots not `ok` point at block 0."""
     if PAGED:
         block = tl.load(table_ptr + b.to(tl.int64) * stride_tb + slots // page, mask=ok, other=0)
-        return block.to(tl.int64) * stride_b + (slots % page) * stride_s
-    return b.to(tl.int64) * stride_b + slots * stride_s
+        return block.to(tl.int64), slots % page
+    return tl.zeros(slots.shape, tl.int64) + b.to(tl.int64), slots
+
+
+@triton.jit
+def _cache_rows(where, index, stride_b, stride_s):
+    """Element offsets `[BLOCK_S]` of the slots at (`where`, `index`) (`_slot_places`) in a cache
+    whose rows (blocks when paged) are `stride_b` apart and slots `stride_s`."""
+    return where * stride_b + index * stride_s
 
 
 @triton.jit
 def _cache_block(ptr, rows, ok, cols, n_cols, stride_c):
-    """Load `[BLOCK_S, BLOCK_COLS]` cache entries at row offsets `rows` (`_cache_rows`); rows not
+    """Load `[BLOCK_S, BLOCK_COLS]` cache entries at element offsets `rows` (`_cache_rows`); rows not
     `ok` and cols >= n_cols read 0."""
     offs = rows[:, None] + cols[None, :] * stride_c
     return tl.load(ptr + offs, mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
@@ -192,7 +196,7 @@ def _mla_attention_kernel(
     the unnormalised accumulator to `out[B, M, num_splits, C]` and (max, sum) to
     `ml[B, M, num_splits, 2]` (float32, base-2 max) for `_merge_splits_kernel`.
     UPCAST: do the dots in float32 (see `_dot`). PAGED: kv / pe are block pools read through the
-    block table (see `_cache_rows`). FP8_KV: kv holds FP8 latents (`_fp8_latent_block`), decoded to
+    block table (see `_slot_places`). FP8_KV: kv holds FP8 latents (`_fp8_latent_block`), decoded to
     the queries' dtype as tiles are read.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,13 +216,13 @@ def _mla_attention_kernel(
     for start in range(lo, hi, BLOCK_S):
         slots = start + tl.arange(0, BLOCK_S)
         ok = slots < hi
-        kv_rows = _cache_rows(b, slots, hi, skv_b, skv_s, table_ptr, st_b, page, PAGED)
+        where, index = _slot_places(b, slots, ok, table_ptr, st_b, page, PAGED)
+        kv_rows = _cache_rows(where, index, skv_b, skv_s)
         if FP8_KV:
             kv = _fp8_latent_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c).to(q.dtype)
         else:
             kv = _cache_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c)
-        pe_rows = _cache_rows(b, slots, hi, spe_b, spe_s, table_ptr, st_b, page, PAGED)
-        pe = _cache_block(pe_ptr, pe_rows, ok, cols_r, R, spe_r)
+        pe = _cache_block(pe_ptr, _cache_rows(where, index, spe_b, spe_s), ok, cols_r, R, spe_r)
         logits = _dot(q, tl.trans(kv), UPCAST) + _dot(q_pe, tl.trans(pe), UPCAST)
         vis = _visible(mask_ptr, b, rows, H, M, slots, hi, sm_b, sm_t, sm_s)
         m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST)

@@ -72,7 +72,7 @@ class StackedExperts:
             x.gate_up = FusedLinears([x.gate_proj, x.up_proj], storage=gu)
             x.down_proj.weight.data = d
             x.down_proj.prepare_cpu()
-        self.first, self.loop, self.gate, self.topk = moe.local_experts.start, moe.routed_local, moe.gate, moe.gate.topk
+        self.first, self.loop, self.gate = moe.local_experts.start, moe.routed_local, moe.gate
         self.plan: RowPlan | None = None
 
     @staticmethod
@@ -98,7 +98,7 @@ class StackedExperts:
         `EXPERT_FORMULATIONS`; the layer's own routed sum, no collectives, whose call counts would
         differ between ranks)."""
         dim = self.gate_up.shape[-1]
-        name = f"moe {self.gate_up.shape[0]}x{self.down.shape[-1]}x{dim} top{self.topk} {self.gate_up.dtype}"
+        name = f"moe {self.gate_up.shape[0]}x{self.down.shape[-1]}x{dim} top{self.gate.topk} {self.gate_up.dtype}"
 
         def timer(candidates: tuple[str, ...], rows: int) -> dict[str, float]:
             x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(rows)).to(self.gate_up.dtype)

@@ -9,9 +9,9 @@ never handed out: unassigned table entries point at it, so writes of padding que
 and its slots are always masked (`kernels.paged`).
 
 Moving a row (compacting the live rows to a prefix) moves its table entries, not its data.
-Attention reads the blocks where they lie with the Triton kernel (CUDA); the torch reference
-gathers each row's blocks into dense rows first (`kernels.mla_attention`'s `block_table`), and so
-does an FP8 pool, which is decoded from the gathered rows.
+Attention reads the blocks where they lie with the Triton kernel (CUDA), an FP8 pool's latents
+decoded as they are read; the torch reference gathers each row's blocks into dense rows first, and
+decodes an FP8 pool's (`kernels.mla_attention`'s `block_table`).
 """
 
 from __future__ import annotations
