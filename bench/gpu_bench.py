@@ -181,6 +181,51 @@ def bench_verify(ckpt: str | None, nodes: list[int], batches: list[int], new_tok
     return steps_rows, e2e, ok
 
 
+def bench_graphs(ckpt: str | None, batches: list[int], new_tokens: int) -> tuple[list[dict], bool]:
+    """Greedy generate with every step replayed from a CUDA graph (`--cuda-graphs`) against the same
+    engine eager: tokens/s of each and whether the tokens agree, per batch size and configuration.
+    Each configuration runs once untimed first (captures, Triton compilation). Verdict: at batch 1
+    (whose row bucket is the batch itself: the captured step runs the eager step's shapes) the
+    tokens must be equal; at larger batches rows that finish leave padding rows in the bucket,
+    whose bf16 GEMMs may round otherwise, so the identical share is reported."""
+    import time
+
+    from specdec.bench.prompt_set import HELDOUT_FILE, load_prompt_file
+    from specdec.bench.stats import compare_outputs
+    from specdec import Engine, SpecConfig
+
+    eager = Engine.from_pretrained(ckpt, device=DEVICE, max_seq_len=1024)
+    graphed = Engine.from_pretrained(ckpt, device=DEVICE, max_seq_len=1024, cuda_graphs=DEVICE == "cuda")
+    if DEVICE != "cuda":  # --cpu-dry-run: the CPU's stand-in capture (specdec.graphs.capture_by_rerun)
+        from specdec.graphs import capture_by_rerun
+
+        graphed.use_cuda_graphs(capture=capture_by_rerun)
+    prompts = load_prompt_file(HELDOUT_FILE)
+    ids = eager.encode([prompts[i % len(prompts)].prompt for i in range(max(batches))])
+    rows, ok = [], True
+    for batch in batches:
+        for label, spec in [("plain", None), ("chain 3", SpecConfig(depth=3, adaptive=False)),
+                            ("adaptive 3", SpecConfig(depth=3))]:
+            timed = {}
+            for name, eng in (("eager", eager), ("graphs", graphed)):
+                eng.generate(ids[:batch], max_new_tokens=new_tokens, spec=spec)  # untimed: captures, compilation
+                _sync()
+                t0 = time.perf_counter()
+                out = eng.generate(ids[:batch], max_new_tokens=new_tokens, spec=spec)
+                _sync()
+                timed[name] = (out, time.perf_counter() - t0)
+            (e_out, e_wall), (g_out, g_wall) = timed["eager"], timed["graphs"]
+            same = compare_outputs(g_out.token_ids, e_out.token_ids)
+            ok &= same["equal"] or batch > 1
+            rows.append({"batch": batch, "config": label, "eager tokens/s": e_out.stats.tokens / e_wall,
+                         "graphs tokens/s": g_out.stats.tokens / g_wall,
+                         "graphs x eager": e_wall / g_wall * g_out.stats.tokens / e_out.stats.tokens,
+                         "tau": g_out.stats.tau, "equal to eager": same["equal"],
+                         "identical token share": same["identical_token_share"]})
+    print(f"captures: {graphed.graphs.captures}")
+    return rows, ok
+
+
 def bench_attention(batches: list[int], seq_len: int = 4096, heads: int = 16, page: int = 64) -> list[dict]:
     """Decode attention at DeepSeek-V3 latent sizes (C 512, R 64, bf16, `heads` local heads, rows of
     `seq_len` slots): the Triton kernel over dense rows; over a paged pool read in place, against
@@ -234,20 +279,21 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/gpu_bench.py", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["gemm", "attention", "verify", "all"])
+    p.add_argument("what", choices=["gemm", "attention", "verify", "graphs", "all"])
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="GEMM row counts M (default 1,16,128,1024)")
     p.add_argument("--ckpt-path", help="checkpoint for the verify benchmark (default: the embedded model)")
     p.add_argument("--nodes", default="1,4,8,16", help="draft-tree nodes verified (default 1,4,8,16)")
     p.add_argument("--batches", default="1,8", help="batch sizes of the verify benchmark (default 1,8)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--graph-batches", default="1,8,32", help="batch sizes of the graphs benchmark (default 1,8,32)")
     p.add_argument("--json", help="write the numbers to this file")
     p.add_argument("--cpu-dry-run", action="store_true", help="run `verify` on the CPU (checks the script, not the GPU)")
     a = p.parse_args(argv)
     global DEVICE
     if a.cpu_dry_run:
         DEVICE = "cpu"
-        if a.what != "verify":
-            print("gpu_bench.py: error: --cpu-dry-run runs only `verify`", file=sys.stderr)
+        if a.what not in ("verify", "graphs"):
+            print("gpu_bench.py: error: --cpu-dry-run runs only `verify` and `graphs`", file=sys.stderr)
             return 2
     elif not torch.cuda.is_available():
         print("gpu_bench.py: error: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -290,6 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         print()
         if not ok:
             print(f"FAILED: speculative greedy output differs from plain decoding on {DEVICE}", file=sys.stderr)
+            status = 1
+    if a.what in ("graphs", "all"):
+        rows, ok = bench_graphs(a.ckpt_path, [int(b) for b in a.graph_batches.split(",")], a.max_new_tokens)
+        result["graphs"] = rows
+        print(f"### Greedy generate on {DEVICE}: steps replayed from CUDA graphs against eager (warm)\n")
+        print(table(rows, list(rows[0])))
+        print()
+        if not ok:
+            print("FAILED: at batch 1 the graph-replayed tokens differ from eager decoding", file=sys.stderr)
             status = 1
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))

@@ -22,6 +22,10 @@
 # 5. Verify-step micro-benchmark on the embedded default model on CUDA: plain decode step vs
 #    verifier forward over 1/4/8/16 tree nodes, MTP forward, and greedy generate (plain, chain,
 #    tree) checked token-equal to plain decoding (bench/gpu_bench.py verify).
+# 6. CUDA graphs: greedy generate with every step replayed from a captured graph (--cuda-graphs)
+#    against the same engine eager, tokens/s at batch 1, 8 and 32, tokens equal at batch 1
+#    (bench/gpu_bench.py graphs). The embedded model is unquantised: on CUDA its routed experts run
+#    as grouped GEMMs (model.prepare.GroupedExperts), which steps 2 (grouped_experts), 5 and 6 exercise.
 #
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 240) and the script goes on
 # after a failure; the exit status is non-zero if any step failed. Everything takes about
@@ -78,6 +82,7 @@ step kernels "$PY" bench/gpu_kernels.py --json "$OUT/kernels.json"
 step gemm "$PY" bench/gpu_bench.py gemm --json "$OUT/gemm.json"
 step attention "$PY" bench/gpu_bench.py attention --json "$OUT/attention.json"
 step verify "$PY" bench/gpu_bench.py verify --json "$OUT/verify.json"
+step graphs "$PY" bench/gpu_bench.py graphs --json "$OUT/graphs.json"
 
 log "summary"
 echo "logs and JSON in $OUT"

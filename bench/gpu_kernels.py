@@ -11,7 +11,9 @@ Checks (each reports ok or the failure; exit status 1 if any fails, 2 when there
   tolerance of 2e-3 of the output's magnitude); also at DeepSeek-V3 projection shapes;
 * mla_attention: Triton vs the reference evaluated in float64 (float32 inputs: 1e-4; bf16/fp16 inputs:
   2 ulps of the output dtype) for causal prefill, ragged decode, draft-tree masks, all-padding
-  queries, strided cache views and DeepSeek-V3 sizes (C=512, R=64, 128 heads, 4096 slots).
+  queries, strided cache views and DeepSeek-V3 sizes (C=512, R=64, 128 heads, 4096 slots);
+* grouped_experts: unquantised bf16 experts as grouped GEMMs (`kernels.experts.grouped`) against a
+  float32 per-expert sum (not Triton: `torch.nn.functional.grouped_mm`'s CUDA kernel).
 
 FP8 checks need compute capability 8.9+ (they are skipped, not failed, on older GPUs).
 `--dry-run` (with TRITON_INTERPRET=1, CPU tensors, small cases only) checks this script itself
@@ -269,6 +271,33 @@ def check_attention_paged() -> None:
         assert torch.equal(got, want), f"{label}, fp8 latents: in-kernel decode != decoded rows"
 
 
+def check_grouped_experts() -> None:
+    """Unquantised bf16 routed experts as grouped GEMMs (`kernels.experts.grouped`, the CUDA backend
+    of `model.prepare.GroupedExperts`) against each expert run on its tokens in float32: crowded and
+    empty experts, slots of another rank's experts; V3's expert shapes when not a dry run."""
+    from specdec.kernels import experts
+
+    n_experts, inter, dim, tokens, topk = (32, 2048, 7168, 96, 8) if LARGE else (8, 64, 128, 9, 2)
+    g = _gen(120)
+    gate_up = (torch.randn(n_experts, 2 * inter, dim, device=DEV, generator=g) * dim ** -0.5).to(torch.bfloat16)
+    down = (torch.randn(n_experts, dim, inter, device=DEV, generator=g) * inter ** -0.5).to(torch.bfloat16)
+    x = torch.randn(tokens, dim, device=DEV, generator=g).to(torch.bfloat16)
+    weights = torch.rand(tokens, topk, device=DEV, generator=g)
+    first = 3  # experts 3 … 3 + n_experts - 1 are this rank's; ids below are another rank's
+    indices = torch.randint(0, n_experts // 2, (tokens, topk), device=DEV, generator=g)  # half the experts empty
+    indices[:, 0] = first + 1  # one crowded expert
+    got = experts.grouped(x, weights, indices, first, gate_up, down).float()
+    want = torch.zeros(tokens, dim, device=DEV)
+    for e in range(n_experts):
+        token, choice = torch.nonzero(indices == first + e, as_tuple=True)
+        if len(token):
+            h = x[token].float() @ gate_up[e].float().T
+            y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ down[e].float().T
+            want.index_add_(0, token, y * weights[token, choice].unsqueeze(1))
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    assert err < 2e-2, f"grouped experts: relative error {err:.2e} against the float32 per-expert sum"
+
+
 CHECKS: dict[str, tuple[Callable[[], None], bool]] = {  # name -> (check, needs FP8)
     "grouped_fp8_gemm": (check_grouped_fp8_gemm, True),
     "act_quant": (check_act_quant, True),
@@ -279,6 +308,7 @@ CHECKS: dict[str, tuple[Callable[[], None], bool]] = {  # name -> (check, needs 
     "attention_dtypes_and_views": (check_attention_dtypes_and_views, False),
     "attention_deepseek_sizes": (check_attention_deepseek_sizes, False),
     "attention_paged": (check_attention_paged, False),
+    "grouped_experts": (check_grouped_experts, False),
 }
 
 

@@ -1,6 +1,7 @@
 """`python -m specdec.bench serve`: the OpenAI server under load, adaptive MTP against plain decoding.
 
-For each configuration (plain, then adaptive MTP up to depth 3) the bench starts `specdec.serve`'s
+For each configuration (plain, then adaptive MTP up to depth 3; with `--compile` a chain of 3, every
+step compiled, after an untimed warm-up round) the bench starts `specdec.serve`'s
 app on 127.0.0.1 (a free port, in this process, over the one loaded engine) and sends streamed
 greedy completions of the prompts (cycled): closed-loop with C concurrent clients (each sends its
 next request when the last one ends), and open-loop with Poisson arrivals at R requests/s. Per
@@ -239,8 +240,10 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         raise BenchError(f"--rates must be > 0, got {a.rates}")
     n_requests = a.requests or 2 * len(prompts)
     jobs = [(prompts[i % len(prompts)].prompt, a.max_new_tokens) for i in range(n_requests)]
-    configs = [("plain", None, False), ("adaptive 3", SpecConfig(depth=3), False),
-               ("adaptive 3, static batching", SpecConfig(depth=3), True)]
+    mtp = "adaptive 3" if eng.compiled is None else "chain 3"  # compiled steps pin the depth
+    configs = [("plain", None, False), (mtp, SpecConfig(depth=3), False),
+               (f"{mtp}, static batching", SpecConfig(depth=3), True)]
+    warm_up = eng.compiled is not None  # an untimed first round compiles the steps its loads run
     stalls: list[dict] = []
     long_prompt = []
     if a.long_prompt:
@@ -252,15 +255,15 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             long_prompt += ids
         long_prompt = long_prompt[: a.long_prompt]
     per_round = 2 * (len(clients) + len(rates)) + len(clients)
-    bar = progress(a.repeats * per_round, "serve")
+    bar = progress((a.repeats + warm_up) * per_round, "serve")
     rounds: list[list[dict]] = []
-    for r in range(a.repeats):  # every round serves every configuration, the order rotating
+    for r in range(a.repeats + warm_up):  # every round serves every configuration, the order rotating
         measured: list[dict] = []
         for label, spec, static in configs[r % len(configs):] + configs[: r % len(configs)]:
             served = _Served(eng, spec, max(clients + [a.max_batch]), static)
             try:
                 measured += _serve_loads(served, label, static, jobs, clients, rates, a.seed, bar)
-                if long_prompt and not static and r == 0:
+                if long_prompt and not static and r == warm_up:
                     streams = max(1, min(min(clients), served.server.scheduler.max_rows - 1))  # a row left for it
                     stall = _long_prefill(served.url, [(p, 4 * n) for p, n in jobs], long_prompt, streams)
                     stalls.append({"config": label, "clients": streams,
@@ -268,8 +271,9 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
             finally:
                 served.stop()
         for m in measured:
-            m["round"] = r
-        rounds.append(measured)
+            m["round"] = r - warm_up
+        if r >= warm_up:
+            rounds.append(measured)
     bar.close()
     order = [(label, m["mode"]) for label, _, _ in configs for m in rounds[0] if m["config"] == label]
     runs = {key: [m for measured in rounds for m in measured if (m["config"], m["mode"]) == key] for key in order}
@@ -295,7 +299,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
     settings = {"checkpoint": str(eng.checkpoint), "prompts": len(prompts), "requests": n_requests,
                 "max_new_tokens": a.max_new_tokens,
                 "clients": clients, "rates": rates, "max_batch": max(clients + [a.max_batch]),
-                "long_prompt": a.long_prompt}
+                "long_prompt": a.long_prompt, "compiled": eng.compiled is not None}
     notes = ["one server per configuration on 127.0.0.1, same engine and requests; tokens/s: new tokens over the "
              "run's wall seconds; × plain: against plain decoding under the same load in the same round",
              f"{a.repeats} round(s), each serving every configuration in turn (the order rotating by round); "
@@ -306,6 +310,9 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
              "cuts drop",
              "static batching: the same server admitting only into an empty batch (up to C requests), which "
              "runs until its slowest request ends; the same requests"]
+    if warm_up:
+        notes.append("--compile: every step runs compiled whole over the paged pool at a pinned depth (chain 3); "
+                     "a first, untimed round compiled the steps the loads run")
     if stalls:
         notes.append("long prompt: the streams (the smallest --clients count, at most the server's rows less one; budgets 4x --max-new-tokens) are decoding "
                      "when one prompt of --long-prompt tokens arrives; gap: time between a stream's consecutive "

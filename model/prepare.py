@@ -4,7 +4,8 @@ The model modules (`model.mla`, `model.moe`, `model.parallel`) hold the architec
 reference computation; after loading, these transforms choose faster forms of the same maths:
 
 - `prepare_loaded` (every device): FP8 `kv_b_proj` dequantised once for the absorbed attention
-  (`MLA.absorb_once`); FP8 routed experts stacked for grouped GEMMs (`GroupedFP8Experts`).
+  (`MLA.absorb_once`); routed experts stacked for grouped GEMMs: FP8 ones (`GroupedFP8Experts`),
+  unquantised bfloat16 ones on CUDA (`GroupedExperts`); neither reads the routing back to the host.
 - `prepare_cpu` (CPU): linears that read the same input fused into one GEMM (`FusedLinears`: MLA's
   q_a/kv_a, every SwiGLU's gate/up); unquantised routed experts stacked (`StackedExperts`: timed
   eager formulations, the static one `torch.compile` needs); a GEMM formulation per weight shape
@@ -25,9 +26,10 @@ from specdec.model.mla import MLA
 from specdec.model.moe import MLP, Expert, MoE
 from specdec.model.parallel import FusedLinears, Linear
 
-EXPERT_FORMULATIONS = ("loop", "dense")
+EXPERT_FORMULATIONS = ("loop", "dense", "grouped")
 """How eager CPU calls run stacked routed experts (`StackedExperts.tune` times them per token count):
-"loop" (`MoE.routed_local`: each chosen expert on its tokens) or "dense" (`kernels.experts.every_expert`)."""
+"loop" (`MoE.routed_local`: each chosen expert on its tokens), "dense" (`kernels.experts.every_expert`)
+or "grouped" (`kernels.experts.grouped`: grouped GEMMs over the slots sorted by expert)."""
 
 
 class GroupedFP8Experts:
@@ -56,12 +58,43 @@ class GroupedFP8Experts:
         return expert_kernels.grouped_fp8(flat, weights, indices, self.first, self.stacks, self.block)
 
 
+class GroupedExperts:
+    """A MoE layer's unquantised routed experts on CUDA run as one grouped GEMM per projection
+    (`kernels.experts.grouped`: routing sorted on the device, no host read). Built after load: the
+    local experts' gate and up weights stacked `[E, 2·I, dim]` (gate rows first) and down weights
+    `[E, dim, I]`, each expert's parameters becoming views of its slice."""
+
+    def __init__(self, moe: MoE) -> None:
+        experts = [moe.experts[str(e)] for e in moe.local_experts]
+        w = experts[0].gate_proj.weight
+        inter = w.shape[0]
+        self.gate_up = torch.empty(len(experts), 2 * inter, w.shape[1], dtype=w.dtype, device=w.device)
+        self.down = torch.empty(len(experts), w.shape[1], inter, dtype=w.dtype, device=w.device)
+        for x, gu, d in zip(experts, self.gate_up, self.down):
+            for lin, stacked in ((x.gate_proj, gu[:inter]), (x.up_proj, gu[inter:]), (x.down_proj, d)):
+                stacked.copy_(lin.weight.detach())
+                lin.weight.data = stacked
+        self.first = moe.local_experts.start
+
+    @staticmethod
+    def applies(moe: MoE) -> bool:
+        """Unquantised bfloat16 experts on CUDA (`torch.nn.functional.grouped_mm`'s CUDA kernels)."""
+        if len(moe.local_experts) == 0:
+            return False
+        lin = moe.experts[str(moe.local_experts.start)].gate_proj
+        return (lin.weight_scale_inv is None and lin.weight.device.type == "cuda"
+                and lin.weight.dtype == torch.bfloat16)
+
+    def __call__(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return expert_kernels.grouped(flat, weights, indices, self.first, self.gate_up, self.down)
+
+
 class StackedExperts:
     """A MoE layer's unquantised routed experts over stacked weights (CPU): gate and up `[E, 2·I, dim]`
     (each expert's gate/up then run as one GEMM), down `[E, dim, I]`, each expert's parameters views
     of its slice. Compiled forwards run `kernels.experts.gathered` (shapes independent of the
-    routing); eager ones the formulation `plan` gives for the token count ("loop": the layer's
-    `routed_local`; "dense": `kernels.experts.every_expert`), "loop" until `tune` measured."""
+    routing); eager ones the formulation `plan` gives for the token count (`EXPERT_FORMULATIONS`),
+    "loop" until `tune` measured."""
 
     def __init__(self, moe: MoE) -> None:
         experts = [moe.experts[str(e)] for e in moe.local_experts]
@@ -91,6 +124,8 @@ class StackedExperts:
         """This rank's routed sum by `formulation` (one of `EXPERT_FORMULATIONS`)."""
         if formulation == "dense":
             return expert_kernels.every_expert(flat, weights, indices, self.first, self.gate_up, self.down)
+        if formulation == "grouped":
+            return expert_kernels.grouped(flat, weights, indices, self.first, self.gate_up, self.down)
         return self.loop(flat, weights, indices)
 
     def tune(self, tuner: GemmTuner) -> None:
@@ -110,12 +145,15 @@ class StackedExperts:
 
 def prepare_loaded(module: nn.Module) -> None:
     """Work done once after loading, on every device: FP8 `kv_b_proj` dequantised for the absorbed
-    attention (`MLA.absorb_once`) and FP8 routed experts stacked for grouped GEMMs (`GroupedFP8Experts`)."""
+    attention (`MLA.absorb_once`); routed experts stacked for grouped GEMMs, FP8 ones
+    (`GroupedFP8Experts`) and unquantised bfloat16 ones on CUDA (`GroupedExperts`)."""
     for sub in module.modules():
         if isinstance(sub, MLA):
             sub.absorb_once()
         elif isinstance(sub, MoE) and GroupedFP8Experts.applies(sub):
             sub.routed_backend = GroupedFP8Experts(sub)
+        elif isinstance(sub, MoE) and GroupedExperts.applies(sub):
+            sub.routed_backend = GroupedExperts(sub)
 
 
 def _fuse_for_cpu(module: nn.Module) -> None:

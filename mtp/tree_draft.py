@@ -137,7 +137,8 @@ def expand_tree(drafter, cache: StepCache, rows: StepRows, shape: StepShape, tak
         prev = layers[-1]
         chosen = prev.scores.topk(width, dim=-1).indices  # [B, E] most confident frontier nodes
         own = torch.zeros(batch, width, n_scratch, dtype=torch.bool, device=device)
-        own[:, torch.arange(width), used_slots + torch.arange(width)] = True
+        nodes = torch.arange(width, device=device)  # on the step's device: a host index would copy mid-step
+        own[:, nodes, used_slots + nodes] = True
         slots = prev.ancestor_slots.gather(1, chosen.unsqueeze(-1).expand(-1, -1, n_scratch)) | own
         pos = (lengths + d - 2).unsqueeze(1).expand(-1, width)
         write = lengths.unsqueeze(1) + used_slots + torch.arange(width, device=device)

@@ -119,10 +119,30 @@ class _WholeStep(nn.Module):
         return decode_step(self.model, self.drafter, StepCache(kv, pe, None, kv.shape[2]), rows, shape)
 
 
+class _PagedStep(nn.Module):
+    """`decode_step` over a paged pool, as one module to compile. The span is whole blocks: their
+    number arrives as the length of `span_blocks` `[n]`, a dimension the graph keeps dynamic (an
+    int argument would be specialised, one graph per span; a span in slots would be specialised on
+    its remainder modulo the block size)."""
+
+    def __init__(self, model: Transformer, drafter: MTPDrafter | None) -> None:
+        super().__init__()
+        self.model, self.drafter = model, drafter
+
+    def forward(self, kv: torch.Tensor, pe: torch.Tensor, block_table: torch.Tensor, span_blocks: torch.Tensor,
+                rows: StepRows, shape: StepShape) -> StepResult:
+        cache = StepCache(kv, pe, block_table, span_blocks.shape[0] * kv.shape[2])
+        return decode_step(self.model, self.drafter, cache, rows, shape)
+
+
 def _pad_rows(x: torch.Tensor | None, rows: int, value: float = 0) -> torch.Tensor | None:
-    """`x` `[B, ...]` padded with `value` (zeros: False for bool) to `[rows, ...]`."""
-    if x is None or x.shape[0] == rows:
+    """`x` `[B, ...]` padded with `value` (zeros: False for bool) to `[rows, ...]`; a copy even when
+    B = rows, so that a compiled graph always sees tensors made alike (an inference-mode tensor
+    and a view of one made outside it differ in their guards: a recompile)."""
+    if x is None:
         return x
+    if x.shape[0] == rows:
+        return x.clone()
     pad = torch.full((rows - x.shape[0], *x.shape[1:]), value, dtype=x.dtype, device=x.device)
     return torch.cat([x, pad])
 
@@ -151,19 +171,40 @@ class CompiledDecode:
         self._model = _compile(model)
         self._drafter = _compile(drafter) if drafter else None
         self._step = _compile(_WholeStep(model, drafter))
+        self._paged_step = _compile(_PagedStep(model, drafter))
+        self._spans = torch.empty(0)  # paged spans in blocks are lengths of its prefixes (`step`)
 
     def step(self, cache: StepCache, rows: StepRows, shape: StepShape) -> StepResult:
-        """`decode_step`, compiled, over a dense pool's view (`LatentCache.step_view`): the rows are
-        padded to their bucket (`row_bucket`) and the result cut back to them. Over a paged pool it
-        runs eagerly, as the forwards do."""
-        if cache.block_table is not None:
-            return decode_step(self.model, self.drafter, cache, rows, shape)
+        """`decode_step`, compiled, over a dense pool's view (`LatentCache.step_view`) or a paged
+        pool (`PagedLatentCache.step_view`): the rows are padded to their bucket (`row_bucket` of the
+        pool's rows) and the result cut back to them.
+
+        Padding rows have length 0 and write their first slots: in a dense pool those of their own
+        free rows, which a prefill overwrites before anyone reads them; in a paged pool the null
+        block (their table rows are zeros here, whatever the pool's rows past the batch hold: one
+        may be a long prompt being prefilled in chunks)."""
         batch = rows.lengths.shape[0]
-        bucket = row_bucket(batch, cache.kv.shape[1])
-        kv, pe = cache.kv[:, :bucket], cache.pe[:, :bucket]
-        padded = StepRows(*(_pad_rows(t, bucket, 1.0 if name == "top_p" else 0) for name, t in
-                            zip(rows._fields, rows)))
-        out = self._call(self._step, None, kv, pe, kv, pe, padded, shape)
+        padded_rows = (lambda bucket: StepRows(*(_pad_rows(t, bucket, 1.0 if name == "top_p" else 0)
+                                                for name, t in zip(rows._fields, rows))))
+        if cache.block_table is None:
+            bucket = row_bucket(batch, cache.kv.shape[1])
+            kv, pe = cache.kv[:, :bucket], cache.pe[:, :bucket]
+            out = self._call(self._step, None, kv, pe, kv, pe, padded_rows(bucket), shape)
+        else:
+            table_rows, max_blocks = cache.block_table.shape
+            bucket = row_bucket(batch, table_rows)
+            table = cache.block_table.new_zeros(bucket, max_blocks)  # padding rows: the null block
+            table[:batch] = cache.block_table[:batch]
+            # whole blocks, at least two (one would be specialised: a graph of its own)
+            n_blocks = min(max(2, -(-cache.n_slots // cache.kv.shape[2])), max_blocks)
+            if self._spans.shape[0] <= max_blocks:  # spans are strict prefixes of one buffer: one graph
+                self._spans = torch.empty(max_blocks + 1)
+            span_blocks = self._spans[:n_blocks]
+            torch._dynamo.mark_dynamic(span_blocks, 0)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                              accumulated_recompile_limit=RECOMPILE_LIMIT):
+                out = self._paged_step(self._paged_step.key, cache.kv, cache.pe, table, span_blocks,
+                                       padded_rows(bucket), shape)
         return StepResult(*(_cut_rows(t, batch) for t in out))
 
     def verifier(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,

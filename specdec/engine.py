@@ -28,6 +28,7 @@ from specdec.adaptive import SpeculationPolicy, StepCosts, default_cost_path
 from specdec.cache import SPAN_MULTIPLE, LatentCache
 from specdec.config import GenerationOutput, GenerationStats, SpecConfig
 from specdec.compiled import CompiledDecode, check_compile_supported
+from specdec.graphs import Capture, GraphedSteps
 from specdec.defaults import default_model_path
 from specdec.distributed import bind_device, default_device, init_parallel
 from specdec.scheduler import Scheduler
@@ -70,6 +71,23 @@ class Engine:
         self.checkpoint_id = f"{checkpoint.resolve()} {digest}"
         self.cost_tables: dict[str, StepCosts] = {}  # adaptive speculation's measured step costs
         self.policies: dict[str, SpeculationPolicy] = {}  # and its policy (acceptance, choice), per cost key
+        self.graphs: GraphedSteps | None = None  # CUDA graphs of the steps (`use_cuda_graphs`)
+
+    def use_cuda_graphs(self, capture: Capture | None = None) -> None:
+        """Run every decoding step as a replayed capture (`specdec.graphs`): on CUDA a CUDA graph per
+        row bucket, span and step shape; `capture`: the tests' stand-in (`graphs.capture_by_rerun`).
+        Raises ConfigError on an engine that is not on CUDA (without `capture`) or is compiled."""
+        if capture is None and self.device.type != "cuda":
+            raise ConfigError(f"--cuda-graphs needs a CUDA device (this engine runs on {self.device})")
+        if self.compiled is not None:
+            raise ConfigError("--cuda-graphs and --compile are exclusive: choose one")
+        self.graphs = GraphedSteps(self.model, self.drafter, capture)
+        self.run_step = self.graphs.step
+
+    def span_for(self, n_slots: int) -> int:
+        """Slots a step that needs `n_slots` is given: as many, or with CUDA graphs the span its
+        capture covers (`GraphedSteps.span`: few spans, few captures)."""
+        return n_slots if self.graphs is None else self.graphs.span(n_slots)
 
     @classmethod
     def from_pretrained(
@@ -83,6 +101,7 @@ class Engine:
         compile: bool = False,
         tune: bool | GemmTuner | None = None,
         kv_cache_dtype: str = "auto",
+        cuda_graphs: bool = False,
     ) -> "Engine":
         """Load the checkpoint at `path` (None: the embedded default model) for this rank.
 
@@ -93,13 +112,17 @@ class Engine:
         the fastest (`kernels.cpu_gemm`; verdicts cached in `~/.cache/specdec`); False: the default
         formulation; None: on unless `SPECDEC_TUNE=0`; a `GemmTuner`: that one (e.g. to re-time).
         `kv_cache_dtype`: "auto" keeps cached latents in `dtype`; "fp8" as e4m3 codes with one float32
-        scale per token (`kernels.fp8_cache`: about half of bf16's cache bytes).
+        scale per token (`kernels.fp8_cache`: about half of bf16's cache bytes). `cuda_graphs`:
+        replay every decoding step from a CUDA graph (`use_cuda_graphs`; CUDA only).
         """
         if kv_cache_dtype not in fp8_cache.KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(fp8_cache.KV_CACHE_DTYPES)}, "
                               f"got {kv_cache_dtype!r}")
         device = bind_device(torch.device(device) if device is not None else default_device())
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if cuda_graphs and (device.type != "cuda" or compile):  # said before loading anything
+            raise ConfigError(f"--cuda-graphs needs a CUDA device (this engine runs on {device})"
+                              if device.type != "cuda" else "--cuda-graphs and --compile are exclusive: choose one")
         ctx = init_parallel(device)
         notice = None
         if path is None:
@@ -119,7 +142,10 @@ class Engine:
         if compile:
             check_compile_supported(model, ctx, device)
             compiled = CompiledDecode(model, drafter)
-        return cls(model, drafter, tokenizer, ctx, device, path, notice, compiled, kv_cache_dtype)
+        engine = cls(model, drafter, tokenizer, ctx, device, path, notice, compiled, kv_cache_dtype)
+        if cuda_graphs:
+            engine.use_cuda_graphs()
+        return engine
 
     def describe_drafter(self) -> str:
         """One line on the MTP drafter: present or not, and which tensors it shares with the verifier."""

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile every decoding step whole with torch.compile (CPU, one process, unquantised "
                         "weights; pins the draft depth; the first use of each batch size and draft shape compiles "
                         "for ~30-120 s)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay every decoding step from a CUDA graph captured per batch bucket, span and draft "
+                        "shape (CUDA only; each is captured on first use)")
     return p
 
 
@@ -252,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         check_args(a)
         prompts = a.prompt or (read_prompts(a.input_file) if a.input_file else [])
         engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
-                                        show_progress=True, compile=a.compile, kv_cache_dtype=a.kv_cache_dtype)
+                                        show_progress=True, compile=a.compile, cuda_graphs=a.cuda_graphs,
+                                        kv_cache_dtype=a.kv_cache_dtype)
         if engine.ctx.rank == 0:
             if engine.notice:
                 print(engine.notice, file=sys.stderr)

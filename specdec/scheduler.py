@@ -85,8 +85,9 @@ class NotAccepting(SpecdecError):
 class Scheduler:
     """Owns a decoder and its cache pool; `submit` from any thread, `run` on the loop's thread.
 
-    engine: a loaded `Engine` (eager: compiled forwards are not supported here). spec: the draft
-    shape (a chain, adaptive when `spec.adapts`, or a tree), None: plain decoding. max_rows: sequences decoded
+    engine: a loaded `Engine`; compiled (`--compile`), its steps run compiled over the paged pool
+    (`CompiledDecode.step`) at the depth `spec` pins. spec: the draft shape (a chain, adaptive when
+    `spec.adapts` and the engine is eager, or a tree), None: plain decoding. max_rows: sequences decoded
     at once (cache rows). max_waiting: queue limit (`QueueFull` beyond it). prefill_tokens: prompt
     tokens admitted per round at most (one sequence is always admitted when a row is free).
     on_step(scheduler, kept): called on the loop thread after each step with the tokens each live
@@ -103,8 +104,6 @@ class Scheduler:
                  prefill_tokens: int = 512,
                  on_step: Callable[["Scheduler", list[int]], None] | None = None, static: bool = False,
                  cache_tokens: int | None = None, block_size: int = 16) -> None:
-        if engine.compiled is not None:
-            raise ConfigError("--compile: the server runs eager forwards only (compiled steps need a static batch)")
         if spec is not None and spec.draft_mode != "onehot":
             raise ConfigError("--draft-mode: the server drafts one-hot (argmax) chains only")
         cache_tokens = max_rows * engine.max_seq_len if cache_tokens is None else cache_tokens
@@ -113,7 +112,9 @@ class Scheduler:
                             ("--block-size", block_size)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        policy = engine.policy_for(spec) if spec is not None and spec.adapts else None
+        # compiled steps keep the depth pinned (each depth would compile graphs of its own)
+        adapts = spec is not None and spec.adapts and engine.compiled is None
+        policy = engine.policy_for(spec) if adapts else None
         decoder = SpeculativeDecoder(engine, spec, policy=policy)
         decoder.record_tpot = False  # a server's metrics time tokens per request instead
         args = engine.args

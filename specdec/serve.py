@@ -301,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
                         "about half of bf16's bytes; changes logits slightly, see README)")
+    p.add_argument("--compile", action="store_true",
+                   help="run every decoding step compiled whole with torch.compile (CPU, one process, "
+                        "unquantised weights; pins the draft depth; each batch bucket and sampling mix compiles "
+                        "on first use, ~30-120 s, while the requests of that step wait)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay every decoding step from a CUDA graph captured per batch bucket, span and draft "
+                        "shape (CUDA only; each is captured on first use)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
@@ -319,14 +326,14 @@ def load_server(a: argparse.Namespace) -> Server:
     if a.tree_topk < 1:
         raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
     engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
-                                    kv_cache_dtype=a.kv_cache_dtype)
+                                    kv_cache_dtype=a.kv_cache_dtype, compile=a.compile, cuda_graphs=a.cuda_graphs)
     spec = None
     if (a.spec or ("mtp" if engine.drafter is not None else "none")) == "mtp":
         if engine.drafter is None:
             raise ConfigError(f"--spec mtp: {engine.checkpoint} has no MTP layer")
         try:
             spec = SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_vocab=a.draft_vocab,
-                              adaptive=a.adaptive)
+                              adaptive=a.adaptive and not a.compile)
         except ConfigError as e:
             raise ConfigError(f"--draft-depth/--tree-topk/--tree-nodes/--draft-vocab: {e}") from None
         engine.drafter.check_draft_vocab(spec.draft_vocab)
@@ -347,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     print(f"specdec.serve: serving '{server.config.model_name}' on http://{a.host}:{a.port}/v1 "
-          f"({'MTP depth ' + str(server.scheduler.spec.depth) if server.scheduler.spec else 'plain decoding'}, "
+          f"({'MTP depth ' + str(server.scheduler.spec.depth) if server.scheduler.spec else 'plain decoding'}"
+          f"{', compiled steps' if server.engine.compiled is not None else ''}, "
           f"{server.config.max_batch} rows, {server.scheduler.cache.n_blocks} cache blocks of "
           f"{server.scheduler.cache.block_size})", file=sys.stderr, flush=True)
     uvicorn.run(build_app(server), host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=None)

@@ -312,8 +312,8 @@ class SpeculativeDecoder:
         `specdec.steps.decode_step`, a plain step or draft → verify → accept → commit. Returns the
         new state, each row's accepted drafts and its run of new tokens (read back to the host once)."""
         shape = self._shape(depth)
-        result = self.eng.run_step(cache.step_view(self.step_span(shape)), self._step_rows(lengths, state, shape),
-                                   shape)
+        view = cache.step_view(self.eng.span_for(self.step_span(shape)))
+        result = self.eng.run_step(view, self._step_rows(lengths, state, shape), shape)
         lengths.copy_(result.lengths)
         if self.observer is not None:
             self.observer(result)

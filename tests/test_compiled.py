@@ -149,3 +149,44 @@ def test_compiled_pool_keeps_a_spare_block(engines):
     eager, compiled = engines
     compiled.release_cache()  # the next call allocates afresh
     assert compiled.cache_for(2, 40).seq_len == 40 + SPAN_MULTIPLE
+
+
+class _CountingStep:
+    """Stands in for `CompiledDecode._paged_step`: records each call's rows and whether a padding
+    row's place in the pool held blocks (a long prompt being prefilled), then runs it."""
+
+    def __init__(self, compiled_step, pool) -> None:
+        self.compiled_step, self.key, self.pool = compiled_step, compiled_step.key, pool
+        self.rows, self.padding_over_blocks = [], []
+
+    def __call__(self, key, kv, pe, table, span_blocks, rows, shape):
+        live = int(rows.lengths.gt(0).sum())
+        self.rows.append(table.shape[0])
+        self.padding_over_blocks.append(bool(self.pool.block_table[live:table.shape[0]].any()))
+        assert not table[live:].any()  # padding rows write only the null block
+        return self.compiled_step(key, kv, pe, table, span_blocks, rows, shape)
+
+
+def test_compiled_steps_over_a_paged_pool_equal_eager_through_joins_leaves_and_chunks(engines, monkeypatch):
+    """The server's loop (`Scheduler`, paged pool) with a compiled engine: its steps run compiled
+    over row buckets of the pool while sequences join and leave and two long prompts are prefilled
+    in chunks in the pool's last row, which the 3-row bucket of 2 live rows pads over (the padding
+    must not write its blocks); each output equals eager greedy decoding of its prompt alone."""
+    from specdec.scheduler import Scheduler
+    from specdec.sequence import Sequence
+    from tests.test_speculative import random_prompts
+
+    eager, compiled = engines
+    prompts = random_prompts(eager.args.vocab_size, [5, 23, 6, 31, 4, 9], seed=17)
+    budgets = [14, 10, 12, 8, 16, 6]
+    want = [eager.generate([p], max_new_tokens=n).token_ids[0] for p, n in zip(prompts, budgets)]
+    sched = Scheduler(compiled, SpecConfig(depth=2), max_rows=3, prefill_tokens=8, cache_tokens=192, block_size=8)
+    assert sched.decoder.policy is None  # compiled: the depth is pinned
+    counting = _CountingStep(compiled.compiled._paged_step, sched.cache)
+    monkeypatch.setattr(compiled.compiled, "_paged_step", counting)
+    seqs = [Sequence(p, n) for p, n in zip(prompts, budgets)]
+    sched.generate_all(seqs, timeout_s=900)
+    assert [s.output for s in seqs] == want
+    assert 3 in counting.rows and any(counting.padding_over_blocks)
+    assert sched.decoder.steps == len(counting.rows)  # every step ran compiled
+    assert sched.running == 0 and sched.cache.used_blocks == 0

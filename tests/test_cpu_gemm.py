@@ -90,7 +90,7 @@ class ForcedTuner(GemmTuner):
         return super().choose(name, candidates, default, timer)
 
 
-@pytest.mark.parametrize("forced, experts", [("w_xt", "dense"), ("x_wcopy", "loop")])
+@pytest.mark.parametrize("forced, experts", [("w_xt", "dense"), ("x_wcopy", "loop"), ("x_wt", "grouped")])
 def test_decoded_tokens_do_not_depend_on_the_choice(f32_ckpt, forced, experts, tmp_path):
     """An engine whose every layer runs `forced` (heads included) and whose MoE layers run `experts`
     decodes what the untuned one does."""
@@ -118,5 +118,5 @@ def test_moe_layers_get_a_timed_expert_plan(f32_ckpt, tmp_path):
     moe_entries = {k: v for k, v in tuner.timings().items() if k.startswith("moe")}
     assert len(moe_entries) == 1  # every MoE layer has one shape: timed once
     entry = next(iter(moe_entries.values()))
-    assert set(entry["us"]["4"]) == {"loop", "dense"} and all(t > 0 for t in entry["us"]["4"].values())
+    assert set(entry["us"]["4"]) == {"loop", "dense", "grouped"} and all(t > 0 for t in entry["us"]["4"].values())
     assert eng.model.model.layers[-1].mlp.routed_backend.plan.by_bucket == tuple(entry["plan"])

@@ -80,8 +80,9 @@ def test_moe_expert_formulations_agree(tokens):
     x = torch.randn(tokens, moe.gate.weight.shape[1])
     with torch.inference_mode():
         weights, indices = moe.gate(x)
-        loop, dense = (moe.routed_backend.run(x, weights, indices, f) for f in ("loop", "dense"))
+        loop, dense, grouped = (moe.routed_backend.run(x, weights, indices, f) for f in ("loop", "dense", "grouped"))
     torch.testing.assert_close(dense, loop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_linears_share_storage_and_match_the_parts():
@@ -101,3 +102,51 @@ def test_fused_linears_share_storage_and_match_the_parts():
     assert mlp.up_proj.weight.data_ptr() == fused[80:].data_ptr()
     for rows in (1, 3):
         torch.testing.assert_close(mlp(x[:rows]), expected[:rows], rtol=1e-4, atol=1e-3)  # outputs are O(100)
+
+
+@pytest.mark.parametrize("first", [0, 3])
+def test_grouped_experts_equal_the_sorted_loop_with_uneven_and_empty_experts(first):
+    """`kernels.experts.grouped` (grouped GEMMs over slots sorted on the device) against the
+    reference loop: experts crowded, empty, and (first = 3) slots routed to another rank's experts."""
+    from specdec.kernels import experts
+
+    moe = random_moe(2)
+    stacked = moe.routed_backend
+    n_local = stacked.gate_up.shape[0] - first
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, moe.gate.weight.shape[1], generator=g)
+    weights = torch.rand(9, 2, generator=g)
+    indices = torch.tensor([[2, 5], [2, 0], [2, 5], [5, 2], [0, 2], [2, 7], [7, 5], [2, 0], [5, 7]])  # 1, 3, 4, 6 empty
+    with torch.inference_mode():
+        got = experts.grouped(x, weights, indices, first, stacked.gate_up[first:], stacked.down[first:])
+        local = (indices >= first).float()
+        want = experts.every_expert(x, weights * local, indices, first, stacked.gate_up[first:],
+                                    stacked.down[first:])
+        if first == 0:
+            torch.testing.assert_close(got, stacked.run(x, weights, indices, "loop"), rtol=1e-5, atol=1e-5)
+    assert n_local > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_grouped_experts_backend_is_one_graph_and_equals_the_loop():
+    """`GroupedExperts` (installed for unquantised bfloat16 experts on CUDA) built here on the CPU:
+    the experts' weights become views of its stacks, its routed sum equals the layer's reference
+    loop, and the whole MoE layer traces into one graph with it (no host read of the routing)."""
+    from specdec.model.prepare import GroupedExperts
+
+    torch.manual_seed(3)
+    moe = MoE(from_hf_config(small_config()), ParallelContext(), torch.bfloat16, None)
+    for p in moe.parameters():
+        p.data = (torch.randn_like(p, dtype=torch.float32) * 0.1).to(p.dtype)
+    x = torch.randn(2, 6, moe.gate.weight.shape[1]).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = moe(x)
+        assert not GroupedExperts.applies(moe)  # CPU: not installed by prepare_loaded
+        moe.routed_backend = GroupedExperts(moe)
+        first = moe.experts[str(moe.local_experts.start)]
+        assert first.up_proj.weight.data_ptr() == moe.routed_backend.gate_up[0, first.gate_proj.weight.shape[0]:].data_ptr()
+        got = moe(x)
+        torch._dynamo.reset()
+        traced = torch.compile(moe, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(traced, got)
