@@ -36,8 +36,12 @@ past the live ones ride along as padding (length 0, greedy), writing only the fi
 own free rows, which a prefill overwrites before anyone reads them. The separate forwards above
 serve the prefill (eagerly, beyond `max_tokens`) and the MTP catch-up.
 
-Not covered: several ranks (collectives inside graphs), CUDA (and CUDA graphs), FP8 weights kept
-in FP8 — `check_compile_supported` refuses them.
+Paged pools (the server's loop, `specdec.scheduler`) compile the same step (`_PagedStep`): rows
+padded to a bucket of the pool's rows, whose padding rows get an all-zero block table (their
+writes land on the null block), and the span handed over in whole blocks as a dynamic dimension.
+
+Not covered: several ranks (collectives inside graphs), CUDA (there, `specdec.graphs` replays
+the eager step from CUDA graphs), FP8 weights kept in FP8 — `check_compile_supported` refuses them.
 """
 
 from __future__ import annotations

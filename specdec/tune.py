@@ -16,7 +16,6 @@ Both land in the user's cache (`$SPECDEC_CACHE` or `~/.cache/specdec`: `gemm_pla
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
