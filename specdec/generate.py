@@ -65,18 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(continuous batching)")
     p.add_argument("--compare", action="store_true", help="also decode plainly and report the speedup")
     p.add_argument("--json", dest="json_path", help="write results and stats to this JSON file (atomically)")
+    add_backend_flags(p, "the first use of each batch size and draft shape compiles for ~30-120 s")
+    return p
+
+
+def add_backend_flags(p: argparse.ArgumentParser, compile_cost: str) -> None:
+    """--device, --kv-cache-dtype, --compile and --cuda-graphs (generate and serve); `compile_cost`:
+    when --compile's compiling happens, for its help."""
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
                         "about half of bf16's bytes; changes logits slightly, see README)")
     p.add_argument("--compile", action="store_true",
                    help="compile every decoding step whole with torch.compile (CPU, one process, unquantised "
-                        "weights; pins the draft depth; the first use of each batch size and draft shape compiles "
-                        "for ~30-120 s)")
+                        f"weights; pins the draft depth; {compile_cost})")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay every decoding step from a CUDA graph captured per batch bucket, span and draft "
                         "shape (CUDA only; each is captured on first use)")
-    return p
 
 
 def check_args(a: argparse.Namespace) -> None:

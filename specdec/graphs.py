@@ -143,6 +143,11 @@ class GraphedSteps:
         self._pool_key: tuple | None = None
         self.captures = 0  # graphs captured so far (every pool)
 
+    @property
+    def held(self) -> int:
+        """Captures held now (those over the current pool)."""
+        return len(self._graphs)
+
     @staticmethod
     def span(n_slots: int) -> int:
         """The span a step that needs `n_slots` slots is given (`span_bucket`)."""

@@ -30,11 +30,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from specdec.kernels.fp8_cache import KV_CACHE_DTYPES
 from specdec.model.errors import ConfigError, SpecdecError
 from specdec.distributed import shutdown
 from specdec.engine import Engine, SpecConfig
-from specdec.generate import CliParser
+from specdec.generate import CliParser, add_backend_flags
 from specdec.openai_protocol import (DEFAULT_CHAT_TEMPLATE, CompletionParams, RequestError, chunk_body,
                                      completion_body, new_id, parse_chat, parse_completion, usage)
 from specdec.scheduler import NotAccepting, QueueFull, Scheduler
@@ -298,17 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slots in the paged latent-cache pool (default: max-batch × max-seq-len); when it runs "
                         "out, the newest requests are preempted and recomputed later")
     p.add_argument("--block-size", type=int, default=16, help="slots per cache block (default 16)")
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
-                        "about half of bf16's bytes; changes logits slightly, see README)")
-    p.add_argument("--compile", action="store_true",
-                   help="run every decoding step compiled whole with torch.compile (CPU, one process, "
-                        "unquantised weights; pins the draft depth; each batch bucket and sampling mix compiles "
-                        "on first use, ~30-120 s, while the requests of that step wait)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay every decoding step from a CUDA graph captured per batch bucket, span and draft "
-                        "shape (CUDA only; each is captured on first use)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_backend_flags(p, "each batch bucket and sampling mix compiles on first use, ~30-120 s, while the "
+                         "requests of that step wait")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     return p
