@@ -113,8 +113,9 @@ def grouped(flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, fi
     expert_of = local.flatten()  # [n·k] slot s = token s // k, choice s % k
     order = expert_of.argsort(stable=True)
     ends = torch.searchsorted(expert_of[order], torch.arange(n_local, device=flat.device), right=True)
+    ends = ends.to(torch.int32)
     x = flat[order // k]  # [n·k, dim] the slots' tokens, grouped by expert
-    h = F.grouped_mm(x, gate_up.transpose(1, 2), offs=ends.to(torch.int32))  # [n·k, 2I]
-    y = F.grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], down.transpose(1, 2), offs=ends.to(torch.int32))
+    h = F.grouped_mm(x, gate_up.transpose(1, 2), offs=ends)  # [n·k, 2I]
+    y = F.grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], down.transpose(1, 2), offs=ends)
     y = y[order.argsort()]  # back to slot order
     return (y.view(n, k, -1) * w.unsqueeze(-1)).sum(dim=1)

@@ -151,13 +151,27 @@ def _pad_rows(x: torch.Tensor | None, rows: int, value: float = 0) -> torch.Tens
     return torch.cat([x, pad])
 
 
-def _cut_rows(x, rows: int):
-    """A step output's first `rows` rows (a tensor, a `DraftTree`, or None)."""
-    if x is None:
-        return None
-    if isinstance(x, torch.Tensor):
-        return x[:rows]
-    return type(x)(*(None if t is None else t[:rows] for t in (x.tokens, x.parents, x.depths, x.child_probs)))
+def pad_step_rows(rows: StepRows, bucket: int) -> StepRows:
+    """A step's per-row inputs padded to `bucket` rows (copies): padding rows have length 0, token
+    0, temperature 0 (greedy) and top-p 1."""
+    return StepRows(*(_pad_rows(t, bucket, 1.0 if name == "top_p" else 0) for name, t in zip(rows._fields, rows)))
+
+
+def bucket_table(block_table: torch.Tensor, batch: int, bucket: int) -> torch.Tensor:
+    """A paged pool's table for a step over `bucket` rows (a new tensor `[bucket, max_blocks]`):
+    the first `batch` rows' entries, zeros (the null block) for the padding rows, whatever the
+    pool's rows past the batch hold (one may be a long prompt being prefilled in chunks)."""
+    table = block_table.new_zeros(bucket, block_table.shape[1])
+    table[:batch] = block_table[:batch]
+    return table
+
+
+def cut_result(result: StepResult, batch: int | None, copy: bool = False) -> StepResult:
+    """A padded step's result cut back to its first `batch` rows (None: all); `copy`: as new
+    tensors (for outputs a later call overwrites)."""
+    cut = (lambda t: t[:batch].clone()) if copy else (lambda t: t[:batch])
+    return StepResult(*(None if x is None else cut(x) if isinstance(x, torch.Tensor) else x.map(cut)
+                        for x in result))
 
 
 class CompiledDecode:
@@ -185,20 +199,16 @@ class CompiledDecode:
 
         Padding rows have length 0 and write their first slots: in a dense pool those of their own
         free rows, which a prefill overwrites before anyone reads them; in a paged pool the null
-        block (their table rows are zeros here, whatever the pool's rows past the batch hold: one
-        may be a long prompt being prefilled in chunks)."""
+        block (`bucket_table`)."""
         batch = rows.lengths.shape[0]
-        padded_rows = (lambda bucket: StepRows(*(_pad_rows(t, bucket, 1.0 if name == "top_p" else 0)
-                                                for name, t in zip(rows._fields, rows))))
         if cache.block_table is None:
             bucket = row_bucket(batch, cache.kv.shape[1])
             kv, pe = cache.kv[:, :bucket], cache.pe[:, :bucket]
-            out = self._call(self._step, None, kv, pe, kv, pe, padded_rows(bucket), shape)
+            out = self._call(self._step, None, kv, pe, kv, pe, pad_step_rows(rows, bucket), shape)
         else:
             table_rows, max_blocks = cache.block_table.shape
             bucket = row_bucket(batch, table_rows)
-            table = cache.block_table.new_zeros(bucket, max_blocks)  # padding rows: the null block
-            table[:batch] = cache.block_table[:batch]
+            table = bucket_table(cache.block_table, batch, bucket)
             # whole blocks, at least two (one would be specialised: a graph of its own)
             n_blocks = min(max(2, -(-cache.n_slots // cache.kv.shape[2])), max_blocks)
             if self._spans.shape[0] <= max_blocks:  # spans are strict prefixes of one buffer: one graph
@@ -208,8 +218,8 @@ class CompiledDecode:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
                                               accumulated_recompile_limit=RECOMPILE_LIMIT):
                 out = self._paged_step(self._paged_step.key, cache.kv, cache.pe, table, span_blocks,
-                                       padded_rows(bucket), shape)
-        return StepResult(*(_cut_rows(t, batch) for t in out))
+                                       pad_step_rows(rows, bucket), shape)
+        return cut_result(out, batch)
 
     def verifier(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                  pe_cache: torch.Tensor, write_slots: torch.Tensor, attn_mask: torch.Tensor,

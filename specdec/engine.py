@@ -84,6 +84,11 @@ class Engine:
         self.graphs = GraphedSteps(self.model, self.drafter, capture)
         self.run_step = self.graphs.step
 
+    def adapts(self, spec: SpecConfig | None) -> bool:
+        """Whether decoding with `spec` chooses each step's depth (`SpecConfig.adapts`); compiled
+        steps keep it pinned (each depth would compile graphs of its own)."""
+        return spec is not None and spec.adapts and self.compiled is None
+
     def span_for(self, n_slots: int) -> int:
         """Slots a step that needs `n_slots` is given: as many, or with CUDA graphs the span its
         capture covers (`GraphedSteps.span`: few spans, few captures)."""
@@ -251,8 +256,7 @@ class Engine:
         draft_slots = spec.draft_slots if spec is not None else 0  # a step writes beyond the last token
         for i, p in enumerate(ids):
             self._check_length(len(p), max_new_tokens, i, draft_slots)
-        adapts = spec is not None and spec.adapts and self.compiled is None
-        policy = self.policy_for(spec, temperature > 0) if adapts else None
+        policy = self.policy_for(spec, temperature > 0) if self.adapts(spec) else None
         decoder = SpeculativeDecoder(self, spec, temperature, top_p, seed, policy)
         outputs, stats = self.schedule(decoder, ids, max_new_tokens, max_batch)
         if policy is not None:

@@ -34,14 +34,12 @@ decodes with `--cuda-graphs` against eager decoding.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, NamedTuple
 
 import torch
 
-from specdec.compiled import row_bucket
+from specdec.compiled import bucket_table, cut_result, pad_step_rows, row_bucket
 from specdec.steps import StepCache, StepResult, StepRows, StepShape, decode_step
-from specdec.tree import DraftTree
 
 SPAN_MIN = 64
 """The smallest span (slots) a captured step covers; larger ones are powers of two."""
@@ -75,10 +73,7 @@ def capture_by_rerun(step: Callable[[], StepResult]) -> tuple[Callable[[], None]
     """The CPU's stand-in for `capture_cuda_graph` (tests): outputs from one run, and a replay that
     reruns `step` over the same static inputs and copies its results into those outputs, as a graph
     rewrites its outputs in place (outputs of its own: a step may return broadcast views)."""
-    first = step()
-    outputs = StepResult(*(None if x is None else x.clone() if isinstance(x, torch.Tensor)
-                           else DraftTree(*(None if t is None else t.clone() for t in _tree_fields(x)))
-                           for x in first))
+    outputs = cut_result(step(), None, copy=True)
 
     def replay() -> None:
         for old, new in zip(_tensors(outputs), _tensors(step())):
@@ -87,37 +82,15 @@ def capture_by_rerun(step: Callable[[], StepResult]) -> tuple[Callable[[], None]
     return replay, outputs
 
 
-def _tree_fields(tree: DraftTree) -> list[torch.Tensor | None]:
-    return [getattr(tree, f.name) for f in dataclasses.fields(tree)]
-
-
 def _tensors(result: StepResult) -> list[torch.Tensor]:
-    """A step result's tensors in a fixed order (a draft tree's fields included; Nones skipped)."""
+    """A step result's tensors in a fixed order (a draft tree's included; Nones skipped)."""
     out = []
     for x in result:
         if isinstance(x, torch.Tensor):
             out.append(x)
         elif x is not None:
-            out += [t for t in _tree_fields(x) if t is not None]
+            out += x.tensors()
     return out
-
-
-def _pad(x: torch.Tensor | None, rows: int, value: float = 0) -> torch.Tensor | None:
-    """`x` `[B, ...]` padded with `value` to `[rows, ...]` (a new tensor)."""
-    if x is None:
-        return None
-    out = x.new_full((rows, *x.shape[1:]), value)
-    out[: x.shape[0]] = x
-    return out
-
-
-def _cut(x, rows: int):
-    """A static output's first `rows` rows, copied out (a tensor, a `DraftTree`, or None)."""
-    if x is None:
-        return None
-    if isinstance(x, torch.Tensor):
-        return x[:rows].clone()
-    return DraftTree(*(None if t is None else t[:rows].clone() for t in _tree_fields(x)))
 
 
 class _Captured(NamedTuple):
@@ -165,11 +138,8 @@ class GraphedSteps:
             self._pool_key = pool_key
         key = (bucket, cache.n_slots, shape)
         captured = self._graphs.get(key)
-        padded = StepRows(*(_pad(t, bucket, 1.0 if name == "top_p" else 0) for name, t in zip(rows._fields, rows)))
-        table = None
-        if paged:
-            table = cache.block_table.new_zeros(bucket, cache.block_table.shape[1])
-            table[:batch] = cache.block_table[:batch]
+        padded = pad_step_rows(rows, bucket)
+        table = bucket_table(cache.block_table, batch, bucket) if paged else None
         if captured is None:
             captured = self._graphs[key] = self._capture(cache, padded, table, bucket, shape)
         for static, x in zip(captured.rows, padded):
@@ -178,7 +148,7 @@ class GraphedSteps:
         if table is not None:
             captured.table.copy_(table)
         captured.replay()
-        return StepResult(*(_cut(t, batch) for t in captured.outputs))
+        return cut_result(captured.outputs, batch, copy=True)
 
     def _capture(self, cache: StepCache, rows: StepRows, table: torch.Tensor | None, bucket: int,
                  shape: StepShape) -> _Captured:

@@ -112,9 +112,7 @@ class Scheduler:
                             ("--block-size", block_size)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        # compiled steps keep the depth pinned (each depth would compile graphs of its own)
-        adapts = spec is not None and spec.adapts and engine.compiled is None
-        policy = engine.policy_for(spec) if adapts else None
+        policy = engine.policy_for(spec) if engine.adapts(spec) else None
         decoder = SpeculativeDecoder(engine, spec, policy=policy)
         decoder.record_tpot = False  # a server's metrics time tokens per request instead
         args = engine.args

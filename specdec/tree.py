@@ -10,6 +10,7 @@ scratch slots L..L+N.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -32,6 +33,15 @@ class DraftTree:
     @property
     def n_nodes(self) -> int:
         return self.tokens.shape[1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Its tensors in field order (child_probs when present)."""
+        return [t for t in (self.tokens, self.parents, self.depths, self.child_probs) if t is not None]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "DraftTree":
+        """The tree with `fn` applied to each tensor (child_probs left None when absent)."""
+        return DraftTree(fn(self.tokens), fn(self.parents), fn(self.depths),
+                         None if self.child_probs is None else fn(self.child_probs))
 
     def all_tokens(self, root: torch.Tensor) -> torch.Tensor:
         """`[B, N+1]` tokens with the root (pending token `root` `[B]`) first."""
