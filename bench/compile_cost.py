@@ -2,7 +2,7 @@
 then on a second run that finds them on disk, against the default eager path.
 
 Three fresh processes run the same job (the prompts at batch `--batch-size`, greedy, MTP as
-`specdec.generate` runs it: adaptive depth ≤ 3 eager, a fixed chain of 3 compiled), each timing
+`specdec.generate` runs it: adaptive depth ≤ 3; compiled, each step plain or of depth 3), each timing
 the engine load, the job's first call (with `--compile`: tracing and compiling every graph it needs)
 and the same job called again (steady speed):
 
@@ -40,7 +40,7 @@ def _child(ckpt: str | None, prompts: list[str], batch: int, max_new_tokens: int
     t0 = time.perf_counter()
     eng = Engine.from_pretrained(ckpt, max_seq_len=1024, compile=compile)
     load_s = time.perf_counter() - t0
-    spec = SpecConfig(depth=3, adaptive=not compile)
+    spec = SpecConfig(depth=3)
     batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
     calls, tokens = [], 0
     for _ in range(2):
@@ -93,7 +93,7 @@ def run(checkpoint: Path, prompts: list[Prompt], a: Namespace) -> Report:
     settings = {"checkpoint": ckpt, "prompts": len(prompts), "batch_size": a.batch_size,
                 "max_new_tokens": a.max_new_tokens}
     notes = ["each mode in a fresh process; the cold and warm compiled runs share one TORCHINDUCTOR_CACHE_DIR, "
-             "empty before the cold one; eager: adaptive MTP depth <= 3 (default flags), compiled: chain 3",
+             "empty before the cold one; adaptive MTP depth <= 3 (default flags; compiled: a step is plain or of depth 3)",
              "compile overhead: first call - steady call (the eager row: first-call costs of its own, e.g. "
              "measuring step costs); break-even: new tokens after which the compiled process has finished "
              "sooner, its extra load and overhead included"]

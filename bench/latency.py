@@ -133,9 +133,9 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                      "round with B rows at once, the next prompt taking a finished row's place (continuous "
                      "batching, `Engine.generate(max_batch=B)`); TTFT: until the first B rows' first tokens")
     if eng.compiled is not None:
-        notes.append("specdec --compile (torch.compile, inductor): greedy plain and chain steps compiled whole, "
-                     "other decode-step forwards compiled; "
-                     "compilation happens in the warm-up calls and is not timed")
+        notes.append("specdec --compile (torch.compile, inductor): every step compiled whole (adaptive: a plain "
+                     "step or the full depth), short prefills compiled; compilation happens in the warm-up calls and "
+                     "is not timed")
     if a.ceiling:
         notes.append("verify W: tokens per row one verifier forward checks (1 for plain; adaptive: the widest); "
                      "verify ms: its median time on the first call's prompts (adaptive: the mean over the depths "

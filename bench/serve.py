@@ -1,7 +1,7 @@
 """`python -m specdec.bench serve`: the OpenAI server under load, adaptive MTP against plain decoding.
 
-For each configuration (plain, then adaptive MTP up to depth 3; with `--compile` a chain of 3, every
-step compiled, after an untimed warm-up round) the bench starts `specdec.serve`'s
+For each configuration (plain, then adaptive MTP up to depth 3; with `--compile` every step
+compiled, adaptive steps plain or of depth 3, after an untimed warm-up round) the bench starts `specdec.serve`'s
 app on 127.0.0.1 (a free port, in this process, over the one loaded engine) and sends streamed
 greedy completions of the prompts (cycled): closed-loop with C concurrent clients (each sends its
 next request when the last one ends), and open-loop with Poisson arrivals at R requests/s. Per
@@ -240,9 +240,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
         raise BenchError(f"--rates must be > 0, got {a.rates}")
     n_requests = a.requests or 2 * len(prompts)
     jobs = [(prompts[i % len(prompts)].prompt, a.max_new_tokens) for i in range(n_requests)]
-    mtp = "adaptive 3" if eng.compiled is None else "chain 3"  # compiled steps pin the depth
-    configs = [("plain", None, False), (mtp, SpecConfig(depth=3), False),
-               (f"{mtp}, static batching", SpecConfig(depth=3), True)]
+    configs = [("plain", None, False), ("adaptive 3", SpecConfig(depth=3), False),
+               ("adaptive 3, static batching", SpecConfig(depth=3), True)]
     warm_up = eng.compiled is not None  # an untimed first round compiles the steps its loads run
     stalls: list[dict] = []
     long_prompt = []
@@ -311,8 +310,8 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
              "static batching: the same server admitting only into an empty batch (up to C requests), which "
              "runs until its slowest request ends; the same requests"]
     if warm_up:
-        notes.append("--compile: every step runs compiled whole over the paged pool at a pinned depth (chain 3); "
-                     "a first, untimed round compiled the steps the loads run")
+        notes.append("--compile: every step runs compiled whole over the paged pool (adaptive: a plain step or "
+                     "depth 3); a first, untimed round compiled the steps the loads run")
     if stalls:
         notes.append("long prompt: the streams (the smallest --clients count, at most the server's rows less one; budgets 4x --max-new-tokens) are decoding "
                      "when one prompt of --long-prompt tokens arrives; gap: time between a stream's consecutive "

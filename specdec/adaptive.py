@@ -33,7 +33,8 @@ short calls do not each start from scratch. In each row bucket one depth not cho
 now and then (the least recently run; `FIRST_REVISIT` steps after the choice settled, then twice
 as many each time, and spaced further when a revisit would cost much: `REVISIT_BUDGET`), which
 refreshes its cost, the back-to-back ratios and, for speculative depths, the acceptance that plain
-steps cannot measure.
+steps cannot measure. A depth that is likely faster than the one held, but not yet proven so, is
+probed instead: run on alternate steps until its measurements decide (`PROBE_CONFIDENCE`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ after it), run before a call's first drafting step."""
 CONFIDENCE = 2.0
 """Standard errors by which a drafting depth's predicted rate must exceed that of the depth held
 before the policy switches to it (about 98% one-sided confidence that it is faster)."""
+PROBE_CONFIDENCE = 1.0
+PROBE_GAP = 2
+"""A depth predicted faster than the one held by `PROBE_CONFIDENCE` standard errors (about 84%
+one-sided) but not by `CONFIDENCE` is probed: it runs every `PROBE_GAP`-th step of its bucket,
+alternating with the depth held, each pair of steps a back-to-back ratio, until its measurements
+prove it faster (the policy switches) or not (the probing stops). Without probes a depth priced
+out by timings from a slow spell (kept on disk) waited for its rare revisits to be priced again:
+measured on a 2-core VM, one row's chain steps kept ratios of 4.8, 1.2 and 2.1 plain steps (true:
+1.9), and the last steps of every call decoded plainly at 1 row."""
 
 
 def row_bucket(rows: int) -> int:
@@ -261,18 +271,23 @@ class AcceptanceEstimate:
 
 
 class SpeculationPolicy:
-    """Chooses each step's draft depth in `min_depth`..`max_depth` (see the module docstring).
+    """Chooses each step's draft depth in `min_depth`..`max_depth`, or among `depths` when given
+    (see the module docstring).
 
     The engine keeps one policy per setting for its whole life, so the acceptance, the choice it
     settled on and the revisit clock carry over from call to call. `min_depth` 1 keeps speculation
-    on; `depths_run[d]` counts the steps run at depth d.
+    on; `depths` (which must hold `max_depth`) limits the choice to a few depths (compiled steps:
+    plain or `max_depth`, each depth compiling graphs of its own); `depths_run[d]` counts the
+    steps run at depth d.
     """
 
     def __init__(self, max_depth: int, costs: StepCosts, min_depth: int = 0,
-                 acceptance: AcceptanceEstimate | None = None) -> None:
+                 acceptance: AcceptanceEstimate | None = None, depths: tuple[int, ...] | None = None) -> None:
         """`acceptance`: an estimate to continue from; None: a new one (the prior)."""
-        self.max_depth, self.min_depth, self.costs = max_depth, min_depth, costs
-        self.depths = range(min_depth, max_depth + 1)
+        self.depths = tuple(sorted(set(depths))) if depths is not None else tuple(range(min_depth, max_depth + 1))
+        if self.depths[-1] != max_depth or self.depths[0] < 0:
+            raise ValueError(f"policy depths {self.depths} must lie in 0..{max_depth} and hold {max_depth}")
+        self.max_depth, self.min_depth, self.costs = max_depth, self.depths[0], costs
         if acceptance is None or acceptance.max_depth < max_depth:
             acceptance = AcceptanceEstimate(max_depth)
         self.acceptance = acceptance
@@ -292,9 +307,10 @@ class SpeculationPolicy:
         pseudo-depth `catch_up` (`CATCH_UP` or `PROMPT_CATCH_UP`; None: the drafter is level).
 
         `deepest`: the most drafts any row can still keep (a row keeps at most depth + 1 tokens, so
-        with n tokens left at most n - 1): the choice is cut to it (not below `min_depth`)."""
+        with n tokens left at most n - 1): the choice is cut to the shallowest allowed depth that
+        drafts that many."""
         depth = self._choose(rows, horizon, catch_up)
-        return depth if deepest is None else min(depth, max(deepest, self.min_depth))
+        return depth if deepest is None or depth <= deepest else min(d for d in self.depths if d >= deepest)
 
     def _choose(self, rows: int, horizon: float, catch_up: int | None) -> int:
         bucket = row_bucket(rows)
@@ -306,12 +322,15 @@ class SpeculationPolicy:
             return self.max_depth  # acceptance unknown (a new engine, or long plain stretches)
         rates = self.rates(rows)
         held = self.settled.get(bucket)
-        best = self._best(rows, rates, horizon, catch_up)
+        best, probe = self._best(rows, rates, horizon, catch_up)
         if len(self.depths) == 1:
             return best
         if best != held or bucket not in self.revisit_at:  # a new choice: its revisit clock starts
             self.revisit_gap[bucket] = FIRST_REVISIT / 2
             self._schedule_revisit(bucket, best, rows, rates)
+        if probe is not None and clock - self.last_run.get((bucket, probe), -PROBE_GAP) >= PROBE_GAP:
+            self.last_run[(bucket, probe)] = clock
+            return probe
         if clock < self.revisit_at[bucket]:
             return best
         depth = self._next_revisit(bucket, best)  # its cost, or the acceptance, may have moved
@@ -370,19 +389,38 @@ class SpeculationPolicy:
             cost = self.costs.relative(CATCH_UP, reference, rows)
         return cost if cost is not None else 1.0
 
-    def _best(self, rows: int, rates: dict[int, float], horizon: float, catch_up: int | None) -> int:
+    def _best(self, rows: int, rates: dict[int, float], horizon: float,
+              catch_up: int | None) -> tuple[int, int | None]:
         """The fastest depth by prediction (`_scores`), except that the policy leaves the depth it
         holds in this bucket (the shallowest allowed before any) for another drafting depth only
         when that is predicted faster by `CONFIDENCE` standard errors (`_error`); plain decoding
-        needs only to be predicted faster."""
+        needs only to be predicted faster. Also the depth to probe (None: none): the fastest by
+        prediction when it was not chosen for want of proof, yet is likely faster
+        (`PROBE_CONFIDENCE` standard errors) by more than the catch-up a probe from plain steps
+        first pays."""
         bucket = row_bucket(rows)
         held = self.settled.get(bucket, self.min_depth)  # also the unit of `rates`
         score = self._scores(rows, rates, held, horizon, catch_up)
-        best = max(self.depths, key=lambda d: (score[d], -d))
-        if best not in (held, 0) and score[best] <= score[held] * (1 + CONFIDENCE * self._error(best, held, rows)):
-            best = held
+        best = top = max(self.depths, key=lambda d: (score[d], -d))
+        probe = None
+        if best not in (held, 0):
+            error = self._error(best, held, rows)
+            if score[best] <= score[held] * (1 + CONFIDENCE * error):
+                best = held
+                if score[top] > score[held] * (1 + PROBE_CONFIDENCE * error) and self._probe_pays(top, held, rows, rates):
+                    probe = top
         self.settled[bucket] = best
-        return best
+        return best, probe
+
+    def _probe_pays(self, depth: int, held: int, rows: int, rates: dict[int, float]) -> bool:
+        """Whether one step of `depth` in place of one of `held` is predicted to gain more than the
+        catch-up it first runs when `held` is plain decoding: in `held` steps, the gain is the
+        depth's cost × (its rate over held's − 1)."""
+        relative = self.costs.relative(depth, held, rows)
+        if not (relative and rates[held]):
+            return False
+        gain = relative * (rates[depth] / rates[held] - 1.0)
+        return gain > (self._catch_up_cost(CATCH_UP, 0, rows) if held == 0 else 0.0)
 
     def _scores(self, rows: int, rates: dict[int, float], reference: int, horizon: float,
                 catch_up: int | None) -> dict[int, float]:
@@ -405,15 +443,19 @@ class SpeculationPolicy:
             error = math.hypot(error, self.acceptance.tau_error(depth))
         return error
 
-    def observe(self, depth: int, rows: int, seconds: float, n_accepted: list[int]) -> None:
-        """A step ran: its depth, rows, wall seconds and (depth ≥ 1) each row's accepted drafts."""
+    def observe(self, depth: int, rows: int, seconds: float | None, n_accepted: list[int]) -> None:
+        """A step ran: its depth, rows, wall seconds (None: not a timing of the step, e.g. it
+        compiled) and (depth ≥ 1) each row's accepted drafts."""
         self.depths_run[depth] += 1
         bucket = row_bucket(rows)
         self.last_run[(bucket, depth)] = self.clock.get(bucket, 0)
-        self.costs.add(depth, rows, seconds)
-        if self.previous is not None and self.previous[1] == rows:  # back to back with the same rows
-            self.costs.add_pair(self.previous[0], self.previous[2], depth, seconds, rows)
-        self.previous = (depth, rows, seconds)
+        if seconds is None:
+            self.previous = None
+        else:
+            self.costs.add(depth, rows, seconds)
+            if self.previous is not None and self.previous[1] == rows:  # back to back with the same rows
+                self.costs.add_pair(self.previous[0], self.previous[2], depth, seconds, rows)
+            self.previous = (depth, rows, seconds)
         if depth > 0:
             self.acceptance.add(n_accepted, depth)
 

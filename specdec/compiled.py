@@ -191,6 +191,8 @@ class CompiledDecode:
         self._step = _compile(_WholeStep(model, drafter))
         self._paged_step = _compile(_PagedStep(model, drafter))
         self._spans = torch.empty(0)  # paged spans in blocks are lengths of its prefixes (`step`)
+        self._step_keys: set[tuple] = set()  # (paged, row bucket, shape) of every step run so far
+        self.compilations = 0  # steps whose (paged, bucket, shape) ran first: they compiled
 
     def step(self, cache: StepCache, rows: StepRows, shape: StepShape) -> StepResult:
         """`decode_step`, compiled, over a dense pool's view (`LatentCache.step_view`) or a paged
@@ -201,13 +203,16 @@ class CompiledDecode:
         free rows, which a prefill overwrites before anyone reads them; in a paged pool the null
         block (`bucket_table`)."""
         batch = rows.lengths.shape[0]
-        if cache.block_table is None:
-            bucket = row_bucket(batch, cache.kv.shape[1])
+        paged = cache.block_table is not None
+        bucket = row_bucket(batch, cache.block_table.shape[0] if paged else cache.kv.shape[1])
+        if (paged, bucket, shape) not in self._step_keys:
+            self._step_keys.add((paged, bucket, shape))
+            self.compilations += 1
+        if not paged:
             kv, pe = cache.kv[:, :bucket], cache.pe[:, :bucket]
             out = self._call(self._step, None, kv, pe, kv, pe, pad_step_rows(rows, bucket), shape)
         else:
-            table_rows, max_blocks = cache.block_table.shape
-            bucket = row_bucket(batch, table_rows)
+            max_blocks = cache.block_table.shape[1]
             table = bucket_table(cache.block_table, batch, bucket)
             # whole blocks, at least two (one would be specialised: a graph of its own)
             n_blocks = min(max(2, -(-cache.n_slots // cache.kv.shape[2])), max_blocks)

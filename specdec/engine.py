@@ -86,8 +86,21 @@ class Engine:
 
     def adapts(self, spec: SpecConfig | None) -> bool:
         """Whether decoding with `spec` chooses each step's depth (`SpecConfig.adapts`); compiled
-        steps keep it pinned (each depth would compile graphs of its own)."""
-        return spec is not None and spec.adapts and self.compiled is None
+        steps choose between plain steps and `spec.depth` only (`policy_depths`)."""
+        return spec is not None and spec.adapts
+
+    def policy_depths(self, spec: SpecConfig) -> tuple[int, ...] | None:
+        """The depths an adaptive policy may choose: with compiled steps plain or `spec.depth` (each
+        depth compiles graphs of its own, per row bucket: ~30-120 s each on 2 cores), else any."""
+        return (0, spec.depth) if self.compiled is not None else None
+
+    @property
+    def compilations(self) -> int:
+        """Step graphs compiled (`--compile`) or captured (`--cuda-graphs`) so far: a step that
+        raised it compiled or captured one, and its time says nothing of a step's cost."""
+        if self.compiled is not None:
+            return self.compiled.compilations
+        return self.graphs.captures if self.graphs is not None else 0
 
     def span_for(self, n_slots: int) -> int:
         """Slots a step that needs `n_slots` is given: as many, or with CUDA graphs the span its
@@ -302,15 +315,17 @@ class Engine:
         if policy is None or policy.max_depth != spec.depth:
             seen = policy.acceptance if policy is not None else None
             policy = self.policies[key] = SpeculationPolicy(spec.depth, self.step_costs(spec, sampled),
-                                                            acceptance=seen)
+                                                            acceptance=seen, depths=self.policy_depths(spec))
         policy.costs = self.step_costs(spec, sampled)  # tests may have imposed a table since
         return policy
 
     def cost_key(self, spec: SpecConfig, sampled: bool = False) -> str:
         """What a step's cost (and the acceptance) depends on besides depth and rows."""
         mode = f"sampled {spec.draft_mode}" if sampled else "greedy"
+        steps = "compiled" if self.compiled is not None else "graphs" if self.graphs is not None else "eager"
         return (f"{machine_key(self.model.dtype)} | {self.device} | world {self.ctx.world_size} | "
                 f"{self.checkpoint_id} | fp8 {self.model.fp8_block is not None} | cache {self.kv_cache_dtype} | {mode} | "
+                f"steps {steps} | "
                 f"draft_vocab {spec.draft_vocab} | hidden {spec.verifier_hidden_kind}/{spec.draft_hidden_kind}")
 
     def prefill(self, cache: LatentCache, tokens: torch.Tensor, lengths: torch.Tensor,

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="choose each step's draft depth in 0..K (0: a plain step) from step costs measured on this "
                         "machine and the running acceptance, so MTP is never slower than plain decoding (default); "
-                        "--no-adaptive drafts K tokens every step. Trees and --compile always pin the shape")
+                        "--no-adaptive drafts K tokens every step. Trees pin the shape; with --compile a step is "
+                        "plain or drafts K")
     p.add_argument("--draft-mode", choices=["onehot", "sample"], default="onehot",
                    help="sampling: draft the MTP argmax (onehot) or draw drafts from the MTP distribution")
     p.add_argument("--draft-vocab", type=int, default=None,
@@ -78,7 +79,7 @@ def add_backend_flags(p: argparse.ArgumentParser, compile_cost: str) -> None:
                         "about half of bf16's bytes; changes logits slightly, see README)")
     p.add_argument("--compile", action="store_true",
                    help="compile every decoding step whole with torch.compile (CPU, one process, unquantised "
-                        f"weights; pins the draft depth; {compile_cost})")
+                        f"weights; an adaptive step is plain or drafts K; {compile_cost})")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay every decoding step from a CUDA graph captured per batch bucket, span and draft "
                         "shape (CUDA only; each is captured on first use)")
@@ -132,7 +133,7 @@ def spec_config(engine: Engine, a: argparse.Namespace, prompts: list | None = No
                           draft_vocab=a.draft_vocab, adaptive=False)
     try:
         return SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_mode=a.draft_mode,
-                          draft_vocab=a.draft_vocab, adaptive=a.adaptive and not a.compile)
+                          draft_vocab=a.draft_vocab, adaptive=a.adaptive)
     except ConfigError as e:
         raise ConfigError(f"--draft-depth/--tree-topk/--tree-nodes/--draft-vocab: {e}") from None
 

@@ -86,8 +86,8 @@ class Scheduler:
     """Owns a decoder and its cache pool; `submit` from any thread, `run` on the loop's thread.
 
     engine: a loaded `Engine`; compiled (`--compile`), its steps run compiled over the paged pool
-    (`CompiledDecode.step`) at the depth `spec` pins. spec: the draft shape (a chain, adaptive when
-    `spec.adapts` and the engine is eager, or a tree), None: plain decoding. max_rows: sequences decoded
+    (`CompiledDecode.step`), adaptive ones at plain steps or `spec.depth` (`Engine.policy_depths`).
+    spec: the draft shape (a chain, adaptive when `spec.adapts`, or a tree), None: plain decoding. max_rows: sequences decoded
     at once (cache rows). max_waiting: queue limit (`QueueFull` beyond it). prefill_tokens: prompt
     tokens admitted per round at most (one sequence is always admitted when a row is free).
     on_step(scheduler, kept): called on the loop thread after each step with the tokens each live

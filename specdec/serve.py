@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mtp: MTP speculative decoding (default when the checkpoint has an MTP layer); none: plain")
     p.add_argument("--draft-depth", type=int, default=3, help="most tokens a step drafts (K)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
-                   help="choose each step's draft depth in 0..K from measured step costs and acceptance (default)")
+                   help="choose each step's draft depth in 0..K from measured step costs and acceptance (default; "
+                        "with --compile: 0 or K)")
     p.add_argument("--draft-vocab", type=int, default=None, help="draft only among the N lowest token ids")
     p.add_argument("--tree-topk", type=int, default=1,
                    help="children per expanded draft node (1: a chain; a tree pins its shape every step)")
@@ -323,7 +324,7 @@ def load_server(a: argparse.Namespace) -> Server:
             raise ConfigError(f"--spec mtp: {engine.checkpoint} has no MTP layer")
         try:
             spec = SpecConfig(depth=a.draft_depth, topk=a.tree_topk, nodes=a.tree_nodes, draft_vocab=a.draft_vocab,
-                              adaptive=a.adaptive and not a.compile)
+                              adaptive=a.adaptive)
         except ConfigError as e:
             raise ConfigError(f"--draft-depth/--tree-topk/--tree-nodes/--draft-vocab: {e}") from None
         engine.drafter.check_draft_vocab(spec.draft_vocab)

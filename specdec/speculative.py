@@ -294,13 +294,14 @@ class SpeculativeDecoder:
             state = self._catch_up(cache, lengths, state)
             if self.policy:
                 self.policy.observe_catch_up(rows, time.perf_counter() - t0, catch_up_kind)
-        t0 = time.perf_counter()
+        t0, compilations = time.perf_counter(), self.eng.compilations
         state, n_acc, runs = self.advance(cache, lengths, state, depth)
         self.state = state
         self.counts.add(n_acc, depth)
         kept = self._emit(runs)
-        if self.policy:
-            self.policy.observe(depth, rows, time.perf_counter() - t0, n_acc)
+        if self.policy:  # a step that compiled its graph is no timing of a step
+            seconds = time.perf_counter() - t0 if self.eng.compilations == compilations else None
+            self.policy.observe(depth, rows, seconds, n_acc)
         self._time_step(kept)
         self.steps += 1
         self._retire()
@@ -332,8 +333,9 @@ class SpeculativeDecoder:
         """The static settings of a step of `depth` (0: plain) over the live rows."""
         spec, sampling = self.spec, self.sampling
         sampled = any(t > 0 for t in sampling.temperature)
-        if spec is None:
-            return StepShape(0, any_sampled=sampled, nucleus=sampling.nucleus)
+        if spec is None or depth == 0:  # only what a plain step computes: plain decoding's graphs serve it
+            return StepShape(0, any_sampled=sampled, nucleus=sampling.nucleus,
+                             verifier_hidden_kind=spec.verifier_hidden_kind if spec else "normed")
         return StepShape(depth, spec.topk, spec.n_nodes, self.sampled_drafts and depth > 0, sampled,
                          sampling.nucleus, spec.verifier_hidden_kind, spec.draft_hidden_kind, spec.draft_vocab)
 
@@ -407,14 +409,14 @@ class SpeculativeDecoder:
         return RowState(first, *self._draft_prompts(kv, pe, table, pairs, start))
 
     def _draft_prompts(self, kv: torch.Tensor, pe: torch.Tensor, table: torch.Tensor | None,
-                       pairs: PromptPairs, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       pairs: PromptPairs, start: int = 0, eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP layer over the contexts' pairs (positions start..start+P-1 of the rows
-        `kv`/`pe`/`table` begin with, the earlier ones already in its cache); returns the first
-        draft's logits `[B, V]` and the depth-2 seed `[B, dim]`."""
+        `kv`/`pe`/`table` begin with, the earlier ones already in its cache), `eager`: never through
+        a compiled forward; returns the first draft's logits `[B, V]` and the depth-2 seed `[B, dim]`."""
         batch, width = pairs.tokens.shape
         pos = start + torch.arange(width, device=pairs.tokens.device).expand(batch, width)
         mask = visible_slots(pos[:, 0], width, start + width)
-        mtp = self.drafter(pairs.tokens, pairs.hidden, pos, kv, pe, pos, mask, (pairs.lengths - 1).unsqueeze(1),
+        mtp = (self.eng.drafter if eager else self.drafter)(pairs.tokens, pairs.hidden, pos, kv, pe, pos, mask, (pairs.lengths - 1).unsqueeze(1),
                            self.spec.draft_vocab, block_table=table)
         return mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden_kind)[:, 0]
 
@@ -424,14 +426,16 @@ class SpeculativeDecoder:
         which fills its cache rows and yields the first draft's distribution again.
         Its time is left out of the step costs the policy learns from (counting it against the draft
         step that follows a plain stretch would make drafting look dearer the longer plain decoding
-        ran); the policy prices it into leaving plain decoding instead (`observe_catch_up`)."""
+        ran); the policy prices it into leaving plain decoding instead (`observe_catch_up`).
+        It runs the drafter eagerly: compiled, every new lag width would compile a graph of its own
+        in the middle of decoding."""
         if state.prompt is not None:
-            first_draft = self._draft_prompts(cache.kv, cache.pe, cache.block_table, state.prompt)
+            first_draft = self._draft_prompts(cache.kv, cache.pe, cache.block_table, state.prompt, eager=True)
             state = RowState(state.pending, *first_draft, state.lag_hidden, state.lag_tokens)
         if not state.lag_tokens:
             return state
         view = cache.step_view(max(s.context_len for s in self.running))
-        first_draft = catch_up(self.drafter, view, lengths, torch.cat(state.lag_tokens, 1),
+        first_draft = catch_up(self.eng.drafter, view, lengths, torch.cat(state.lag_tokens, 1),
                                torch.cat(state.lag_hidden, 1), self._shape(1))
         return RowState(state.pending, *first_draft)
 

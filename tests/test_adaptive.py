@@ -3,6 +3,8 @@ draft depth changes from step to step (greedy equality, sampled distribution).""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -476,3 +478,58 @@ def test_back_to_back_ratios_persist_with_the_costs(tmp_path):
     b = StepCosts(path, "machine A")
     assert b.relative(2, 0, 4) == pytest.approx(2.5) and b.relative(0, 2, 4) == pytest.approx(0.4)
     assert b.cost(0, 4) == 1.0
+
+
+def test_a_depth_priced_out_by_a_slow_spell_is_probed_back():
+    """Pairs timed while other work shared the CPU (kept on disk) price depth 3 at 4.8, 1.2 and 2.1
+    plain steps: likely faster than plain at τ ≈ 3.4, but not proof enough to switch. The policy
+    probes it on alternate steps; the steps' true ratio (1.9) replaces the stale pairs and it
+    switches for good."""
+    steps = StepCosts()
+    for ratio in (4.8, 1.2, 2.1):
+        steps.add(0, 1, 0.010)
+        steps.add(3, 1, 0.010 * ratio)
+        steps.add_pair(0, 0.010, 3, 0.010 * ratio, 1)
+    for depth in (1, 2, CATCH_UP):
+        for _ in range(MIN_SAMPLES):
+            steps.add(depth, 1, {1: 0.014, 2: 0.017, CATCH_UP: 0.0005}[depth])
+    policy = SpeculationPolicy(3, steps)
+    for _ in range(100):
+        policy.acceptance.add([3, 3, 2, 3], 3)  # τ(3) ≈ 3.5
+    assert policy._best(1, policy.rates(1), math.inf, None)[0] == 0  # not proven: plain is held
+    run = []
+    for _ in range(40):
+        d = policy.choose(1, catch_up=CATCH_UP)
+        run.append(d)
+        policy.observe(d, 1, {0: 0.010, 1: 0.014, 2: 0.017, 3: 0.019}[d], [3] if d else [])
+    assert run[:2] == [3, 0]  # probed at once, alternating with plain
+    assert run.index(3) < 2 and run[10:].count(3) >= 29  # then depth 3 for good (a revisit or so aside)
+
+
+def test_a_depth_unlikely_to_pay_is_not_probed():
+    """The same stale pairs with poor acceptance (τ(3) ≈ 1.5): depth 3 is predicted slower than plain
+    at the pairs' median (and depths 1 and 2 by their costs), so plain decoding runs on, with no
+    probes."""
+    steps = StepCosts()
+    for ratio in (4.8, 1.2, 2.1):
+        steps.add_pair(0, 0.010, 3, 0.010 * ratio, 1)
+    for depth, seconds in ((0, 0.010), (1, 0.018), (2, 0.022), (3, 0.019), (CATCH_UP, 0.0005)):
+        for _ in range(MIN_SAMPLES):
+            steps.add(depth, 1, seconds)
+    policy = SpeculationPolicy(3, steps)
+    for _ in range(100):
+        policy.acceptance.add([0, 1], 3)
+    run = [policy.choose(1, catch_up=CATCH_UP) for _ in range(FIRST_REVISIT - 1)]
+    assert set(run) == {0}
+
+
+def test_a_step_that_was_not_timed_leaves_no_cost():
+    """A step observed without seconds (it compiled its graph) counts as run, and its acceptance
+    counts, but it adds no cost sample and pairs with neither neighbour."""
+    steps = StepCosts()
+    policy = SpeculationPolicy(2, steps)
+    policy.observe(0, 4, 0.010, [])
+    policy.observe(2, 4, None, [2, 2, 2, 2])
+    policy.observe(0, 4, 0.010, [])
+    assert policy.depths_run == [2, 0, 1] and policy.acceptance.reached[0] == pytest.approx(4.0)
+    assert steps.count(2, 4) == 0 and not steps.pairs

@@ -18,6 +18,8 @@ from specdec.model.prepare import StackedExperts
 from specdec import Engine, SpecConfig
 from specdec.cache import LatentCache
 from specdec.compiled import check_compile_supported, row_bucket
+from specdec.speculative import SpeculativeDecoder
+from tests.test_adaptive import ScriptedPolicy
 
 PROMPTS = [[5, 17, 300, 42, 9, 77, 12], [8, 100, 3]]
 
@@ -102,6 +104,38 @@ def test_compiled_greedy_equals_eager_with_a_row_retiring(engines, spec, retirin
     assert got == want
 
 
+class _TimedScript(ScriptedPolicy):
+    """A scripted policy that keeps the seconds each step was timed at (None: not timed)."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__(script)
+        self.seconds: list[float | None] = []
+
+    def observe(self, depth: int, rows: int, seconds: float | None, n_accepted: list[int]) -> None:
+        super().observe(depth, rows, seconds, n_accepted)
+        self.seconds.append(seconds)
+
+
+def test_compiled_adaptive_steps_are_plain_or_full_depth_and_equal_eager(engines):
+    """Compiled, the policy chooses between plain steps and depth K only (each depth compiles graphs
+    of its own). Switching between them decodes eager greedy's tokens (the MTP catch-up after plain
+    steps runs eagerly; plain steps share plain decoding's graphs), and a step that compiled its
+    graph is not taken for a timing."""
+    eager, compiled = engines
+    spec = SpecConfig(depth=2)
+    assert compiled.adapts(spec) and compiled.policy_for(spec).depths == (0, 2)
+    assert eager.policy_for(spec).depths == (0, 1, 2)
+    want = eager.generate(PROMPTS, max_new_tokens=12).token_ids
+    policy = _TimedScript([2, 0, 0, 2, 0])
+    before = compiled.compilations
+    got, _ = compiled.schedule(SpeculativeDecoder(compiled, spec, 0.0, 1.0, 0, policy), PROMPTS, 12)
+    assert got == want
+    assert set(policy.ran) == {0, 2}
+    assert policy.seconds.count(None) == compiled.compilations - before
+    assert all(s is None or s > 0 for s in policy.seconds)
+    assert compiled.cost_key(spec) != eager.cost_key(spec)  # compiled steps' costs are their own
+
+
 def test_two_compiled_engines_keep_their_own_graphs(engines, tmp_path):
     """A second compiled engine of the same shapes but another routing scale decodes its own tokens,
     not the first engine's (dynamo's graph cache is per process and skips module guards)."""
@@ -180,8 +214,8 @@ def test_compiled_steps_over_a_paged_pool_equal_eager_through_joins_leaves_and_c
     prompts = random_prompts(eager.args.vocab_size, [5, 23, 6, 31, 4, 9], seed=17)
     budgets = [14, 10, 12, 8, 16, 6]
     want = [eager.generate([p], max_new_tokens=n).token_ids[0] for p, n in zip(prompts, budgets)]
-    sched = Scheduler(compiled, SpecConfig(depth=2), max_rows=3, prefill_tokens=8, cache_tokens=192, block_size=8)
-    assert sched.decoder.policy is None  # compiled: the depth is pinned
+    sched = Scheduler(compiled, SpecConfig(depth=2, adaptive=False), max_rows=3, prefill_tokens=8, cache_tokens=192,
+                      block_size=8)
     counting = _CountingStep(compiled.compiled._paged_step, sched.cache)
     monkeypatch.setattr(compiled.compiled, "_paged_step", counting)
     seqs = [Sequence(p, n) for p, n in zip(prompts, budgets)]
