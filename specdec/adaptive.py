@@ -414,13 +414,14 @@ class SpeculationPolicy:
 
     def _probe_pays(self, depth: int, held: int, rows: int, rates: dict[int, float]) -> bool:
         """Whether one step of `depth` in place of one of `held` is predicted to gain more than the
-        catch-up it first runs when `held` is plain decoding: in `held` steps, the gain is the
-        depth's cost × (its rate over held's − 1)."""
+        catch-up it first runs when `held` is plain decoding (when measured): in `held` steps, the
+        gain is the depth's cost × (its rate over held's − 1)."""
         relative = self.costs.relative(depth, held, rows)
         if not (relative and rates[held]):
             return False
         gain = relative * (rates[depth] / rates[held] - 1.0)
-        return gain > (self._catch_up_cost(CATCH_UP, 0, rows) if held == 0 else 0.0)
+        catch_up = self.costs.relative(CATCH_UP, 0, rows) if held == 0 else None
+        return gain > (catch_up or 0.0)  # a catch-up never timed in this bucket: the probe times it
 
     def _scores(self, rows: int, rates: dict[int, float], reference: int, horizon: float,
                 catch_up: int | None) -> dict[int, float]:

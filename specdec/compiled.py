@@ -191,8 +191,6 @@ class CompiledDecode:
         self._step = _compile(_WholeStep(model, drafter))
         self._paged_step = _compile(_PagedStep(model, drafter))
         self._spans = torch.empty(0)  # paged spans in blocks are lengths of its prefixes (`step`)
-        self._step_keys: set[tuple] = set()  # (paged, row bucket, shape) of every step run so far
-        self.compilations = 0  # steps whose (paged, bucket, shape) ran first: they compiled
 
     def step(self, cache: StepCache, rows: StepRows, shape: StepShape) -> StepResult:
         """`decode_step`, compiled, over a dense pool's view (`LatentCache.step_view`) or a paged
@@ -205,9 +203,6 @@ class CompiledDecode:
         batch = rows.lengths.shape[0]
         paged = cache.block_table is not None
         bucket = row_bucket(batch, cache.block_table.shape[0] if paged else cache.kv.shape[1])
-        if (paged, bucket, shape) not in self._step_keys:
-            self._step_keys.add((paged, bucket, shape))
-            self.compilations += 1
         if not paged:
             kv, pe = cache.kv[:, :bucket], cache.pe[:, :bucket]
             out = self._call(self._step, None, kv, pe, kv, pe, pad_step_rows(rows, bucket), shape)
@@ -225,6 +220,12 @@ class CompiledDecode:
                 out = self._paged_step(self._paged_step.key, cache.kv, cache.pe, table, span_blocks,
                                        pad_step_rows(rows, bucket), shape)
         return cut_result(out, batch)
+
+    @property
+    def compilations(self) -> int:
+        """Graphs dynamo has compiled in this process (every engine, every reason: a new shape, a
+        failed guard); a call during which it grew compiled."""
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     def verifier(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                  pe_cache: torch.Tensor, write_slots: torch.Tensor, attn_mask: torch.Tensor,

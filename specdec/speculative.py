@@ -359,7 +359,9 @@ class SpeculativeDecoder:
         elif shape.any_sampled:
             draws = self.sampling.uniforms([list(range(len(s.output), len(s.output) + shape.depth + 1))
                                             for s in self.running]).to(lengths.device)
-        return StepRows(lengths, state.pending, state.draft_logits, state.draft_hidden, temperature, top_p,
+        drafted = shape.depth > 0  # a plain step takes no draft inputs: plain decoding's graphs serve it
+        return StepRows(lengths, state.pending, state.draft_logits if drafted else None,
+                        state.draft_hidden if drafted else None, temperature, top_p,
                         draws, noise)
 
     def _time_step(self, kept: list[int]) -> None:

@@ -131,8 +131,9 @@ def test_compiled_adaptive_steps_are_plain_or_full_depth_and_equal_eager(engines
     got, _ = compiled.schedule(SpeculativeDecoder(compiled, spec, 0.0, 1.0, 0, policy), PROMPTS, 12)
     assert got == want
     assert set(policy.ran) == {0, 2}
-    assert policy.seconds.count(None) == compiled.compilations - before
-    assert all(s is None or s > 0 for s in policy.seconds)
+    # steps that compiled (not the prefill's compiled forwards) went untimed: no timing holds a compile
+    assert policy.seconds.count(None) <= compiled.compilations - before
+    assert all(s is None or 0 < s < 5.0 for s in policy.seconds)
     assert compiled.cost_key(spec) != eager.cost_key(spec)  # compiled steps' costs are their own
 
 
