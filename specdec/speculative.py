@@ -418,8 +418,9 @@ class SpeculativeDecoder:
         batch, width = pairs.tokens.shape
         pos = start + torch.arange(width, device=pairs.tokens.device).expand(batch, width)
         mask = visible_slots(pos[:, 0], width, start + width)
-        mtp = (self.eng.drafter if eager else self.drafter)(pairs.tokens, pairs.hidden, pos, kv, pe, pos, mask, (pairs.lengths - 1).unsqueeze(1),
-                           self.spec.draft_vocab, block_table=table)
+        drafter = self.eng.drafter if eager else self.drafter
+        mtp = drafter(pairs.tokens, pairs.hidden, pos, kv, pe, pos, mask, (pairs.lengths - 1).unsqueeze(1),
+                      self.spec.draft_vocab, block_table=table)
         return mtp.logits[:, 0], mtp.hidden(self.spec.draft_hidden_kind)[:, 0]
 
     def _catch_up(self, cache: LatentCache, lengths: torch.Tensor, state: RowState) -> RowState:
