@@ -8,6 +8,10 @@ gemm    FP8 block-scaled GEMM `y = x @ W^T` at DeepSeek-V3 (671B) projection sha
 attention  decode attention at DeepSeek-V3 latent sizes: the Triton kernel over dense rows, over a
         paged pool read in place against gathering the rows first, over an FP8 latent pool decoded in
         the kernel against decoding the rows first (ms per layer).
+invariant  the batch-invariant mode (`--batch-invariant`, Triton kernels) on the embedded model in bf16:
+        a 4-draft chain's verified logits against its tokens decoded one by one (bitwise equal with the
+        mode: the verdict; the usual kernels' difference reported), and greedy generate plain / chain 3 /
+        adaptive 3 with the mode, token-equal to its plain decoding, tokens/s against the usual kernels.
 verify  the embedded default model (or --ckpt-path) on CUDA: one verifier forward over the root + N
         draft-tree nodes (N = 0 is a plain decode step) for batch 1 and 8, the MTP forward, and an
         end-to-end greedy generate (plain, chain 2, tree 3x2x6) with tokens/s, speedup and the
@@ -181,6 +185,47 @@ def bench_verify(ckpt: str | None, nodes: list[int], batches: list[int], new_tok
     return steps_rows, e2e, ok
 
 
+def bench_invariant(ckpt: str | None, batches: list[int], new_tokens: int) -> tuple[list[dict], list[dict], bool]:
+    """The batch-invariant mode against the usual kernels on the same checkpoint: (logits rows,
+    generate rows, verdict). Verdict: verified logits bitwise equal to decoded ones with the mode,
+    and every MTP configuration's tokens equal to the mode's plain decoding."""
+    import time
+
+    from specdec.bench.invariance import verified_and_decoded
+    from specdec.bench.prompt_set import HELDOUT_FILE, load_prompt_file
+    from specdec import Engine, SpecConfig
+
+    usual = Engine.from_pretrained(ckpt, device=DEVICE, max_seq_len=1024)
+    invariant = Engine.from_pretrained(ckpt, device=DEVICE, max_seq_len=1024, batch_invariant="auto")
+    ids = usual.encode([p.prompt for p in load_prompt_file(HELDOUT_FILE)[: max(batches + [2])]])
+    logits_rows = []
+    for label, eng in (("usual", usual), ("batch-invariant", invariant)):
+        verified, decoded = verified_and_decoded(eng.model, ids[0], ids[1][:5])
+        logits_rows.append({"kernels": label, "dtype": str(eng.model.dtype), "bitwise equal": torch.equal(verified, decoded),
+                            "max abs difference": float((verified - decoded).abs().max())})
+    ok = logits_rows[1]["bitwise equal"]
+    runs = []
+    for batch in batches:
+        plain_tokens, base = None, None
+        for label, eng, spec in [("usual plain", usual, None), ("invariant plain", invariant, None),
+                                 ("invariant chain 3", invariant, SpecConfig(depth=3, adaptive=False)),
+                                 ("invariant adaptive 3", invariant, SpecConfig(depth=3))]:
+            eng.generate(ids[:batch], max_new_tokens=8, spec=spec)  # warm-up (and Triton compilation)
+            _sync()
+            t0 = time.perf_counter()
+            out = eng.generate(ids[:batch], max_new_tokens=new_tokens, spec=spec)
+            _sync()
+            rate = out.stats.tokens / (time.perf_counter() - t0)
+            base = base or rate
+            if label == "invariant plain":
+                plain_tokens = out.token_ids
+            equal = None if plain_tokens is None else out.token_ids == plain_tokens
+            ok &= equal is not False
+            runs.append({"batch": batch, "config": label, "tokens_per_s": rate, "x usual plain": rate / base,
+                         "tau": out.stats.tau, "equal to invariant plain": equal})
+    return logits_rows, runs, ok
+
+
 def bench_graphs(ckpt: str | None, batches: list[int], new_tokens: int) -> tuple[list[dict], bool]:
     """Greedy generate with every step replayed from a CUDA graph (`--cuda-graphs`) against the same
     engine eager: tokens/s of each and whether the tokens agree, per batch size and configuration.
@@ -279,7 +324,7 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/gpu_bench.py", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["gemm", "attention", "verify", "graphs", "all"])
+    p.add_argument("what", choices=["gemm", "attention", "verify", "graphs", "invariant", "all"])
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="GEMM row counts M (default 1,16,128,1024)")
     p.add_argument("--ckpt-path", help="checkpoint for the verify benchmark (default: the embedded model)")
     p.add_argument("--nodes", default="1,4,8,16", help="draft-tree nodes verified (default 1,4,8,16)")
@@ -292,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     global DEVICE
     if a.cpu_dry_run:
         DEVICE = "cpu"
-        if a.what not in ("verify", "graphs"):
-            print("gpu_bench.py: error: --cpu-dry-run runs only `verify` and `graphs`", file=sys.stderr)
+        if a.what not in ("verify", "graphs", "invariant"):
+            print("gpu_bench.py: error: --cpu-dry-run runs only `verify`, `graphs` and `invariant`", file=sys.stderr)
             return 2
     elif not torch.cuda.is_available():
         print("gpu_bench.py: error: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -345,6 +390,18 @@ def main(argv: list[str] | None = None) -> int:
         print()
         if not ok:
             print("FAILED: at batch 1 the graph-replayed tokens differ from eager decoding", file=sys.stderr)
+            status = 1
+    if a.what in ("invariant", "all"):
+        logits, runs, ok = bench_invariant(a.ckpt_path, [int(b) for b in a.batches.split(",")], a.max_new_tokens)
+        result["invariant_logits"], result["invariant_generate"] = logits, runs
+        print(f"### Batch-invariant mode on {DEVICE}: a chain of 4 drafts verified in one forward vs decoded alone\n")
+        print(table(logits, list(logits[0])))
+        print(f"\n### Greedy generate on {DEVICE} with the batch-invariant kernels (warm)\n")
+        print(table(runs, list(runs[0])))
+        print()
+        if not ok:
+            print("FAILED: the batch-invariant mode's verified logits or MTP tokens differ from decoding alone",
+                  file=sys.stderr)
             status = 1
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))

@@ -26,6 +26,11 @@
 #    against the same engine eager, tokens/s at batch 1, 8 and 32, tokens equal at batch 1
 #    (bench/gpu_bench.py graphs). The embedded model is unquantised: on CUDA its routed experts run
 #    as grouped GEMMs (model.prepare.GroupedExperts), which steps 2 (grouped_experts), 5 and 6 exercise.
+# 7. Batch-invariant mode (--batch-invariant, Triton's fixed-tile kernels, bf16): a chain of drafts
+#    verified in one forward bitwise equal to its tokens decoded alone, and greedy MTP (chain 3,
+#    adaptive 3) token-equal to plain decoding at batch 1 and 8, with the mode's tokens/s against the
+#    usual kernels (bench/gpu_bench.py invariant). The CPU tests prove the kernels' structure under
+#    the interpreter; only a GPU shows that its MMA sums each row alike whatever the rows beside it.
 #
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 240) and the script goes on
 # after a failure; the exit status is non-zero if any step failed. Everything takes about
@@ -83,6 +88,7 @@ step gemm "$PY" bench/gpu_bench.py gemm --json "$OUT/gemm.json"
 step attention "$PY" bench/gpu_bench.py attention --json "$OUT/attention.json"
 step verify "$PY" bench/gpu_bench.py verify --json "$OUT/verify.json"
 step graphs "$PY" bench/gpu_bench.py graphs --json "$OUT/graphs.json"
+step invariant "$PY" bench/gpu_bench.py invariant --json "$OUT/invariant.json"
 
 log "summary"
 echo "logs and JSON in $OUT"

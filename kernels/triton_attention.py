@@ -145,12 +145,16 @@ def _fp8_latent_block(ptr, rows, ok, cols, n_cols, stride_c):
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
+def _dot(a, b, UPCAST: tl.constexpr, SUM_DOT: tl.constexpr = False):
     """`a @ b` with float32 accumulation (IEEE fp32 for fp32 operands, never TF32).
 
     UPCAST converts bf16/fp16 operands to float32 first (exact); the interpreter needs it
-    because its bf16/fp16 `tl.dot` returns garbage in Triton 3.9.
+    because its bf16/fp16 `tl.dot` returns garbage in Triton 3.9. SUM_DOT (interpreted
+    batch-invariant calls) forms the products elementwise and sums them with `tl.sum`, whose order
+    is the same for every output element (see `kernels.triton_invariant`).
     """
+    if SUM_DOT:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -158,7 +162,7 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(logits, vis, m_i, l_i, acc, kv, UPCAST: tl.constexpr):
+def _online_softmax_step(logits, vis, m_i, l_i, acc, kv, UPCAST: tl.constexpr, SUM_DOT: tl.constexpr):
     """Fold one block into the running (max, sum, accumulator) of the base-2 online softmax.
 
     logits: `[BLOCK_M, BLOCK_S]` fp32, already multiplied by scale * log2(e); vis: same-shape
@@ -172,7 +176,7 @@ def _online_softmax_step(logits, vis, m_i, l_i, acc, kv, UPCAST: tl.constexpr):
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(logits - m_safe[:, None])
     l_new = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(kv.dtype), kv, UPCAST)
+    acc = acc * alpha[:, None] + _dot(p.to(kv.dtype), kv, UPCAST, SUM_DOT)
     return m_new, l_new, acc
 
 
@@ -188,6 +192,7 @@ def _mla_attention_kernel(
     table_ptr, st_b, page,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, FP8_KV: tl.constexpr,
+    SUM_DOT: tl.constexpr = False,
 ):
     """Attention of BLOCK_M flattened (query, head) rows of batch row b over one slot range.
 
@@ -197,7 +202,8 @@ def _mla_attention_kernel(
     `ml[B, M, num_splits, 2]` (float32, base-2 max) for `_merge_splits_kernel`.
     UPCAST: do the dots in float32 (see `_dot`). PAGED: kv / pe are block pools read through the
     block table (see `_slot_places`). FP8_KV: kv holds FP8 latents (`_fp8_latent_block`), decoded to
-    the queries' dtype as tiles are read.
+    the queries' dtype as tiles are read. SUM_DOT: see `_dot` (set for interpreted batch-invariant
+    calls).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -223,9 +229,9 @@ def _mla_attention_kernel(
         else:
             kv = _cache_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c)
         pe = _cache_block(pe_ptr, _cache_rows(where, index, spe_b, spe_s), ok, cols_r, R, spe_r)
-        logits = _dot(q, tl.trans(kv), UPCAST) + _dot(q_pe, tl.trans(pe), UPCAST)
+        logits = _dot(q, tl.trans(kv), UPCAST, SUM_DOT) + _dot(q_pe, tl.trans(pe), UPCAST, SUM_DOT)
         vis = _visible(mask_ptr, b, rows, H, M, slots, hi, sm_b, sm_t, sm_s)
-        m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST)
+        m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST, SUM_DOT)
 
     row_ok = rows < M
     out_rows = b.to(tl.int64) * M + rows
@@ -311,14 +317,15 @@ def _check_operands(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
         )
 
 
-def _block_config(m: int, c: int, r: int) -> dict[str, int]:
-    """Tile sizes and launch options for M flattened query rows and latent / RoPE widths C, R."""
+def _block_config(m: int, c: int, r: int, invariant: bool = False) -> dict[str, int]:
+    """Tile sizes and launch options for M flattened query rows and latent / RoPE widths C, R
+    (`invariant`: the same tiles whatever M)."""
     block_c = triton.next_power_of_2(c)
     block_r = max(16, triton.next_power_of_2(r))
     if INTERPRETED:
         return {"BLOCK_M": 16, "BLOCK_S": 32, "BLOCK_C": block_c, "BLOCK_R": block_r}
     wide = block_c >= 512  # keep the [BLOCK_M, C] accumulator and query tile within registers
-    block_m = 16 if m <= 16 else 32 if wide else 64
+    block_m = 16 if m <= 16 or invariant else 32 if wide else 64
     return {"BLOCK_M": block_m, "BLOCK_S": 32 if wide else 64, "BLOCK_C": block_c, "BLOCK_R": block_r,
             "num_warps": 4 if block_m == 16 else 8, "num_stages": 2}
 
@@ -348,6 +355,7 @@ def mla_attention(
     softmax_scale: float,
     num_splits: int | None = None,
     block_table: torch.Tensor | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Triton version of `kernels.attention.mla_attention_reference`, over a dense or a paged cache.
 
@@ -365,6 +373,10 @@ def mla_attention(
             pe `[n_blocks, block_size, R]` are one layer's block pools, `block_table` `[≥B, max_blocks]`
             int32/int64 lists row b's blocks in order (slot s in block `block_table[b, s // block_size]`),
             and S is the mask's last dim; the kernel reads the blocks in place (no gather).
+        batch_invariant: a query's output bitwise the same whichever other queries the call holds
+            and however many slots past its own the mask spans: fixed tiles and one split (no
+            flash-decoding merge), so its slots meet in the same blocks from its first visible one,
+            and blocks it cannot see change none of its sums (interpreted: SUM_DOT dots).
     Returns:
         `[B, T, H, C]` contiguous tensor in q_latent's dtype; all-zero for queries whose mask
         row is all False.
@@ -378,10 +390,12 @@ def mla_attention(
         return torch.zeros(bsz, t, h, c, dtype=q_latent.dtype, device=q_latent.device)
     store_dtype = torch.float32 if INTERPRETED else q_latent.dtype
     out = torch.empty(bsz, t, h, c, dtype=store_dtype, device=q_latent.device)
-    cfg = _block_config(m, c, r)
+    cfg = _block_config(m, c, r, batch_invariant)
     m_blocks = triton.cdiv(m, cfg["BLOCK_M"])
     n_blocks = triton.cdiv(s, cfg["BLOCK_S"])
-    if num_splits is None:
+    if batch_invariant:
+        num_splits = 1
+    elif num_splits is None:
         num_splits = _auto_splits(bsz * m_blocks, n_blocks, q_latent.device)
     per_split, num_splits = _split_layout(n_blocks, num_splits)
     split = num_splits > 1
@@ -393,7 +407,8 @@ def mla_attention(
         *q_latent.stride(), *q_pe.stride(), *kv.stride(), *pe.stride(), *mask.stride(),
         mask if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
         1 if block_table is None else kv.shape[1],
-        SPLIT=split, UPCAST=INTERPRETED, PAGED=block_table is not None, FP8_KV=kv.dtype == torch.uint8, **cfg,
+        SPLIT=split, UPCAST=INTERPRETED, PAGED=block_table is not None, FP8_KV=kv.dtype == torch.uint8,
+        SUM_DOT=batch_invariant and INTERPRETED, **cfg,
     )
     if split:
         _merge_splits_kernel[(bsz * m,)](

@@ -10,7 +10,7 @@ from specdec.kernels.cpu_gemm import GemmTuner
 from specdec.model.args import ModelArgs, load_model_args
 from specdec.model.checkpoint import CheckpointReader, load_state, mtp_tensor_names
 from specdec.model.parallel import ParallelContext
-from specdec.model.prepare import prepare_cpu, prepare_loaded
+from specdec.model.prepare import prepare_backend
 from specdec.model.transformer import Transformer
 
 
@@ -23,6 +23,7 @@ def load_verifier(
     keep_fp8: bool | None = None,
     show_progress: bool = True,
     tuner: GemmTuner | None = None,
+    batch_invariant: str | None = None,
 ) -> tuple[Transformer, CheckpointReader]:
     """Load the main model (layers 0..L-1, norm, head) of the checkpoint at `path` for this rank.
 
@@ -35,6 +36,8 @@ def load_verifier(
             None: FP8 on CUDA, dequantised elsewhere.
         tuner: times the CPU GEMM formulations for each weight shape (`kernels.cpu_gemm`);
             None: the default formulation everywhere.
+        batch_invariant: None, or the batch-invariant kernels to run ("auto", "torch", "triton":
+            `model.prepare.prepare_batch_invariant`).
     Returns:
         (model, reader); the reader stays open for the MTP drafter, whose tensors
         (`model.layers.{L}.*`) the verifier leaves untouched.
@@ -48,8 +51,6 @@ def load_verifier(
         model = Transformer(args, ctx, dtype, fp8_block, max_seq_len)
     load_state(model, reader, "", device, show_progress and ctx.rank == 0, args.fp8_block_size or 128)
     model.init_rope(device)
-    prepare_loaded(model)
-    if torch.device(device).type == "cpu":
-        prepare_cpu(model, tuner, heads=(model.lm_head,))
+    prepare_backend(model, device, tuner, (model.lm_head,), batch_invariant)
     model.mtp_tensors = mtp_tensor_names(reader, args.n_layers)
     return model.eval(), reader

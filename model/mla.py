@@ -10,6 +10,8 @@ and applied after attention (for values), so no per-head K/V is ever materialise
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -17,11 +19,16 @@ from specdec import kernels
 from specdec.kernels import fp8_cache, paged
 from specdec.model.args import ModelArgs
 from specdec.model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RMSNorm, RowParallelLinear
-from specdec.model.rope import rotate
+from specdec.model.rope import apply_rope, rotate
 
 
 class MLA(nn.Module):
     """Multi-head latent attention with heads split over ranks (names follow the HF checkpoint)."""
+
+    invariant: ModuleType | None = None
+    """Batch-invariant kernels (`model.prepare.prepare_batch_invariant`) for the absorbed products and
+    the attention; RoPE then runs as separate real products (one rounding per op, whichever vector
+    lane an element falls in). None: the usual kernels."""
 
     def __init__(self, args: ModelArgs, ctx: ParallelContext, dtype: torch.dtype, fp8_block: int | None) -> None:
         super().__init__()
@@ -70,6 +77,10 @@ class MLA(nn.Module):
         normed = self.kv_a_layernorm(latent)
         return fp8_cache.encode(normed) if fp8_cache.is_fp8(kv_pool) else normed.to(kv_pool.dtype)
 
+    def _rotate(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """RoPE on x `[B, T, H, d]` (`model.rope`); batch-invariant: as separate real products."""
+        return apply_rope(x, rope.real, rope.imag) if self.invariant is not None else rotate(x, rope)
+
     def compute_dtype(self) -> torch.dtype:
         """Compute dtype of this layer (the dtype of its norm weights)."""
         return self.kv_a_layernorm.weight.dtype
@@ -115,9 +126,9 @@ class MLA(nn.Module):
             kv_a = self.kv_a_proj_with_mqa(x)
         q = q.view(bsz, seqlen, self.n_local_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = rotate(q_pe, rope)
+        q_pe = self._rotate(q_pe, rope)
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe = rotate(k_pe.unsqueeze(2), rope).squeeze(2)
+        k_pe = self._rotate(k_pe.unsqueeze(2), rope).squeeze(2)
 
         kv_len = attn_mask.shape[-1]
         if block_table is None:
@@ -132,12 +143,14 @@ class MLA(nn.Module):
             kv, pe, table = kv_pool[layer], pe_pool[layer], block_table[:bsz]
         w_kv_b = self._kv_b()
         heads = self.n_local_heads
+        bmm = torch.bmm if self.invariant is None else self.invariant.bmm
         # absorb W_uk into the queries: per head [B·T, nope] @ [nope, C] (one batched GEMM over heads)
-        q_latent = torch.bmm(q_nope.reshape(bsz * seqlen, heads, self.nope_dim).transpose(0, 1),
-                             w_kv_b[:, : self.nope_dim]).transpose(0, 1).reshape(bsz, seqlen, heads, -1)
+        q_latent = bmm(q_nope.reshape(bsz * seqlen, heads, self.nope_dim).transpose(0, 1),
+                       w_kv_b[:, : self.nope_dim]).transpose(0, 1).reshape(bsz, seqlen, heads, -1)
         # the cache as it is stored (dense rows or paged blocks, FP8 latents or not): the kernel reads it
-        out_latent = kernels.mla_attention(q_latent, q_pe, kv, pe, attn_mask, self.softmax_scale, block_table=table)
+        attention = kernels.mla_attention if self.invariant is None else self.invariant.mla_attention
+        out_latent = attention(q_latent, q_pe, kv, pe, attn_mask, self.softmax_scale, block_table=table)
         # W_uv after attention: per head [B·T, C] @ [C, v]
-        out = torch.bmm(out_latent.reshape(bsz * seqlen, heads, -1).transpose(0, 1),
-                        w_kv_b[:, self.nope_dim :].transpose(1, 2))
+        out = bmm(out_latent.reshape(bsz * seqlen, heads, -1).transpose(0, 1),
+                  w_kv_b[:, self.nope_dim :].transpose(1, 2))
         return self.o_proj(out.transpose(0, 1).reshape(bsz, seqlen, heads * self.v_dim))

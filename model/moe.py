@@ -8,17 +8,21 @@ them, and the partial sums are added over ranks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specdec.model.args import ModelArgs
-from specdec.model.parallel import ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RowParallelLinear
+from specdec.model.parallel import (ColumnParallelLinear, FusedLinears, Linear, ParallelContext, RowParallelLinear,
+                                    sum_in_order)
 
 
 class MLP(nn.Module):
     """SwiGLU MLP, tensor-parallel over the intermediate dim: down(silu(gate(x)) * up(x))."""
+
+    invariant: ModuleType | None = None  # batch-invariant kernels (`model.prepare.prepare_batch_invariant`)
 
     def __init__(self, dim: int, inter_dim: int, ctx: ParallelContext, dtype: torch.dtype, fp8_block: int | None) -> None:
         super().__init__()
@@ -34,6 +38,8 @@ class MLP(nn.Module):
 class Expert(nn.Module):
     """One routed expert: an unsharded SwiGLU MLP living entirely on one rank."""
 
+    invariant: ModuleType | None = None  # as `MLP.invariant`
+
     def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, fp8_block: int | None) -> None:
         super().__init__()
         self.gate_proj = Linear(dim, inter_dim, dtype, fp8_block)
@@ -48,7 +54,7 @@ class Expert(nn.Module):
 def _swiglu(mlp: MLP | Expert, x: torch.Tensor) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)), with gate and up as one GEMM once fused."""
     gate, up = mlp.gate_up(x) if mlp.gate_up is not None else (mlp.gate_proj(x), mlp.up_proj(x))
-    return mlp.down_proj(F.silu(gate) * up)
+    return mlp.down_proj(F.silu(gate) * up if mlp.invariant is None else mlp.invariant.silu_mul(gate, up))
 
 
 class Gate(nn.Module):
@@ -63,6 +69,10 @@ class Gate(nn.Module):
     dim` per MoE layer: 7 MB at V3's size.
     """
 
+    invariant: ModuleType | None = None
+    """Batch-invariant kernels (`model.prepare.prepare_batch_invariant`) for the logits and scores; the
+    chosen weights are then normalised by a sum in choice order. None: the usual kernels."""
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
@@ -76,12 +86,16 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[N, dim]` → (weights `[N, topk]` float32, expert indices `[N, topk]` int64)."""
-        logits = F.linear(x.float(), self.weight)
-        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        if self.invariant is not None:
+            scores = self.invariant.gate_scores(self.invariant.linear(x.float(), self.weight), self.score_func)
+        else:
+            logits = F.linear(x.float(), self.weight)
+            scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         indices = self.select(scores.detach())
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            total = weights.sum(dim=-1) if self.invariant is None else sum_in_order(weights.unbind(1))
+            weights = weights / (total.unsqueeze(1) + 1e-20)
         return weights * self.route_scale, indices
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:

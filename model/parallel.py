@@ -7,7 +7,9 @@ its parameters exactly as the Hugging Face checkpoint does, so loading is name-f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -21,6 +23,15 @@ from specdec.kernels.cpu_gemm import DEFAULT_PLAN, RowPlan
 from specdec.model.errors import ConfigError
 
 
+def sum_in_order(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`((t_0 + t_1) + t_2) + …`, elementwise: every element is summed in this one order (what the
+    batch-invariant mode needs where a reduction kernel may pick its order from the shape)."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
 @dataclass(frozen=True)
 class ParallelContext:
     """Which rank this process is among `world_size` tensor/expert-parallel ranks."""
@@ -28,12 +39,20 @@ class ParallelContext:
     world_size: int = 1
     rank: int = 0
     group: Any = None  # torch.distributed process group; None: the default group
+    ordered_sums: bool = False  # sums over ranks added in rank order (batch-invariant mode)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` over ranks in place (no-op on one rank)."""
-        if self.world_size > 1:
+        """Sum `x` over ranks in place (no-op on one rank). With `ordered_sums` every element is
+        `((x_0 + x_1) + x_2) + …` in rank order: a collective's own reduction order can change with
+        the message size, i.e. with the number of tokens, which the batch-invariant mode forbids."""
+        if self.world_size == 1:
+            return x
+        if not self.ordered_sums:
             dist.all_reduce(x, group=self.group)
-        return x
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return x.copy_(sum_in_order(parts))
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along its last dim (rank order)."""
@@ -105,6 +124,7 @@ class Linear(nn.Module):
 
     gemm_plan: RowPlan | None = None  # the CPU formulation per row count once prepared (`model.prepare`)
     weight_copy: torch.Tensor | None = None  # `[in, out]` contiguous copy when the plan runs "x_wcopy"
+    invariant: ModuleType | None = None  # batch-invariant kernels to run (`model.prepare.prepare_batch_invariant`)
 
     def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
         """x `[..., in]` → `[..., out]` in x's dtype; with `out_features`, only the first that many
@@ -116,6 +136,8 @@ class Linear(nn.Module):
         weight, weight_copy = self.weight, self.weight_copy
         if out_features is not None:
             weight, weight_copy = weight[:out_features], None if weight_copy is None else weight_copy[:, :out_features]
+        if self.invariant is not None:
+            return self.invariant.linear(x, weight)
         if _cpu_path(x, self.gemm_plan, weight):
             return _cpu_linear(x, weight, weight_copy, self.gemm_plan)
         return F.linear(x, weight)
@@ -230,12 +252,16 @@ class ParallelEmbedding(nn.Module):
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, computed in float32 and returned in the input dtype."""
 
+    invariant: ModuleType | None = None  # as `Linear.invariant`
+
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.invariant is not None:
+            return self.invariant.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # same maths, fewer ops
             return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
         x32 = x.float()

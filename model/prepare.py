@@ -10,6 +10,10 @@ reference computation; after loading, these transforms choose faster forms of th
   q_a/kv_a, every SwiGLU's gate/up); unquantised routed experts stacked (`StackedExperts`: timed
   eager formulations, the static one `torch.compile` needs); a GEMM formulation per weight shape
   and row count, and the experts' formulation per token count, timed on this machine by a tuner.
+- `prepare_batch_invariant` (instead of `prepare_cpu`): every matmul, norm, router score, SwiGLU
+  and attention through batch-invariant kernels (`kernels.invariant`: Triton's fixed tiles on CUDA,
+  one torch call per row elsewhere), routed experts summed in choice order (`InvariantExperts`), so
+  a token's logits are bitwise the same whether it is decoded alone or verified among N drafts.
 
 Stacking and fusing make each parameter a view of its slice of the stack, so no memory is added
 and every parameter keeps its checkpoint name and shape.
@@ -21,10 +25,12 @@ import torch
 from torch import nn
 
 from specdec.kernels import experts as expert_kernels
+from specdec.kernels import invariant
 from specdec.kernels.cpu_gemm import GemmTuner, RowPlan, interleaved_seconds
+from specdec.model.errors import ConfigError
 from specdec.model.mla import MLA
-from specdec.model.moe import MLP, Expert, MoE
-from specdec.model.parallel import FusedLinears, Linear
+from specdec.model.moe import MLP, Expert, Gate, MoE
+from specdec.model.parallel import FusedLinears, Linear, RMSNorm, sum_in_order
 
 EXPERT_FORMULATIONS = ("loop", "dense", "grouped")
 """How eager CPU calls run stacked routed experts (`StackedExperts.tune` times them per token count):
@@ -141,6 +147,58 @@ class StackedExperts:
                 return interleaved_seconds({c: (lambda c=c: self.run(x, *self.gate(x), c)) for c in candidates})
 
         self.plan = tuner.choose(name, EXPERT_FORMULATIONS, "loop", timer)
+
+
+class InvariantExperts:
+    """A MoE layer's routed experts for the batch-invariant mode: each local expert runs on the tokens
+    that chose it (its linears batch-invariant), and a token's weighted expert outputs are added in
+    its choice order (`sum_in_order`), so neither the number of tokens nor which experts the other
+    tokens chose changes a token's bits. Reads the routing back to the host (one `nonzero` per expert)."""
+
+    def __init__(self, moe: MoE) -> None:
+        self.experts = {e: moe.experts[str(e)] for e in moe.local_experts}
+
+    def __call__(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's routed sum `[N, dim]`: flat `[N, dim]`, weights / indices `[N, k]` from the gate."""
+        per_choice = flat.new_zeros(indices.shape[1], *flat.shape)  # [k, N, dim]: choice j of each token
+        for e, expert in self.experts.items():
+            token, choice = (indices == e).nonzero(as_tuple=True)
+            if token.numel():
+                per_choice[choice, token] = expert(flat[token]) * weights[token, choice].unsqueeze(1).to(flat.dtype)
+        return sum_in_order(per_choice.unbind(0))
+
+
+def prepare_batch_invariant(module: nn.Module, impl: str = "auto") -> None:
+    """Put `module` in the batch-invariant mode (after `prepare_loaded`; in place of `prepare_cpu`):
+    linears, norms, router scores, SwiGLUs and attention run the kernels `kernels.invariant.select`
+    gives for `impl` on the module's device, MoE layers `InvariantExperts`. Raises ConfigError for FP8
+    weights (the FP8 GEMMs are not batch-invariant here: load them dequantised) or kernels that cannot
+    run there."""
+    device = next(module.parameters()).device
+    try:
+        kernels = invariant.select(impl, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name, sub in module.named_modules():
+        if isinstance(sub, Linear) and sub.weight_scale_inv is not None:
+            raise ConfigError(f"batch-invariant mode needs unquantised weights: {name}.weight is FP8 "
+                              "(load it dequantised: keep_fp8=False)")
+        if isinstance(sub, (Linear, RMSNorm, MLA, Gate, MLP, Expert)):
+            sub.invariant = kernels
+        if isinstance(sub, MoE):
+            sub.routed_backend = InvariantExperts(sub)
+
+
+def prepare_backend(module: nn.Module, device: torch.device | str, tuner: GemmTuner | None,
+                    heads: tuple[Linear, ...] = (), batch_invariant: str | None = None) -> None:
+    """Every transform a freshly loaded module gets: `prepare_loaded`, then `prepare_batch_invariant`
+    with the kernels `batch_invariant` names ("auto", "torch", "triton"; None: off), else on the CPU
+    `prepare_cpu` (`tuner`, `heads`: see there)."""
+    prepare_loaded(module)
+    if batch_invariant is not None:
+        prepare_batch_invariant(module, batch_invariant)
+    elif torch.device(device).type == "cpu":
+        prepare_cpu(module, tuner, heads)
 
 
 def prepare_loaded(module: nn.Module) -> None:

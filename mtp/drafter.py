@@ -24,7 +24,7 @@ from specdec.model.checkpoint import CheckpointReader, load_state
 from specdec.model.errors import CheckpointError, ConfigError
 from specdec.model.mtp_layer import MTPLayer
 from specdec.kernels.cpu_gemm import GemmTuner
-from specdec.model.prepare import prepare_cpu, prepare_loaded
+from specdec.model.prepare import prepare_backend
 from specdec.model.transformer import Transformer
 
 HiddenChoice = Literal["normed", "prenorm"]  # which hidden state feeds the (next) MTP step
@@ -151,11 +151,12 @@ def _same_as_main(reader: CheckpointReader, name: str, main_param: torch.Tensor,
 
 def load_drafter(main: Transformer, reader: CheckpointReader, device: torch.device | str,
                  fp8_block: int | None, show_progress: bool = False,
-                 tuner: GemmTuner | None = None) -> MTPDrafter:
+                 tuner: GemmTuner | None = None, batch_invariant: str | None = None) -> MTPDrafter:
     """Load the first MTP layer of the checkpoint, sharded like the main layers.
 
     The MTP layer's `embed_tokens` and `shared_head.head` are duplicates of the main ones in the
     release; when this rank's slices are equal they are not loaded and the verifier's are used.
+    `batch_invariant`: as the verifier's (`model.prepare.prepare_backend`).
     Raises CheckpointError when the checkpoint has no MTP layer.
     """
     args, ctx = main.args, main.ctx
@@ -171,8 +172,6 @@ def load_drafter(main: Transformer, reader: CheckpointReader, device: torch.devi
     if _same_as_main(reader, prefix + "shared_head.head.weight", main.lm_head.weight, main.lm_head.shard_start):
         layer.shared_head.head = None
     load_state(layer, reader, prefix, device, show_progress and ctx.rank == 0, args.fp8_block_size or 128)
-    prepare_loaded(layer)
-    if torch.device(device).type == "cpu":
-        prepare_cpu(layer, tuner, heads=(layer.shared_head.head,) if layer.shared_head.head else ())
+    prepare_backend(layer, device, tuner, (layer.shared_head.head,) if layer.shared_head.head else (), batch_invariant)
     return MTPDrafter(layer.eval(), main, cache_layer=index)
 

@@ -9,6 +9,7 @@ them); each step is `specdec.steps.decode_step`, compiled whole with `--compile`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import time
@@ -84,6 +85,19 @@ class Engine:
         self.graphs = GraphedSteps(self.model, self.drafter, capture)
         self.run_step = self.graphs.step
 
+    def check_spec(self, spec: SpecConfig) -> None:
+        """Raise ConfigError unless this engine can decode with `spec`: it needs an MTP layer, a draft
+        vocabulary within the drafter's, and a chain where the batch-invariant kernels do not keep a
+        tree's verification invariant (`VERIFIES_TREES` of `kernels.invariant`'s sets)."""
+        if self.drafter is None:
+            raise ConfigError(f"{self.checkpoint}: checkpoint has no MTP layer "
+                              f"(model.layers.{self.args.n_layers}.*), so MTP speculative decoding is unavailable")
+        self.drafter.check_draft_vocab(spec.draft_vocab)
+        kernels = self.model.lm_head.invariant  # the batch-invariant kernel set, if any
+        if kernels is not None and spec.topk > 1 and not kernels.VERIFIES_TREES:
+            raise ConfigError(f"--batch-invariant with {kernels.__name__.rsplit('.', 1)[-1]} kernels verifies chains "
+                              "only (--tree-topk 1)")
+
     def adapts(self, spec: SpecConfig | None) -> bool:
         """Whether decoding with `spec` chooses each step's depth (`SpecConfig.adapts`); compiled
         steps choose between plain steps and `spec.depth` only (`policy_depths`)."""
@@ -120,6 +134,7 @@ class Engine:
         tune: bool | GemmTuner | None = None,
         kv_cache_dtype: str = "auto",
         cuda_graphs: bool = False,
+        batch_invariant: str | None = None,
     ) -> "Engine":
         """Load the checkpoint at `path` (None: the embedded default model) for this rank.
 
@@ -131,7 +146,12 @@ class Engine:
         formulation; None: on unless `SPECDEC_TUNE=0`; a `GemmTuner`: that one (e.g. to re-time).
         `kv_cache_dtype`: "auto" keeps cached latents in `dtype`; "fp8" as e4m3 codes with one float32
         scale per token (`kernels.fp8_cache`: about half of bf16's cache bytes). `cuda_graphs`:
-        replay every decoding step from a CUDA graph (`use_cuda_graphs`; CUDA only).
+        replay every decoding step from a CUDA graph (`use_cuda_graphs`; CUDA only). `batch_invariant`:
+        None, or which batch-invariant kernels to run ("auto": Triton on CUDA, one torch call per row
+        elsewhere; "torch"; "triton", on the CPU under TRITON_INTERPRET=1): a token's logits are then
+        bitwise the same whether decoded alone or verified among drafted tokens, so greedy MTP output
+        equals plain greedy output in any dtype (`model.prepare.prepare_batch_invariant`; FP8 weights
+        are dequantised at load; not with `compile`).
         """
         if kv_cache_dtype not in fp8_cache.KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(fp8_cache.KV_CACHE_DTYPES)}, "
@@ -141,7 +161,15 @@ class Engine:
         if cuda_graphs and (device.type != "cuda" or compile):  # said before loading anything
             raise ConfigError(f"--cuda-graphs needs a CUDA device (this engine runs on {device})"
                               if device.type != "cuda" else "--cuda-graphs and --compile are exclusive: choose one")
+        if batch_invariant is not None:
+            if compile:
+                raise ConfigError("--batch-invariant and --compile are exclusive: choose one")
+            if keep_fp8:
+                raise ConfigError("--batch-invariant needs unquantised weights: FP8 ones are dequantised at load")
+            keep_fp8 = False
         ctx = init_parallel(device)
+        if batch_invariant is not None:
+            ctx = dataclasses.replace(ctx, ordered_sums=True)
         notice = None
         if path is None:
             path, notice = default_model_path(ctx)
@@ -151,10 +179,11 @@ class Engine:
         tuner = None
         if device.type == "cpu":
             tuner = tune if isinstance(tune, GemmTuner) else GemmTuner(dtype, measure=tune)
-        model, reader = load_verifier(path, ctx, device, dtype, max_seq_len, keep_fp8, show_progress, tuner)
+        model, reader = load_verifier(path, ctx, device, dtype, max_seq_len, keep_fp8, show_progress, tuner,
+                                      batch_invariant)
         drafter = None
         if has_mtp_layer(reader, model.args.n_layers):
-            drafter = load_drafter(model, reader, device, model.fp8_block, show_progress, tuner)
+            drafter = load_drafter(model, reader, device, model.fp8_block, show_progress, tuner, batch_invariant)
         tokenizer = load_tokenizer(path)
         compiled = None
         if compile:
@@ -252,11 +281,8 @@ class Engine:
         join as rows finish (continuous batching: `specdec.scheduler.Scheduler` runs every call).
         Prompt i draws from stream i of `seed` either way.
         """
-        if spec is not None and self.drafter is None:
-            raise ConfigError(f"{self.checkpoint}: checkpoint has no MTP layer "
-                              f"(model.layers.{self.args.n_layers}.*), so MTP speculative decoding is unavailable")
         if spec is not None:
-            self.drafter.check_draft_vocab(spec.draft_vocab)
+            self.check_spec(spec)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_backend_flags(p: argparse.ArgumentParser, compile_cost: str) -> None:
-    """--device, --kv-cache-dtype, --compile and --cuda-graphs (generate and serve); `compile_cost`:
-    when --compile's compiling happens, for its help."""
+    """--device, --kv-cache-dtype, --compile, --cuda-graphs and --batch-invariant (generate and serve);
+    `compile_cost`: when --compile's compiling happens, for its help."""
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="latent cache format: auto (the compute dtype) or fp8 (e4m3 + one scale per token, "
@@ -83,6 +83,10 @@ def add_backend_flags(p: argparse.ArgumentParser, compile_cost: str) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay every decoding step from a CUDA graph captured per batch bucket, span and draft "
                         "shape (CUDA only; each is captured on first use)")
+    p.add_argument("--batch-invariant", action="store_const", const="auto", default=None,
+                   help="batch-invariant kernels: a token's logits are bitwise the same decoded alone or verified "
+                        "among drafts, so greedy MTP equals plain greedy in bf16 too (Triton on CUDA, one torch call "
+                        "per row on the CPU; FP8 weights dequantised at load; slower)")
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = a.prompt or (read_prompts(a.input_file) if a.input_file else [])
         engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
                                         show_progress=True, compile=a.compile, cuda_graphs=a.cuda_graphs,
-                                        kv_cache_dtype=a.kv_cache_dtype)
+                                        kv_cache_dtype=a.kv_cache_dtype, batch_invariant=a.batch_invariant)
         if engine.ctx.rank == 0:
             if engine.notice:
                 print(engine.notice, file=sys.stderr)

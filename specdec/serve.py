@@ -317,7 +317,8 @@ def load_server(a: argparse.Namespace) -> Server:
     if a.tree_topk < 1:
         raise ConfigError(f"--tree-topk must be >= 1, got {a.tree_topk}")
     engine = Engine.from_pretrained(a.ckpt_path, device=a.device, max_seq_len=a.max_seq_len,
-                                    kv_cache_dtype=a.kv_cache_dtype, compile=a.compile, cuda_graphs=a.cuda_graphs)
+                                    kv_cache_dtype=a.kv_cache_dtype, compile=a.compile, cuda_graphs=a.cuda_graphs,
+                                    batch_invariant=a.batch_invariant)
     spec = None
     if (a.spec or ("mtp" if engine.drafter is not None else "none")) == "mtp":
         if engine.drafter is None:
@@ -327,7 +328,7 @@ def load_server(a: argparse.Namespace) -> Server:
                               adaptive=a.adaptive)
         except ConfigError as e:
             raise ConfigError(f"--draft-depth/--tree-topk/--tree-nodes/--draft-vocab: {e}") from None
-        engine.drafter.check_draft_vocab(spec.draft_vocab)
+        engine.check_spec(spec)
     name = a.served_model_name or ("specdec-default" if a.ckpt_path is None else engine.checkpoint.resolve().name)
     return Server(engine, spec, ServerConfig(name, a.max_batch, a.max_waiting, a.prefill_tokens,
                                              cache_tokens=a.cache_tokens, block_size=a.block_size))
