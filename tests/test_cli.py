@@ -73,6 +73,7 @@ def test_interactive_ends_on_eof(fp8_ckpt):
     (["--compare", "--spec", "none"], "--compare"),
     (["--spec", "eagle"], "--spec"),
     (["--bogus"], "--bogus"),
+    (["--batch-invariant", "--compile"], "--batch-invariant and --compile"),
 ])
 def test_bad_flags(fp8_ckpt, flags, needle):
     assert_one_line_error(gen(fp8_ckpt, "--prompt", "x", *flags), needle)
@@ -109,6 +110,12 @@ def test_compare_reports_both_and_the_speedup(fp8_ckpt, tmp_path):
     data = json.loads(out.read_text())
     assert data["speedup"] > 0 and STATS_KEYS <= set(data["plain"])
     assert len(data["stats"]["acceptance_per_position"]) == 2
+
+
+def test_batch_invariant_compare_is_identical(fp8_ckpt):
+    proc = gen(fp8_ckpt, "--prompt", "def f(x):", "--batch-invariant", "--compare", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert "identical outputs: 1/1" in proc.stdout
 
 
 def test_spec_mtp_without_mtp_layer(tmp_path):

@@ -137,3 +137,15 @@ def test_binding_sets_the_current_gpu_and_hands_it_to_nccl(monkeypatch):
     assert backend == "nccl" and kw["device_id"] == torch.device("cuda", 2)
     assert (ctx.rank, ctx.world_size) == (6, 4)
     assert distributed.bind_device(torch.device("cpu")) == torch.device("cpu")  # the CPU binds nothing
+
+
+def test_batch_invariant_mode_over_two_ranks_sums_in_rank_order(fp8_ckpt, tmp_path):
+    """Under torchrun with 2 ranks the batch-invariant mode's sums over ranks go in rank order, so a
+    verified chain's bf16 logits still equal its tokens decoded alone and greedy MTP equals plain."""
+    out = tmp_path / "invariant.json"
+    proc = run_cli(TORCHRUN + ["tests/dist_invariant.py", str(fp8_ckpt), str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dump = json.loads(out.read_text())
+    assert dump["world_size"] == 2 and dump["ordered_sums"]
+    assert dump["logits_equal"]
+    assert dump["chain"] == dump["plain"]
