@@ -8,6 +8,8 @@ Each op has a plain-torch reference (`kernels.reference`) and a Triton kernel
 package does not import triton. `weight_quant` (for writing FP8 checkpoints) is torch-only.
 `mla_attention` is the masked latent attention of the absorbed MLA path (torch reference and a
 Triton kernel in `kernels.triton_attention`, chosen the same way through `impl`).
+`kernels.invariant` selects the batch-invariant kernel sets (Triton fixed tiles, or one torch call
+per row) that `--batch-invariant` runs.
 """
 
 from .attention import mla_attention, mla_attention_reference
