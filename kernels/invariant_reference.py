@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fp8_cache, paged
+from . import reference as fp8_reference
 from .attention import mla_attention_reference
 
 VERIFIES_TREES = True
@@ -36,6 +37,13 @@ def _each_row(x: torch.Tensor, fn) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ weightᵀ`: x `[..., K]`, weight `[N, K]` → `[..., N]`, one row per call."""
     return _each_row(x, lambda row: F.linear(row, weight))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """`x @ Wᵀ` for a 128-block FP8 weight (`kernels.fp8_linear`'s maths: per-row activation scales,
+    then the block-scaled GEMM), one row per call → `[..., N]` in x's dtype."""
+    return _each_row(x, lambda row: fp8_reference.fp8_gemm(*fp8_reference.act_quant(row), weight, scale_inv,
+                                                           out_dtype=x.dtype))
 
 
 def bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

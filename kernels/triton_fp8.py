@@ -114,11 +114,14 @@ def _weight_dequant_kernel(w_ptr, s_ptr, out_ptr, M, N, NB, BLOCK: tl.constexpr)
 
 @triton.jit
 def _scaled_dot_over_k(a_ptrs, b_ptrs, a_s_ptrs, b_s_ptrs, row_ok, col_ok, ks, K, KB,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SUM_DOT: tl.constexpr = False):
     """The float32 `[BLOCK_M, BLOCK_N]` sum over K of block-scaled FP8 products: each BLOCK_K step is
     one fp8 `tl.dot` of an `a` tile (`a_ptrs`, `[BLOCK_M, BLOCK_K]` pointers at k = 0) and a `b` tile
     (`b_ptrs`, `[BLOCK_K, BLOCK_N]`), times the rows' scales (`a_s_ptrs + kb`) and the columns'
-    (`b_s_ptrs + kb`); rows, columns and the last partial K block are masked."""
+    (`b_s_ptrs + kb`); rows, columns and the last partial K block are masked. SUM_DOT (interpreted
+    batch-invariant calls): the products summed by `tl.sum` in one order for every element, not
+    numpy's matmul (`kernels.triton_invariant`)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, KB):
         k_ok = ks < K - kb * BLOCK_K
@@ -126,7 +129,11 @@ def _scaled_dot_over_k(a_ptrs, b_ptrs, a_s_ptrs, b_s_ptrs, row_ok, col_ok, ks, K
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         a_s = tl.load(a_s_ptrs + kb, mask=row_ok, other=0.0)
         b_s = tl.load(b_s_ptrs + kb, mask=col_ok, other=0.0)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        if SUM_DOT:
+            part = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        else:
+            part = tl.dot(a, b)
+        acc += part * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     return acc
@@ -134,7 +141,8 @@ def _scaled_dot_over_k(a_ptrs, b_ptrs, a_s_ptrs, b_s_ptrs, row_ok, col_ok, ks, K
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, KB,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SUM_DOT: tl.constexpr = False):
     """One `[BLOCK_M, BLOCK_N]` tile of `C = A @ B^T` with per-block scales.
 
     `a[M, K]`, `b[N, K]` fp8 row-major; `a_s[M, KB]`, `b_s[cdiv(N, BLOCK_K), KB]` float32;
@@ -149,7 +157,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, KB,
     acc = _scaled_dot_over_k(a_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
                              b_ptr + cols[None, :].to(tl.int64) * K + ks[:, None],
                              a_s_ptr + rows.to(tl.int64) * KB, b_s_ptr + (cols // BLOCK_K) * KB,
-                             row_ok, col_ok, ks, K, KB, BLOCK_M, BLOCK_N, BLOCK_K)
+                             row_ok, col_ok, ks, K, KB, BLOCK_M, BLOCK_N, BLOCK_K, SUM_DOT)
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -259,8 +267,12 @@ def weight_dequant(
     return out.to(out_dtype)
 
 
-def _gemm_config(m: int) -> dict[str, int]:
-    """Fixed launch configuration for `_fp8_gemm_kernel` given the number of rows M."""
+def _gemm_config(m: int, batch_invariant: bool = False) -> dict[str, int]:
+    """Fixed launch configuration for `_fp8_gemm_kernel` given the number of rows M
+    (`batch_invariant`: one configuration whatever M)."""
+    if batch_invariant:
+        return {"BLOCK_M": 16, "BLOCK_N": 64} if INTERPRETED else {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4,
+                                                                    "num_stages": 4}
     if INTERPRETED:
         return {"BLOCK_M": 64, "BLOCK_N": 128}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -276,6 +288,7 @@ def fp8_gemm(
     b_s: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
     block_size: int = ref.BLOCK_SIZE,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Triton version of `kernels.reference.fp8_gemm` (same maths, float32 accumulation).
 
@@ -284,6 +297,8 @@ def fp8_gemm(
         b: `[N, K]` fp8; b_s: `[ceil(N / b), ceil(K / b)]` float32.
         out_dtype: result dtype.
         block_size: quantisation block b (power of two).
+        batch_invariant: one tile configuration whatever the number of rows (and interpreted dots
+            summed in one order), so a row's result does not depend on the rows beside it.
     Returns:
         `[..., N]` tensor of `out_dtype`.
     """
@@ -294,12 +309,12 @@ def fp8_gemm(
     m = math.prod(a.shape[:-1])
     c = torch.empty(m, n, dtype=_storage_dtype(out_dtype), device=a.device)
     if c.numel() > 0:
-        cfg = _gemm_config(m)
+        cfg = _gemm_config(m, batch_invariant)
         grid = (ref.cdiv(m, cfg["BLOCK_M"]), ref.cdiv(n, cfg["BLOCK_N"]))
         _fp8_gemm_kernel[grid](
             a.reshape(m, k).contiguous(), b.contiguous(), c,
             a_s.reshape(m, kb).contiguous().float(), b_s.contiguous().float(),
-            m, n, k, kb, BLOCK_K=block_size, **cfg,
+            m, n, k, kb, BLOCK_K=block_size, SUM_DOT=batch_invariant and INTERPRETED, **cfg,
         )
     return c.reshape(*a.shape[:-1], n).to(out_dtype)
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from . import triton_attention
+from . import triton_attention, triton_fp8
 
 VERIFIES_TREES = False
 """The attention kernel reads slots in blocks, and a tree node's ancestors sit at slots other than
@@ -147,6 +147,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ weightᵀ` (x `[..., K]`, weight `[N, K]`) → `[..., N]` in x's dtype, row-invariant (`bmm`)."""
     rows = x.reshape(1, -1, x.shape[-1])
     return bmm(rows, weight.t().unsqueeze(0)).view(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """`x @ Wᵀ` for a 128-block FP8 weight (`kernels.fp8_linear`'s maths): the activations quantised
+    per row (`triton_fp8.act_quant`), then `triton_fp8.fp8_gemm` with one tile configuration whatever
+    the rows → `[..., N]` in x's dtype."""
+    q, s = triton_fp8.act_quant(x)
+    return triton_fp8.fp8_gemm(q, s, weight, scale_inv, out_dtype=x.dtype, batch_invariant=True)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

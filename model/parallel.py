@@ -132,6 +132,8 @@ class Linear(nn.Module):
         if self.weight_scale_inv is not None:
             if out_features is not None:
                 raise ValueError("out_features needs an unquantised weight")
+            if self.invariant is not None:
+                return self.invariant.fp8_linear(x, self.weight, self.weight_scale_inv)
             return kernels.fp8_linear(x, self.weight, self.weight_scale_inv)
         weight, weight_copy = self.weight, self.weight_copy
         if out_features is not None:

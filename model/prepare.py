@@ -171,18 +171,14 @@ class InvariantExperts:
 def prepare_batch_invariant(module: nn.Module, impl: str = "auto") -> None:
     """Put `module` in the batch-invariant mode (after `prepare_loaded`; in place of `prepare_cpu`):
     linears, norms, router scores, SwiGLUs and attention run the kernels `kernels.invariant.select`
-    gives for `impl` on the module's device, MoE layers `InvariantExperts`. Raises ConfigError for FP8
-    weights (the FP8 GEMMs are not batch-invariant here: load them dequantised) or kernels that cannot
-    run there."""
+    gives for `impl` on the module's device (FP8 linears their `fp8_linear`), MoE layers
+    `InvariantExperts`. Raises ConfigError when those kernels cannot run there."""
     device = next(module.parameters()).device
     try:
         kernels = invariant.select(impl, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name, sub in module.named_modules():
-        if isinstance(sub, Linear) and sub.weight_scale_inv is not None:
-            raise ConfigError(f"batch-invariant mode needs unquantised weights: {name}.weight is FP8 "
-                              "(load it dequantised: keep_fp8=False)")
+    for sub in module.modules():
         if isinstance(sub, (Linear, RMSNorm, MLA, Gate, MLP, Expert)):
             sub.invariant = kernels
         if isinstance(sub, MoE):

@@ -151,7 +151,7 @@ class Engine:
         elsewhere; "torch"; "triton", on the CPU under TRITON_INTERPRET=1): a token's logits are then
         bitwise the same whether decoded alone or verified among drafted tokens, so greedy MTP output
         equals plain greedy output in any dtype (`model.prepare.prepare_batch_invariant`; FP8 weights
-        are dequantised at load; not with `compile`).
+        included; not with `compile`).
         """
         if kv_cache_dtype not in fp8_cache.KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(fp8_cache.KV_CACHE_DTYPES)}, "
@@ -161,12 +161,8 @@ class Engine:
         if cuda_graphs and (device.type != "cuda" or compile):  # said before loading anything
             raise ConfigError(f"--cuda-graphs needs a CUDA device (this engine runs on {device})"
                               if device.type != "cuda" else "--cuda-graphs and --compile are exclusive: choose one")
-        if batch_invariant is not None:
-            if compile:
-                raise ConfigError("--batch-invariant and --compile are exclusive: choose one")
-            if keep_fp8:
-                raise ConfigError("--batch-invariant needs unquantised weights: FP8 ones are dequantised at load")
-            keep_fp8 = False
+        if batch_invariant is not None and compile:
+            raise ConfigError("--batch-invariant and --compile are exclusive: choose one")
         ctx = init_parallel(device)
         if batch_invariant is not None:
             ctx = dataclasses.replace(ctx, ordered_sums=True)

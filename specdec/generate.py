@@ -86,7 +86,7 @@ def add_backend_flags(p: argparse.ArgumentParser, compile_cost: str) -> None:
     p.add_argument("--batch-invariant", action="store_const", const="auto", default=None,
                    help="batch-invariant kernels: a token's logits are bitwise the same decoded alone or verified "
                         "among drafts, so greedy MTP equals plain greedy in bf16 too (Triton on CUDA, one torch call "
-                        "per row on the CPU; FP8 weights dequantised at load; slower)")
+                        "per row on the CPU; slower)")
 
 
 def check_args(a: argparse.Namespace) -> None:

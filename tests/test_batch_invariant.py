@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from specdec import Engine
 from specdec.config import SpecConfig
+from specdec.kernels import fp8_linear, weight_quant
 from specdec.kernels import invariant_reference as ref_ops
 from specdec.kernels.attention import mla_attention_reference
 from specdec.model.errors import ConfigError
@@ -81,6 +82,10 @@ def test_torch_set_rows_do_not_depend_on_the_rows_beside_them(dtype: torch.dtype
     up = torch.randn(9, 96, generator=g).to(dtype)
     _row_invariance(lambda t: ref_ops.silu_mul(t, up[: t.shape[0]]), x)
     torch.testing.assert_close(ref_ops.silu_mul(x, up), F.silu(x) * up, atol=2e-2, rtol=2e-2)
+    w8, s8 = weight_quant(torch.randn(200, 256, generator=g))
+    x256 = torch.randn(9, 256, generator=g).to(dtype)
+    _row_invariance(lambda t: ref_ops.fp8_linear(t, w8, s8), x256)
+    torch.testing.assert_close(ref_ops.fp8_linear(x256, w8, s8), fp8_linear(x256, w8, s8, impl="torch"))
     heads = torch.randn(4, 96, 32, generator=g).to(dtype)
     xb = x.unsqueeze(0).expand(4, -1, -1)
     whole = ref_ops.bmm(xb, heads)
@@ -147,11 +152,21 @@ def test_greedy_mtp_equals_plain_greedy_in_bf16(bf16_invariant_engine: Engine, s
 # ----------------------------------------------------------------------------- 3. configuration
 
 
-def test_batch_invariant_refuses_compile_and_kept_fp8(fp8_ckpt) -> None:
+def test_batch_invariant_refuses_compile(fp8_ckpt) -> None:
     with pytest.raises(ConfigError, match="--batch-invariant and --compile are exclusive"):
         Engine.from_pretrained(fp8_ckpt, device="cpu", batch_invariant="auto", compile=True)
-    with pytest.raises(ConfigError, match="needs unquantised weights"):
-        Engine.from_pretrained(fp8_ckpt, device="cpu", batch_invariant="auto", keep_fp8=True)
+
+
+def test_fp8_weights_kept_in_fp8_verify_as_they_decode(fp8_ckpt) -> None:
+    """FP8 projections (kept FP8, as on CUDA) run the set's `fp8_linear`: still bit for bit."""
+    engine = Engine.from_pretrained(fp8_ckpt, device="cpu", dtype=torch.bfloat16, max_seq_len=64, keep_fp8=True,
+                                    batch_invariant="auto")
+    assert any(getattr(m, "weight_scale_inv", None) is not None for m in engine.model.modules())
+    verified, decoded = verified_and_decoded(engine.model, [5, 17, 300, 42, 9, 77], [8, 100, 3, 250, 4])
+    assert torch.equal(verified, decoded)
+    plain = engine.generate(["def f(x):", "import os"], max_new_tokens=10).token_ids
+    chain = engine.generate(["def f(x):", "import os"], max_new_tokens=10, spec=SpecConfig(depth=3, adaptive=False))
+    assert chain.token_ids == plain
 
 
 def test_triton_set_on_the_cpu_without_the_interpreter_is_refused(monkeypatch) -> None:
@@ -193,6 +208,10 @@ def _check_triton_rows() -> None:
         up = torch.randn(37, 96, generator=g).to(dtype)
         _row_invariance(lambda t: tri.silu_mul(t, up[: t.shape[0]]), x)
         torch.testing.assert_close(tri.silu_mul(x, up), ref_ops.silu_mul(x, up), **tol)
+    w8, s8 = weight_quant(torch.randn(200, 320, generator=g))  # a partial K block too
+    x320 = torch.randn(21, 320, generator=g).to(torch.bfloat16)
+    _row_invariance(lambda t: tri.fp8_linear(t, w8, s8), x320)
+    torch.testing.assert_close(tri.fp8_linear(x320, w8, s8), ref_ops.fp8_linear(x320, w8, s8), atol=0.05, rtol=0.02)
     logits = torch.randn(9, 8, generator=g)
     for func in ("sigmoid", "softmax"):
         _row_invariance(lambda t: tri.gate_scores(t, func), logits)
