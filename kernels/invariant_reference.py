@@ -20,10 +20,6 @@ from . import fp8_cache, paged
 from . import reference as fp8_reference
 from .attention import mla_attention_reference
 
-VERIFIES_TREES = True
-"""A tree node's query gathers the slots it sees in slot order: the cache, then its ancestors by depth,
-the very sequence plain decoding attends over, so trees verify batch-invariantly too."""
-
 
 def _each_row(x: torch.Tensor, fn) -> torch.Tensor:
     """`fn` on every row of x `[..., D]` as its own fresh `[1, D]` tensor, stacked back to `[..., D']`."""

@@ -192,7 +192,6 @@ def _mla_attention_kernel(
     table_ptr, st_b, page,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, FP8_KV: tl.constexpr,
-    SUM_DOT: tl.constexpr = False,
 ):
     """Attention of BLOCK_M flattened (query, head) rows of batch row b over one slot range.
 
@@ -202,8 +201,7 @@ def _mla_attention_kernel(
     `ml[B, M, num_splits, 2]` (float32, base-2 max) for `_merge_splits_kernel`.
     UPCAST: do the dots in float32 (see `_dot`). PAGED: kv / pe are block pools read through the
     block table (see `_slot_places`). FP8_KV: kv holds FP8 latents (`_fp8_latent_block`), decoded to
-    the queries' dtype as tiles are read. SUM_DOT: see `_dot` (set for interpreted batch-invariant
-    calls).
+    the queries' dtype as tiles are read.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -229,9 +227,9 @@ def _mla_attention_kernel(
         else:
             kv = _cache_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c)
         pe = _cache_block(pe_ptr, _cache_rows(where, index, spe_b, spe_s), ok, cols_r, R, spe_r)
-        logits = _dot(q, tl.trans(kv), UPCAST, SUM_DOT) + _dot(q_pe, tl.trans(pe), UPCAST, SUM_DOT)
+        logits = _dot(q, tl.trans(kv), UPCAST) + _dot(q_pe, tl.trans(pe), UPCAST)
         vis = _visible(mask_ptr, b, rows, H, M, slots, hi, sm_b, sm_t, sm_s)
-        m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST, SUM_DOT)
+        m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST, False)
 
     row_ok = rows < M
     out_rows = b.to(tl.int64) * M + rows
@@ -268,6 +266,89 @@ def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, C, num_splits,
     part = tl.load(part_ptr + part_offs, mask=ok[:, None] & (cols[None, :] < C), other=0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0.0, denom, 1.0)
     tl.store(out_ptr + r * C + cols, out.to(out_ptr.dtype.element_ty), mask=cols < C)
+
+
+@triton.jit
+def _compact_attention_kernel(
+    q_ptr, qpe_ptr, kv_ptr, pe_ptr, idx_ptr, count_ptr, out_ptr,
+    T, H, C, R, W, scale_log2,
+    sq_b, sq_t, sq_h, sq_c,
+    sqp_b, sqp_t, sqp_h, sqp_r,
+    skv_b, skv_s, skv_c,
+    spe_b, spe_s, spe_r,
+    table_ptr, st_b, page,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, SUM_DOT: tl.constexpr, PAGED: tl.constexpr, FP8_KV: tl.constexpr,
+):
+    """Batch-invariant attention: heads `[h0, h0 + BLOCK_M)` of query t of batch row b over the slots
+    that query sees, compacted in slot order (`idx[b, t, :count[b, t]]`, int32 `[B, T, W]`).
+
+    A query's visible slots are its own business: the cache then its ancestors by depth for a tree
+    node, the same sequence plain decoding attends over at that position. So a query's logits and
+    sums meet the same values in the same BLOCK_S blocks however many queries share the call, and
+    whichever other slots (drafts, siblings, padding) the cache holds. Grid: `(T, cdiv(H, BLOCK_M), B)`;
+    writes normalised rows of `out[B, T, H, C]` (contiguous). Flags as `_mla_attention_kernel`'s;
+    SUM_DOT: see `_dot`.
+    """
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = tl.program_id(2).to(tl.int64)
+    head_ok = heads < H
+    cols_c = tl.arange(0, BLOCK_C)
+    cols_r = tl.arange(0, BLOCK_R)
+    q_offs = b * sq_b + t * sq_t + heads[:, None] * sq_h + cols_c[None, :] * sq_c
+    q = tl.load(q_ptr + q_offs, mask=head_ok[:, None] & (cols_c[None, :] < C), other=0.0)
+    qp_offs = b * sqp_b + t * sqp_t + heads[:, None] * sqp_h + cols_r[None, :] * sqp_r
+    q_pe = tl.load(qpe_ptr + qp_offs, mask=head_ok[:, None] & (cols_r[None, :] < R), other=0.0)
+    query = b * T + t
+    count = tl.load(count_ptr + query)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for start in range(0, count, BLOCK_S):
+        j = start + tl.arange(0, BLOCK_S)
+        ok = j < count
+        slots = tl.load(idx_ptr + query * W + j, mask=ok, other=0)
+        where, index = _slot_places(b, slots, ok, table_ptr, st_b, page, PAGED)
+        kv_rows = _cache_rows(where, index, skv_b, skv_s)
+        if FP8_KV:
+            kv = _fp8_latent_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c).to(q.dtype)
+        else:
+            kv = _cache_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c)
+        pe = _cache_block(pe_ptr, _cache_rows(where, index, spe_b, spe_s), ok, cols_r, R, spe_r)
+        logits = _dot(q, tl.trans(kv), UPCAST, SUM_DOT) + _dot(q_pe, tl.trans(pe), UPCAST, SUM_DOT)
+        vis = head_ok[:, None] & ok[None, :]
+        m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST, SUM_DOT)
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out_rows = query * H + heads
+    tl.store(out_ptr + out_rows[:, None] * C + cols_c[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=head_ok[:, None] & (cols_c[None, :] < C))
+
+
+def _compact_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+                       mask: torch.Tensor, softmax_scale: float, block_table: torch.Tensor | None,
+                       out: torch.Tensor) -> None:
+    """`_compact_attention_kernel` into `out` `[B, T, H, C]` (operands checked by `mla_attention`):
+    each query's visible slots listed first, in slot order, by a stable sort on the device."""
+    bsz, t, h, c = q_latent.shape
+    r = pe.shape[2]
+    visible = mask.view(torch.bool).expand(bsz, t, mask.shape[2])
+    idx = torch.argsort((~visible).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
+    count = visible.sum(-1, dtype=torch.int32).contiguous()
+    block_c = triton.next_power_of_2(c)
+    block_m = max(16, triton.next_power_of_2(h)) if INTERPRETED else 16
+    cfg = {"BLOCK_M": block_m, "BLOCK_S": 32 if INTERPRETED or block_c >= 512 else 64, "BLOCK_C": block_c,
+           "BLOCK_R": max(16, triton.next_power_of_2(r))}
+    if not INTERPRETED:
+        cfg.update(num_warps=4, num_stages=2)
+    _compact_attention_kernel[(t, triton.cdiv(h, block_m), bsz)](
+        q_latent, q_pe, kv, pe, idx, count, out,
+        t, h, c, r, idx.shape[2], softmax_scale * LOG2E,
+        *q_latent.stride(), *q_pe.stride(), *kv.stride(), *pe.stride(),
+        idx if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
+        1 if block_table is None else kv.shape[1],
+        UPCAST=INTERPRETED, SUM_DOT=INTERPRETED, PAGED=block_table is not None, FP8_KV=kv.dtype == torch.uint8, **cfg,
+    )
 
 
 INTERPRETED: bool = isinstance(_mla_attention_kernel, InterpretedFunction)
@@ -317,15 +398,14 @@ def _check_operands(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
         )
 
 
-def _block_config(m: int, c: int, r: int, invariant: bool = False) -> dict[str, int]:
-    """Tile sizes and launch options for M flattened query rows and latent / RoPE widths C, R
-    (`invariant`: the same tiles whatever M)."""
+def _block_config(m: int, c: int, r: int) -> dict[str, int]:
+    """Tile sizes and launch options for M flattened query rows and latent / RoPE widths C, R."""
     block_c = triton.next_power_of_2(c)
     block_r = max(16, triton.next_power_of_2(r))
     if INTERPRETED:
         return {"BLOCK_M": 16, "BLOCK_S": 32, "BLOCK_C": block_c, "BLOCK_R": block_r}
     wide = block_c >= 512  # keep the [BLOCK_M, C] accumulator and query tile within registers
-    block_m = 16 if m <= 16 or invariant else 32 if wide else 64
+    block_m = 16 if m <= 16 else 32 if wide else 64
     return {"BLOCK_M": block_m, "BLOCK_S": 32 if wide else 64, "BLOCK_C": block_c, "BLOCK_R": block_r,
             "num_warps": 4 if block_m == 16 else 8, "num_stages": 2}
 
@@ -373,10 +453,9 @@ def mla_attention(
             pe `[n_blocks, block_size, R]` are one layer's block pools, `block_table` `[≥B, max_blocks]`
             int32/int64 lists row b's blocks in order (slot s in block `block_table[b, s // block_size]`),
             and S is the mask's last dim; the kernel reads the blocks in place (no gather).
-        batch_invariant: a query's output bitwise the same whichever other queries the call holds
-            and however many slots past its own the mask spans: fixed tiles and one split (no
-            flash-decoding merge), so its slots meet in the same blocks from its first visible one,
-            and blocks it cannot see change none of its sums (interpreted: SUM_DOT dots).
+        batch_invariant: a query's output bitwise the same whichever other queries the call holds and
+            wherever its visible slots lie: `_compact_attention_kernel` (one query per program, over
+            the slots it sees compacted in slot order, fixed tiles, no split), not the main kernel.
     Returns:
         `[B, T, H, C]` contiguous tensor in q_latent's dtype; all-zero for queries whose mask
         row is all False.
@@ -390,12 +469,13 @@ def mla_attention(
         return torch.zeros(bsz, t, h, c, dtype=q_latent.dtype, device=q_latent.device)
     store_dtype = torch.float32 if INTERPRETED else q_latent.dtype
     out = torch.empty(bsz, t, h, c, dtype=store_dtype, device=q_latent.device)
-    cfg = _block_config(m, c, r, batch_invariant)
+    if batch_invariant:
+        _compact_attention(q_latent, q_pe, kv, pe, mask, softmax_scale, block_table, out)
+        return out.to(q_latent.dtype)
+    cfg = _block_config(m, c, r)
     m_blocks = triton.cdiv(m, cfg["BLOCK_M"])
     n_blocks = triton.cdiv(s, cfg["BLOCK_S"])
-    if batch_invariant:
-        num_splits = 1
-    elif num_splits is None:
+    if num_splits is None:
         num_splits = _auto_splits(bsz * m_blocks, n_blocks, q_latent.device)
     per_split, num_splits = _split_layout(n_blocks, num_splits)
     split = num_splits > 1
@@ -407,8 +487,7 @@ def mla_attention(
         *q_latent.stride(), *q_pe.stride(), *kv.stride(), *pe.stride(), *mask.stride(),
         mask if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
         1 if block_table is None else kv.shape[1],
-        SPLIT=split, UPCAST=INTERPRETED, PAGED=block_table is not None, FP8_KV=kv.dtype == torch.uint8,
-        SUM_DOT=batch_invariant and INTERPRETED, **cfg,
+        SPLIT=split, UPCAST=INTERPRETED, PAGED=block_table is not None, FP8_KV=kv.dtype == torch.uint8, **cfg,
     )
     if split:
         _merge_splits_kernel[(bsz * m,)](

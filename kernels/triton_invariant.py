@@ -12,7 +12,11 @@ What makes these invariant, by construction:
 - one tile shape per kernel, whatever the number of rows (`_MATMUL_TILES`);
 - the reduction over K runs tile after tile inside one program: no split-K, no atomics;
 - a row's products never meet another row's; row-wise kernels (norm, gate scores, SwiGLU) give each
-  row one program of a width fixed by the row length.
+  row one program of a width fixed by the row length;
+- attention (`triton_attention.mla_attention(batch_invariant=True)`) gives each query one program
+  over the slots it sees compacted in slot order: a draft-tree node meets the prefix and then its
+  ancestors, exactly plain decoding's sequence at that position, so chains and trees both verify
+  bit for bit; FP8 weights run `triton_fp8.fp8_gemm` with one tile configuration.
 
 Tile dots. Compiled, a tile's product is `tl.dot` (the GPU's MMA: for a fixed tile shape each output
 element is summed the same way whichever row it is in; `bench/gpu_check.sh` checks it). Under
@@ -32,9 +36,6 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from . import triton_attention, triton_fp8
 
-VERIFIES_TREES = False
-"""The attention kernel reads slots in blocks, and a tree node's ancestors sit at slots other than
-their positions (siblings between them), so its sums would differ from plain decoding's: chains only."""
 _MATMUL_TILES = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 """The one tile shape of compiled matmuls (never chosen from M: that would change a row's sums)."""
 _INTERPRETED_TILES = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
@@ -199,7 +200,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
                   mask: torch.Tensor, softmax_scale: float, block_table: torch.Tensor | None = None) -> torch.Tensor:
-    """`kernels.triton_attention.mla_attention` with `batch_invariant` (fixed tiles, one split, slot
-    blocks aligned); shapes as there."""
+    """`kernels.triton_attention.mla_attention` with `batch_invariant`: one query per program over the
+    slots it sees, compacted in slot order (fixed tiles, no split); shapes as there."""
     return triton_attention.mla_attention(q_latent, q_pe, kv, pe, mask, softmax_scale, block_table=block_table,
                                           batch_invariant=True)

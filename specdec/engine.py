@@ -86,17 +86,13 @@ class Engine:
         self.run_step = self.graphs.step
 
     def check_spec(self, spec: SpecConfig) -> None:
-        """Raise ConfigError unless this engine can decode with `spec`: it needs an MTP layer, a draft
-        vocabulary within the drafter's, and a chain where the batch-invariant kernels do not keep a
-        tree's verification invariant (`VERIFIES_TREES` of `kernels.invariant`'s sets)."""
+        """Raise ConfigError unless this engine can decode with `spec`: it needs an MTP layer and a
+        draft vocabulary within the drafter's."""
         if self.drafter is None:
             raise ConfigError(f"{self.checkpoint}: checkpoint has no MTP layer "
                               f"(model.layers.{self.args.n_layers}.*), so MTP speculative decoding is unavailable")
         self.drafter.check_draft_vocab(spec.draft_vocab)
-        kernels = self.model.lm_head.invariant  # the batch-invariant kernel set, if any
-        if kernels is not None and spec.topk > 1 and not kernels.VERIFIES_TREES:
-            raise ConfigError(f"--batch-invariant with {kernels.__name__.rsplit('.', 1)[-1]} kernels verifies chains "
-                              "only (--tree-topk 1)")
+
 
     def adapts(self, spec: SpecConfig | None) -> bool:
         """Whether decoding with `spec` chooses each step's depth (`SpecConfig.adapts`); compiled

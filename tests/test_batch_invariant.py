@@ -241,17 +241,43 @@ def _check_triton_attention_chain() -> None:
             assert torch.equal(alone, chain[:, j : j + 1]), (dtype, j)
 
 
-def _check_triton_model_chain() -> None:
-    """The 2-layer model on the Triton set in bf16: a verified chain of 4 drafts equals its tokens
-    decoded one by one, bit for bit."""
-    verified, decoded = verified_and_decoded(tiny_model("triton"), PROMPT, TREE_NODES[:5])
-    assert torch.equal(verified, decoded)
+def _check_triton_attention_tree() -> None:
+    """A tree node's query equals the same query over a cache holding only the prefix and its
+    ancestors at consecutive slots (plain decoding's layout): the siblings in between change nothing."""
+    from specdec.kernels import triton_invariant as tri
+    from specdec.tree import ancestor_matrix, tree_attention_mask
+
+    g = torch.Generator().manual_seed(3)
+    h, c, r, length, n_slots = 4, 128, 32, 21, 40
+    ancestors = ancestor_matrix(torch.tensor([TREE_PARENTS]))
+    mask = tree_attention_mask(torch.tensor([length]), ancestors, n_slots)
+    nodes = len(TREE_PARENTS) + 1
+    q, qp = torch.randn(1, nodes, h, c, generator=g).bfloat16(), torch.randn(1, nodes, h, r, generator=g).bfloat16()
+    kv, pe = torch.randn(1, n_slots, c, generator=g).bfloat16(), torch.randn(1, n_slots, r, generator=g).bfloat16()
+    tree = tri.mla_attention(q, qp, kv, pe, mask, 0.1)
+    for node in range(nodes):
+        seen = mask[0, node].nonzero().squeeze(1)  # the prefix, then the node's ancestors-or-self by depth
+        path_kv, path_pe = torch.zeros_like(kv), torch.zeros_like(pe)
+        path_kv[0, : seen.numel()], path_pe[0, : seen.numel()] = kv[0, seen], pe[0, seen]
+        alone_mask = (torch.arange(n_slots) < seen.numel()).view(1, 1, -1)
+        alone = tri.mla_attention(q[:, node : node + 1], qp[:, node : node + 1], path_kv, path_pe, alone_mask, 0.1)
+        assert torch.equal(alone, tree[:, node : node + 1]), node
+
+
+def _check_triton_model_chain_and_tree() -> None:
+    """The 2-layer model on the Triton set in bf16: a verified chain of 4 drafts and a tree of 6 nodes
+    equal their tokens decoded one by one, bit for bit."""
+    model = tiny_model("triton")
+    for nodes, parents in ((TREE_NODES[:5], None), (TREE_NODES, TREE_PARENTS)):
+        verified, decoded = verified_and_decoded(model, PROMPT, nodes, parents)
+        assert torch.equal(verified, decoded), parents
 
 
 INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
     "triton_rows": _check_triton_rows,
     "triton_attention_chain": _check_triton_attention_chain,
-    "triton_model_chain": _check_triton_model_chain,
+    "triton_attention_tree": _check_triton_attention_tree,
+    "triton_model_chain_and_tree": _check_triton_model_chain_and_tree,
 }
 
 
