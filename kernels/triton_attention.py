@@ -145,6 +145,22 @@ def _fp8_latent_block(ptr, rows, ok, cols, n_cols, stride_c):
 
 
 @triton.jit
+def _cache_tiles(kv_ptr, pe_ptr, b, slots, ok, cols_c, cols_r, C, R, skv_b, skv_s, skv_c, spe_b, spe_s, spe_r,
+                 table_ptr, st_b, page, like, PAGED: tl.constexpr, FP8_KV: tl.constexpr):
+    """The kv `[BLOCK_S, BLOCK_C]` and pe `[BLOCK_S, BLOCK_R]` tiles of batch row b at slots `slots`
+    (dense rows or paged blocks, `_slot_places`; FP8 latents decoded to `like`'s dtype); slots not
+    `ok` read 0."""
+    where, index = _slot_places(b, slots, ok, table_ptr, st_b, page, PAGED)
+    kv_rows = _cache_rows(where, index, skv_b, skv_s)
+    if FP8_KV:
+        kv = _fp8_latent_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c).to(like.dtype)
+    else:
+        kv = _cache_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c)
+    pe = _cache_block(pe_ptr, _cache_rows(where, index, spe_b, spe_s), ok, cols_r, R, spe_r)
+    return kv, pe
+
+
+@triton.jit
 def _dot(a, b, UPCAST: tl.constexpr, SUM_DOT: tl.constexpr = False):
     """`a @ b` with float32 accumulation (IEEE fp32 for fp32 operands, never TF32).
 
@@ -220,13 +236,8 @@ def _mla_attention_kernel(
     for start in range(lo, hi, BLOCK_S):
         slots = start + tl.arange(0, BLOCK_S)
         ok = slots < hi
-        where, index = _slot_places(b, slots, ok, table_ptr, st_b, page, PAGED)
-        kv_rows = _cache_rows(where, index, skv_b, skv_s)
-        if FP8_KV:
-            kv = _fp8_latent_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c).to(q.dtype)
-        else:
-            kv = _cache_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c)
-        pe = _cache_block(pe_ptr, _cache_rows(where, index, spe_b, spe_s), ok, cols_r, R, spe_r)
+        kv, pe = _cache_tiles(kv_ptr, pe_ptr, b, slots, ok, cols_c, cols_r, C, R, skv_b, skv_s, skv_c,
+                              spe_b, spe_s, spe_r, table_ptr, st_b, page, q, PAGED, FP8_KV)
         logits = _dot(q, tl.trans(kv), UPCAST) + _dot(q_pe, tl.trans(pe), UPCAST)
         vis = _visible(mask_ptr, b, rows, H, M, slots, hi, sm_b, sm_t, sm_s)
         m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST, False)
@@ -309,13 +320,8 @@ def _compact_attention_kernel(
         j = start + tl.arange(0, BLOCK_S)
         ok = j < count
         slots = tl.load(idx_ptr + query * W + j, mask=ok, other=0)
-        where, index = _slot_places(b, slots, ok, table_ptr, st_b, page, PAGED)
-        kv_rows = _cache_rows(where, index, skv_b, skv_s)
-        if FP8_KV:
-            kv = _fp8_latent_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c).to(q.dtype)
-        else:
-            kv = _cache_block(kv_ptr, kv_rows, ok, cols_c, C, skv_c)
-        pe = _cache_block(pe_ptr, _cache_rows(where, index, spe_b, spe_s), ok, cols_r, R, spe_r)
+        kv, pe = _cache_tiles(kv_ptr, pe_ptr, b, slots, ok, cols_c, cols_r, C, R, skv_b, skv_s, skv_c,
+                              spe_b, spe_s, spe_r, table_ptr, st_b, page, q, PAGED, FP8_KV)
         logits = _dot(q, tl.trans(kv), UPCAST, SUM_DOT) + _dot(q_pe, tl.trans(pe), UPCAST, SUM_DOT)
         vis = head_ok[:, None] & ok[None, :]
         m_i, l_i, acc = _online_softmax_step(logits * scale_log2, vis, m_i, l_i, acc, kv, UPCAST, SUM_DOT)

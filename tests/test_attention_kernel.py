@@ -390,6 +390,31 @@ def _check_fp8_latents() -> None:
         raise AssertionError("no ValueError for an FP8 pool of the wrong width")
 
 
+def _check_batch_invariant_layouts() -> None:
+    """The batch-invariant kernel (one query per program over its visible slots compacted) matches
+    the reference on trees, ragged rows and padding queries, and reads a paged pool and an FP8 latent
+    pool as it reads the dense rows they hold, bit for bit."""
+    from specdec.kernels import fp8_cache, triton_attention
+
+    ops = operands(2, 10, 3, 90, seed=140)
+    mask = tree_mask([70, 3], [10, 6], 10, 90, seed=141)
+    mask[1, 4] = False  # a padding query
+    want = kernels.mla_attention_reference(*ops, mask, 0.09)
+    dense = triton_attention.mla_attention(*ops, mask, 0.09, batch_invariant=True)
+    torch.testing.assert_close(dense, want, **FP32_TOL)
+    assert (dense[1, 4] == 0).all(), "padding query"
+    kv_pool, pe_pool, table = paged_operands(ops, 7, seed=142)
+    paged = triton_attention.mla_attention(*ops[:2], kv_pool, pe_pool, mask, 0.09, block_table=table,
+                                           batch_invariant=True)
+    assert torch.equal(paged, dense), "paged pool differs from dense rows"
+    q, qp, kv, pe = ops
+    fp8 = fp8_cache.encode(kv)
+    decoded = triton_attention.mla_attention(q, qp, fp8_cache.decode(fp8, torch.float32), pe, mask, 0.09,
+                                             batch_invariant=True)
+    assert torch.equal(triton_attention.mla_attention(q, qp, fp8, pe, mask, 0.09, batch_invariant=True), decoded), \
+        "fp8 rows differ from the decoded rows"
+
+
 def _check_mla_layer_over_a_paged_pool() -> None:
     """An MLA layer decoding over a paged pool (what the server runs) with the Triton kernel reading
     the blocks in place gives the output and writes the pool of the torch path that gathers them."""
@@ -455,6 +480,7 @@ INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
     "paged_cache": _check_paged_cache,
     "mla_layer_over_a_paged_pool": _check_mla_layer_over_a_paged_pool,
     "fp8_latents": _check_fp8_latents,
+    "batch_invariant_layouts": _check_batch_invariant_layouts,
 }
 
 
