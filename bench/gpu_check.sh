@@ -33,9 +33,10 @@
 #    the interpreter; only a GPU shows that its MMA sums each row alike whatever the rows beside it.
 #
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 240) and the script goes on
-# after a failure; the exit status is non-zero if any step failed. Everything takes about
-# 3-5 minutes on an H100/H200 (most of it Triton compilation), plus the venv set-up if a torch
-# wheel has to be downloaded.
+# after a failure; the exit status is non-zero if any step failed. It ends with one verdict table
+# (step, verdict, seconds; also $OUT/verdicts.json). Everything should take 4-6 minutes on an
+# H100/H200 (most of it Triton compilation; never run on a GPU yet), plus the venv set-up if a
+# torch wheel has to be downloaded.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -71,16 +72,19 @@ if ! "$PY" -c 'import torch, sys; print("torch", torch.__version__, "CUDA", torc
 fi
 
 status=0
-step() {  # step NAME CMD...: run with a time limit, keep the log, remember failures
+verdicts=()
+step() {  # step NAME CMD...: run with a time limit, keep the log, remember the verdict
     local name=$1; shift
     log "$name"
+    local start=$SECONDS
     timeout "$STEP_TIMEOUT" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
+    local rc=${PIPESTATUS[0]} verdict=passed
     if [ "$rc" -ne 0 ]; then
-        [ "$rc" -eq 124 ] && echo "STEP $name TIMED OUT after ${STEP_TIMEOUT}s" >&2 \
-            || echo "STEP $name FAILED (exit $rc)" >&2
+        [ "$rc" -eq 124 ] && verdict="timed out after ${STEP_TIMEOUT}s" || verdict="FAILED (exit $rc)"
+        echo "STEP $name $verdict" >&2
         status=1
     fi
+    verdicts+=("$name|$verdict|$((SECONDS - start))")
 }
 
 step kernels "$PY" bench/gpu_kernels.py --json "$OUT/kernels.json"
@@ -91,6 +95,10 @@ step graphs "$PY" bench/gpu_bench.py graphs --json "$OUT/graphs.json"
 step invariant "$PY" bench/gpu_bench.py invariant --json "$OUT/invariant.json"
 
 log "summary"
-echo "logs and JSON in $OUT"
+echo "| step | verdict | seconds |"
+echo "|---|---|---|"
+for v in "${verdicts[@]}"; do IFS='|' read -r name verdict secs <<< "$v"; echo "| $name | $verdict | $secs |"; done
+printf '%s\n' "${verdicts[@]}" | "$PY" -c 'import json, sys; rows = [l.rstrip("\n").split("|") for l in sys.stdin if l.strip()]; json.dump([{"step": n, "verdict": v, "seconds": int(s)} for n, v, s in rows], sys.stdout, indent=2)' > "$OUT/verdicts.json"
+echo "logs and JSON in $OUT (verdicts.json: the table above)"
 [ "$status" -eq 0 ] && echo "all GPU checks passed" || echo "some GPU checks FAILED"
 exit "$status"
