@@ -1,12 +1,13 @@
 """The batch-invariant mode: a token's logits are bitwise the same decoded alone or verified among drafts.
 
 1. The torch kernel set (`kernels.invariant_reference`, the CPU's): each row's bits do not depend
-   on the rows beside it; results match the usual ops; a verified chain's and tree's logits equal
-   the decoded ones bit for bit in bfloat16; greedy MTP (chain, adaptive, tree, continuous batching)
-   equals plain greedy in bfloat16 token for token.
+   on the rows beside it (FP8 linears included); results match the usual ops; a verified chain's
+   and tree's logits equal the decoded ones bit for bit in bfloat16 and float32, with FP8 weights
+   too; greedy MTP (chain, adaptive, tree, continuous batching) equals plain greedy in bfloat16.
 2. The Triton kernel set (`kernels.triton_invariant`, CUDA's), run by the interpreter in one fresh
-   subprocess (TRITON_INTERPRET=1): rows invariant and close to torch, attention queries invariant
-   in a chain, and a model's verified chain equal to its decoded tokens in bfloat16.
+   subprocess (TRITON_INTERPRET=1): rows invariant and close to torch, a chain's and a tree's
+   attention queries equal to themselves alone, a model's verified chain and tree equal to their
+   decoded paths in bfloat16. (Two ranks: `test_distributed`; paged and FP8 pools: `test_attention_kernel`.)
 3. Configuration errors.
 
 No verdict here compares against the usual (batch-variant) kernels' bits: whether those part is
