@@ -189,25 +189,27 @@ def prepare_backend(module: nn.Module, device: torch.device | str, tuner: GemmTu
                     heads: tuple[Linear, ...] = (), batch_invariant: str | None = None) -> None:
     """Every transform a freshly loaded module gets: `prepare_loaded`, then `prepare_batch_invariant`
     with the kernels `batch_invariant` names ("auto", "torch", "triton"; None: off), else on the CPU
-    `prepare_cpu` (`tuner`, `heads`: see there)."""
-    prepare_loaded(module)
+    `prepare_cpu` (`tuner`, `heads`: see there). The batch-invariant mode runs its own routed experts
+    (`InvariantExperts`), so the grouped-GEMM stacks are not built for it."""
+    prepare_loaded(module, stack_experts=batch_invariant is None)
     if batch_invariant is not None:
         prepare_batch_invariant(module, batch_invariant)
     elif torch.device(device).type == "cpu":
         prepare_cpu(module, tuner, heads)
 
 
-def prepare_loaded(module: nn.Module) -> None:
+def prepare_loaded(module: nn.Module, stack_experts: bool = True) -> None:
     """Work done once after loading, on every device: FP8 `kv_b_proj` dequantised for the absorbed
-    attention (`MLA.absorb_once`); routed experts stacked for grouped GEMMs, FP8 ones
-    (`GroupedFP8Experts`) and unquantised bfloat16 ones on CUDA (`GroupedExperts`)."""
+    attention (`MLA.absorb_once`); with `stack_experts`, routed experts stacked for grouped GEMMs,
+    FP8 ones (`GroupedFP8Experts`) and unquantised bfloat16 ones on CUDA (`GroupedExperts`)."""
     for sub in module.modules():
         if isinstance(sub, MLA):
             sub.absorb_once()
-        elif isinstance(sub, MoE) and GroupedFP8Experts.applies(sub):
-            sub.routed_backend = GroupedFP8Experts(sub)
-        elif isinstance(sub, MoE) and GroupedExperts.applies(sub):
-            sub.routed_backend = GroupedExperts(sub)
+        elif isinstance(sub, MoE) and stack_experts:
+            if GroupedFP8Experts.applies(sub):
+                sub.routed_backend = GroupedFP8Experts(sub)
+            elif GroupedExperts.applies(sub):
+                sub.routed_backend = GroupedExperts(sub)
 
 
 def _fuse_for_cpu(module: nn.Module) -> None:

@@ -93,7 +93,6 @@ class Engine:
                               f"(model.layers.{self.args.n_layers}.*), so MTP speculative decoding is unavailable")
         self.drafter.check_draft_vocab(spec.draft_vocab)
 
-
     def adapts(self, spec: SpecConfig | None) -> bool:
         """Whether decoding with `spec` chooses each step's depth (`SpecConfig.adapts`); compiled
         steps choose between plain steps and `spec.depth` only (`policy_depths`)."""
