@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m specdec.generate --prompt "def fibonacci(n):" --prompt "class Stack:" --max-new-tokens 64 --compare
 
+# The suite runs in TEST_WORKERS pytest-xdist processes, a test file to a worker (its module
+# fixtures, e.g. compiled graphs, built once), the cores shared among them (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The benchmark suite (not part of `make test`): pytest-benchmark micro-benchmarks, then
 # acceptance, latency and peers; JSON, Markdown and plots land in bench/results/.

@@ -10,10 +10,21 @@ from pathlib import Path
 
 import pytest
 
-# measured GEMM plans and step costs go to a cache of the test session's own, never the user's
-os.environ.setdefault("SPECDEC_CACHE", tempfile.mkdtemp(prefix="specdec-test-cache-"))
+# measured GEMM plans and step costs go to a cache of this test process's own, never the user's (nor,
+# under pytest-xdist, another worker's)
+os.environ["SPECDEC_CACHE"] = tempfile.mkdtemp(prefix="specdec-test-cache-")
+# `make test` runs the suite in pytest-xdist workers: each takes its share of the cores, so that
+# workers (and the processes their tests start, which inherit OMP_NUM_THREADS) do not oversubscribe them
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+import torch  # noqa: E402
 
 from specdec.model.synthetic import small_config, write_random_checkpoint  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before
 
 REPO = Path(__file__).resolve().parent.parent
 
