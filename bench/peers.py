@@ -22,8 +22,10 @@ specdec MTP must be exact, else it is a failure).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from argparse import Namespace
@@ -55,8 +57,30 @@ def float32_copy(src: Path, dst: Path) -> Path:
     return cast(src, dst, block, torch.float32, show_progress=False)
 
 
+def import_hub_kernels() -> None:
+    """Import Hugging Face's `kernels` distribution (when installed) as `kernels`, before transformers does.
+
+    Run from a checkout, the current directory, first on `sys.path` under `python -m`, holds the
+    project's own `kernels/` folder (`specdec.kernels` once installed), which would shadow it; and
+    transformers imports `kernels` as soon as a version it supports is installed, then fails on ours."""
+    if "kernels" in sys.modules:
+        return
+    from specdec import kernels as own
+
+    ours = Path(own.__file__).resolve()
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if (Path(p or ".") / "kernels" / "__init__.py").resolve() != ours]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:  # not installed: transformers then finds no distribution either
+        pass
+    finally:
+        sys.path[:] = saved
+
+
 def load_transformers(path: Path, device: torch.device):
     """transformers' model for the checkpoint (local files only, no remote code), float32, eval mode."""
+    import_hub_kernels()
     import transformers
     from transformers import AutoModelForCausalLM
 

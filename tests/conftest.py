@@ -21,7 +21,10 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 import torch  # noqa: E402
 
+from specdec.bench.peers import import_hub_kernels  # noqa: E402
 from specdec.model.synthetic import small_config, write_random_checkpoint  # noqa: E402
+
+import_hub_kernels()  # run from the checkout, its kernels/ folder must not pass for Hugging Face's to transformers
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before
