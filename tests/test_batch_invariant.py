@@ -147,7 +147,8 @@ def test_greedy_mtp_equals_plain_greedy_in_bf16(bf16_invariant_engine: Engine, s
     for max_batch in (None, 2):  # static, and continuous batching (rows join as others finish)
         out = engine.generate(prompts, max_new_tokens=20, spec=spec, max_batch=max_batch)
         assert out.token_ids == plain, max_batch
-        assert out.stats.tau > 1.0  # drafts were accepted, so verified tokens were emitted
+        if not spec.adapts:  # (an adaptive run's depths follow timings)
+            assert out.stats.tau > 1.0  # drafts were accepted, so verified tokens were emitted
 
 
 # ----------------------------------------------------------------------------- 3. configuration

@@ -47,7 +47,8 @@ def test_mtp_head_agrees_with_the_main_model_on_heldout_code(default_engine):
 def test_speculative_decoding_on_the_default_model_is_lossless_and_accepts(default_engine):
     prompts = ["class Stack:\n    def __init__(self):\n", "def gcd(a, b):\n"]
     plain = default_engine.generate(prompts, max_new_tokens=32)
-    for spec in (SpecConfig(depth=2), SpecConfig(depth=3, topk=2, nodes=6)):
+    for spec in (SpecConfig(depth=2), SpecConfig(depth=2, adaptive=False), SpecConfig(depth=3, topk=2, nodes=6)):
         out = default_engine.generate(prompts, max_new_tokens=32, spec=spec)
         assert out.token_ids == plain.token_ids
-        assert out.stats.tau > 1.3, out.stats
+        if not spec.adapts:  # an adaptive run's depths follow this machine's timings: no verdict on them
+            assert out.stats.tau > 1.3, out.stats
