@@ -9,25 +9,23 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 # measured GEMM plans and step costs go to a cache of this test process's own, never the user's (nor,
 # under pytest-xdist, another worker's)
 os.environ["SPECDEC_CACHE"] = tempfile.mkdtemp(prefix="specdec-test-cache-")
 # `make test` runs the suite in pytest-xdist workers: each takes its share of the cores, so that
 # workers (and the processes their tests start, which inherit OMP_NUM_THREADS) do not oversubscribe them
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+if _workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-
-import torch  # noqa: E402
+    _threads = max(1, _cores // int(_workers))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 from specdec.bench.peers import import_hub_kernels  # noqa: E402
 from specdec.model.synthetic import small_config, write_random_checkpoint  # noqa: E402
 
 import_hub_kernels()  # run from the checkout, its kernels/ folder must not pass for Hugging Face's to transformers
-
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before
 
 REPO = Path(__file__).resolve().parent.parent
 
