@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from specdec.sampling import draw_at, row_probabilities
+from specdec.sampling import draw_at, race, row_probabilities
 from specdec.tree import DraftTree, chain_tree, visible_slots
 
 if TYPE_CHECKING:
@@ -61,14 +61,18 @@ def tree_widths(depth: int, topk: int, nodes: int, sampled: bool) -> list[int]:
     return widths
 
 
-def _children(logits: torch.Tensor, k: int, rows: StepRows, shape: StepShape,
-              take: Noise) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """k children per row of logits `[B, m, V]`: (tokens `[B, m, k]`, log q `[B, m, k]`, q `[B, m, V]`
-    if sampled). Sampled: k draws without replacement from q, in order (each from q with the
-    tokens drawn before removed), k uniforms per node."""
+def _children(logits: torch.Tensor, k: int, rows: StepRows, shape: StepShape, take: Noise,
+              depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """k children at tree depth `depth` per row of logits `[B, m, V]`: (tokens `[B, m, k]`, log q
+    `[B, m, k]`, q `[B, m, V]` if sampled). One-hot: a greedy row's top k; a sampling row's k best
+    of the race its verifier runs at that depth (`_race_keys`: the first is its coupled draft).
+    Sampled: k draws without replacement from q, in order (each from q with the tokens drawn before
+    removed), k uniforms per node."""
     if not shape.sampled_drafts:
-        top = logits.float().log_softmax(dim=-1).topk(k, dim=-1)
-        return top.indices, top.values, None
+        logq = logits.float().log_softmax(dim=-1)
+        keys = logq if rows.draws is None else _race_keys(logits, logq, rows, shape, depth)
+        tokens = keys.topk(k, dim=-1).indices
+        return tokens, logq.gather(-1, tokens), None
     q = row_probabilities(logits, rows.temperature, rows.top_p, shape.nucleus)
     u = take(k * logits.shape[1]).view(logits.shape[0], logits.shape[1], k)
     left, tokens = q, []
@@ -80,10 +84,24 @@ def _children(logits: torch.Tensor, k: int, rows: StepRows, shape: StepShape,
     return tokens_t, q.log().gather(-1, tokens_t), q
 
 
+def _race_keys(logits: torch.Tensor, logq: torch.Tensor, rows: StepRows, shape: StepShape,
+               depth: int) -> torch.Tensor:
+    """`[B, m, V]` what one-hot children at tree depth `depth` are ranked by: a greedy row's log q
+    (its top k), a sampling row's race score q(t) / E_t on its sampling distribution, E the noise
+    the verifier's token at that depth races with (`rows.draws[:, depth-1]`), so the best is the
+    coupled draft (`specdec.sampling`) and the k best are k draws without replacement from q."""
+    q = row_probabilities(logits, rows.temperature, rows.top_p, shape.nucleus)
+    score = q / rows.draws[:, depth - 1, :q.shape[-1]].unsqueeze(1)
+    greedy = (rows.temperature == 0).view(-1, *([1] * (logits.dim() - 1)))
+    return torch.where(greedy, logq, score)
+
+
 def draft_chain(drafter, cache: StepCache, rows: StepRows, shape: StepShape, take: Noise) -> DraftTree:
     """`shape.depth` drafts per row: d_1 from the committed MTP output, d_k (k ≥ 2) from the MTP
-    layer at position L+k-2 on d_{k-1} and its own previous state; the argmax, or a draw from q
-    (sampled drafts, one uniform each)."""
+    layer at position L+k-2 on d_{k-1} and its own previous state; one-hot: the argmax (greedy
+    rows), or for a sampling row the winner of q's race with the noise its verifier's token at
+    depth k-1 races with (`rows.draws`, coupled drafts: `specdec.sampling`); sampled drafts: a
+    draw from q (one uniform each)."""
     lengths, logits, hidden = rows.lengths, rows.draft_logits, rows.draft_hidden
     tokens, probs = [], []
     for k in range(1, shape.depth + 1):
@@ -97,6 +115,9 @@ def draft_chain(drafter, cache: StepCache, rows: StepRows, shape: StepShape, tak
             q = row_probabilities(logits, rows.temperature, rows.top_p, shape.nucleus)
             tokens.append(draw_at(q, take(1)[:, 0]))
             probs.append(q)
+        elif rows.draws is not None:  # sampling rows (greedy rows: q is a point mass on the argmax)
+            q = row_probabilities(logits, rows.temperature, rows.top_p, shape.nucleus)
+            tokens.append(race(q, rows.draws[:, k - 1]))
         else:
             tokens.append(logits.argmax(dim=-1))
     child_probs = None
@@ -127,7 +148,7 @@ def expand_tree(drafter, cache: StepCache, rows: StepRows, shape: StepShape, tak
     batch, device = lengths.shape[0], lengths.device
     budget = min(shape.nodes, topk + (depth - 1) * topk * topk)
     n_scratch = max(depth - 1, 0) * topk
-    tokens, logq, q_root = _children(rows.draft_logits.unsqueeze(1), topk, rows, shape, take)
+    tokens, logq, q_root = _children(rows.draft_logits.unsqueeze(1), topk, rows, shape, take, 1)
     layers = [_Layer(tokens[:, 0], logq[:, 0], torch.full_like(tokens[:, 0], -1),
                      rows.draft_hidden.unsqueeze(1).expand(-1, topk, -1),
                      torch.zeros(batch, topk, n_scratch, dtype=torch.bool, device=device))]
@@ -146,7 +167,7 @@ def expand_tree(drafter, cache: StepCache, rows: StepRows, shape: StepShape, tak
         hidden_in = prev.hidden.gather(1, chosen.unsqueeze(-1).expand(-1, -1, prev.hidden.shape[-1]))
         out = drafter(prev.tokens.gather(1, chosen), hidden_in, pos, cache.kv, cache.pe, write, mask,
                       draft_vocab=shape.draft_vocab, block_table=cache.block_table)
-        child_tokens, child_logq, q = _children(out.logits, topk, rows, shape, take)
+        child_tokens, child_logq, q = _children(out.logits, topk, rows, shape, take, d)
         if shape.sampled_drafts:
             prev.child_q = torch.zeros(*prev.tokens.shape, q.shape[-1], device=device)
             prev.child_q.scatter_(1, chosen.unsqueeze(-1).expand_as(q), q)

@@ -153,8 +153,9 @@ def _pad_rows(x: torch.Tensor | None, rows: int, value: float = 0) -> torch.Tens
 
 def pad_step_rows(rows: StepRows, bucket: int) -> StepRows:
     """A step's per-row inputs padded to `bucket` rows (copies): padding rows have length 0, token
-    0, temperature 0 (greedy) and top-p 1."""
-    return StepRows(*(_pad_rows(t, bucket, 1.0 if name == "top_p" else 0) for name, t in zip(rows._fields, rows)))
+    0, temperature 0 (greedy), top-p 1 and race noise 1."""
+    return StepRows(*(_pad_rows(t, bucket, 1.0 if name in ("top_p", "draws") else 0)
+                      for name, t in zip(rows._fields, rows)))
 
 
 def bucket_table(block_table: torch.Tensor, batch: int, bucket: int) -> torch.Tensor:

@@ -15,8 +15,11 @@ class SpecConfig:
     depth: draft depth K (chain length, or tree depth).
     topk: children per expanded node (1: a chain). nodes: draft nodes verified per step (trees;
         default topk × depth; between depth and the full tree's topk + (depth-1)·topk²).
-    draft_mode: "onehot" drafts the MTP argmax; "sample" draws drafts from the MTP distribution q
-        (temperature > 0 only; greedy decoding always drafts the argmax).
+    draft_mode: "onehot" drafts one token per position: the MTP argmax for a greedy row, for a
+        sampling row the draw of the MTP distribution q coupled to the verifier's (the same race
+        noise, `specdec.sampling`), accepted when the verifier draws it: output = plain decoding's,
+        seed for seed; "sample" draws drafts from q with their own noise, accepted by speculative
+        sampling (temperature > 0 only; greedy decoding always drafts the argmax).
     verifier_hidden_kind: which verifier state feeds the MTP layer: "normed" (after model.norm, the
         head's input) or "prenorm" (the last block's output).
     draft_hidden_kind: which MTP state feeds the next depth: "normed" (after shared_head.norm) or "prenorm".

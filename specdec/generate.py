@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-adaptive drafts K tokens every step. Trees pin the shape; with --compile a step is "
                         "plain or drafts K")
     p.add_argument("--draft-mode", choices=["onehot", "sample"], default="onehot",
-                   help="sampling: draft the MTP argmax (onehot) or draw drafts from the MTP distribution")
+                   help="sampling: onehot drafts the MTP distribution's draw coupled to the verifier's (output = plain "
+                        "sampling's, seed for seed), sample draws drafts independently (speculative sampling)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="draft only among the N lowest token ids (BPE merge order: the frequent ones); "
                         "the drafter's head then reads N rows, not the whole vocabulary (lossless)")

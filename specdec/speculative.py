@@ -348,8 +348,8 @@ class SpeculativeDecoder:
         return longest + (self.spec.draft_slots if shape.topk > 1 else shape.depth + 1)
 
     def _step_rows(self, lengths: torch.Tensor, state: RowState, shape: StepShape) -> StepRows:
-        """The per-row inputs of a step: state, sampling settings, and its random numbers (the
-        draws of the output positions a sampling row may reach; uniforms for sampled drafts)."""
+        """The per-row inputs of a step: state, sampling settings, and its random numbers (the race
+        noise of the output positions a sampling row may reach; uniforms for sampled drafts)."""
         if self._row_settings[0] is not self.sampling:
             self._row_settings = (self.sampling, *self.sampling.tensors(lengths.device))
         _, temperature, top_p = self._row_settings
@@ -357,8 +357,8 @@ class SpeculativeDecoder:
         if shape.sampled_drafts:
             noise = torch.rand(len(lengths), shape.noise_width, generator=self.generator, device=lengths.device)
         elif shape.any_sampled:
-            draws = self.sampling.uniforms([list(range(len(s.output), len(s.output) + shape.depth + 1))
-                                            for s in self.running]).to(lengths.device)
+            draws = self.sampling.exponentials([list(range(len(s.output), len(s.output) + shape.depth + 1))
+                                                for s in self.running], self.eng.args.vocab_size, lengths.device)
         drafted = shape.depth > 0  # a plain step takes no draft inputs: plain decoding's graphs serve it
         return StepRows(lengths, state.pending, state.draft_logits if drafted else None,
                         state.draft_hidden if drafted else None, temperature, top_p,

@@ -93,9 +93,10 @@ class StepRows(NamedTuple):
     lengths: `[B]` int64 committed length L. pending: `[B]` x_L. draft_logits `[B, V]` /
     draft_hidden `[B, dim]`: the MTP output at position L-1 (None for a plain step).
     temperature / top_p: `[B]` float32 (temperature 0: a greedy row).
-    draws: `[B, depth+1]` float64 u(seed, stream, n + j) for output positions n..n+depth of each row
-        (n: tokens it has emitted), with which a sampling row draws the verifier's token at depth j
-        (`specdec.sampling`); None when no row samples or drafts are sampled.
+    draws: `[B, depth+1, V]` float32 the race noise of output positions n..n+depth of each row (n:
+        tokens it has emitted; `specdec.sampling.position_exponentials`), with which a sampling row
+        draws the verifier's token at depth j and its one-hot draft for depth j+1; None when no row
+        samples or drafts are sampled.
     noise: `[B, shape.noise_width]` float32 uniforms for sampled drafts and their acceptance (None otherwise).
     """
 
@@ -187,7 +188,9 @@ def accept(tree: DraftTree, target_logits: torch.Tensor, rows: StepRows, shape: 
                               shape.depth)
     # greedy: the verifier's argmax at every node; one-hot drafts of a sampling row: the draw of
     # the output position node i would become (depth(i) after the row's emitted tokens)
-    draws = rows.draws.gather(1, tree.all_depths()) if shape.any_sampled else None
+    draws = rows.draws if shape.any_sampled else None
+    if draws is not None and shape.topk > 1:
+        draws = draws.gather(1, tree.all_depths().unsqueeze(-1).expand(-1, -1, draws.shape[-1]))
     target = target_tokens(target_logits, rows, shape, draws)
     if shape.topk == 1:
         return accept_chain(tree.tokens, target)
@@ -232,7 +235,7 @@ def catch_up(drafter, cache: StepCache, lengths: torch.Tensor, tokens: torch.Ten
 
 def target_tokens(logits: torch.Tensor, rows: StepRows, shape: StepShape, draws: torch.Tensor | None) -> torch.Tensor:
     """`[B, W]` the verifier's token at each of W positions from logits `[B, W, V]`: the argmax of a
-    greedy row; the draw with `draws` `[B, W]` from a sampling row's distribution (`specdec.sampling`)."""
+    greedy row; the winner of a sampling row's race with the noise `draws` `[B, W, V]` (`specdec.sampling`)."""
     return sample_tokens(logits, rows.temperature, rows.top_p, draws, shape.any_sampled, shape.nucleus)
 
 
