@@ -398,6 +398,31 @@ def test_between_drafting_depths_only_the_cost_noise_counts():
     assert policy.choose(1) == 3
 
 
+def test_between_drafting_depths_the_faster_by_prediction_runs():
+    """Moving between drafting depths costs nothing, so no margin keeps the depth held: with ratios
+    of depth 3 to depth 2 that wander by ±25%, the policy holding depth 2 moves to 3 as soon as
+    their median predicts 3 faster at all, and back as soon as it predicts 2 faster. (Leaving plain
+    decoding, such noise is no proof: test_noisy_cost_ratios_widen_the_margin.)"""
+    acceptance = AcceptanceEstimate(3)
+    for _ in range(100):
+        acceptance.add([3], 3)
+    even = acceptance.expected_tokens(3) / acceptance.expected_tokens(2)  # the cost ratio at which they tie
+    steps = StepCosts()
+    for depth, seconds in ((0, 0.010), (1, 0.014), (2, 0.017), (3, 0.017 * even * 1.03)):
+        for _ in range(MIN_SAMPLES):
+            steps.add(depth, 1, seconds)
+    policy = SpeculationPolicy(3, steps, acceptance=acceptance)
+    assert policy.choose(1) == 2  # depth 3 slower by 3%
+
+    def choice(median: float) -> int:
+        for factor in (0.75, 1.25, 1.0) * 3:
+            steps.add_pair(2, 0.010, 3, 0.010 * median * factor, 1)
+        return policy.choose(1)
+
+    assert choice(even / 1.03) == 3  # faster by 3%, by noisy ratios: it runs
+    assert choice(even * 1.03) == 2  # slower again: back
+
+
 def test_noisy_cost_ratios_widen_the_margin():
     """The same median ratio of depth 1 to plain (1.2 plain steps for τ(1) ≈ 1.3): measured steadily
     it is a clear win; measured on a machine whose ratios wander by ±30% it is not proof enough."""
