@@ -105,7 +105,7 @@ class Scheduler:
                  on_step: Callable[["Scheduler", list[int]], None] | None = None, static: bool = False,
                  cache_tokens: int | None = None, block_size: int = 16) -> None:
         if spec is not None and spec.draft_mode != "onehot":
-            raise ConfigError("--draft-mode: the server drafts one-hot (argmax) chains only")
+            raise ConfigError("--draft-mode: the server drafts one-hot chains only (coupled to each request's own seed)")
         cache_tokens = max_rows * engine.max_seq_len if cache_tokens is None else cache_tokens
         for name, value in (("--max-batch", max_rows), ("--max-waiting", max_waiting),
                             ("--prefill-tokens", prefill_tokens), ("--cache-tokens", cache_tokens),

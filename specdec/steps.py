@@ -43,8 +43,9 @@ class StepShape(NamedTuple):
 
     depth: drafts per row along a path (0: a plain step). topk: children per expanded node (1: a
     chain). nodes: draft nodes per row (trees; a chain's is its depth). sampled_drafts: drafts are
-    drawn from q and accepted by speculative sampling (else the draft's argmax, accepted against
-    the verifier's argmax or, for rows that sample, its one-hot draws). any_sampled: some row samples.
+    drawn from q and accepted by speculative sampling (else one-hot: a greedy row's argmax, a
+    sampling row's coupled draw, accepted against the verifier's argmax or draw). any_sampled:
+    some row samples.
     nucleus: some sampled row has top-p < 1. verifier_hidden_kind / draft_hidden_kind / draft_vocab: as in
     `SpecConfig`.
     """
