@@ -411,20 +411,20 @@ class SpeculationPolicy:
             error = self._error(best, rows)
             if score[best] <= score[held] * (1 + CONFIDENCE * error):
                 best = held
-                if score[top] > score[held] * (1 + PROBE_CONFIDENCE * error) and self._probe_pays(top, held, rows, rates):
+                if score[top] > score[held] * (1 + PROBE_CONFIDENCE * error) and self._probe_pays(top, rows, rates):
                     probe = top
         self.settled[bucket] = best
         return best, probe
 
-    def _probe_pays(self, depth: int, held: int, rows: int, rates: dict[int, float]) -> bool:
-        """Whether one step of `depth` in place of one of `held` is predicted to gain more than the
-        catch-up it first runs when `held` is plain decoding (when measured): in `held` steps, the
-        gain is the depth's cost × (its rate over held's − 1)."""
-        relative = self.costs.relative(depth, held, rows)
-        if not (relative and rates[held]):
+    def _probe_pays(self, depth: int, rows: int, rates: dict[int, float]) -> bool:
+        """Whether one step of `depth` in place of a plain step (probes leave plain decoding only) is
+        predicted to gain more than the catch-up it first runs (when measured): in plain steps,
+        the gain is the depth's cost × (its rate over plain's − 1)."""
+        relative = self.costs.relative(depth, 0, rows)
+        if not (relative and rates[0]):
             return False
-        gain = relative * (rates[depth] / rates[held] - 1.0)
-        catch_up = self.costs.relative(CATCH_UP, 0, rows) if held == 0 else None
+        gain = relative * (rates[depth] / rates[0] - 1.0)
+        catch_up = self.costs.relative(CATCH_UP, 0, rows)
         return gain > (catch_up or 0.0)  # a catch-up never timed in this bucket: the probe times it
 
     def _scores(self, rows: int, rates: dict[int, float], reference: int, horizon: float,
