@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from specdec.bench.stats import pool
+from specdec.kernels.machine_cache import cpu_model
 from specdec.model.errors import ConfigError
 from specdec import Engine, SpecConfig
 
@@ -278,16 +279,6 @@ def progress(total: int, desc: str):
 # ----------------------------------------------------------------------------- machine
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -314,7 +305,7 @@ def machine_info(device: torch.device | str | None = None) -> dict:
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": affinity,
         "torch": torch.__version__,

@@ -1,7 +1,8 @@
 """`python -m specdec.bench.figures DIR [DIR ...]`: the README's figures table, generated from `bench latency`
 JSON (never typed): per run directory and batch size, plain tokens/s, the adaptive default's
-speedup, tau and step bound (runs with `--ceiling`; "-" otherwise), and the best fixed chain's
-speedup, all from the same interleaved run.
+speedup (and decode speedup), tau, and step bound (and the bound with each step priced at the rows
+it ran: runs with `--ceiling`; "-" otherwise), and the best fixed chain's speedup, all from the
+same interleaved run.
 
 Each DIR holds a `latency.json` written by `python -m specdec.bench latency --chains aK,1,2,...`.
 """
@@ -25,8 +26,8 @@ def figures_table(run_dirs: list[Path]) -> str:
     several = len(machines) > 1
     lines = ["; ".join(f"Machine: {name} (commit {', '.join(sorted(commits))})" for name, commits in machines.items()),
              "",
-             ("| machine " if several else "") + "| sampling | batch | plain tokens/s | adaptive (default): speedup, tau "
-             "| adaptive: step bound | best fixed chain: speedup |",
+             ("| machine " if several else "") + "| sampling | batch | plain tokens/s | adaptive (default): speedup (decode), tau "
+             "| adaptive: step bound (rows as run) | best fixed chain: speedup |",
              "|---" * (7 if several else 6) + "|"]
     for data in runs:
         m, s = data["machine"], data["settings"]
@@ -38,8 +39,12 @@ def figures_table(run_dirs: list[Path]) -> str:
             adaptive = [r for r in rows if r["kind"] == "adaptive"]
             chains = [r for r in rows if r["kind"] == "chain"]
             best = max(chains, key=lambda r: r["speedup"]) if chains else None
-            a = f"{adaptive[0]['speedup']:.2f}×, {adaptive[0]['tau']:.2f}" if adaptive else "-"
-            bound = f"{adaptive[0]['step_bound']:.2f}×" if adaptive and "step_bound" in adaptive[0] else "-"
+            a = (f"{adaptive[0]['speedup']:.2f}× ({adaptive[0]['decode_speedup']:.2f}×), {adaptive[0]['tau']:.2f}"
+                 if adaptive else "-")
+            bound = "-"
+            if adaptive and "step_bound" in adaptive[0]:
+                bound = f"{adaptive[0]['step_bound']:.2f}×"
+                bound += f" ({adaptive[0]['rows_bound']:.2f}×)" if "rows_bound" in adaptive[0] else ""
             b = f"{best['speedup']:.2f}× ({best['label']})" if best else "-"
             lines.append(f"{machine}| {mode} | {batch} | {plain['tokens_per_s']:.0f} | {a} | {bound} | {b} |")
     return "\n".join(lines)

@@ -99,6 +99,7 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                 "decode_tokens_per_s": s["decode_tokens_per_s"],
                 "decode_speedup": paired_speedup(r, plain, "decode_tokens_per_s"),
                 "equal_to_plain": same, "best_chain": False, "depth_steps": s.get("depth_steps", []),
+                "rows_steps": s.get("rows_steps", []),
             })
         if a.ceiling:
             bar.set_postfix_str(f"batch {batch} verify cost")
@@ -146,7 +147,10 @@ def run(eng: Engine, prompts: list[Prompt], a: Namespace) -> Report:
                      "same prompts, interleaved, run as the decoding loop runs it (compiled whole with "
                      "--compile and greedy chains, else the decoder's stages); an adaptive row's: the mean over "
                      "the depths its steps ran; step bound: tau / step cost, the decode speedup those steps "
-                     "allow (what the loop spends outside its steps, and the prefill, are the gap to it)")
+                     "allow (what the loop spends outside its steps, and the prefill, are the gap to it); bound (rows as run): "
+                     "plain decoding's steps over this row's, each step priced at the depth and the live rows it "
+                     "ran with (a call's last steps run fewer rows as its rows finish; steps timed at 1, 2, 4, ... "
+                     "rows, linear in between)")
     notes += [f"auto at {k}: choose_tree picked {v} (depth x topk x nodes)" for k, v in auto_choices.items()]
     if any(r["kind"] == "adaptive" for r in rows):
         notes.append("adaptive K: the engine's default, each step's depth chosen in 0..K from step costs measured "
@@ -191,6 +195,7 @@ _COLUMNS = [
     _Column("ceiling", lambda r: f"{r['ceiling']:.2f}x", "verify_width", drafts_only=True),
     _Column("step cost", lambda r: f"{r['step_cost']:.2f}x", "step_cost"),
     _Column("step bound", lambda r: f"{r['step_bound']:.2f}x", "step_cost", drafts_only=True),
+    _Column("bound (rows as run)", lambda r: f"{r['rows_bound']:.2f}x", "rows_bound", drafts_only=True),
     _Column("tau", lambda r: fmt(r["tau"])),
     _Column("tokens/s", lambda r: fmt(r["tokens_per_s"], 1)),
     _Column("TPOT p50 ms", lambda r: fmt(r["tpot_p50_ms"])),
@@ -220,7 +225,14 @@ def add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: 
     compiled whole with `--compile`).
 
     An adaptive row's steps ran at several depths: its step cost is the mean cost of the steps it
-    ran (`depth_steps`; depth d timed as a chain step of depth d, depth 0 as a plain step)."""
+    ran (`depth_steps`; depth d timed as a chain step of depth d, depth 0 as a plain step).
+
+    The step bound prices every step at all `len(ids)` rows; the last steps of a call run fewer, as
+    its rows finish (a row of high acceptance finishes first; plain decoding's rows finish together
+    unless EOS ends one), and the call waits for its slowest row. So each row also gets
+    rows_bound: plain decoding's steps over the steps the row ran, each priced at the depth and the
+    live rows it ran with (`rows_steps`; steps timed on the first 1, 2, 4, ... of `ids`, linear in
+    between): the decode speedup those steps allow, tail included."""
     wanted: dict[tuple[int, int | None], SpecConfig] = {}
     for shape in shapes:
         depths = {"chain": [shape.depth], "adaptive": range(1, shape.depth + 1)}.get(shape.kind, [])
@@ -228,22 +240,50 @@ def add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: 
             wanted[(depth, shape.draft_vocab)] = SpecConfig(depth=depth, adaptive=False, draft_vocab=shape.draft_vocab)
     if not wanted:
         return
-    plain_s, chain_s = decoder_step_costs(eng, ids, list(wanted.values()), temperature, top_p)
-    cost = {key: t / plain_s for key, t in zip(wanted, chain_s)}
-    cost[(0, None)] = 1.0
+    by_rows: dict[int, dict[tuple[int, int | None], float]] = {}
+    for n in _row_counts(len(ids)):
+        plain_s, chain_s = decoder_step_costs(eng, ids[:n], list(wanted.values()), temperature, top_p)
+        by_rows[n] = {(0, None): plain_s, **dict(zip(wanted, chain_s))}
+    full = by_rows[len(ids)]
+    plain_s = full[(0, None)]
+    cost = {key: t / plain_s for key, t in full.items()}
     for r, shape in zip(rows, shapes):
+        vocab = shape.draft_vocab
+        if r.get("rows_steps"):
+            r["rows_step_s"] = sum(n * _at_rows(by_rows, (d, vocab if d else None), live)
+                                   for d, counts in enumerate(r["rows_steps"]) for live, n in enumerate(counts) if n)
         if shape.kind == "plain":
             r["step_ms"], r["step_cost"] = plain_s * 1e3, 1.0
             continue
         if shape.kind == "chain":
-            r["step_cost"] = cost[(shape.depth, shape.draft_vocab)]
+            r["step_cost"] = cost[(shape.depth, vocab)]
         elif shape.kind == "adaptive" and sum(r["depth_steps"]):
-            steps, vocab = r["depth_steps"], shape.draft_vocab
+            steps = r["depth_steps"]
             r["step_cost"] = sum(n * cost[(d, vocab if d else None)] for d, n in enumerate(steps)) / sum(steps)
         else:
             continue
         r["step_ms"] = r["step_cost"] * plain_s * 1e3
         r["step_bound"] = r["tau"] / r["step_cost"]
+    plain_row = rows[[s.kind for s in shapes].index("plain")] if any(s.kind == "plain" for s in shapes) else None
+    if plain_row is not None and plain_row.get("rows_step_s"):
+        for r in rows:
+            if "step_bound" in r and r.get("rows_step_s"):
+                r["rows_bound"] = plain_row["rows_step_s"] / r["rows_step_s"]
+
+
+def _row_counts(batch: int) -> list[int]:
+    """The live-row counts whose steps are timed for a batch of `batch` rows: 1, 2, 4, ... and `batch`."""
+    return sorted({1 << i for i in range(batch.bit_length()) if 1 << i < batch} | {batch})
+
+
+def _at_rows(by_rows: dict[int, dict], key: tuple[int, int | None], live: int) -> float:
+    """Seconds of a step `key` (depth, draft vocab) over `live` rows: timed (`by_rows[n][key]`) or
+    linear between the nearest timed row counts."""
+    if live in by_rows:
+        return by_rows[live][key]
+    lo = max(n for n in by_rows if n < live)
+    hi = min(n for n in by_rows if n > live)
+    return by_rows[lo][key] + (by_rows[hi][key] - by_rows[lo][key]) * (live - lo) / (hi - lo)
 
 
 def _add_ceiling(eng: Engine, ids: list[list[int]], rows: list[dict], widths: list[int]) -> None:

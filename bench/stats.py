@@ -51,7 +51,8 @@ def pool(stats_list: Sequence[Any]) -> dict:
     rate) are averaged weighting each call by its row_steps, i.e. pooled over all row-steps of all
     prompts. Latency samples are concatenated
     (tpot_s) or listed per call (ttft_s). Plain calls (no acceptance) get tau 1. depth_steps: steps
-    per draft depth summed over calls (adaptive runs; [] for plain).
+    per draft depth summed over calls (adaptive runs; [] for plain); rows_steps: steps per draft
+    depth and live rows, [d][r], summed over calls.
     """
     if not stats_list:
         raise ValueError("pool() needs at least one GenerationStats")
@@ -75,6 +76,13 @@ def pool(stats_list: Sequence[Any]) -> dict:
     ttft = [_get(s, "ttft_s") for s in stats_list]
     depth_lists = [list(_get(s, "depth_steps")) if _has(s, "depth_steps") else [] for s in stats_list]
     depth_steps = [sum(d[i] for d in depth_lists if i < len(d)) for i in range(max(map(len, depth_lists)))]
+    rows_steps: list[list[int]] = []
+    for s in stats_list:
+        for d, by_rows in enumerate(_get(s, "rows_steps") if _has(s, "rows_steps") else []):
+            rows_steps += [[] for _ in range(d + 1 - len(rows_steps))]
+            rows_steps[d] += [0] * (len(by_rows) - len(rows_steps[d]))
+            for r, n in enumerate(by_rows):
+                rows_steps[d][r] += n
     return {
         "calls": len(stats_list),
         "tokens": tokens,
@@ -94,6 +102,7 @@ def pool(stats_list: Sequence[Any]) -> dict:
         "tpot_p90_ms": None if not tpot else 1e3 * percentile(tpot, 90),
         "tpot_samples": len(tpot),
         "depth_steps": depth_steps,
+        "rows_steps": rows_steps,
     }
 
 

@@ -98,6 +98,7 @@ class GenerationStats:
         of the step that produced it divided by the tokens that step gave its row (for p50/p90).
     depth_steps: steps run at each draft depth, [d] for depth d (0: plain steps of an adaptive
         run); [] for plain decoding.
+    rows_steps: [d][r] steps run at depth d over r live rows (plain decoding too: depth 0).
     acceptance_per_position[i] counts only the row-steps that drafted at least i+1 tokens.
     """
 
@@ -115,6 +116,7 @@ class GenerationStats:
     ttft_s: float = 0.0
     tpot_s: list[float] = field(default_factory=list)
     depth_steps: list[int] = field(default_factory=list)
+    rows_steps: list[list[int]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)

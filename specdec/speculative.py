@@ -42,7 +42,9 @@ class AcceptanceCounts:
     """Running totals for the metrics over row-steps of any depth (0: a plain step).
 
     per_position[i]: row-steps whose first i+1 drafts were all accepted; drafted_at[i]: row-steps
-    that drafted at least i+1 tokens; depth_steps[d]: steps (not row-steps) run at depth d."""
+    that drafted at least i+1 tokens; depth_steps[d]: steps (not row-steps) run at depth d;
+    rows_steps[d][r]: steps run at depth d over r live rows (a static batch's last steps run fewer
+    rows as its rows finish: what a step bound prices, `bench.latency`)."""
 
     row_steps: int = 0
     drafted: int = 0
@@ -51,6 +53,7 @@ class AcceptanceCounts:
     per_position: list[int] = field(default_factory=list)
     drafted_at: list[int] = field(default_factory=list)
     depth_steps: list[int] = field(default_factory=list)
+    rows_steps: list[list[int]] = field(default_factory=list)
 
     def add(self, n_accepted: list[int], depth: int) -> None:
         grow = depth + 1 - len(self.depth_steps)
@@ -58,7 +61,11 @@ class AcceptanceCounts:
             self.depth_steps += [0] * grow
             self.per_position += [0] * grow
             self.drafted_at += [0] * grow
+            self.rows_steps += [[] for _ in range(grow)]
         self.depth_steps[depth] += 1
+        by_rows = self.rows_steps[depth]
+        by_rows += [0] * (len(n_accepted) + 1 - len(by_rows))
+        by_rows[len(n_accepted)] += 1
         for a in n_accepted:
             self.row_steps += 1
             self.drafted += depth
@@ -518,4 +525,5 @@ class SpeculativeDecoder:
             wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch,
             draft_acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0, row_steps=c.row_steps,
             ttft_s=ttft_s, tpot_s=self.tpot,
-            depth_steps=[] if plain else c.depth_steps + [0] * (depth + 1 - len(c.depth_steps)))
+            depth_steps=[] if plain else c.depth_steps + [0] * (depth + 1 - len(c.depth_steps)),
+            rows_steps=[list(r) for r in c.rows_steps])

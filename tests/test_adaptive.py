@@ -53,6 +53,8 @@ def test_greedy_equals_plain_while_depth_switches(eng, tiny, batch):
         ties += assert_same_or_tie(engine, prompts, out, plain)
         assert set(policy.ran) == {0, 1, 2, 3}
         assert stats.depth_steps == [policy.ran.count(d) for d in range(4)]
+        assert [sum(by_rows) for by_rows in stats.rows_steps] == stats.depth_steps
+        assert max(len(by_rows) for by_rows in stats.rows_steps) == batch + 1  # every row live at the start
         assert stats.tokens == sum(map(len, out))
     assert ties <= 1
 

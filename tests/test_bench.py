@@ -40,9 +40,11 @@ def test_conditional_acceptance() -> None:
 
 def test_pool_weights_rates_by_row_steps() -> None:
     a = GenerationStats(tokens=30, verify_steps=10, tau=3.0, acceptance_per_position=[1.0, 1.0], tokens_per_s=30,
-                        wall_s=1.0, draft_acceptance_rate=1.0, row_steps=10, ttft_s=0.1, tpot_s=[0.01] * 28)
+                        wall_s=1.0, draft_acceptance_rate=1.0, row_steps=10, ttft_s=0.1, tpot_s=[0.01] * 28,
+                        rows_steps=[[0, 2], [], [0, 3, 5]])
     b = GenerationStats(tokens=10, verify_steps=30, tau=1.0, acceptance_per_position=[0.0, 0.0], tokens_per_s=10,
-                        wall_s=3.0, draft_acceptance_rate=0.0, row_steps=30, ttft_s=0.3, tpot_s=[0.03] * 8)
+                        wall_s=3.0, draft_acceptance_rate=0.0, row_steps=30, ttft_s=0.3, tpot_s=[0.03] * 8,
+                        rows_steps=[[0, 1, 4], [0, 0, 0, 7]])
     p = pool([a, b])
     assert p["tokens"] == 40 and p["wall_s"] == 4.0 and p["tokens_per_s"] == 10.0 and p["row_steps"] == 40
     assert p["tau"] == pytest.approx((3 * 10 + 1 * 30) / 40)
@@ -51,6 +53,7 @@ def test_pool_weights_rates_by_row_steps() -> None:
     assert p["draft_acceptance_rate"] == pytest.approx(0.25)
     assert p["ttft_mean_ms"] == pytest.approx(200.0)
     assert p["tpot_p50_ms"] == pytest.approx(10.0) and p["tpot_samples"] == 36
+    assert p["rows_steps"] == [[0, 3, 4], [0, 0, 0, 7], [0, 3, 5]]  # [depth][live rows], summed
     plain = pool([GenerationStats(tokens=5, wall_s=0.5, tau=1.0, ttft_s=0.1, tpot_s=[0.1] * 4)])
     assert plain["tau"] == 1.0 and plain["acceptance_unconditional"] == [] and plain["draft_acceptance_rate"] is None
 
@@ -259,7 +262,10 @@ def test_cli_latency_ceiling(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
         r = rows[config]
         assert r["step_cost"] > 0 and r["step_bound"] == pytest.approx(r["tau"] / r["step_cost"])
     assert rows["plain"]["step_cost"] == 1.0 and "step_cost" not in rows["tree 2x2x4"]
-    assert f"| {rows['adaptive 2']['step_bound']:.2f}× |" in figures_table([out]).splitlines()[4]
+    adaptive = rows["adaptive 2"]
+    assert adaptive["rows_bound"] > 0 and rows["chain 3"]["rows_bound"] > 0 and "rows_bound" not in rows["plain"]
+    assert (f"| {adaptive['step_bound']:.2f}× ({adaptive['rows_bound']:.2f}×) |"
+            in figures_table([out]).splitlines()[4])
 
 
 def test_cli_latency_continuous(fp8_ckpt: Path, tmp_path: Path, capsys) -> None:
@@ -333,6 +339,37 @@ def test_step_bound_is_tau_over_the_step_cost(monkeypatch) -> None:
     assert rows[3]["step_cost"] == pytest.approx((2 * 1.0 + 6 * 2.0) / 8)  # d0 at 1 plain step, d2 at 2
     assert rows[3]["step_ms"] == pytest.approx(35.0) and rows[3]["step_bound"] == pytest.approx(2.4 / 1.75)
     assert "step_cost" not in rows[4]
+
+
+def test_rows_bound_prices_each_step_at_the_rows_it_ran(monkeypatch) -> None:
+    """Steps are timed on the first 1, 2, 4 rows of a 4-row batch; a step over 3 live rows costs
+    the linear mean of 2 and 4; the bound is plain decoding's priced steps over the row's."""
+    from specdec.bench import latency
+    from specdec.bench.common import PLAIN, parse_shapes
+
+    shapes = [PLAIN] + parse_shapes("2,a2", "")
+    timed = []
+
+    def fake_costs(eng, ids, specs, *sampling):  # seconds: 10 ms + 5 ms a row, a depth-d step (1 + d/2)x
+        timed.append(len(ids))
+        plain = 0.010 + 0.005 * len(ids)
+        return plain, [plain * (1 + s.depth / 2) for s in specs]
+
+    monkeypatch.setattr(latency, "decoder_step_costs", fake_costs)
+    rows = [{"kind": "plain", "tau": 1.0, "depth_steps": [], "rows_steps": [[0, 0, 0, 0, 10]]},
+            {"kind": "chain", "tau": 3.0, "depth_steps": [0, 0, 4], "rows_steps": [[], [], [0, 1, 0, 1, 2]]},
+            {"kind": "adaptive", "tau": 2.5, "depth_steps": [1, 1, 3], "rows_steps": [[0, 0, 0, 0, 1], [0, 0, 0, 1],
+                                                                                    [0, 0, 0, 0, 3]]}]
+    latency.add_step_bound(None, [[1], [2], [3], [4]], rows, shapes, 0.0, 1.0)
+    assert timed == [1, 2, 4]
+    plain = {n: 0.010 + 0.005 * n for n in range(1, 5)}
+    assert rows[0]["rows_step_s"] == pytest.approx(10 * plain[4]) and "rows_bound" not in rows[0]
+    chain_s = 2 * (plain[1] + plain[3] + 2 * plain[4])
+    assert rows[1]["rows_step_s"] == pytest.approx(chain_s)
+    assert rows[1]["rows_bound"] == pytest.approx(10 * plain[4] / chain_s)
+    adaptive_s = plain[4] + 1.5 * plain[3] + 3 * 2 * plain[4]
+    assert rows[2]["rows_bound"] == pytest.approx(10 * plain[4] / adaptive_s)
+    assert rows[1]["step_bound"] == pytest.approx(3.0 / 2.0)  # every step priced at all 4 rows
 
 
 def test_cli_serve_quick(fp8_ckpt: Path, tmp_path: Path) -> None:

@@ -44,6 +44,18 @@ def test_a_marginal_win_keeps_the_default(tmp_path):
     assert set(plan.by_bucket) == {DEFAULT}
 
 
+def test_machines_that_share_a_model_name_get_different_keys():
+    """Two VMs' /proc/cpuinfo both say "AMD EPYC": family, model and vector extension tell them apart."""
+    from specdec.kernels.machine_cache import describe_cpu
+
+    zen2 = "processor\t: 0\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2\n\n" \
+           "processor\t: 1\nmodel name\t: other\n"
+    zen4 = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f\n"
+    assert describe_cpu(zen2) == "AMD EPYC (family 23 model 49, avx2)"
+    assert describe_cpu(zen4) == "AMD EPYC (family 25 model 17, avx512)"
+    assert describe_cpu("model name\t: Some CPU\n") == "Some CPU" and describe_cpu("flags : avx2\n") is None
+
+
 def test_verdicts_are_cached_per_machine_key(tmp_path):
     path = tmp_path / "plans.json"
     calls = []
