@@ -334,6 +334,20 @@ def test_acceptance_estimate_is_conditional_per_position():
     assert est.expected_tokens(2) == pytest.approx(1 + 0.75 + 0.5, abs=0.03)
 
 
+def test_a_position_not_drafted_keeps_its_estimate():
+    """Steps of depth 2 decay positions 1 and 2 only: position 3's estimate stays what depth-3 steps
+    measured (decayed toward the prior, it priced depth 3 out and held depth 2)."""
+    est = AcceptanceEstimate(3)
+    for _ in range(100):
+        est.add([3, 3, 3, 1], 3)  # position 3: always accepted when reached; position 2: 3 of 4
+    before = est.conditional(2)
+    for _ in range(200):
+        est.add([2, 0, 2, 2], 2)
+    assert est.conditional(2) == before > 0.9
+    # positions 1 and 2 follow the new steps (before: 1.0 and 0.75)
+    assert est.conditional(0) == pytest.approx(0.75, abs=0.02) and est.conditional(1) == pytest.approx(1.0, abs=0.02)
+
+
 def test_row_buckets():
     assert [row_bucket(r) for r in (1, 2, 3, 4, 7, 8, 9, 16, 31)] == [1, 2, 2, 4, 4, 8, 8, 16, 16]
 
