@@ -36,8 +36,10 @@ short calls do not each start from scratch. In each row bucket one depth not cho
 now and then (the least recently run; `FIRST_REVISIT` steps after the choice settled, then twice
 as many each time, and spaced further when a revisit would cost much: `REVISIT_BUDGET`), which
 refreshes its cost, the back-to-back ratios and, for speculative depths, the acceptance that plain
-steps cannot measure. A depth that is likely faster than the one held, but not yet proven so, is
-probed instead: run on alternate steps until its measurements decide (`PROBE_CONFIDENCE`).
+steps cannot measure. A depth that is likely faster than plain decoding held, but not yet proven
+so, is probed instead: run on alternate steps until its measurements decide (`PROBE_CONFIDENCE`);
+so is a drafting depth that may be faster than the drafting depth chosen (within one standard
+error): tied depths alternate, which costs nothing, and a stale estimate is measured again.
 """
 
 from __future__ import annotations
@@ -55,11 +57,11 @@ SAMPLES_KEPT = 9
 MIN_SAMPLES = 2
 """Timings a (depth, bucket) needs before it is exploited rather than explored."""
 ACCEPTANCE_DECAY = 0.97
-"""Decay of a draft position's acceptance counts at each step that drafts it (a memory of roughly
-30 such steps). A position a step does not draft keeps its estimate: decayed on every step, the
-counts of position 3 faded toward the prior (0.6) while depth 2 ran, which priced depth 3 out and
-held depth 2 (measured on a 2-core VM, batch 1, T = 0.7: a whole round of 16 prompts at depth 2,
-tau 2.50, where depth 3 gives 3.0)."""
+"""Per-step decay of the acceptance counts (a memory of roughly 30 drafting steps). A position a
+step does not draft keeps its estimate and only loses weight (its error grows, and the policy probes
+the depth that drafts it: `_best`): decayed like the others, the counts of position 3 faded toward
+the prior (0.6) while depth 2 ran, which priced depth 3 out and held depth 2 (measured on a 2-core
+VM, batch 1, T = 0.7: a whole round of 16 prompts at depth 2, tau 2.50, where depth 3 gives 3.0)."""
 MIN_REACHED = 4.0
 """Decayed row-steps at draft position 1 below which the acceptance counts as unknown: the policy
 then drafts as deep as it may, which measures every position at once."""
@@ -236,11 +238,14 @@ class AcceptanceEstimate:
         self.accepted = [0.0] * self.max_depth
 
     def add(self, n_accepted: list[int], depth: int) -> None:
-        """One step of depth `depth` ≥ 1: each row accepted `n_accepted[r]` of its drafts. The
-        counts of positions 1..depth decay (`ACCEPTANCE_DECAY`); deeper ones keep theirs."""
-        for j in range(min(depth, self.max_depth)):
+        """One step of depth `depth` ≥ 1: each row accepted `n_accepted[r]` of its drafts. Every
+        position's counts decay (`ACCEPTANCE_DECAY`); those deeper than `depth` keep their estimate."""
+        for j in range(self.max_depth):
+            kept = self.conditional(j)
             self.reached[j] *= ACCEPTANCE_DECAY
             self.accepted[j] *= ACCEPTANCE_DECAY
+            if j >= depth:  # not drafted: the same estimate (`conditional`), on less weight
+                self.accepted[j] = max(0.0, kept * (self.reached[j] + 1.0) - PRIOR_ACCEPTANCE)
         for a in n_accepted:
             for j in range(min(a + 1, depth)):  # positions 0..a were tried; 0..a-1 were accepted
                 self.reached[j] += 1
@@ -404,9 +409,13 @@ class SpeculationPolicy:
         when it holds it in this bucket (as it does before any choice) for a drafting depth only
         when that is predicted faster by `CONFIDENCE` standard errors (`_error`); plain decoding,
         and one drafting depth from another, need only be predicted faster. Also the depth to probe
-        (None: none): the fastest by prediction when it was not chosen for want of proof, yet is
-        likely faster (`PROBE_CONFIDENCE` standard errors) by more than the catch-up a probe from
-        plain steps first pays."""
+        (None: none): leaving plain decoding, the fastest by prediction when it was not chosen for
+        want of proof, yet is likely faster (`PROBE_CONFIDENCE` standard errors) by more than the
+        catch-up a probe from plain steps first pays; between drafting depths, the fastest other
+        drafting depth that may be faster than the chosen one (within `PROBE_CONFIDENCE` standard
+        errors of it), so that neither a stale cost ratio nor a stale acceptance holds a depth
+        (measured on a 2-core VM, batch 1, greedy: depth 2 held for 4 rounds on back-to-back ratios
+        pricing depth 3 1.25x depth 2, truly 1.1x; 1.34x plain against chain 3's 1.48x)."""
         bucket = row_bucket(rows)
         held = self.settled.get(bucket, self.min_depth)  # also the unit of `rates`
         score = self._scores(rows, rates, held, horizon, catch_up)
@@ -418,6 +427,10 @@ class SpeculationPolicy:
                 best = held
                 if score[top] > score[held] * (1 + PROBE_CONFIDENCE * error) and self._probe_pays(top, rows, rates):
                     probe = top
+        elif best != 0:  # another drafting depth within PROBE_CONFIDENCE errors of it: probed
+            rivals = [d for d in self.depths if d not in (0, best)
+                      and score[d] * (1 + PROBE_CONFIDENCE * self._error(d, rows, best)) > score[best]]
+            probe = max(rivals, key=lambda d: (score[d], -d)) if rivals else None
         self.settled[bucket] = best
         return best, probe
 
@@ -443,10 +456,11 @@ class SpeculationPolicy:
         units = self._catch_up_cost(catch_up, reference, rows) / max(horizon, 1.0)
         return {d: r / (1 + units * r) if d > 0 else r for d, r in rates.items()}
 
-    def _error(self, depth: int, rows: int) -> float:
-        """The relative standard error of rate(depth) / rate(plain): the cost ratio's
-        (`StepCosts.relative_error`) and τ(depth)'s (`AcceptanceEstimate.tau_error`)."""
-        return math.hypot(self.costs.relative_error(depth, 0, rows), self.acceptance.tau_error(depth))
+    def _error(self, depth: int, rows: int, reference: int = 0) -> float:
+        """The relative standard error of rate(depth) / rate(reference): the cost ratio's
+        (`StepCosts.relative_error`) and τ's of the deeper of the two (`AcceptanceEstimate.tau_error`)."""
+        return math.hypot(self.costs.relative_error(depth, reference, rows),
+                          self.acceptance.tau_error(max(depth, reference)))
 
     def observe(self, depth: int, rows: int, seconds: float | None, n_accepted: list[int]) -> None:
         """A step ran: its depth, rows, wall seconds (None: not a timing of the step, e.g. it
