@@ -3,10 +3,11 @@
 #
 #   bash bench/gpu_check.sh            # from the repository root; results in bench/results/gpu/
 #
-# 1. Environment: uses $GPU_VENV (default .venv-gpu), creating it when missing. If the system
-#    Python already has a CUDA build of torch, the venv sees it (--system-site-packages) and
-#    nothing is downloaded; otherwise pip installs the default (CUDA) torch wheel -- never the
-#    CPU pin torch==2.13.0 of the Makefile. specdec runs from the source tree (PYTHONPATH, no
+# 1. Environment: if python3 already has a CUDA build of torch (a system or venv Python: a venv
+#    made from a venv would not see its packages), it runs everything and nothing is downloaded;
+#    otherwise (or with $GPU_VENV set) the venv $GPU_VENV (default .venv-gpu) is created when
+#    missing and pip installs the default (CUDA) torch wheel into it -- never the CPU pin
+#    torch==2.13.0 of the Makefile. specdec runs from the source tree (PYTHONPATH, no
 #    install); its dependencies (triton, safetensors, tokenizers, transformers, tqdm, numpy) are
 #    pip-installed only if they do not import.
 # 2. Kernels: bench/gpu_kernels.py compiles the Triton kernels of kernels/ for this GPU and
@@ -40,10 +41,8 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-GPU_VENV=${GPU_VENV:-.venv-gpu}
 OUT=${OUT:-bench/results/gpu}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
-PY="$GPU_VENV/bin/python"
 mkdir -p "$OUT"
 unset TRITON_INTERPRET
 
@@ -51,16 +50,16 @@ log() { printf '\n== %s ==\n' "$*"; }
 
 log "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi not found"
-if [ ! -x "$PY" ]; then
-    if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-        python3 -m venv --system-site-packages "$GPU_VENV"   # reuse the system's CUDA torch
-    else
-        python3 -m venv "$GPU_VENV"
+if [ -z "${GPU_VENV:-}" ] && python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    PY=python3   # python3 already has a CUDA torch (maybe a venv's own): used as it is
+else
+    GPU_VENV=${GPU_VENV:-.venv-gpu}
+    PY="$GPU_VENV/bin/python"
+    [ -x "$PY" ] || python3 -m venv "$GPU_VENV"
+    if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        "$PY" -m pip install -q --upgrade pip
+        "$PY" -m pip install -q torch           # the default wheel is a CUDA build on Linux x86_64
     fi
-fi
-if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q torch           # the default wheel is a CUDA build on Linux x86_64
 fi
 for mod in triton safetensors tokenizers transformers tqdm numpy; do
     "$PY" -c "import $mod" 2>/dev/null || "$PY" -m pip install -q "$mod"

@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python bench/gpu_kernels.py", description=__doc__.splitlines()[0])
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--only", default="", help=f"comma-separated checks to run (default: all of {', '.join(CHECKS)})")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU tensors through the Triton interpreter (needs TRITON_INTERPRET=1), small cases only")
     a = p.parse_args(argv)
@@ -325,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run != interpreted:
         print("gpu_kernels.py: error: " + ("--dry-run needs TRITON_INTERPRET=1" if a.dry_run else
               "TRITON_INTERPRET=1 would run the interpreter, not the GPU: unset it (or pass --dry-run)"),
+              file=sys.stderr)
+        return 2
+    only = [n for n in a.only.split(",") if n]
+    unknown = [n for n in only if n not in CHECKS]
+    if unknown:
+        print(f"gpu_kernels.py: error: --only: unknown check {unknown[0]!r} (checks: {', '.join(CHECKS)})",
               file=sys.stderr)
         return 2
     if a.dry_run:
@@ -341,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {torch.__version__}, triton {__import__('triton').__version__}")
     results: dict[str, str] = {}
     for name, (check, needs_fp8) in CHECKS.items():
+        if only and name not in only:
+            continue
         if needs_fp8 and not fp8_ok:
             results[name] = "skipped (needs compute capability 8.9+)"
         else:

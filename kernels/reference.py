@@ -81,7 +81,9 @@ def act_quant(
     xf = x.float()
     groups = torch.nn.functional.pad(xf, (0, pad)).reshape(*x.shape[:-1], kb, block_size)
     amax = groups.abs().amax(dim=-1)
-    s = amax.clamp(min=ACT_AMAX_CLAMP) / FP8_MAX
+    # a tensor divisor: CUDA divides by a Python scalar as a multiplication by its reciprocal
+    # (1/448 is inexact: scales 1 ulp off IEEE division, which the CPU and the Triton kernel use)
+    s = amax.clamp(min=ACT_AMAX_CLAMP) / torch.full_like(amax, FP8_MAX)
     if scale_fmt == "ue8m0":
         s = round_scale_up_pow2(s)
     s_full = s.repeat_interleave(block_size, dim=-1)[..., :k]

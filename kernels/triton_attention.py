@@ -128,14 +128,17 @@ def _fp8_latent_block(ptr, rows, ok, cols, n_cols, stride_c):
     """Decode `[BLOCK_S, BLOCK_COLS]` latents of an FP8 latent pool (`kernels.fp8_cache`: per token
     C e4m3fn codes then its float32 scale, as uint8 bytes) at row offsets `rows`: code × scale in
     float32, exactly as `fp8_cache.decode`. The e4m3fn bits are decoded arithmetically (exact in
-    float32; the interpreter has no native float8), the scale assembled from its 4 little-endian
+    float32, powers of two from their bits; the interpreter has no native float8), the scale assembled from its 4 little-endian
     bytes. Rows not `ok` and cols >= n_cols read 0."""
     bits = tl.load(ptr + rows[:, None] + cols[None, :] * stride_c,
                    mask=ok[:, None] & (cols[None, :] < n_cols), other=0).to(tl.int32)
     exponent = (bits >> 3) & 15
     mantissa = (bits & 7).to(tl.float32)
+    # 2^(e-10) built from its float32 bits (exact: the GPU's exp2 is an approximation, and decoded
+    # latents then differed from `fp8_cache.decode`'s on an H200)
+    power = ((exponent + 117) << 23).to(tl.float32, bitcast=True)
     magnitude = tl.where(exponent == 0, mantissa * 0.001953125,  # subnormal: m · 2^-9
-                         (mantissa + 8.0) * tl.exp2((exponent - 10).to(tl.float32)))  # (1 + m/8) · 2^(e-7)
+                         (mantissa + 8.0) * power)  # (1 + m/8) · 2^(e-7)
     value = tl.where((bits & 128) != 0, -magnitude, magnitude)
     scale_bits = tl.zeros(rows.shape, tl.int32)
     for i in tl.static_range(4):

@@ -136,6 +136,8 @@ class GraphedSteps:
         if pool_key != self._pool_key:  # a new pool: captures over the old one point at freed memory
             self._graphs.clear()
             self._pool_key = pool_key
+            if self._pool is not None:  # their private memory pool died with them: captures need a new one
+                self._pool = torch.cuda.graph_pool_handle()  # (reusing its handle failed an allocator assert)
         key = (bucket, cache.n_slots, shape)
         captured = self._graphs.get(key)
         padded = pad_step_rows(rows, bucket)
