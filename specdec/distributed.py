@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -74,3 +76,22 @@ def shutdown(wait_for_peers: bool = False) -> None:
     if wait_for_peers:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def exit_rank(status: int) -> NoReturn:
+    """End a torchrun rank's process with `status` now, after `shutdown`: flush stdout and stderr,
+    then `os._exit`, skipping the interpreter's finalization. There torch's C++ objects (thread
+    pools, the gloo transport) were torn down in no fixed order, and in CI one rank of a finished
+    2-rank run now and then aborted ("terminate called without an active exception", SIGABRT),
+    failing a run whose work was done. Outputs are written (atomically) before this is called."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one rank of several (torchrun's WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -17,7 +17,7 @@ from pathlib import Path
 from specdec.kernels.fp8_cache import KV_CACHE_DTYPES
 from specdec.model.errors import ConfigError, SpecdecError
 from specdec.auto_tree import choose_tree
-from specdec.distributed import shutdown
+from specdec.distributed import exit_rank, shutdown, under_torchrun
 from specdec.engine import Engine, SpecConfig
 
 EXIT_USAGE = 2
@@ -289,4 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if under_torchrun():  # ranks leave without the interpreter's teardown (`exit_rank`)
+        exit_rank(status)
+    sys.exit(status)

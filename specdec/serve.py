@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from specdec.model.errors import ConfigError, SpecdecError
-from specdec.distributed import shutdown
+from specdec.distributed import exit_rank, shutdown, under_torchrun
 from specdec.engine import Engine, SpecConfig
 from specdec.generate import CliParser, add_backend_flags
 from specdec.openai_protocol import (DEFAULT_CHAT_TEMPLATE, CompletionParams, RequestError, chunk_body,
@@ -368,4 +368,7 @@ def follow(server: Server) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if under_torchrun():  # ranks leave without the interpreter's teardown (`exit_rank`)
+        exit_rank(status)
+    sys.exit(status)

@@ -10,7 +10,7 @@ import torch
 
 from specdec import Engine, SpecConfig
 from specdec.bench.invariance import verified_and_decoded
-from specdec.distributed import shutdown
+from specdec.distributed import exit_rank, shutdown
 
 ckpt, out_file = sys.argv[1], sys.argv[2]
 eng = Engine.from_pretrained(ckpt, device="cpu", dtype=torch.bfloat16, max_seq_len=64, batch_invariant="auto")
@@ -24,3 +24,4 @@ if eng.ctx.rank == 0:
                    "logits_equal": torch.equal(verified, decoded), "plain": plain.token_ids,
                    "chain": chain.token_ids}, f)
 shutdown(wait_for_peers=True)
+exit_rank(0)  # without the interpreter's teardown, where a rank sometimes aborted

@@ -6,7 +6,7 @@ import sys
 import torch
 
 from specdec import Engine, SpecConfig
-from specdec.distributed import shutdown
+from specdec.distributed import exit_rank, shutdown
 
 ckpt, out_file = sys.argv[1], sys.argv[2]
 eng = Engine.from_pretrained(ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
@@ -33,3 +33,4 @@ if eng.ctx.rank == 0:
                    "adaptive_depth_steps": spec_adaptive.stats.depth_steps,
                    "spec_adaptive_sampled": spec_adaptive_sampled.token_ids}, f)
 shutdown(wait_for_peers=True)
+exit_rank(0)  # without the interpreter's teardown, where a rank sometimes aborted

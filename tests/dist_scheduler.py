@@ -8,7 +8,7 @@ import sys
 import torch
 
 from specdec import Engine, SpecConfig
-from specdec.distributed import shutdown
+from specdec.distributed import exit_rank, shutdown
 from specdec.scheduler import Scheduler
 from specdec.sequence import Sequence
 from tests.test_speculative import random_prompts
@@ -54,3 +54,4 @@ if eng.ctx.rank == 0:
                    "prompt_lens": [len(s.prompt) for s in seen], "preemptions": sched.preemptions,
                    "depth_steps": sched.decoder.counts.depth_steps}, f)
 shutdown(wait_for_peers=True)
+exit_rank(0)  # without the interpreter's teardown, where a rank sometimes aborted
