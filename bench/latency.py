@@ -264,7 +264,7 @@ def add_step_bound(eng: Engine, ids: list[list[int]], rows: list[dict], shapes: 
             continue
         r["step_ms"] = r["step_cost"] * plain_s * 1e3
         r["step_bound"] = r["tau"] / r["step_cost"]
-    plain_row = rows[[s.kind for s in shapes].index("plain")] if any(s.kind == "plain" for s in shapes) else None
+    plain_row = next((r for r, shape in zip(rows, shapes) if shape.kind == "plain"), None)
     if plain_row is not None and plain_row.get("rows_step_s"):
         for r in rows:
             if "step_bound" in r and r.get("rows_step_s"):

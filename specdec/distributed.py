@@ -41,8 +41,7 @@ def bind_device(device: torch.device) -> torch.device:
     `broadcast_object_list` use this rank's GPU rather than GPU 0. Call before `init_parallel`."""
     if device.type != "cuda":
         return device
-    bound = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                        torch.cuda.device_count())
+    bound = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")), _world_size(), torch.cuda.device_count())
     torch.cuda.set_device(bound)
     return bound
 
@@ -50,7 +49,7 @@ def bind_device(device: torch.device) -> torch.device:
 def init_parallel(device: torch.device, timeout_s: float = 600.0) -> ParallelContext:
     """ParallelContext for this process; joins the torchrun process group when WORLD_SIZE > 1 (gloo
     on the CPU; NCCL bound to `device`, this rank's GPU from `bind_device`, on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _world_size()
     if world_size == 1:
         return ParallelContext()
     rank = int(os.environ["RANK"])
@@ -94,4 +93,9 @@ def exit_rank(status: int) -> NoReturn:
 
 def under_torchrun() -> bool:
     """Whether this process is one rank of several (torchrun's WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return _world_size() > 1
+
+
+def _world_size() -> int:
+    """torchrun's WORLD_SIZE (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

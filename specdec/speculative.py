@@ -52,17 +52,18 @@ class AcceptanceCounts:
     emitted: int = 0
     per_position: list[int] = field(default_factory=list)
     drafted_at: list[int] = field(default_factory=list)
-    depth_steps: list[int] = field(default_factory=list)
     rows_steps: list[list[int]] = field(default_factory=list)
 
+    @property
+    def depth_steps(self) -> list[int]:
+        return [sum(by_rows) for by_rows in self.rows_steps]
+
     def add(self, n_accepted: list[int], depth: int) -> None:
-        grow = depth + 1 - len(self.depth_steps)
+        grow = depth + 1 - len(self.rows_steps)
         if grow > 0:
-            self.depth_steps += [0] * grow
             self.per_position += [0] * grow
             self.drafted_at += [0] * grow
             self.rows_steps += [[] for _ in range(grow)]
-        self.depth_steps[depth] += 1
         by_rows = self.rows_steps[depth]
         by_rows += [0] * (len(n_accepted) + 1 - len(by_rows))
         by_rows[len(n_accepted)] += 1
@@ -517,6 +518,7 @@ class SpeculativeDecoder:
         seconds spent admitting sequences)."""
         wall, prefill_s = time.perf_counter() - start, self.prefill_s
         c = self.counts
+        steps = c.depth_steps
         depth = self.spec.depth if self.spec is not None else 0
         plain = self.spec is None
         return GenerationStats(
@@ -525,5 +527,5 @@ class SpeculativeDecoder:
             wall_s=wall, prefill_s=prefill_s, decode_s=wall - prefill_s, batch_size=batch,
             draft_acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0, row_steps=c.row_steps,
             ttft_s=ttft_s, tpot_s=self.tpot,
-            depth_steps=[] if plain else c.depth_steps + [0] * (depth + 1 - len(c.depth_steps)),
+            depth_steps=[] if plain else steps + [0] * (depth + 1 - len(steps)),
             rows_steps=[list(r) for r in c.rows_steps])
